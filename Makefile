@@ -1,0 +1,45 @@
+# One target per intention.  `make test` and `make demo` install everything
+# they need first (scripts/install-deps.sh is idempotent and cheap when done).
+
+ARCH        := $(shell uname -m)
+CLANG       ?= $(shell command -v clang-19 || command -v clang)
+BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
+               -I/usr/include/$(ARCH)-linux-gnu -Ibpf
+BPF_SRC     := $(wildcard bpf/*.bpf.c)
+BPF_OBJ     := $(patsubst bpf/%.bpf.c,netoken/bpf/%.bpf.o,$(BPF_SRC))
+BPF_HDR     := $(wildcard bpf/*.h)
+VENV        := .venv
+PYTEST_ARGS ?=
+
+.PHONY: all build bpf deps test demo bench lint clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps bpf
+
+bpf: $(BPF_OBJ)
+
+netoken/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HDR)
+	@test -n "$(CLANG)" || { echo "netoken: clang not found; install it with: apt-get install clang-19" >&2; exit 1; }
+	@test -f /usr/include/bpf/bpf_helpers.h || { echo "netoken: libbpf headers not found (bpf/bpf_helpers.h); install them with: apt-get install libbpf-dev" >&2; exit 1; }
+	@test -f /usr/include/$(ARCH)-linux-gnu/asm/types.h || { echo "netoken: asm/types.h not found; install it with: apt-get install linux-libc-dev" >&2; exit 1; }
+	@mkdir -p netoken/bpf
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+test: build
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/netoken demo
+
+bench: build
+	$(VENV)/bin/netoken bench
+
+lint: deps
+	$(VENV)/bin/ruff check netoken tests
+
+clean:
+	rm -rf netoken/bpf/*.o build *.egg-info

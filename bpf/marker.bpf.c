@@ -1,0 +1,496 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
+/*
+ * netoken marker: TC egress.  Appends a keyed token option (DESIGN §2) to
+ * outgoing SYNs that a policy selects, after the existing options and before
+ * any payload.  It never drops: every path returns TC_ACT_UNSPEC, and any
+ * failure before the first write leaves the packet untouched.
+ *
+ * Packet edit (see docs/architecture.md for the checksum reasoning):
+ *   1. copy the options (and SYN payload, if any) into a per-CPU scratch area
+ *   2. bpf_skb_change_tail() grows the packet by the option length, so the
+ *      TCP header does not move (csum_start stays valid under offload)
+ *   3. write options ‖ new option ‖ payload back in one store
+ *   4. fix doff, IP length, IPv4 header checksum and the TCP checksum with
+ *      l3/l4_csum_replace; the length goes in with BPF_F_PSEUDO_HDR so a
+ *      CHECKSUM_PARTIAL skb only gets its pseudo-header seed adjusted.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "netoken.h"
+#include "parsing.h"
+#include "token.h"
+
+/* Largest SYN payload (TCP Fast Open data) moved to make room; larger ones
+ * pass unmarked and count NT_MARK_PAYLOAD.  Covers a 1500-byte MTU. */
+#define NT_MAX_PAYLOAD_MOVE 2048
+/* Ethernet + 2 VLAN tags + IPv4 with options + TCP without options. */
+#define NT_MAX_PARSE_LEN (14 + 8 + 60 + 20)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nt_config);
+} nt_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NT_MAX_KEYS);
+	__type(key, __u32);
+	__type(value, struct nt_key);
+} nt_keys SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NT_MAX_POLICIES);
+	__type(key, __u32);
+	__type(value, struct nt_policy);
+} nt_policies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct nt_lpm_v4);
+	__type(value, struct nt_port_rules);
+} nt_dst_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct nt_lpm_v6);
+	__type(value, struct nt_port_rules);
+} nt_dst_v6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NT_MARK_REASON_MAX);
+	__type(key, __u32);      /* enum nt_mark_reason */
+	__type(value, __u64);
+} nt_mark_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} nt_mark_events SEC(".maps");
+
+/* Sizes are powers of two so NT_BOUNDED() can prove lengths to the verifier. */
+struct nt_scratch {
+	__u64 msg[NT_SIP_MAX_WORDS];
+	__u8  opts_old[64];
+	__u8  opts_new[64];      /* the options after the EOL rewrite */
+	__u8  opt[NT_MAC_OPT_LEN];   /* the option being added */
+	__u8  payload[NT_MAX_PAYLOAD_MOVE];
+};
+
+/* Stop clang from folding a bound check away before the verifier sees it. */
+#define NT_BARRIER_VAR(x) asm volatile("" : "+r"(x))
+
+/* x in [1, n] (or [0, n - 1] for NT_MASKED) for a power-of-two n, restated
+ * so the verifier sees the bound.  The values are checked beforehand: these
+ * never change a value, they only make the proof visible. */
+static __always_inline __u32 NT_BOUNDED(__u32 x, __u32 n)
+{
+	NT_BARRIER_VAR(x);
+	return ((x - 1) & (n - 1)) + 1;
+}
+
+static __always_inline __u32 NT_MASKED(__u32 x, __u32 n)
+{
+	NT_BARRIER_VAR(x);
+	return x & (n - 1);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nt_scratch);
+} nt_mark_scratch SEC(".maps");
+
+/* What the parse step hands to the edit step: offsets only, because every
+ * helper that writes the packet invalidates packet pointers. */
+struct nt_pkt {
+	struct nt_flow flow;
+	__u32 l3_off;
+	__u32 l4_off;
+	__u32 ip_end;            /* offset one past the IP packet (tot_len) */
+	__u32 tcp_len;           /* doff * 4 */
+	__u16 l3_len;            /* tot_len (v4) or payload_len (v6), host order */
+	__be16 doff_flags;       /* TCP header bytes 12..13 */
+};
+
+static __always_inline void count(__u32 reason)
+{
+	__u64 *c = bpf_map_lookup_elem(&nt_mark_stats, &reason);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline int is_ipv6_ext(__u8 nexthdr)
+{
+	switch (nexthdr) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_ESP:
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+	case 253: /* experimentation */
+	case 254:
+		return 1;
+	}
+	return 0;
+}
+
+#define NT_CANDIDATE  -1     /* a SYN to consider: fields are in *p */
+#define NT_NEED_PULL  100    /* headers end past the linear data */
+
+/*
+ * Returns NT_CANDIDATE, NT_NEED_PULL, or the counter reason to record.
+ * Global so the verifier checks it once, not once per caller path.
+ */
+__noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	struct ipv6hdr *ip6h;
+	struct tcphdr *tcph;
+	int proto, tcp_len;
+
+	if (!p)
+		return NT_MARK_ERROR;
+	proto = parse_ethhdr(&nh, data_end, &eth);
+	if (proto < 0)
+		goto short_or_bad;
+	p->l3_off = nh.pos - data;
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		proto = parse_iphdr(&nh, data_end, &iph);
+		if (proto < 0)
+			goto short_or_bad;
+		if (ipv4_is_fragment(iph))
+			return NT_MARK_FRAGMENT;
+		if (proto != IPPROTO_TCP)
+			return NT_MARK_NOT_TCP;
+		p->flow.family = 4;
+		__builtin_memcpy(p->flow.saddr, &iph->saddr, 4);
+		__builtin_memcpy(p->flow.daddr, &iph->daddr, 4);
+		p->l3_len = bpf_ntohs(iph->tot_len);
+		p->ip_end = p->l3_off + p->l3_len;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		proto = parse_ip6hdr(&nh, data_end, &ip6h);
+		if (proto < 0)
+			goto short_or_bad;
+		if (proto == IPPROTO_FRAGMENT)
+			return NT_MARK_FRAGMENT;
+		if (is_ipv6_ext(proto))
+			return NT_MARK_IPV6_EXT;
+		if (proto != IPPROTO_TCP)
+			return NT_MARK_NOT_TCP;
+		p->flow.family = 6;
+		__builtin_memcpy(p->flow.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p->flow.daddr, &ip6h->daddr, 16);
+		p->l3_len = bpf_ntohs(ip6h->payload_len);
+		if (p->l3_len == 0)     /* jumbogram: not ours to edit */
+			return NT_MARK_MALFORMED;
+		p->ip_end = p->l3_off + sizeof(*ip6h) + p->l3_len;
+	} else {
+		return NT_MARK_NOT_IPV4_OR_6;
+	}
+
+	tcp_len = parse_tcphdr(&nh, data_end, &tcph);
+	if (tcp_len < 0) {
+		proto = tcp_len;
+		goto short_or_bad;
+	}
+	if (!tcph->syn || tcph->ack)
+		return NT_MARK_NOT_SYN;
+
+	p->l4_off = nh.pos - data;
+	p->tcp_len = tcp_len;
+	if (p->l4_off + p->tcp_len > p->ip_end || p->ip_end > skb->len)
+		return NT_MARK_MALFORMED;
+	p->flow.sport = tcph->source;
+	p->flow.dport = tcph->dest;
+	__builtin_memcpy(&p->doff_flags, (__u8 *)tcph + 12, 2);
+	return NT_CANDIDATE;
+
+short_or_bad:
+	if (proto == NT_PARSE_SHORT && skb->len > data_end - data)
+		return NT_NEED_PULL;
+	return NT_MARK_MALFORMED;
+}
+
+static __always_inline struct nt_port_rules *lookup_dst(const struct nt_flow *f)
+{
+	if (f->family == 4) {
+		struct nt_lpm_v4 k = { .prefixlen = 32 };
+
+		__builtin_memcpy(k.addr, f->daddr, 4);
+		return bpf_map_lookup_elem(&nt_dst_v4, &k);
+	}
+	struct nt_lpm_v6 k6 = { .prefixlen = 128 };
+
+	__builtin_memcpy(k6.addr, f->daddr, 16);
+	return bpf_map_lookup_elem(&nt_dst_v6, &k6);
+}
+
+/* Port rules are in match order; the control plane already appended the
+ * rules inherited from less specific prefixes, so first match wins. */
+static __always_inline int match_port(const struct nt_port_rules *r, __u16 dport, __u32 *policy)
+{
+	__u32 n = r->count;
+
+	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {
+		if (i >= n)
+			break;
+		if (dport >= r->rules[i].lo && dport <= r->rules[i].hi) {
+			*policy = r->rules[i].policy;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* Copy the existing options to opts_new and check their framing.  EOL ends
+ * the list for every receiver, so an option appended after it would be
+ * invisible: EOL and whatever follows it become NOPs.  Returns 0, or
+ * NT_MARK_MALFORMED.
+ * A global (not inlined) function: the verifier checks it once on its own
+ * instead of once for every path that reaches it. */
+__noinline int nt_copy_options(struct nt_scratch *s, __u32 optlen)
+{
+	__u32 skip = 0, eol = 0, bad = 0;
+
+	if (!s || optlen > NT_MAX_TCP_OPTS)
+		return NT_MARK_MALFORMED;
+	__builtin_memcpy(s->opts_new, s->opts_old, sizeof(s->opts_old));
+
+	/* Unrolled with constant offsets; `skip` counts the bytes left in the
+	 * current option, so the verifier never sees a data-dependent index. */
+#pragma clang loop unroll(full)
+	for (int j = 0; j < NT_MAX_TCP_OPTS; j++) {
+		/* no early exit: a constant trip count keeps the unroll full */
+		if (j >= optlen) {
+			;
+		} else if (eol) {
+			s->opts_new[j] = NT_TCPOPT_NOP;
+		} else if (skip) {
+			skip--;
+		} else {
+			__u8 kind = s->opts_old[j];
+
+			if (kind == NT_TCPOPT_EOL) {
+				eol = 1;
+				s->opts_new[j] = NT_TCPOPT_NOP;
+			} else if (kind != NT_TCPOPT_NOP) {
+				__u8 olen = s->opts_old[j + 1];   /* j + 1 < 64: in the buffer */
+
+				if (j + 1 >= optlen || olen < 2)
+					bad = 1;
+				else
+					skip = olen - 1;
+			}
+		}
+	}
+	/* bytes of the last option still owed: it ran past the header */
+	return bad || skip ? NT_MARK_MALFORMED : 0;
+}
+
+static __always_inline void emit_event(struct __sk_buff *skb, const struct nt_pkt *p,
+				       const struct nt_policy *pol, __u32 epoch,
+				       const __u8 *opt, __u32 reason)
+{
+	struct nt_mark_event *e;
+
+	e = bpf_ringbuf_reserve(&nt_mark_events, sizeof(*e), 0);
+	if (!e) {
+		count(NT_MARK_EVENTS_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->ifindex = skb->ifindex;
+	e->policy = pol->id;
+	e->epoch = epoch;
+	e->family = p->flow.family;
+	e->mode = pol->mode;
+	e->key_id = pol->key_id;
+	e->reason = reason;
+	__builtin_memcpy(e->saddr, p->flow.saddr, 16);
+	__builtin_memcpy(e->daddr, p->flow.daddr, 16);
+	e->sport = bpf_ntohs(p->flow.sport);
+	e->dport = bpf_ntohs(p->flow.dport);
+	if (pol->mode == NT_MODE_MAC) {
+		__builtin_memcpy(e->nonce, opt + 6, 4);
+		__builtin_memcpy(e->tag, opt + 10, NT_TAG_LEN);
+	} else {
+		__builtin_memcpy(e->tag, opt + 4, 8);
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int mark(struct __sk_buff *skb)
+{
+	struct nt_pkt p = {};
+	struct nt_port_rules *rules;
+	struct nt_policy *pol;
+	struct nt_config *cfg;
+	struct nt_scratch *s;
+	__u32 zero = 0, policy_idx, optlen, opt_len, payload_len, pay_off, epoch = 0;
+	int reason;
+
+	reason = nt_parse(skb, &p);
+	if (reason == NT_NEED_PULL) {
+		/* Headers not in the linear area (rare on egress): pull once. */
+		if (bpf_skb_pull_data(skb, skb->len < NT_MAX_PARSE_LEN ? skb->len : NT_MAX_PARSE_LEN))
+			return NT_MARK_ERROR;
+		reason = nt_parse(skb, &p);
+		if (reason == NT_NEED_PULL)
+			return NT_MARK_MALFORMED;
+	}
+	if (reason != NT_CANDIDATE)
+		return reason;
+
+	rules = lookup_dst(&p.flow);
+	if (!rules || !match_port(rules, bpf_ntohs(p.flow.dport), &policy_idx))
+		return NT_MARK_NO_POLICY;
+	pol = bpf_map_lookup_elem(&nt_policies, &policy_idx);
+	cfg = bpf_map_lookup_elem(&nt_config, &zero);
+	s = bpf_map_lookup_elem(&nt_mark_scratch, &zero);
+	if (!pol || !cfg || !s)
+		return NT_MARK_ERROR;
+
+	opt_len = pol->mode == NT_MODE_MAC ? NT_MAC_OPT_LEN : NT_STATIC_OPT_LEN;
+	if (p.tcp_len + opt_len > 60)
+		return NT_MARK_NO_ROOM;
+	optlen = p.tcp_len - sizeof(struct tcphdr);
+	NT_BARRIER_VAR(optlen);
+	if (optlen > NT_MAX_TCP_OPTS)
+		return NT_MARK_MALFORMED;
+	pay_off = p.l4_off + p.tcp_len;
+	payload_len = p.ip_end - pay_off;
+	if (payload_len > NT_MAX_PAYLOAD_MOVE)
+		return NT_MARK_PAYLOAD;
+
+	/* Read everything the edit needs before the first write. */
+	if (optlen && bpf_skb_load_bytes(skb, p.l4_off + sizeof(struct tcphdr),
+					 s->opts_old, NT_BOUNDED(optlen, 64)))
+		return NT_MARK_ERROR;
+	reason = nt_copy_options(s, optlen);
+	if (reason)
+		return reason;
+	if (payload_len && bpf_skb_load_bytes(skb, pay_off, s->payload,
+						  NT_BOUNDED(payload_len, NT_MAX_PAYLOAD_MOVE)))
+		return NT_MARK_ERROR;
+
+	__u8 *opt = s->opt;
+
+	opt[0] = cfg->kind;
+	opt[1] = opt_len;
+	opt[2] = cfg->exid >> 8;
+	opt[3] = cfg->exid & 0xff;
+	if (pol->mode == NT_MODE_MAC) {
+		__u32 kid = pol->key_id;
+		struct nt_key *key = bpf_map_lookup_elem(&nt_keys, &kid);
+		__u32 nonce = bpf_get_prandom_u32();
+		__u64 now, tag;
+
+		if (!key || !key->window)
+			return NT_MARK_NO_KEY;
+		/* Wall clock as DESIGN §2 defines it: CLOCK_REALTIME, derived from
+		 * CLOCK_TAI plus the offset user space keeps in nt_config. */
+		now = bpf_ktime_get_tai_ns() + cfg->realtime_minus_tai_ns;
+		epoch = now / 1000000000ULL / key->window;
+		opt[4] = pol->key_id;
+		opt[5] = epoch & 0xff;
+		__builtin_memcpy(opt + 6, &nonce, 4);
+		tag = nt_mac(key, cfg->exid, pol->key_id, epoch, opt + 6, &p.flow, s->msg);
+		__builtin_memcpy(opt + 10, &tag, NT_TAG_LEN);
+	} else {
+		__builtin_memcpy(opt + 4, pol->token, 8);
+	}
+
+	/* From here on the packet changes. */
+	__u32 old_tcp_seg = p.ip_end - p.l4_off;
+	__u32 check_off = p.l4_off + offsetof(struct tcphdr, check);
+	__be16 new_doff_flags = bpf_htons((bpf_ntohs(p.doff_flags) & 0x0fff) |
+					  (((p.tcp_len + opt_len) / 4) << 12));
+	__s64 diff;
+
+	if (bpf_skb_change_tail(skb, p.ip_end + opt_len, 0))
+		return NT_MARK_ERROR;
+	if (optlen && bpf_skb_store_bytes(skb, p.l4_off + sizeof(struct tcphdr), s->opts_new,
+					  NT_BOUNDED(optlen, 64), 0))
+		goto undo;
+	if (bpf_skb_store_bytes(skb, pay_off, opt, opt_len == NT_MAC_OPT_LEN ?
+				NT_MAC_OPT_LEN : NT_STATIC_OPT_LEN, 0))
+		goto undo;
+	if (payload_len && bpf_skb_store_bytes(skb, pay_off + opt_len, s->payload,
+					       NT_BOUNDED(payload_len, NT_MAX_PAYLOAD_MOVE), 0))
+		goto undo;
+
+	/* TCP checksum: options (old → new ‖ token) as a diff, doff, and the
+	 * length in the pseudo header.  Under CHECKSUM_PARTIAL l4_csum_replace
+	 * only applies the BPF_F_PSEUDO_HDR part, which is exactly right: the
+	 * device sums the bytes, the seed must cover the new length. */
+	diff = bpf_csum_diff((__be32 *)s->opts_old, NT_MASKED(optlen, 64),
+			     (__be32 *)s->opts_new, NT_MASKED(optlen, 64), 0);
+	if (diff >= 0)
+		diff = bpf_csum_diff(NULL, 0, (__be32 *)opt, opt_len == NT_MAC_OPT_LEN ?
+				     NT_MAC_OPT_LEN : NT_STATIC_OPT_LEN, diff);
+	if (diff < 0 ||
+	    bpf_l4_csum_replace(skb, check_off, 0, diff, 0) ||
+	    bpf_l4_csum_replace(skb, check_off, p.doff_flags, new_doff_flags, 2) ||
+	    bpf_l4_csum_replace(skb, check_off, bpf_htons(old_tcp_seg),
+				bpf_htons(old_tcp_seg + opt_len), BPF_F_PSEUDO_HDR | 2) ||
+	    bpf_skb_store_bytes(skb, p.l4_off + 12, &new_doff_flags, 2, 0))
+		goto undo;
+
+	__be16 old_l3 = bpf_htons(p.l3_len), new_l3 = bpf_htons(p.l3_len + opt_len);
+
+	if (p.flow.family == 4) {
+		if (bpf_l3_csum_replace(skb, p.l3_off + offsetof(struct iphdr, check),
+					old_l3, new_l3, 2) ||
+		    bpf_skb_store_bytes(skb, p.l3_off + offsetof(struct iphdr, tot_len),
+					&new_l3, 2, 0))
+			goto undo;
+	} else {
+		if (bpf_skb_store_bytes(skb, p.l3_off + offsetof(struct ipv6hdr, payload_len),
+					&new_l3, 2, 0))
+			goto undo;
+	}
+
+	reason = payload_len ? NT_MARK_MARKED_PAYLOAD : NT_MARK_MARKED;
+	emit_event(skb, &p, pol, epoch, opt, reason);
+	return reason;
+
+undo:
+	/* Only reachable if a helper failed after the resize (ENOMEM while
+	 * unsharing): drop the added bytes so the length fields stay true.
+	 * Partial writes cannot be rolled back further; counted as error. */
+	bpf_skb_change_tail(skb, p.ip_end, 0);
+	return NT_MARK_ERROR;
+}
+
+/* TC_ACT_UNSPEC: netoken edits but never decides.  Filters after ours on the
+ * same hook still run, and with none left the packet simply goes out. */
+SEC("tc")
+int netoken_mark(struct __sk_buff *skb)
+{
+	count(mark(skb));
+	return TC_ACT_UNSPEC;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * Every struct and enum that crosses the kernel/user boundary lives here and
+ * nowhere else.  netoken/layout.py mirrors it with ctypes, and
+ * tests/test_layout.py compares that mirror against the BTF of the compiled
+ * objects, so a field added on one side only fails the test suite.
+ *
+ * Fixed-width types only, explicit padding, no bitfields: the layout must be
+ * identical for clang -target bpf and for the host ABI Python uses.
+ */
+#ifndef NETOKEN_H
+#define NETOKEN_H
+
+#ifndef __u8
+#include <linux/types.h>
+#endif
+
+/* Wire format (DESIGN §2). */
+#define NT_MAC_OPT_LEN     16
+#define NT_STATIC_OPT_LEN  12
+#define NT_TAG_LEN         6
+#define NT_MAX_TCP_OPTS    40
+#define NT_TCPOPT_EOL      0
+#define NT_TCPOPT_NOP      1
+
+#define NT_MODE_MAC        1
+#define NT_MODE_STATIC     2
+
+/* Extra MAC inputs a key may bind (bitmask, same values as netoken/token.py). */
+#define NT_BIND_SADDR      1
+#define NT_BIND_SPORT      2
+
+#define NT_MAX_KEYS        256
+/* Port rules per destination prefix, after the control plane has folded the
+ * rules of every covering (less specific) prefix into it. */
+#define NT_MAX_PORT_RULES  32
+#define NT_MAX_POLICIES    4096
+
+/* Marker counters: every packet the marker sees bumps exactly one reason. */
+enum nt_mark_reason {
+	NT_MARK_MARKED = 0,       /* option inserted, SYN without payload */
+	NT_MARK_MARKED_PAYLOAD,   /* option inserted before SYN payload (TFO) */
+	NT_MARK_NO_POLICY,        /* SYN to a destination/port without policy */
+	NT_MARK_NO_ROOM,          /* TCP header would exceed 60 bytes */
+	NT_MARK_PAYLOAD,          /* SYN payload too large to move: passed unmarked */
+	NT_MARK_NOT_IPV4_OR_6,
+	NT_MARK_NOT_TCP,
+	NT_MARK_NOT_SYN,          /* TCP but not SYN && !ACK */
+	NT_MARK_FRAGMENT,
+	NT_MARK_IPV6_EXT,         /* IPv6 extension headers: passed unmarked */
+	NT_MARK_MALFORMED,        /* truncated header, bogus doff/ihl/lengths */
+	NT_MARK_NO_KEY,           /* policy names a key that is not loaded */
+	NT_MARK_ERROR,            /* a helper failed: packet passed unchanged */
+	NT_MARK_EVENTS_LOST,      /* not a packet reason: ring buffer was full */
+	NT_MARK_REASON_MAX,
+};
+
+/* Global settings, one entry in an array map so `netoken apply` can change
+ * them without reattaching. */
+struct nt_config {
+	__u8  kind;
+	__u8  pad0;
+	__u16 exid;              /* host byte order */
+	__u32 generation;        /* user space only: which half of the policy
+				  * array is live (see netoken/marker.py) */
+	/* CLOCK_REALTIME - CLOCK_TAI in ns, maintained by user space.  BPF has
+	 * no realtime clock, but CLOCK_TAI (bpf_ktime_get_tai_ns) follows every
+	 * step of the realtime clock, so only the TAI-UTC offset (whole seconds,
+	 * changed at most at a leap second or when NTP first sets it) has to
+	 * come from user space. */
+	__s64 realtime_minus_tai_ns;
+};
+
+struct nt_key {
+	__u64 k0;                /* key bytes 0..7 as little-endian u64 */
+	__u64 k1;                /* key bytes 8..15 as little-endian u64 */
+	__u32 window;            /* seconds per epoch; 0 = slot unused */
+	__u8  bind;              /* NT_BIND_* */
+	__u8  pad[3];
+};
+
+struct nt_policy {
+	__u32 id;                /* index into the control plane's policy list */
+	__u8  mode;              /* NT_MODE_* */
+	__u8  key_id;
+	__u8  pad[2];
+	__u8  token[8];          /* static mode, network byte order */
+};
+
+struct nt_port_rule {
+	__u16 lo;                /* host byte order, inclusive */
+	__u16 hi;
+	__u32 policy;            /* index into the policies map */
+};
+
+/* LPM trie values: the port rules of one destination prefix, in match order. */
+struct nt_port_rules {
+	__u32 count;
+	struct nt_port_rule rules[NT_MAX_PORT_RULES];
+};
+
+struct nt_lpm_v4 {
+	__u32 prefixlen;
+	__u8  addr[4];
+};
+
+struct nt_lpm_v6 {
+	__u32 prefixlen;
+	__u8  addr[16];
+};
+
+/* One ring-buffer record per marked SYN. */
+struct nt_mark_event {
+	__u64 ts_ns;             /* bpf_ktime_get_ns() */
+	__u32 ifindex;
+	__u32 policy;
+	__u32 epoch;             /* full 32-bit epoch covered by the MAC */
+	__u8  family;            /* 4 or 6 */
+	__u8  mode;
+	__u8  key_id;
+	__u8  reason;            /* NT_MARK_MARKED or NT_MARK_MARKED_PAYLOAD */
+	__u8  saddr[16];         /* IPv4 in the first 4 bytes */
+	__u8  daddr[16];
+	__u16 sport;             /* host byte order */
+	__u16 dport;
+	__u8  nonce[4];          /* as on the wire */
+	__u8  tag[8];            /* mac: NT_TAG_LEN bytes; static: the token */
+	__u8  pad[8];
+};
+
+#endif /* NETOKEN_H */

@@ -1,0 +1,148 @@
+"""ctypes mirrors of bpf/netoken.h.
+
+bpf/netoken.h is the single source of truth; this module restates it for
+Python and tests/test_layout.py proves, against the BTF that clang emits into
+every compiled object, that sizes, field names, offsets and enum values agree.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+
+MAC_OPT_LEN = 16
+STATIC_OPT_LEN = 12
+TAG_LEN = 6
+MAX_KEYS = 256
+MAX_PORT_RULES = 32
+MAX_POLICIES = 4096
+
+MODE_MAC = 1
+MODE_STATIC = 2
+MODES = {"mac": MODE_MAC, "static": MODE_STATIC}
+
+BIND_SADDR = 1
+BIND_SPORT = 2
+
+# enum nt_mark_reason, in order.  The names are what users see in `stats`,
+# events and metrics, so they are part of the interface.
+MARK_REASONS: tuple[str, ...] = (
+    "marked",
+    "marked_payload",
+    "no_policy",
+    "no_room",
+    "payload",
+    "not_ipv4_or_6",
+    "not_tcp",
+    "not_syn",
+    "fragment",
+    "ipv6_ext",
+    "malformed",
+    "no_key",
+    "error",
+    "events_lost",
+)
+MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
+
+
+class Struct(C.Structure):
+    """Base with byte conversion helpers for map keys and values."""
+
+    def to_bytes(self) -> bytes:
+        return bytes(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        if len(data) < C.sizeof(cls):
+            raise ValueError(f"{cls.__name__}: need {C.sizeof(cls)} bytes, got {len(data)}")
+        return cls.from_buffer_copy(data[: C.sizeof(cls)])
+
+
+class NtConfig(Struct):
+    _fields_ = [
+        ("kind", C.c_uint8),
+        ("pad0", C.c_uint8),
+        ("exid", C.c_uint16),
+        ("generation", C.c_uint32),
+        ("realtime_minus_tai_ns", C.c_int64),
+    ]
+
+
+class NtKey(Struct):
+    _fields_ = [
+        ("k0", C.c_uint64),
+        ("k1", C.c_uint64),
+        ("window", C.c_uint32),
+        ("bind", C.c_uint8),
+        ("pad", C.c_uint8 * 3),
+    ]
+
+
+class NtPolicy(Struct):
+    _fields_ = [
+        ("id", C.c_uint32),
+        ("mode", C.c_uint8),
+        ("key_id", C.c_uint8),
+        ("pad", C.c_uint8 * 2),
+        ("token", C.c_uint8 * 8),
+    ]
+
+
+class NtPortRule(Struct):
+    _fields_ = [
+        ("lo", C.c_uint16),
+        ("hi", C.c_uint16),
+        ("policy", C.c_uint32),
+    ]
+
+
+class NtPortRules(Struct):
+    _fields_ = [
+        ("count", C.c_uint32),
+        ("rules", NtPortRule * MAX_PORT_RULES),
+    ]
+
+
+class NtLpmV4(Struct):
+    _fields_ = [("prefixlen", C.c_uint32), ("addr", C.c_uint8 * 4)]
+
+
+class NtLpmV6(Struct):
+    _fields_ = [("prefixlen", C.c_uint32), ("addr", C.c_uint8 * 16)]
+
+
+class NtMarkEvent(Struct):
+    _fields_ = [
+        ("ts_ns", C.c_uint64),
+        ("ifindex", C.c_uint32),
+        ("policy", C.c_uint32),
+        ("epoch", C.c_uint32),
+        ("family", C.c_uint8),
+        ("mode", C.c_uint8),
+        ("key_id", C.c_uint8),
+        ("reason", C.c_uint8),
+        ("saddr", C.c_uint8 * 16),
+        ("daddr", C.c_uint8 * 16),
+        ("sport", C.c_uint16),
+        ("dport", C.c_uint16),
+        ("nonce", C.c_uint8 * 4),
+        ("tag", C.c_uint8 * 8),
+        ("pad", C.c_uint8 * 8),
+    ]
+
+
+# struct name in netoken.h -> mirror; the layout test walks this table.
+STRUCTS: dict[str, type[Struct]] = {
+    "nt_config": NtConfig,
+    "nt_key": NtKey,
+    "nt_policy": NtPolicy,
+    "nt_port_rule": NtPortRule,
+    "nt_port_rules": NtPortRules,
+    "nt_lpm_v4": NtLpmV4,
+    "nt_lpm_v6": NtLpmV6,
+    "nt_mark_event": NtMarkEvent,
+}
+
+# enum name in netoken.h -> (C prefix, Python names in value order)
+ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "nt_mark_reason": ("NT_MARK_", MARK_REASONS + ("reason_max",)),
+}
