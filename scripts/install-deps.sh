@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   clang-19 llvm-19 libbpf-dev libbpf1 bpftool
   iproute2 ethtool tcpdump tshark hping3 netsniff-ng iperf3 curl
-  nftables iptables systemd
+  nftables iptables iputils-ping systemd
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -120,6 +120,10 @@ def build_topology(lab: Lab, router: bool = False) -> Topology:
     run("ip", "route", "add", "default", "via", "198.18.3.254", ns=s)
     run("ip", "-6", "route", "add", "default", "via", "fd6e:7400:2::fe", ns=c)
     run("ip", "-6", "route", "add", "default", "via", "fd6e:7400:3::fe", ns=s)
+    # Resolve neighbours now, so no test's first SYN waits on (or is lost to)
+    # neighbour discovery and comes back as a retransmission.
+    for dst in ("198.18.3.1", "fd6e:7400:3::1"):
+        run("ping", "-c", "1", "-W", "3", dst, ns=c)
     return Topology(c, s, ci, si, "198.18.2.1", "198.18.3.1",
                     "fd6e:7400:2::1", "fd6e:7400:3::1", r, ri, ro)
 

@@ -1,0 +1,146 @@
+"""Real traffic between namespaces: a tiny server, clients, and captures."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from scapy.utils import rdpcap
+
+from netoken import token
+from netoken.netns import netns
+
+from .pkt import parse
+
+RESPONSE = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+class Server:
+    """Answers every connection with a fixed HTTP response (curl-friendly)."""
+
+    def __init__(self, ns: str, port: int, family: int = socket.AF_INET) -> None:
+        with netns(ns):
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+            self.sock.listen(1024)
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(RESPONSE)
+                    self.accepted += 1
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept(); shutdown does.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
+@contextmanager
+def server(ns: str, port: int, family: int = socket.AF_INET) -> Iterator[Server]:
+    s = Server(ns, port, family)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def connect(ns: str, addr: str, port: int, timeout: float = 5.0) -> bytes:
+    """One real TCP connection from namespace NS; returns the response."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with netns(ns):
+        s = socket.socket(family, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(timeout)
+        s.connect((addr, port))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        return data
+
+
+def curl(ns: str, addr: str, port: int) -> str:
+    host = f"[{addr}]" if ":" in addr else addr
+    out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "5",
+                          f"http://{host}:{port}/"], capture_output=True, text=True)
+    assert out.returncode == 0, f"curl failed: {out.stderr.strip()}"
+    return out.stdout
+
+
+@contextmanager
+def capture(ns: str, iface: str, path: Path, bpf_filter: str = "tcp") -> Iterator[Path]:
+    """tcpdump on IFACE inside NS while the block runs; the pcap is complete after."""
+    proc = subprocess.Popen(
+        # --immediate-mode: without it packets sit in a TPACKET_V3 block
+        # for up to a second and are lost when we stop the capture.
+        ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "--immediate-mode",
+         "-w", str(path), bpf_filter],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stderr.readline()  # "listening on ..." once the socket is bound
+        assert "listening" in line, f"tcpdump did not start: {line}"
+        yield path
+        time.sleep(0.2)  # let the last packets reach the capture socket
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def syns(path: Path) -> list[bytes]:
+    """Raw frames of every SYN (not SYN-ACK) in a capture."""
+    out = []
+    for pkt in rdpcap(str(path)):
+        raw = bytes(pkt)
+        p = parse(raw)
+        flags = raw[p.l4 + 13]
+        if flags & 0x02 and not flags & 0x10:
+            out.append(raw)
+    return out
+
+
+def verify_syn(raw: bytes, key: bytes, window: int = 30, bind: int = 0) -> bool:
+    p = parse(raw)
+    opts = token.find_options(p.options)
+    if len(opts) != 1:
+        return False
+    ok, _ = token.verify(opts[0], key, daddr=p.daddr, dport=p.dport, saddr=p.saddr,
+                         sport=p.sport, bind=bind, window=window)
+    return ok
+
+
+def tcp_in_csum_errors(ns: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+                         capture_output=True, text=True, check=True).stdout
+    header, values = [line.split() for line in out.splitlines() if line.startswith("Tcp:")]
+    return int(values[header.index("InCsumErrors")])

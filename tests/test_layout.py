@@ -1,0 +1,103 @@
+"""bpf/netoken.h and netoken/layout.py describe the same bytes.
+
+The C side is read from BTF, i.e. from what clang actually laid out: the
+structs from the production objects (their maps and programs use them), and
+the enums from a small anchor compiled from the same header, because enum
+types that only supply constants are not emitted into BTF otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from netoken import layout
+from netoken.datapath import BPF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def btf_types(obj: Path) -> dict[str, dict]:
+    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)],
+                         check=True, capture_output=True, text=True).stdout
+    types = json.loads(out)["types"]
+    by_id = {t["id"]: t for t in types}
+    named = {}
+    for t in types:
+        if t.get("name") and t["kind"] in ("STRUCT", "ENUM"):
+            named.setdefault(t["name"], t)
+    named["__by_id__"] = by_id
+    return named
+
+
+@pytest.fixture(scope="module")
+def anchor_btf(tmp_path_factory) -> dict[str, dict]:
+    clang = shutil.which("clang-19") or shutil.which("clang")
+    assert clang, "clang is required (apt-get install clang-19)"
+    d = tmp_path_factory.mktemp("anchor")
+    src = d / "anchor.c"
+    decls = [f"struct {name} anchor_{name};" for name in layout.STRUCTS]
+    decls += [f"enum {name} anchor_{name};" for name in layout.ENUMS]
+    src.write_text('#include "netoken.h"\n' + "\n".join(decls) + "\n")
+    arch = subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    obj = d / "anchor.o"
+    subprocess.run([clang, "-g", "-O2", "-target", "bpf", f"-I/usr/include/{arch}-linux-gnu",
+                    f"-I{ROOT / 'bpf'}", "-c", str(src), "-o", str(obj)], check=True)
+    return btf_types(obj)
+
+
+def production_objects() -> list[Path]:
+    objs = sorted(BPF_DIR.glob("*.bpf.o"))
+    assert objs, "no compiled BPF objects: run `make build`"
+    return objs
+
+
+def assert_struct_matches(btf: dict, name: str) -> None:
+    py = layout.STRUCTS[name]
+    t = btf[name]
+    assert t["size"] == ctypes.sizeof(py), f"struct {name}: C {t['size']} vs Python {ctypes.sizeof(py)}"
+    c_fields = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]
+    py_fields = [(f[0], getattr(py, f[0]).offset) for f in py._fields_]
+    assert c_fields == py_fields, f"struct {name} fields differ"
+    for m, f in zip(t["members"], py._fields_):
+        size = ctypes.sizeof(f[1])
+        assert _btf_size(btf, m["type_id"]) == size, f"{name}.{m['name']}: size differs"
+
+
+def _btf_size(btf: dict, type_id: int) -> int:
+    by_id = btf["__by_id__"]
+    t = by_id[type_id]
+    while t["kind"] in ("TYPEDEF", "VOLATILE", "CONST"):
+        t = by_id[t["type_id"]]
+    if t["kind"] == "ARRAY":
+        return t["nr_elems"] * _btf_size(btf, t["type_id"])
+    return t["size"]
+
+
+def test_every_shared_struct_matches_the_header(anchor_btf):
+    for name in layout.STRUCTS:
+        assert_struct_matches(anchor_btf, name)
+
+
+def test_structs_in_the_compiled_programs_match(anchor_btf):
+    seen = set()
+    for obj in production_objects():
+        btf = btf_types(obj)
+        for name in layout.STRUCTS:
+            if name in btf:
+                assert_struct_matches(btf, name)
+                seen.add(name)
+    # every struct a map is declared with must be in some object
+    assert {"nt_config", "nt_key", "nt_policy", "nt_port_rules", "nt_lpm_v4", "nt_lpm_v6"} <= seen
+
+
+def test_enums_match_the_header(anchor_btf):
+    for name, (prefix, names) in layout.ENUMS.items():
+        values = {v["name"]: v["val"] for v in anchor_btf[name]["values"]}
+        expected = {prefix + n.upper(): i for i, n in enumerate(names)}
+        assert values == expected, f"enum {name} differs"
