@@ -128,4 +128,104 @@ struct nt_mark_event {
 	__u8  pad[8];
 };
 
+/* ------------------------------------------------------------------ guard */
+
+#define NT_MAX_PROTECT     4096  /* protect entries, both halves (see netoken/guard.py) */
+#define NT_MAX_STATIC      4096  /* accepted static tokens, all entries together */
+#define NT_MAX_EVENT_RATE  1000000   /* events per second per CPU */
+#define NT_KEY_STAT_OK     0     /* nt_key_stats index: key id * 2 + NT_KEY_STAT_* */
+#define NT_KEY_STAT_BAD    1
+
+/* Guard counters.  Every packet the guard sees bumps exactly one of the
+ * verdicts (a SYN to a protected destination) or one of the pass reasons
+ * (anything else, passed without a look at its options).  The outcomes
+ * after them are counted on top of a verdict. */
+enum nt_guard_reason {
+	NT_GUARD_OK = 0,
+	NT_GUARD_MISSING,         /* no option with our kind and ExID */
+	NT_GUARD_MALFORMED,       /* broken option list, two of ours, wrong length,
+				   * bogus doff, options past the IP packet */
+	NT_GUARD_UNKNOWN_KEY,     /* key id not accepted at this destination */
+	NT_GUARD_STALE,           /* epoch more than skew away from ours */
+	NT_GUARD_BAD_TAG,         /* MAC or static token does not match */
+	NT_GUARD_REPLAY,          /* (key id, epoch, nonce, tag) seen before */
+	NT_GUARD_NOT_SYN,         /* TCP but not SYN && !ACK */
+	NT_GUARD_UNPROTECTED,     /* SYN to a destination/port no entry protects */
+	NT_GUARD_NOT_TCP,
+	NT_GUARD_NOT_IPV4_OR_6,
+	NT_GUARD_FRAGMENT,
+	NT_GUARD_IPV6_EXT,        /* extension header the guard does not skip */
+	NT_GUARD_BAD_HEADER,      /* truncated or inconsistent before the TCP flags */
+	NT_GUARD_DROPPED,         /* outcome: a rejected SYN was dropped */
+	NT_GUARD_MONITORED,       /* outcome: a rejected SYN was passed (monitor) */
+	NT_GUARD_EVENTS,          /* outcome: event written to the ring buffer */
+	NT_GUARD_EVENTS_SUPPRESSED, /* outcome: event withheld by the rate limit */
+	NT_GUARD_EVENTS_LOST,     /* outcome: ring buffer full */
+	NT_GUARD_ERROR,           /* replay cache insert failed: SYN accepted */
+	NT_GUARD_REASON_MAX,
+};
+
+/* What happens to a rejected SYN. */
+enum nt_guard_action {
+	NT_ACTION_ENTRY = 0,      /* nt_guard_config only: each entry's own action */
+	NT_ACTION_DROP,
+	NT_ACTION_MONITOR,        /* count, event, XDP_PASS */
+};
+
+struct nt_guard_config {
+	__u8  kind;
+	__u8  skew;              /* epochs of tolerance either side */
+	__u16 exid;              /* host byte order */
+	__u32 generation;        /* user space only: live half of nt_protect */
+	__s64 realtime_minus_tai_ns;   /* as in struct nt_config */
+	__u32 event_rate;        /* events per second, per CPU */
+	__u32 event_burst;       /* bucket depth, per CPU */
+	__u8  action;            /* NT_ACTION_*: override for every entry, or ENTRY */
+	__u8  pad[7];
+};
+
+/* One [[guard.protect]] entry; the LPM rules point here. */
+struct nt_protect {
+	__u32 id;                /* index in the config's protect list */
+	__u8  action;            /* NT_ACTION_DROP or NT_ACTION_MONITOR */
+	__u8  pad[3];
+	__u64 keys[NT_MAX_KEYS / 64];  /* accepted key ids: bit (id % 64) of keys[id / 64] */
+};
+
+/* Hash key of the static tokens an entry accepts (value: __u32, unused). */
+struct nt_static_key {
+	__u32 protect;           /* index into nt_protect */
+	__u8  token[8];          /* network byte order, as on the wire */
+};
+
+/* LRU replay cache key; the value is the bpf_ktime_get_ns() of first sight. */
+struct nt_replay_key {
+	__u32 epoch;             /* full 32-bit epoch */
+	__u8  key_id;
+	__u8  pad;
+	__u8  tag[NT_TAG_LEN];
+	__u8  nonce[4];
+};
+
+/* One ring-buffer record per rejected SYN (dropped or monitored). */
+struct nt_guard_event {
+	__u64 ts_ns;             /* bpf_ktime_get_ns() */
+	__u32 ifindex;           /* ingress */
+	__u32 protect;           /* struct nt_protect.id */
+	__u32 epoch;             /* reconstructed full epoch; 0 if none was */
+	__u8  family;            /* 4 or 6 */
+	__u8  verdict;           /* enum nt_guard_reason, a verdict */
+	__u8  action;            /* NT_ACTION_DROP or NT_ACTION_MONITOR */
+	__u8  mode;              /* NT_MODE_* of the option; 0 if none was parsed */
+	__u8  key_id;
+	__u8  pad0[3];
+	__u8  saddr[16];         /* IPv4 in the first 4 bytes */
+	__u8  daddr[16];
+	__u16 sport;             /* host byte order */
+	__u16 dport;
+	__u8  nonce[4];          /* as on the wire */
+	__u8  tag[8];            /* mac: NT_TAG_LEN bytes; static: the token */
+	__u8  pad1[4];
+};
+
 #endif /* NETOKEN_H */

@@ -99,7 +99,9 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 }
 
 /* Returns the TCP header length in bytes (20..60). The options are not
- * required to be in the linear data: callers that need them check again. */
+ * required to be in the linear data: callers that need them check again.
+ * *tcphdr is set as soon as the fixed header is there, even when doff is
+ * bogus: the guard must still see that such a segment is a SYN. */
 static __always_inline int parse_tcphdr(struct hdr_cursor *nh, void *data_end,
 					struct tcphdr **tcphdr)
 {
@@ -108,11 +110,61 @@ static __always_inline int parse_tcphdr(struct hdr_cursor *nh, void *data_end,
 
 	if ((void *)(h + 1) > data_end)
 		return NT_PARSE_SHORT;
+	*tcphdr = h;
 	len = h->doff * 4;
 	if (len < (int)sizeof(*h))
 		return NT_PARSE_BAD;
-	*tcphdr = h;
 	return len;
+}
+
+/* Hop-by-Hop, Routing and Destination Options headers all start with
+ * (nexthdr, length in 8-byte units not counting the first 8). */
+#define NT_MAX_IP6_EXT 4
+
+struct nt_ip6_ext {
+	__u8 nexthdr;
+	__u8 hdrlen;
+};
+
+/* Skips up to NT_MAX_IP6_EXT of the extension headers above and returns the
+ * protocol after them (possibly another extension header if there are more,
+ * or a kind this does not skip, such as Fragment, AH or ESP). */
+static __always_inline int skip_ip6hdrext(struct hdr_cursor *nh, void *data_end,
+					  __u8 next)
+{
+#pragma unroll
+	for (int i = 0; i < NT_MAX_IP6_EXT; i++) {
+		struct nt_ip6_ext *h = nh->pos;
+
+		if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING &&
+		    next != IPPROTO_DSTOPTS)
+			break;
+		if ((void *)(h + 1) > data_end)
+			return NT_PARSE_SHORT;
+		next = h->nexthdr;
+		nh->pos += (h->hdrlen + 1) * 8;
+	}
+	return next;
+}
+
+/* Next-header values that are extension headers, not an upper layer. */
+static __always_inline int ip6_is_ext(__u8 nexthdr)
+{
+	switch (nexthdr) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_FRAGMENT:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_ESP:
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+	case 253: /* experimentation */
+	case 254:
+		return 1;
+	}
+	return 0;
 }
 
 static __always_inline int ipv4_is_fragment(const struct iphdr *iph)

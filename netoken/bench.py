@@ -39,7 +39,7 @@ class Result:
 
 def _p99(xs: list[float]) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
 
 
 def run_interleaved(contenders: list[Contender], samples: int,

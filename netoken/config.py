@@ -40,6 +40,10 @@ Decisions where DESIGN §4 is silent (they are part of the contract from now on)
   ``keys`` list: a guard that protects nothing, or a destination that accepts
   no key (every SYN dropped), is almost certainly a mistake. Duplicate ids in
   ``keys`` are dropped, first occurrence wins.
+- ``[[guard.protect]]`` may list ``tokens``, the static-mode tokens it accepts
+  (same forms as a policy's ``token``; duplicates dropped). An entry with
+  tokens may omit ``keys`` (a static-only destination); it may not have
+  neither.
 - ``bind`` duplicates are dropped and the tuple is stored in canonical order
   (``saddr`` before ``sport``), so equal bindings compare equal.
 - Key files: relative paths resolve against the config file's directory
@@ -210,6 +214,7 @@ class Protect:
     ports: tuple[PortRange, ...] = ()  # empty = all ports
     keys: tuple[int, ...] = ()
     action: Literal["drop", "monitor"] | None = None  # None = GuardConfig.action
+    tokens: tuple[int, ...] = ()  # static-mode tokens accepted here
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +384,7 @@ _OPTION_KEYS = ("kind", "exid")
 _KEY_KEYS = ("id", "file", "window", "bind")
 _POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "token")
 _GUARD_KEYS = ("action", "skew", "replay_cache", "protect")
-_PROTECT_KEYS = ("destinations", "ports", "keys", "action")
+_PROTECT_KEYS = ("destinations", "ports", "keys", "tokens", "action")
 _ACTIONS = ("drop", "monitor")
 
 
@@ -803,13 +808,17 @@ class _Parser:
             self.known(pentry, pt, _PROTECT_KEYS)
             dests = self.destinations(pentry, pt)
             ports = self.ports(pentry, pt)
+            tokens = [
+                self.token(pentry, v)
+                for v in self.array(pentry, pt, "tokens", required=False)
+            ]
             ids: list[int] = []
-            for k in self.array(pentry, pt, "keys", required=True):
+            for k in self.array(pentry, pt, "keys", required=not tokens):
                 if not _is_int(k):
                     self.fail(pentry, f"keys must hold integer key ids, got {_got(k)}")
                 self.key_ref(pentry, "keys", k, keys)
                 ids.append(k)
-            if not ids:
+            if not ids and not tokens:
                 self.fail(pentry, "keys must not be empty (no SYN could verify)")
             paction = self.choice(pentry, pt, "action", None, _ACTIONS)
             protects.append(
@@ -818,6 +827,7 @@ class _Parser:
                     ports=ports,
                     keys=tuple(dict.fromkeys(ids)),
                     action=paction,
+                    tokens=tuple(dict.fromkeys(tokens)),
                 )
             )
             entries.append(pentry)

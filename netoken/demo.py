@@ -38,7 +38,7 @@ class DemoError(Exception):
 
 def _ip(*args: str, ns: str | None = None) -> None:
     cmd = ["ip", *(["-n", ns] if ns else []), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode:
         raise DemoError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
@@ -63,7 +63,7 @@ def lab():
         yield cl, sv, ci, si
     finally:
         for ns in reversed(created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
 class _Service:
@@ -139,7 +139,7 @@ def _is_syn(frame: bytes) -> bool:
 
 
 def describe(frame: bytes, key: bytes, window: int) -> dict:
-    family, l4, saddr, daddr = _l4(frame)
+    _, l4, saddr, daddr = _l4(frame)
     doff = (frame[l4 + 12] >> 4) * 4
     sport = int.from_bytes(frame[l4:l4 + 2], "big")
     dport = int.from_bytes(frame[l4 + 2:l4 + 4], "big")

@@ -43,6 +43,47 @@ MARK_REASONS: tuple[str, ...] = (
 )
 MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
 
+MAX_PROTECT = 4096
+MAX_STATIC = 4096
+MAX_EVENT_RATE = 1_000_000
+KEY_STAT_OK = 0
+KEY_STAT_BAD = 1
+
+# enum nt_guard_reason, in order: the verdicts of DESIGN §2, then why a packet
+# was passed without a verdict, then outcomes counted on top of a verdict.
+GUARD_VERDICTS: tuple[str, ...] = (
+    "ok",
+    "missing",
+    "malformed",
+    "unknown_key",
+    "stale",
+    "bad_tag",
+    "replay",
+)
+GUARD_PASS_REASONS: tuple[str, ...] = (
+    "not_syn",
+    "unprotected",
+    "not_tcp",
+    "not_ipv4_or_6",
+    "fragment",
+    "ipv6_ext",
+    "bad_header",
+)
+GUARD_OUTCOMES: tuple[str, ...] = (
+    "dropped",
+    "monitored",
+    "events",
+    "events_suppressed",
+    "events_lost",
+    "error",
+)
+GUARD_REASONS = GUARD_VERDICTS + GUARD_PASS_REASONS + GUARD_OUTCOMES
+GUARD_REASON = {name: i for i, name in enumerate(GUARD_REASONS)}
+
+# enum nt_guard_action; "entry" only appears in the global override.
+GUARD_ACTIONS: tuple[str, ...] = ("entry", "drop", "monitor")
+GUARD_ACTION = {name: i for i, name in enumerate(GUARD_ACTIONS)}
+
 
 class Struct(C.Structure):
     """Base with byte conversion helpers for map keys and values."""
@@ -130,6 +171,68 @@ class NtMarkEvent(Struct):
     ]
 
 
+class NtGuardConfig(Struct):
+    _fields_ = [
+        ("kind", C.c_uint8),
+        ("skew", C.c_uint8),
+        ("exid", C.c_uint16),
+        ("generation", C.c_uint32),
+        ("realtime_minus_tai_ns", C.c_int64),
+        ("event_rate", C.c_uint32),
+        ("event_burst", C.c_uint32),
+        ("action", C.c_uint8),
+        ("pad", C.c_uint8 * 7),
+    ]
+
+
+class NtProtect(Struct):
+    _fields_ = [
+        ("id", C.c_uint32),
+        ("action", C.c_uint8),
+        ("pad", C.c_uint8 * 3),
+        ("keys", C.c_uint64 * (MAX_KEYS // 64)),
+    ]
+
+
+class NtStaticKey(Struct):
+    _fields_ = [
+        ("protect", C.c_uint32),
+        ("token", C.c_uint8 * 8),
+    ]
+
+
+class NtReplayKey(Struct):
+    _fields_ = [
+        ("epoch", C.c_uint32),
+        ("key_id", C.c_uint8),
+        ("pad", C.c_uint8),
+        ("tag", C.c_uint8 * TAG_LEN),
+        ("nonce", C.c_uint8 * 4),
+    ]
+
+
+class NtGuardEvent(Struct):
+    _fields_ = [
+        ("ts_ns", C.c_uint64),
+        ("ifindex", C.c_uint32),
+        ("protect", C.c_uint32),
+        ("epoch", C.c_uint32),
+        ("family", C.c_uint8),
+        ("verdict", C.c_uint8),
+        ("action", C.c_uint8),
+        ("mode", C.c_uint8),
+        ("key_id", C.c_uint8),
+        ("pad0", C.c_uint8 * 3),
+        ("saddr", C.c_uint8 * 16),
+        ("daddr", C.c_uint8 * 16),
+        ("sport", C.c_uint16),
+        ("dport", C.c_uint16),
+        ("nonce", C.c_uint8 * 4),
+        ("tag", C.c_uint8 * 8),
+        ("pad1", C.c_uint8 * 4),
+    ]
+
+
 # struct name in netoken.h -> mirror; the layout test walks this table.
 STRUCTS: dict[str, type[Struct]] = {
     "nt_config": NtConfig,
@@ -140,9 +243,16 @@ STRUCTS: dict[str, type[Struct]] = {
     "nt_lpm_v4": NtLpmV4,
     "nt_lpm_v6": NtLpmV6,
     "nt_mark_event": NtMarkEvent,
+    "nt_guard_config": NtGuardConfig,
+    "nt_protect": NtProtect,
+    "nt_static_key": NtStaticKey,
+    "nt_replay_key": NtReplayKey,
+    "nt_guard_event": NtGuardEvent,
 }
 
 # enum name in netoken.h -> (C prefix, Python names in value order)
 ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nt_mark_reason": ("NT_MARK_", MARK_REASONS + ("reason_max",)),
+    "nt_guard_reason": ("NT_GUARD_", GUARD_REASONS + ("reason_max",)),
+    "nt_guard_action": ("NT_ACTION_", GUARD_ACTIONS),
 }

@@ -1238,6 +1238,7 @@ def _tc_where(ifindex: int, attach_point: int) -> str:
 
 
 _NO_CHAIN = "Cannot find specified filter chain"
+_NO_QDISC = "Parent Qdisc doesn't exist"  # the kernel's spelling: "exists"
 
 
 def tc_hook_create(ifindex: int, attach_point: int = BPF_TC_EGRESS) -> bool:
@@ -1311,9 +1312,9 @@ def tc_query(ifindex: int, attach_point: int, handle: int, priority: int) -> int
         ret = _tc_query(ctypes.byref(hook), ctypes.byref(opts))
     if ret == -_errno.ENOENT:
         return None
-    # With no filter left at that priority the kernel has no chain to search
-    # and answers EINVAL instead of ENOENT; only its extack message tells.
-    if ret == -_errno.EINVAL and any(_NO_CHAIN in msg for _, msg in log):
+    # With no filter left at that priority (or no clsact qdisc at all) the
+    # kernel answers EINVAL instead of ENOENT; only its extack message tells.
+    if ret == -_errno.EINVAL and any(_NO_CHAIN in msg or _NO_QDISC in msg for _, msg in log):
         return None
     log.flush()
     if ret < 0:

@@ -88,7 +88,7 @@ def connect(ns: str, addr: str, port: int, timeout: float = 5.0) -> bytes:
 def curl(ns: str, addr: str, port: int) -> str:
     host = f"[{addr}]" if ":" in addr else addr
     out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "5",
-                          f"http://{host}:{port}/"], capture_output=True, text=True)
+                          f"http://{host}:{port}/"], capture_output=True, text=True, check=False)
     assert out.returncode == 0, f"curl failed: {out.stderr.strip()}"
     return out.stdout
 
@@ -139,8 +139,35 @@ def verify_syn(raw: bytes, key: bytes, window: int = 30, bind: int = 0) -> bool:
     return ok
 
 
-def tcp_in_csum_errors(ns: str) -> int:
-    out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+def counters(ns: str) -> dict[str, int]:
+    """The namespace's SNMP counters as {"Tcp.InCsumErrors": n, "TcpExt.ListenDrops": n, ...}."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp", "/proc/net/netstat"],
                          capture_output=True, text=True, check=True).stdout
-    header, values = [line.split() for line in out.splitlines() if line.startswith("Tcp:")]
-    return int(values[header.index("InCsumErrors")])
+    lines = out.splitlines()
+    result = {}
+    for head, vals in zip(lines[::2], lines[1::2]):
+        names, values = head.split(), vals.split()
+        group = names[0].rstrip(":")
+        result.update({f"{group}.{n}": int(v) for n, v in zip(names[1:], values[1:])})
+    return result
+
+
+def tcp_in_csum_errors(ns: str) -> int:
+    return counters(ns)["Tcp.InCsumErrors"]
+
+
+def link_stats(ns: str, dev: str) -> dict[str, int]:
+    """rx/tx packet counters of DEV plus its ethtool -S counters (veth XDP stats)."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-S", dev],
+                         capture_output=True, text=True, check=True).stdout
+    stats = {}
+    for line in out.splitlines()[1:]:
+        name, _, value = line.strip().partition(":")
+        if value.strip().lstrip("-").isdigit():
+            stats[name.strip()] = int(value)
+    for what in ("rx", "tx"):
+        path = f"/sys/class/net/{dev}/statistics/{what}_packets"
+        stats[f"{what}_packets"] = int(subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", path], capture_output=True, text=True,
+            check=True).stdout)
+    return stats

@@ -44,7 +44,8 @@ def anchor_btf(tmp_path_factory) -> dict[str, dict]:
     decls = [f"struct {name} anchor_{name};" for name in layout.STRUCTS]
     decls += [f"enum {name} anchor_{name};" for name in layout.ENUMS]
     src.write_text('#include "netoken.h"\n' + "\n".join(decls) + "\n")
-    arch = subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    arch = subprocess.run(["uname", "-m"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     obj = d / "anchor.o"
     subprocess.run([clang, "-g", "-O2", "-target", "bpf", f"-I/usr/include/{arch}-linux-gnu",
                     f"-I{ROOT / 'bpf'}", "-c", str(src), "-o", str(obj)], check=True)

@@ -154,5 +154,6 @@ def test_tc_filter_is_visible_to_tc(lab, tmp_path):
     cfg = make_config(tmp_path, policy(["198.18.1.0/24"]))
     with marker_on(t.client, t.client_if, cfg) as m:
         out = subprocess.run(["ip", "netns", "exec", t.client, "tc", "filter", "show", "dev",
-                              t.client_if, "egress"], capture_output=True, text=True).stdout
+                              t.client_if, "egress"], capture_output=True, text=True,
+                             check=True).stdout
         assert "netoken_mark" in out and f"id {m.prog.id}" in out

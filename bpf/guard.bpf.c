@@ -1,0 +1,565 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
+/*
+ * netoken guard: XDP.  Every SYN to a protected destination must carry
+ * exactly one valid token option (DESIGN §2); the others are dropped, or in
+ * monitor mode counted and passed, before the kernel allocates anything for
+ * them.  All other traffic passes untouched after a look at its headers.
+ *
+ * Verification order, one verdict per SYN (enum nt_guard_reason):
+ *   option list well formed, exactly one option with our kind and ExID
+ *     (missing / malformed)
+ *   static token: accepted by this protect entry (ok / bad_tag)
+ *   mac: key id accepted here (unknown_key), epoch within ±skew (stale),
+ *     tag (bad_tag), then first sight of (key id, epoch, nonce, tag) in the
+ *     LRU replay cache (replay)
+ * Only SYNs whose tag verified reach the replay cache, so a flood of forged
+ * tokens cannot evict the entries of real clients.
+ */
+#include <linux/bpf.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "netoken.h"
+#include "parsing.h"
+#include "token.h"
+
+#define NT_NSEC            1000000000ULL
+#define NT_TCP_FLAG_SYN    0x02
+#define NT_TCP_FLAG_ACK    0x10
+#define NT_TAG_MASK        ((1ULL << (NT_TAG_LEN * 8)) - 1)
+/* Past any header layout parse() accepts (2 VLANs, IPv6 and 4 extension
+ * headers of 2 KiB): a bound for the verifier, never reached. */
+#define NT_MAX_HDR_OFF     16384
+/* Caps that keep the token bucket's fixed-point products inside 64 bits. */
+#define NT_MAX_REFILL_NS   (100 * NT_NSEC)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nt_guard_config);
+} nt_guard_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NT_MAX_KEYS);
+	__type(key, __u32);
+	__type(value, struct nt_key);
+} nt_keys SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NT_MAX_PROTECT);
+	__type(key, __u32);
+	__type(value, struct nt_protect);
+} nt_protect SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NT_MAX_STATIC);
+	__type(key, struct nt_static_key);
+	__type(value, __u32);
+} nt_static SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct nt_lpm_v4);
+	__type(value, struct nt_port_rules);
+} nt_dst_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct nt_lpm_v6);
+	__type(value, struct nt_port_rules);
+} nt_dst_v6 SEC(".maps");
+
+/* Resized from the config's replay_cache before load (netoken/guard.py). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct nt_replay_key);
+	__type(value, __u64);
+} nt_replay SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NT_GUARD_REASON_MAX);
+	__type(key, __u32);      /* enum nt_guard_reason */
+	__type(value, __u64);
+} nt_guard_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NT_MAX_KEYS * 2);
+	__type(key, __u32);      /* key id * 2 + NT_KEY_STAT_* */
+	__type(value, __u64);
+} nt_key_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} nt_guard_events SEC(".maps");
+
+/* Event rate limit.  Per CPU, so a flood spread over every queue costs no
+ * shared cache line; credit is in event-nanoseconds (one event = NT_NSEC). */
+struct nt_bucket {
+	__u64 credit;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nt_bucket);
+} nt_ev_bucket SEC(".maps");
+
+/* Stop clang from folding a bound check away before the verifier sees it. */
+#define NT_BARRIER_VAR(x) asm volatile("" : "+r"(x))
+
+/* A SYN to look at: offsets only, the packet stays where it is. */
+struct nt_gpkt {
+	struct nt_flow flow;
+	__u32 l4_off;
+	__u32 tcp_len;           /* doff * 4 as on the wire, possibly < 20 */
+	__u32 ip_end;            /* offset one past the IP packet */
+};
+
+/* The options, zero-padded: an option starting at byte 39 can have its
+ * length and ExID bytes read without leaving the buffer.  Aligned so they
+ * can be copied in a word at a time (stack access must be aligned). */
+struct nt_optbuf {
+	__u8 b[64] __attribute__((aligned(8)));
+};
+
+struct nt_found {
+	__u32 off;               /* of our option, from the start of the options */
+	__u32 len;
+};
+
+/* Inputs and outputs of nt_check(), for counters and the event. */
+struct nt_check {
+	__u32 protect;           /* in: index into nt_protect */
+	__u32 epoch;             /* reconstructed, once the key is known */
+	__u8  mode;              /* NT_MODE_* once the option's length is known */
+	__u8  key_id;
+	__u8  error;             /* replay cache insert failed */
+	__u8  pad;
+	__u8  opt[NT_MAC_OPT_LEN];
+};
+
+static __always_inline void count(__u32 reason)
+{
+	__u64 *c = bpf_map_lookup_elem(&nt_guard_stats, &reason);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void count_key(__u8 key_id, __u32 bad)
+{
+	__u32 idx = key_id * 2 + bad;
+	__u64 *c = bpf_map_lookup_elem(&nt_key_stats, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+#define NT_CANDIDATE -1
+
+/* Returns NT_CANDIDATE with *p filled for a SYN && !ACK, or the pass reason.
+ * Non-SYN traffic leaves after the flags byte, with nothing copied. */
+static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	struct ethhdr *eth;
+	struct iphdr *iph = NULL;
+	struct ipv6hdr *ip6h = NULL;
+	struct tcphdr *tcph = NULL;
+	__u32 l3_off;
+	int proto;
+
+	proto = parse_ethhdr(&nh, data_end, &eth);
+	if (proto < 0)
+		return NT_GUARD_BAD_HEADER;
+	l3_off = nh.pos - data;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		proto = parse_iphdr(&nh, data_end, &iph);
+		if (proto < 0)
+			return NT_GUARD_BAD_HEADER;
+		if (ipv4_is_fragment(iph))
+			return NT_GUARD_FRAGMENT;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		proto = parse_ip6hdr(&nh, data_end, &ip6h);
+		if (proto < 0)
+			return NT_GUARD_BAD_HEADER;
+		/* Skipped, not passed: otherwise a Hop-by-Hop header in front
+		 * of a SYN would walk it past the guard. */
+		proto = skip_ip6hdrext(&nh, data_end, proto);
+		if (proto < 0)
+			return NT_GUARD_BAD_HEADER;
+		if (proto == IPPROTO_FRAGMENT)
+			return NT_GUARD_FRAGMENT;
+		if (ip6_is_ext(proto))
+			return NT_GUARD_IPV6_EXT;
+	} else {
+		return NT_GUARD_NOT_IPV4_OR_6;
+	}
+	if (proto != IPPROTO_TCP)
+		return NT_GUARD_NOT_TCP;
+	if (parse_tcphdr(&nh, data_end, &tcph) == NT_PARSE_SHORT || !tcph)
+		return NT_GUARD_BAD_HEADER;
+	if ((((__u8 *)tcph)[13] & (NT_TCP_FLAG_SYN | NT_TCP_FLAG_ACK)) != NT_TCP_FLAG_SYN)
+		return NT_GUARD_NOT_SYN;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	p->l4_off = (void *)tcph - data;
+	p->tcp_len = tcph->doff * 4;
+	p->flow.sport = tcph->source;
+	p->flow.dport = tcph->dest;
+	if (iph) {
+		p->flow.family = 4;
+		__builtin_memcpy(p->flow.saddr, &iph->saddr, 4);
+		__builtin_memcpy(p->flow.daddr, &iph->daddr, 4);
+		p->ip_end = l3_off + bpf_ntohs(iph->tot_len);
+	} else if (ip6h) {
+		p->flow.family = 6;
+		__builtin_memcpy(p->flow.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p->flow.daddr, &ip6h->daddr, 16);
+		p->ip_end = l3_off + sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
+	}
+	return NT_CANDIDATE;
+}
+
+/* Port rules are in match order (netoken/rules.py appended the rules of the
+ * covering prefixes), so the first match is the answer. */
+static __always_inline int lookup_protect(const struct nt_flow *f, __u32 *protect)
+{
+	struct nt_port_rules *r;
+	__u16 dport = bpf_ntohs(f->dport);
+
+	if (f->family == 4) {
+		struct nt_lpm_v4 k = { .prefixlen = 32 };
+
+		__builtin_memcpy(k.addr, f->daddr, 4);
+		r = bpf_map_lookup_elem(&nt_dst_v4, &k);
+	} else {
+		struct nt_lpm_v6 k6 = { .prefixlen = 128 };
+
+		__builtin_memcpy(k6.addr, f->daddr, 16);
+		r = bpf_map_lookup_elem(&nt_dst_v6, &k6);
+	}
+	if (!r)
+		return 0;
+	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {
+		if (i >= r->count)
+			break;
+		if (dport >= r->rules[i].lo && dport <= r->rules[i].hi) {
+			*protect = r->rules[i].policy;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Walks the option list the way a receiver must (netoken.token.find_options
+ * is the reference): EOL ends it, NOP is one byte, anything else is
+ * kind/len with 2 <= len and the whole option inside the header.  Returns
+ * NT_GUARD_OK with *out set when exactly one option has our kind, a length
+ * of at least 4 and our ExID; NT_GUARD_MISSING when none does;
+ * NT_GUARD_MALFORMED for a broken list or two of ours.
+ * Global: the verifier checks the unrolled walk once, on its own.
+ */
+__noinline int nt_find_option(const struct nt_optbuf *buf, __u32 optlen, __u32 kind,
+			      __u32 exid, struct nt_found *out)
+{
+	__u32 skip = 0, stop = 0, bad = 0, found = 0, off = 0, len = 0;
+	__u8 ex_hi = exid >> 8, ex_lo = exid & 0xff;
+
+	if (!buf || !out || optlen > NT_MAX_TCP_OPTS)
+		return NT_GUARD_MALFORMED;
+
+	/* Unrolled with constant offsets; `skip` counts the bytes left in the
+	 * current option, so no index depends on packet data. */
+#pragma clang loop unroll(full)
+	for (int j = 0; j < NT_MAX_TCP_OPTS; j++) {
+		if (j >= optlen || stop)
+			break;
+		if (skip) {
+			skip--;
+		} else {
+			__u8 k = buf->b[j];
+
+			if (k == NT_TCPOPT_EOL) {
+				stop = 1;
+			} else if (k != NT_TCPOPT_NOP) {
+				__u8 olen = buf->b[j + 1];
+
+				if (j + 1 >= optlen || olen < 2 || j + olen > optlen) {
+					bad = stop = 1;
+				} else {
+					/* Shorter than 4 bytes there is no ExID: under
+					 * RFC 6994 such an option is nobody's. */
+					if (k == kind && olen >= 4 && buf->b[j + 2] == ex_hi &&
+					    buf->b[j + 3] == ex_lo) {
+						if (found)
+							bad = stop = 1;
+						found = 1;
+						off = j;
+						len = olen;
+					}
+					skip = olen - 1;
+				}
+			}
+		}
+	}
+	if (bad)
+		return NT_GUARD_MALFORMED;
+	if (!found)
+		return NT_GUARD_MISSING;
+	out->off = off;
+	out->len = len;
+	return NT_GUARD_OK;
+}
+
+/*
+ * The verdict on one SYN to protect entry c->protect.
+ * Global: verified once for all the header layouts that lead here.
+ */
+__noinline int nt_check(struct xdp_md *ctx, const struct nt_gpkt *p,
+			const struct nt_guard_config *cfg, const struct nt_protect *prot,
+			struct nt_check *c)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct nt_optbuf buf;
+	struct nt_found f = {};
+	__u8 *opts, *o;
+	__u64 msg[NT_SIP_MAX_WORDS];
+	struct nt_key *key;
+	__u32 optlen, opt_off, kid, cur, epoch;
+	__u64 now, mac, tag = 0;
+	__s32 delta;
+	int r;
+
+	if (!p || !cfg || !prot || !c)
+		return NT_GUARD_MALFORMED;
+	if (p->tcp_len < sizeof(struct tcphdr) || p->l4_off + p->tcp_len > p->ip_end)
+		return NT_GUARD_MALFORMED;
+	optlen = p->tcp_len - sizeof(struct tcphdr);
+	if (optlen == 0)
+		return NT_GUARD_MISSING;
+	if (optlen > NT_MAX_TCP_OPTS)
+		return NT_GUARD_MALFORMED;
+	__builtin_memset(&buf, 0, sizeof(buf));
+	opt_off = p->l4_off + sizeof(struct tcphdr);
+	NT_BARRIER_VAR(opt_off);
+	if (opt_off > NT_MAX_HDR_OFF)
+		return NT_GUARD_MALFORMED;
+	opts = data + opt_off;
+	/* Direct reads, a word at a time (optlen is a multiple of 4): a third
+	 * of the cost of bpf_xdp_load_bytes().  The program is not xdp.frags,
+	 * so the whole frame is linear. */
+#pragma unroll
+	for (int i = 0; i < NT_MAX_TCP_OPTS / 4; i++) {
+		if (i * 4 >= optlen)
+			break;
+		if ((void *)(opts + i * 4 + 4) > data_end)
+			return NT_GUARD_MALFORMED;
+		*(__u32 *)(buf.b + i * 4) = *(__u32 *)(opts + i * 4);
+	}
+
+	r = nt_find_option(&buf, optlen, cfg->kind, cfg->exid, &f);
+	if (r != NT_GUARD_OK)
+		return r;
+	/* f.off + f.len <= optlen: checked by the walk, and the bytes were
+	 * just read; the mask and the check restate it for the verifier. */
+	o = opts + (f.off & 63);
+	if (f.len == NT_STATIC_OPT_LEN) {
+		struct nt_static_key sk = { .protect = c->protect };
+
+		if ((void *)(o + NT_STATIC_OPT_LEN) > data_end)
+			return NT_GUARD_MALFORMED;
+		c->mode = NT_MODE_STATIC;
+		__builtin_memcpy(sk.token, o + 4, 8);
+		__builtin_memcpy(c->opt, o, NT_STATIC_OPT_LEN);
+		/* Every SYN of a static client carries the same token, so
+		 * there is nothing for a replay cache to tell apart. */
+		return bpf_map_lookup_elem(&nt_static, &sk) ? NT_GUARD_OK : NT_GUARD_BAD_TAG;
+	}
+	if (f.len != NT_MAC_OPT_LEN || (void *)(o + NT_MAC_OPT_LEN) > data_end)
+		return NT_GUARD_MALFORMED;
+	c->mode = NT_MODE_MAC;
+	__builtin_memcpy(c->opt, o, NT_MAC_OPT_LEN);
+
+	kid = c->opt[4];
+	c->key_id = kid;
+	if (!((prot->keys[(kid >> 6) & 3] >> (kid & 63)) & 1))
+		return NT_GUARD_UNKNOWN_KEY;
+	key = bpf_map_lookup_elem(&nt_keys, &kid);
+	if (!key || !key->window)
+		return NT_GUARD_UNKNOWN_KEY;
+
+	/* The marker's clock (CLOCK_REALTIME from TAI + offset), and the full
+	 * epoch closest to ours with the option's low 8 bits: the signed 8-bit
+	 * difference, as netoken.token.expand_epoch defines it. */
+	now = bpf_ktime_get_tai_ns() + cfg->realtime_minus_tai_ns;
+	cur = now / NT_NSEC / key->window;
+	delta = (__s8)(__u8)(c->opt[5] - (__u8)cur);
+	epoch = cur + delta;
+	c->epoch = epoch;
+	if (delta > (__s32)cfg->skew || -delta > (__s32)cfg->skew)
+		return NT_GUARD_STALE;
+
+	mac = nt_mac(key, cfg->exid, kid, epoch, c->opt + 6, &p->flow, msg);
+	__builtin_memcpy(&tag, c->opt + 10, NT_TAG_LEN);
+	if ((mac & NT_TAG_MASK) != tag)
+		return NT_GUARD_BAD_TAG;
+
+	struct nt_replay_key rk = { .epoch = epoch, .key_id = kid };
+	__u64 seen = bpf_ktime_get_ns();
+
+	__builtin_memcpy(rk.tag, c->opt + 10, NT_TAG_LEN);
+	__builtin_memcpy(rk.nonce, c->opt + 6, 4);
+	/* The look-up keeps a replay flood off the LRU's free lists (an insert
+	 * takes a node before it finds the key); BPF_NOEXIST then makes the
+	 * insert atomic, so two CPUs receiving the same SYN cannot both
+	 * accept it. */
+	if (bpf_map_lookup_elem(&nt_replay, &rk))
+		return NT_GUARD_REPLAY;
+	r = bpf_map_update_elem(&nt_replay, &rk, &seen, BPF_NOEXIST);
+	if (r == -EEXIST)
+		return NT_GUARD_REPLAY;
+	/* Not expected from a preallocated LRU; if it happens anyway, the tag
+	 * did verify, so the client is let in and the failure counted. */
+	if (r)
+		c->error = 1;
+	return NT_GUARD_OK;
+}
+
+static __always_inline int event_allowed(const struct nt_guard_config *cfg)
+{
+	__u32 zero = 0;
+	struct nt_bucket *b = bpf_map_lookup_elem(&nt_ev_bucket, &zero);
+	/* The coarse clock (one tick per jiffy) costs a fraction of
+	 * bpf_ktime_get_ns(); refilling in jiffy steps keeps the average rate
+	 * exact, which is all a rate limit needs. */
+	__u64 now = bpf_ktime_get_coarse_ns(), elapsed, credit, cap;
+	__u64 rate = cfg->event_rate;
+
+	if (!b)
+		return 0;
+	if (rate > NT_MAX_EVENT_RATE)
+		rate = NT_MAX_EVENT_RATE;
+	elapsed = now - b->last_ns;
+	if (elapsed > NT_MAX_REFILL_NS)
+		elapsed = NT_MAX_REFILL_NS;
+	b->last_ns = now;
+	credit = b->credit + elapsed * rate;
+	cap = (__u64)cfg->event_burst * NT_NSEC;
+	if (credit > cap)
+		credit = cap;
+	if (credit < NT_NSEC) {
+		b->credit = credit;
+		return 0;
+	}
+	b->credit = credit - NT_NSEC;
+	return 1;
+}
+
+static __always_inline void emit_event(struct xdp_md *ctx, const struct nt_gpkt *p,
+				       const struct nt_protect *prot,
+				       const struct nt_check *c, __u32 verdict, __u8 action)
+{
+	struct nt_guard_event *e;
+
+	e = bpf_ringbuf_reserve(&nt_guard_events, sizeof(*e), 0);
+	if (!e) {
+		count(NT_GUARD_EVENTS_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->ifindex = ctx->ingress_ifindex;
+	e->protect = prot->id;
+	e->epoch = c->epoch;
+	e->family = p->flow.family;
+	e->verdict = verdict;
+	e->action = action;
+	e->mode = c->mode;
+	e->key_id = c->key_id;
+	__builtin_memcpy(e->saddr, p->flow.saddr, 16);
+	__builtin_memcpy(e->daddr, p->flow.daddr, 16);
+	e->sport = bpf_ntohs(p->flow.sport);
+	e->dport = bpf_ntohs(p->flow.dport);
+	if (c->mode == NT_MODE_MAC) {
+		__builtin_memcpy(e->nonce, c->opt + 6, 4);
+		__builtin_memcpy(e->tag, c->opt + 10, NT_TAG_LEN);
+	} else if (c->mode == NT_MODE_STATIC) {
+		__builtin_memcpy(e->tag, c->opt + 4, 8);
+	}
+	bpf_ringbuf_submit(e, 0);
+	count(NT_GUARD_EVENTS);
+}
+
+SEC("xdp")
+int netoken_guard(struct xdp_md *ctx)
+{
+	struct nt_guard_config *cfg;
+	struct nt_protect *prot;
+	struct nt_gpkt p;
+	struct nt_check c;
+	__u32 zero = 0, idx;
+	__u8 action;
+	int verdict;
+
+	verdict = parse(ctx, &p);
+	if (verdict != NT_CANDIDATE) {
+		count(verdict);
+		return XDP_PASS;
+	}
+	if (!lookup_protect(&p.flow, &idx)) {
+		count(NT_GUARD_UNPROTECTED);
+		return XDP_PASS;
+	}
+	cfg = bpf_map_lookup_elem(&nt_guard_config, &zero);
+	prot = bpf_map_lookup_elem(&nt_protect, &idx);
+	if (!cfg || !prot) {
+		count(NT_GUARD_ERROR);
+		return XDP_PASS;
+	}
+
+	__builtin_memset(&c, 0, sizeof(c));
+	c.protect = idx;
+	verdict = nt_check(ctx, &p, cfg, prot, &c);
+	count(verdict);
+	if (c.mode == NT_MODE_MAC)
+		count_key(c.key_id, verdict == NT_GUARD_OK ? NT_KEY_STAT_OK : NT_KEY_STAT_BAD);
+	if (verdict == NT_GUARD_OK) {
+		if (c.error)
+			count(NT_GUARD_ERROR);
+		return XDP_PASS;
+	}
+
+	action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
+	/* Anything but an explicit monitor drops: a zeroed entry must not
+	 * open the door. */
+	if (action != NT_ACTION_MONITOR)
+		action = NT_ACTION_DROP;
+	count(action == NT_ACTION_DROP ? NT_GUARD_DROPPED : NT_GUARD_MONITORED);
+	if (event_allowed(cfg))
+		emit_event(ctx, &p, prot, &c, verdict, action);
+	else
+		count(NT_GUARD_EVENTS_SUPPRESSED);
+	return action == NT_ACTION_DROP ? XDP_DROP : XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,589 @@
+"""The guard program under BPF_PROG_TEST_RUN, verdict by verdict.
+
+Valid tokens come from two independent sources: the real marker program run
+through test_run (so marker and guard are proven to agree) and the Python
+reference in netoken.token.  The guard never rewrites packets, so every
+test also checks that data_out is the input.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Ether
+
+from netoken import config as nconfig
+from netoken import layout, token
+from netoken.guard import Guard, GuardEvent
+from netoken.marker import Marker
+
+from .conftest import TEST_KEY, write_key
+from .pkt import DST_MAC, LINUX_SYN_OPTS, SRC_MAC, options_of_len, parse, rebuild_with_option, syn
+
+XDP_DROP, XDP_PASS = 1, 2
+WINDOW = 30
+KEY2 = bytes(range(100, 116))   # bound to saddr
+KEY3 = bytes(range(200, 216))   # defined, accepted nowhere
+STATIC = 0x1122334455667788
+
+V4, V6, MON = "198.51.100.7", "2001:db8:100::7", "203.0.113.9"
+
+GUARD = """
+[[policy]]
+name = "web"
+destinations = ["198.51.100.0/24", "2001:db8:100::/64", "203.0.113.0/24"]
+key = 1
+
+[[policy]]
+name = "legacy"
+destinations = ["198.51.100.200/32"]
+mode = "static"
+token = "0x1122334455667788"
+
+[guard]
+action = "drop"
+skew = 1
+replay_cache = 65536
+
+[[guard.protect]]
+destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
+ports = [443, "7000-7100"]
+keys = [1, 2]
+tokens = ["0x1122334455667788"]
+
+[[guard.protect]]
+destinations = ["203.0.113.0/24"]
+keys = [1]
+action = "monitor"
+"""
+
+
+def write_config(directory: Path, body: str = GUARD,
+                 keys: dict[int, tuple[bytes, tuple[str, ...]]] | None = None) -> nconfig.Config:
+    keys = keys if keys is not None else {1: (TEST_KEY, ()), 2: (KEY2, ("saddr",)), 3: (KEY3, ())}
+    text = ""
+    for kid, (secret, bind) in keys.items():
+        path = write_key(directory, f"{kid}.key", secret)
+        binds = ", ".join(f'"{b}"' for b in bind)
+        text += f'[[key]]\nid = {kid}\nfile = "{path}"\nwindow = {WINDOW}\nbind = [{binds}]\n\n'
+    path = directory / "netoken.toml"
+    path.write_text(text + body)
+    return nconfig.load(path)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> nconfig.Config:
+    return write_config(tmp_path_factory.mktemp("cfg"))
+
+
+@pytest.fixture(scope="module")
+def guard(cfg):
+    g = Guard.load(replay_cache=cfg.guard.replay_cache)
+    g.configure(cfg)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def marker(cfg):
+    m = Marker.load()
+    m.configure(cfg)
+    yield m
+    m.close()
+
+
+def steady_epoch() -> int:
+    """The current epoch, waiting out the last second before a boundary so a
+    test's tokens and the guard's clock agree on it."""
+    left = WINDOW - (time.time() % WINDOW)
+    if left < 1.0:
+        time.sleep(left + 0.05)
+    return token.epoch_now(WINDOW)
+
+
+def mac_option(*, dst=V4, dport=443, key=TEST_KEY, key_id=1, epoch=None, nonce=None,
+               src="192.0.2.1", sport=40000, bind=0) -> bytes:
+    epoch = steady_epoch() if epoch is None else epoch
+    return token.build_mac_option(key, key_id=key_id, epoch=epoch & 0xFFFFFFFF, daddr=dst,
+                                  dport=dport, saddr=src, sport=sport, bind=bind,
+                                  nonce=nonce or os.urandom(4))
+
+
+def with_options(raw: bytes, dst=V4, dport=443, src=None, sport=40000, vlans=0) -> bytes:
+    """A SYN whose option bytes are exactly RAW (padded with EOL to a word)."""
+    raw = raw + b"\0" * (-len(raw) % 4)
+    return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans), raw)
+
+
+def marked(dst=V4, dport=443, *, before=LINUX_SYN_OPTS, src=None, sport=40000, vlans=0, **kw) -> bytes:
+    """A SYN carrying a reference token after Linux-like options."""
+    opt = mac_option(dst=dst, dport=dport, src=src or ("192.0.2.1" if ":" not in dst else "2001:db8:1::1"),
+                     sport=sport, **kw)
+    return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans,
+                                   options=before), opt)
+
+
+PACKET_REASONS = set(layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)
+
+
+def run(guard: Guard, data: bytes) -> tuple[int, dict[str, int]]:
+    """(retval, counter deltas) for one packet; the packet must come out as it went in."""
+    before = guard.stats()
+    r = guard.prog.test_run(data)
+    after = guard.stats()
+    assert r.data_out == data, "the guard must never modify a packet"
+    counted = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    per_packet = {k: v for k, v in counted.items() if k in PACKET_REASONS}
+    assert len(per_packet) == 1 and sum(per_packet.values()) == 1, counted
+    return r.retval, counted
+
+
+def verdict(guard: Guard, data: bytes) -> str:
+    _, counted = run(guard, data)
+    (reason,) = (k for k in counted if k in PACKET_REASONS)
+    return reason
+
+
+def assert_verdict(guard: Guard, data: bytes, want: str, retval: int | None = None) -> dict:
+    ret, counted = run(guard, data)
+    assert want in counted, counted
+    if retval is None:
+        retval = XDP_PASS if want == "ok" or want in layout.GUARD_PASS_REASONS else XDP_DROP
+    assert ret == retval, (want, ret)
+    if retval == XDP_DROP:
+        assert counted.get("dropped") == 1
+    return counted
+
+
+# ---------------------------------------------------------------- ok
+
+
+@pytest.mark.parametrize("optlen", [0, 4, 20, 24])
+def test_marker_output_verifies(guard, marker, optlen):
+    out = marker.prog.test_run(syn(options=options_of_len(optlen))).data_out
+    assert len(token.find_options(parse(out).options)) == 1
+    assert_verdict(guard, out, "ok")
+
+
+@pytest.mark.parametrize("dst,vlans", [(V4, 1), (V4, 2), (V6, 0), (V6, 2)])
+def test_marker_output_verifies_v6_and_vlan(guard, marker, dst, vlans):
+    out = marker.prog.test_run(syn(dst=dst, dport=7050, vlans=vlans,
+                                   options=options_of_len(20))).data_out
+    assert_verdict(guard, out, "ok")
+
+
+def test_marker_output_with_syn_payload_verifies(guard, marker):
+    out = marker.prog.test_run(syn(options=options_of_len(20), payload=b"x" * 500)).data_out
+    assert_verdict(guard, out, "ok")
+
+
+def test_marker_static_token_verifies(guard, marker):
+    out = marker.prog.test_run(syn(dst="198.51.100.200", options=options_of_len(20))).data_out
+    assert token.decode(token.find_options(parse(out).options)[0]).mode == "static"
+    # a static token is the same on every SYN: no replay check applies
+    assert_verdict(guard, out, "ok")
+    assert_verdict(guard, out, "ok")
+
+
+def test_reference_token_verifies(guard):
+    assert_verdict(guard, marked(), "ok")
+    assert_verdict(guard, marked(V6, 7000), "ok")
+    assert_verdict(guard, marked(before=[]), "ok")
+
+
+def test_ipv4_header_options(guard):
+    from scapy.layers.inet import IPOption_NOP, IPOption_RR
+
+    base = syn(options=LINUX_SYN_OPTS, ip_opts=[IPOption_RR(routers=["10.0.0.1"]), IPOption_NOP()])
+    assert parse(base).ihl > 20
+    assert_verdict(guard, rebuild_with_option(base, mac_option()), "ok")
+
+
+def test_epoch_within_skew_is_accepted(guard):
+    e = steady_epoch()
+    assert_verdict(guard, rebuild_with_option(syn(), mac_option(epoch=e - 1)), "ok")
+    assert_verdict(guard, rebuild_with_option(syn(), mac_option(epoch=e + 1)), "ok")
+
+
+def test_ipv6_extension_headers_do_not_bypass(guard):
+    # A Hop-by-Hop header in front of the TCP header must not walk a SYN
+    # past the guard: the headers are skipped and the SYN still verified.
+    for ext in (IPv6ExtHdrHopByHop(), IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()):
+        bare = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst=V6) / ext
+                     / TCP(sport=40000, dport=443, flags="S"))
+        assert_verdict(guard, bare, "missing")
+
+
+# ---------------------------------------------------------------- rejections
+
+
+def test_missing(guard):
+    assert_verdict(guard, syn(), "missing")
+    assert_verdict(guard, syn(options=LINUX_SYN_OPTS), "missing")
+    assert_verdict(guard, syn(dst=V6, options=LINUX_SYN_OPTS), "missing")
+    opt = mac_option()
+    other_exid = opt[:2] + b"\x12\x34" + opt[4:]
+    other_kind = b"\xfe" + opt[1:]
+    assert_verdict(guard, with_options(other_exid), "missing")
+    assert_verdict(guard, with_options(other_kind), "missing")
+    # too short to carry an ExID: nobody's option under RFC 6994
+    assert_verdict(guard, with_options(b"\xfd\x03\x6e"), "missing")
+    # after EOL, nothing counts
+    assert_verdict(guard, with_options(b"\x02\x04\x05\xb4\x00\x00\x00\x00" + opt), "missing")
+
+
+def test_malformed(guard):
+    opt = mac_option()
+    opt2 = mac_option()
+    cases = {
+        "two netoken options": opt + opt2,
+        "bad length 8": opt[:1] + b"\x08" + opt[2:8],
+        "bad length 14": opt[:1] + b"\x0e" + opt[2:14],
+        "length 0": b"\x02\x00" + opt,
+        "length past the header": b"\x01\x01" + opt[:1] + b"\x18" + opt[2:],
+        "kind without length": b"\x01\x01\x01" + b"\x08",
+    }
+    for name, raw in cases.items():
+        pkt = with_options(raw)
+        p = parse(pkt)
+        ref = token.verdict(p.options, {1: (TEST_KEY, WINDOW, 0)}, daddr=p.daddr, dport=p.dport)
+        assert ref == "malformed", name
+        assert verdict(guard, pkt) == "malformed", name
+
+
+def test_bogus_doff_and_lengths_are_malformed(guard):
+    good = bytearray(marked())
+    p = parse(bytes(good))
+    for doff in (0, 4):
+        bad = bytearray(good)
+        bad[p.l4 + 12] = doff << 4 | (bad[p.l4 + 12] & 0x0F)
+        assert_verdict(guard, bytes(bad), "malformed")
+    # IP length ends inside the TCP options
+    bad = bytearray(good)
+    struct.pack_into("!H", bad, p.l3 + 2, p.l4 - p.l3 + 24)
+    assert_verdict(guard, bytes(bad), "malformed")
+
+
+def test_unknown_key(guard):
+    assert_verdict(guard, rebuild_with_option(syn(), mac_option(key=KEY3, key_id=3)), "unknown_key")
+    assert_verdict(guard, rebuild_with_option(syn(), mac_option(key_id=9)), "unknown_key")
+
+
+def test_stale(guard):
+    e = steady_epoch()
+    for epoch in (e - 2, e + 2, e - 5, e - 100, e + 127):
+        assert_verdict(guard, rebuild_with_option(syn(), mac_option(epoch=epoch)), "stale")
+
+
+def test_token_from_256_epochs_ago_is_bad_tag(guard):
+    # Same low 8 bits as now: the guard rebuilds today's epoch, and the MAC,
+    # which covers all 32 bits, fails.
+    e = steady_epoch()
+    assert_verdict(guard, rebuild_with_option(syn(), mac_option(epoch=e - 256)), "bad_tag")
+
+
+def test_bad_tag(guard):
+    opt = bytearray(mac_option())
+    opt[15] ^= 1
+    assert_verdict(guard, with_options(bytes(opt)), "bad_tag")
+    assert_verdict(guard, with_options(mac_option(key=KEY3)), "bad_tag")
+    # a token for another destination port
+    assert_verdict(guard, with_options(mac_option(dport=443), dport=7000), "bad_tag")
+    assert_verdict(guard, with_options(mac_option(dst="198.51.100.8"), dst=V4), "bad_tag")
+
+
+def test_static_token_rules(guard):
+    good = token.encode_static(253, 0x6E74, STATIC)
+    assert_verdict(guard, with_options(good), "ok")
+    assert_verdict(guard, with_options(token.encode_static(253, 0x6E74, STATIC + 1)), "bad_tag")
+    # the monitor entry accepts no static token
+    assert_verdict(guard, with_options(good, dst=MON), "bad_tag", XDP_PASS)
+
+
+def test_replay_of_the_same_syn(guard):
+    pkt = marked()
+    assert_verdict(guard, pkt, "ok")
+    assert_verdict(guard, pkt, "replay")
+
+
+def test_saddr_bound_key(guard):
+    opt = mac_option(key=KEY2, key_id=2, src="192.0.2.50", bind=token.BIND_SADDR)
+    assert_verdict(guard, with_options(opt, src="192.0.2.51"), "bad_tag")   # NAT rewrote it
+    assert_verdict(guard, with_options(opt, src="192.0.2.50"), "ok")
+    opt6 = mac_option(dst=V6, key=KEY2, key_id=2, src="2001:db8:1::50", bind=token.BIND_SADDR)
+    assert_verdict(guard, with_options(opt6, dst=V6, src="2001:db8:1::50"), "ok")
+
+
+def test_sport_bound_key(tmp_path):
+    cfg = write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]"),
+                       keys={1: (TEST_KEY, ("saddr", "sport"))})
+    with Guard.load() as g:
+        g.configure(cfg)
+        opt = mac_option(src="192.0.2.9", sport=5555, bind=token.BIND_SADDR | token.BIND_SPORT)
+        assert verdict(g, with_options(opt, src="192.0.2.9", sport=5556)) == "bad_tag"
+        assert verdict(g, with_options(opt, src="192.0.2.9", sport=5555)) == "ok"
+
+
+# ---------------------------------------------------------------- actions
+
+
+def test_monitor_entry_counts_and_passes(guard):
+    counted = assert_verdict(guard, syn(dst=MON, dport=22), "missing", XDP_PASS)
+    assert counted.get("monitored") == 1 and "dropped" not in counted
+    assert_verdict(guard, syn(dst=MON, dport=22, options=LINUX_SYN_OPTS), "missing", XDP_PASS)
+    assert_verdict(guard, marked(MON, 22), "ok")
+
+
+def test_global_override(tmp_path):
+    cfg = write_config(tmp_path)
+    with Guard.load() as g:
+        g.configure(cfg, action="monitor")
+        assert_verdict(g, syn(), "missing", XDP_PASS)
+        g.configure(cfg, action="drop")
+        assert_verdict(g, syn(dst=MON), "missing", XDP_DROP)
+        g.configure(cfg)
+        assert_verdict(g, syn(), "missing", XDP_DROP)
+        assert_verdict(g, syn(dst=MON), "missing", XDP_PASS)
+
+
+def test_config_action_monitor_with_drop_entry(tmp_path):
+    body = GUARD.replace('action = "drop"\nskew', 'action = "monitor"\nskew')
+    body = body.replace('tokens = ["0x1122334455667788"]', 'tokens = ["0x1122334455667788"]\naction = "drop"')
+    cfg = write_config(tmp_path, body)
+    with Guard.load() as g:
+        g.configure(cfg)
+        assert_verdict(g, syn(), "missing", XDP_DROP)
+        cfg2 = write_config(tmp_path, GUARD.replace('action = "monitor"', ""))
+        g.configure(cfg2)
+        assert_verdict(g, syn(dst=MON), "missing", XDP_DROP)
+
+
+# ---------------------------------------------------------------- pass-through
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (syn(flags="SA"), "not_syn"),
+        (syn(flags="A", payload=b"x" * 1000), "not_syn"),
+        (syn(flags="R"), "not_syn"),
+        (syn(flags="SA", dst=V6), "not_syn"),
+        (syn(dst="192.0.2.99"), "unprotected"),
+        (syn(dport=22), "unprotected"),
+        (syn(dst="2001:db8:200::1"), "unprotected"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4) / UDP(dport=443)), "not_tcp"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4) / ICMP()), "not_tcp"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6) / UDP(dport=443)), "not_tcp"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / ARP(pdst=V4)), "not_ipv4_or_6"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4, flags="MF")
+               / TCP(dport=443, flags="S")), "fragment"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4, frag=100, proto=6) / (b"\0" * 40)),
+         "fragment"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6) / IPv6ExtHdrFragment()
+               / TCP(dport=443, flags="S")), "fragment"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6, nh=51) / (b"\0" * 40)), "ipv6_ext"),
+    ],
+    ids=["syn-ack", "ack-1000", "rst", "v6-syn-ack", "v4-unprotected", "port-unprotected",
+         "v6-unprotected", "udp", "icmp", "udp6", "arp", "v4-first-fragment", "v4-later-fragment",
+         "v6-fragment", "v6-ah"],
+)
+def test_non_targets_pass(guard, data, reason):
+    assert_verdict(guard, data, reason, XDP_PASS)
+
+
+def test_truncated_frames_never_break_the_guard(guard):
+    full = marked(vlans=1)
+    p = parse(full)
+    for cut in range(14, len(full)):
+        try:
+            ret, counted = run(guard, full[:cut])
+        except OSError:
+            continue   # test_run refuses an IP ethertype without an IP header
+        if cut < p.l4 + 20:
+            assert ret == XDP_PASS and "bad_header" in counted, cut
+        else:   # a SYN to a protected port with its options cut off
+            assert ret == XDP_DROP and "malformed" in counted, cut
+
+
+# ---------------------------------------------------------------- attacks
+
+
+def test_forged_tags_never_pass(guard):
+    """100,000 random tags (and nonces) with a valid key id and epoch."""
+    n = 100_000
+    e = steady_epoch()
+    template = bytearray(with_options(mac_option(epoch=e)))
+    off = parse(bytes(template)).l4 + 20 + 6   # nonce, then tag
+    rng = random.Random(0x6E74)
+    before = guard.stats()
+    t0 = time.monotonic()
+    passed = 0
+    for _ in range(n):
+        template[off:off + 10] = rng.randbytes(10)
+        if guard.prog.test_run(bytes(template)).retval != XDP_DROP:
+            passed += 1
+    elapsed = time.monotonic() - t0
+    after = guard.stats()
+    assert passed == 0
+    assert after["bad_tag"] - before["bad_tag"] == n
+    assert after["ok"] == before["ok"]
+    assert elapsed < 20, f"{n} test_runs took {elapsed:.1f} s"
+
+
+def test_captured_syn_replayed_1000_times_passes_at_most_once(guard, marker):
+    captured = marker.prog.test_run(syn(options=options_of_len(20))).data_out
+    before = guard.stats()
+    passes = sum(guard.prog.test_run(captured).retval == XDP_PASS for _ in range(1000))
+    after = guard.stats()
+    assert passes == 1
+    assert after["ok"] - before["ok"] == 1
+    assert after["replay"] - before["replay"] == 999
+    # in one test_run call, too (the guard keeps no per-packet state)
+    again = marker.prog.test_run(syn(options=options_of_len(20))).data_out
+    r = guard.prog.test_run(again, repeat=1000)
+    assert r.retval == XDP_DROP
+    assert guard.stats()["replay"] - after["replay"] == 999
+
+
+def test_removed_key_makes_its_tokens_unknown_key(tmp_path):
+    cfg = write_config(tmp_path)
+    with Guard.load() as g:
+        g.configure(cfg)
+        opt = mac_option(key=KEY3, key_id=3)
+        assert verdict(g, with_options(opt)) == "unknown_key"
+        # rotation: accept key 3 here, then retire it
+        g.configure(write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1, 2, 3]")))
+        assert verdict(g, with_options(opt)) == "ok"
+        assert verdict(g, with_options(mac_option(key=KEY3, key_id=3))) == "ok"
+        g.configure(write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]")))
+        assert verdict(g, with_options(mac_option(key=KEY3, key_id=3))) == "unknown_key"
+        assert verdict(g, with_options(mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR))) \
+            == "unknown_key"
+        # and gone from [[key]] entirely
+        keys = {1: (TEST_KEY, ())}
+        g.configure(write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]"), keys))
+        assert verdict(g, with_options(mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR))) \
+            == "unknown_key"
+        assert verdict(g, marked()) == "ok"
+
+
+def test_reconfigure_keeps_one_generation_of_entries(tmp_path):
+    cfg = write_config(tmp_path)
+    with Guard.load() as g:
+        for _ in range(3):
+            g.configure(cfg)
+            assert verdict(g, with_options(token.encode_static(253, 0x6E74, STATIC))) == "ok"
+            assert verdict(g, marked()) == "ok"
+        assert len(list(g.maps["nt_static"].keys())) == 1
+
+
+# ---------------------------------------------------------------- counters, events
+
+
+def test_key_stats(tmp_path):
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path))
+        verdict(g, marked())
+        pkt = marked()
+        verdict(g, pkt)
+        verdict(g, pkt)                                                  # replay
+        verdict(g, with_options(mac_option(key=KEY3, key_id=3)))        # unknown_key
+        verdict(g, syn())                                                # missing: no key id
+        assert g.key_stats() == {1: {"ok": 2, "bad": 1}, 3: {"ok": 0, "bad": 1}}
+
+
+def test_event_describes_the_dropped_syn(tmp_path):
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path))
+        events: list[GuardEvent] = []
+        e = steady_epoch()
+        opt = bytearray(mac_option(epoch=e, src="192.0.2.77", sport=41000, dport=7001))
+        opt[12] ^= 0xFF
+        with g.events(events.append) as rb:
+            assert verdict(g, with_options(bytes(opt), src="192.0.2.77", sport=41000,
+                                           dport=7001)) == "bad_tag"
+            verdict(g, syn(dst=MON, dport=80))
+            assert rb.consume() == 2
+        bad, mon = events
+        tok = token.decode(bytes(opt))
+        assert (bad.verdict, bad.action, bad.protect, bad.family) == ("bad_tag", "drop", 0, 4)
+        assert (bad.saddr, bad.daddr, bad.sport, bad.dport) == ("192.0.2.77", V4, 41000, 7001)
+        assert (bad.mode, bad.key_id, bad.epoch) == ("mac", 1, e)
+        assert bad.nonce == tok.nonce and bad.tag == tok.tag
+        assert (mon.verdict, mon.action, mon.protect, mon.mode, mon.key_id) == \
+            ("missing", "monitor", 1, "", None)
+
+
+def test_events_are_rate_limited_and_accounted(tmp_path):
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path), event_rate=10, event_burst=5)
+        events: list[GuardEvent] = []
+        with g.events(events.append) as rb:
+            t0 = time.monotonic()
+            r = g.prog.test_run(syn(), repeat=1000)
+            for _ in range(200):
+                g.prog.test_run(syn(dst=V6))
+            elapsed = time.monotonic() - t0
+            rb.consume()
+        assert r.retval == XDP_DROP
+        s = g.stats()
+        assert s["dropped"] == 1200 and s["missing"] == 1200
+        assert s["events"] == len(events)
+        assert s["events"] + s["events_suppressed"] + s["events_lost"] == s["dropped"]
+        # per CPU: the burst plus what the rate refilled, on each CPU used
+        assert 5 <= len(events) <= os.cpu_count() * (5 + 10 * elapsed + 1)
+        assert s["events_suppressed"] >= 1200 - len(events)
+
+
+def test_events_disabled_with_rate_zero(tmp_path):
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path), event_rate=0, event_burst=0)
+        g.prog.test_run(syn(), repeat=100)
+        s = g.stats()
+        assert (s["events"], s["events_suppressed"], s["dropped"]) == (0, 100, 100)
+
+
+# ---------------------------------------------------------------- the reference agrees
+
+
+def test_guard_agrees_with_the_reference_on_mutated_options(guard):
+    """Random option lists around a real token: same verdict as token.verdict."""
+    rng = random.Random(1)
+    # what entry 0 accepts, as the reference takes it
+    keys = {1: (TEST_KEY, WINDOW, 0), 2: (KEY2, WINDOW, token.BIND_SADDR)}
+    e = steady_epoch()
+    pieces = [b"\x01", b"\x00", b"\x02\x04\x05\xb4", b"\x04\x02", b"\x03\x03\x07",
+              b"\x08\x0a" + bytes(8), b"\xfd\x04\x6e\x74", b"\xfd\x06\x12\x34\x00\x00"]
+    seen: dict[str, int] = {}
+    for _ in range(3000):
+        if rng.random() < 0.1:
+            opt = bytearray(token.encode_static(253, 0x6E74, rng.choice((STATIC, STATIC ^ 1))))
+        else:
+            kid = rng.choice((1, 1, 1, 2, 3))
+            key = {1: TEST_KEY, 2: KEY2, 3: KEY3}[kid]
+            opt = bytearray(mac_option(epoch=e + rng.choice((0, 0, 0, 1, -1, 2, -3)), key=key,
+                                       key_id=kid, bind=keys.get(kid, (0, 0, 0))[2]))
+        if rng.random() < 0.2:
+            opt[rng.randrange(len(opt))] ^= 1 << rng.randrange(8)
+        parts = [rng.choice(pieces) for _ in range(rng.randrange(4))]
+        parts.insert(rng.randrange(len(parts) + 1), bytes(opt))
+        if rng.random() < 0.1:
+            parts.append(bytes(mac_option(epoch=e)))
+        raw = b"".join(parts)[: rng.choice((40, 40, 40, 20, 17))]
+        if len(raw) + (-len(raw) % 4) > 40:
+            continue
+        pkt = with_options(raw)
+        p = parse(pkt)
+        want = token.verdict(p.options, keys, daddr=p.daddr, dport=p.dport, saddr=p.saddr,
+                             sport=p.sport, skew=1, static_tokens={STATIC})
+        got = verdict(guard, pkt)
+        assert got == want, (raw.hex(), got, want)
+        seen[want] = seen.get(want, 0) + 1
+    assert set(seen) == set(token.VERDICTS), seen
