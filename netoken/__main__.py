@@ -1,0 +1,7 @@
+"""`python -m netoken` is the `netoken` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,709 @@
+"""The `netoken` command (DESIGN §5): object-verb, bpftool-style.
+
+Every verb is a small function over a library call (netoken.marker,
+netoken.state, netoken.config), so tests and other programs get exactly what
+operators get.  Errors the user can act on are one line on stderr,
+``netoken: ...``, with a non-zero exit; ``--debug`` adds the details
+(verifier log, traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import __version__, state
+from .config import ConfigError, generate_key
+from .config import load as load_config
+from .libbpf import BPFError
+from .state import RoleState, StateError
+
+PROG = "netoken"
+
+# Exit codes: 1 for errors, 2 for usage (argparse) and verbs not there yet.
+EXIT_ERROR = 1
+EXIT_UNAVAILABLE = 2
+
+
+class CliError(Exception):
+    """An error message for the user (one line)."""
+
+
+# --------------------------------------------------------------------------
+# output helpers
+
+
+def _emit_json(obj: Any, pretty: bool) -> None:
+    if pretty:
+        print(json.dumps(obj, indent=2), flush=True)
+    else:
+        print(json.dumps(obj, separators=(",", ":")), flush=True)
+
+
+def _note(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def _policies(n: int) -> str:
+    return f"{n} polic{'y' if n == 1 else 'ies'}"
+
+
+def _keys(ids: list[int]) -> str:
+    return f"key id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" if ids else "no keys"
+
+
+def _states(ifname: str | None) -> list[RoleState]:
+    """Role states visible from this network namespace (all roles)."""
+    states = state.all_states(ifname)
+    if ifname is not None:
+        for st in states:
+            st.check_netns()
+        return states
+    here = [st for st in states if state.in_this_netns(st)]
+    others = len(states) - len(here)
+    if others:
+        _note(f"{others} attachment(s) in other network namespaces not shown (use -n NAME)")
+    return here
+
+
+def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
+    if ifname is None or states:
+        return
+    from .marker import ifindex
+
+    ifindex(ifname)  # raises "interface ... does not exist"
+
+
+def _with_role(states: list[RoleState]) -> list[tuple[RoleState, state.Role]]:
+    out = []
+    for st in states:
+        r = state.role(st.role)
+        if r is not None and st.exists():
+            out.append((st, r))
+    return out
+
+
+# --------------------------------------------------------------------------
+# mark
+
+
+def cmd_mark_attach(args: argparse.Namespace) -> int:
+    from . import marker
+
+    state.require_privileges()
+    cfg = load_config(args.config)
+    if not cfg.policies:
+        _note(f"{args.config}: no [[policy]] entries; the marker will mark nothing")
+    res = marker.attach_pinned(args.iface, cfg)
+    if args.json:
+        _emit_json(res, args.pretty)
+        return 0
+    how = f"replaced prog {res['replaced_prog_id']}" if res["replaced_prog_id"] else "new"
+    print(
+        f"marker attached to {res['ifname']} egress: prog {res['prog_id']} tag {res['tag']}, "
+        f"tc handle 0x{res['handle']:x} prio {res['priority']} ({how})"
+    )
+    print(f"  {_policies(res['policies'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
+    return 0
+
+
+def cmd_mark_detach(args: argparse.Namespace) -> int:
+    from . import marker
+
+    state.require_privileges()
+    res = marker.detach_pinned(args.iface)
+    if args.json:
+        _emit_json(res, args.pretty)
+        return 0
+    if res["removed_prog_id"] is not None:
+        print(f"marker detached from {res['ifname']}: removed prog {res['removed_prog_id']}, "
+              f"clsact {res['clsact']}")
+    elif not res["interface_present"]:
+        print(f"{res['ifname']} is gone (its filter went with it); pins removed")
+    else:
+        print(f"no marker filter was attached to {res['ifname']}; pins removed")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from . import marker
+
+    state.require_privileges()
+    cfg = load_config(args.config)
+    res = marker.apply(args.iface, cfg)
+    if args.json:
+        _emit_json(res, args.pretty)
+        return 0
+    print(f"applied {args.config} to the marker on {res['ifname']} (prog {res['prog_id']}): "
+          f"{_policies(res['policies'])}, {_keys(res['keys'])}")
+    for what in ("added", "removed"):
+        if res[what]:
+            print(f"  {what}: {', '.join(res[what])}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# status / stats / monitor: generic over roles
+
+
+def _generic_status(st: RoleState) -> dict[str, Any]:
+    """For a role whose module is missing: what the pins alone tell."""
+    from .libbpf import Program
+
+    why = ("incomplete pinned state (no program pin)" if state.role(st.role) is not None
+           else "unknown (no support for this role installed)")
+    d: dict[str, Any] = {"ifname": st.ifname, "role": st.role, "pinned": str(st.pin_dir),
+                         "state": why}
+    with contextlib.suppress(OSError, ValueError), Program.from_pinned(
+        st.pin(state.PROG_PIN)
+    ) as prog:
+        d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
+    return d
+
+
+def status(ifname: str | None = None) -> list[dict[str, Any]]:
+    """What netoken has attached (in this network namespace), role by role."""
+    states = _states(ifname)
+    _require_iface_or_state(ifname, states)
+    out = []
+    for st in states:
+        r = state.role(st.role)
+        out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state.require_privileges(net_admin=False)
+    items = status(args.iface)
+    if args.json:
+        _emit_json(items, args.pretty)
+        return 0
+    if not items:
+        print(f"nothing attached{' to ' + args.iface if args.iface else ''}")
+        return 0
+    last = None
+    for d in items:
+        if d["ifname"] != last:
+            idx = d.get("ifindex")
+            print(f"{d['ifname']}" + (f" (ifindex {idx})" if idx else ""))
+            last = d["ifname"]
+        r = state.role(d["role"])
+        lines = r.status_lines(d) if r is not None and "attach" in d else [
+            f"prog {d.get('prog', {}).get('id', '?')}  {d['state']}", f"pinned   {d['pinned']}"
+        ]
+        print(f"  {d['role']:<7} {lines[0]}")
+        for line in lines[1:]:
+            print(f"  {'':<7} {line}")
+    return 0
+
+
+def stats(ifname: str | None = None) -> list[dict[str, Any]]:
+    """Counters by reason, summed over CPUs, for every role with state."""
+    states = _states(ifname)
+    _require_iface_or_state(ifname, states)
+    return [
+        {"ifname": st.ifname, "role": r.name, "counters": r.stats(st)}
+        for st, r in _with_role(states)
+    ]
+
+
+def _rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]], dt: float) -> None:
+    before = {(d["ifname"], d["role"]): d["counters"] for d in prev}
+    for d in cur:
+        old = before.get((d["ifname"], d["role"]), {})
+        d["rates"] = {
+            k: round(max(0, v - old.get(k, v)) / dt, 1) if dt > 0 else 0.0
+            for k, v in d["counters"].items()
+        }
+
+
+def _print_stats(items: list[dict[str, Any]]) -> None:
+    if not items:
+        print("nothing attached")
+    for d in items:
+        print(f"{d['ifname']}  {d['role']}")
+        for k, v in d["counters"].items():
+            print(f"  {k:<16} {v:>14}")
+
+
+def _stats_table(items: list[dict[str, Any]], interval: float):
+    from rich.table import Table
+
+    t = Table(title=f"netoken stats (every {interval:g}s, Ctrl-C to quit)", title_justify="left")
+    for col, just in (("IFACE", "left"), ("ROLE", "left"), ("REASON", "left"),
+                      ("COUNT", "right"), ("RATE/s", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for d in items:
+        for k, v in d["counters"].items():
+            rate = d.get("rates", {}).get(k, 0.0)
+            style = "bold" if rate else ("dim" if not v else None)
+            t.add_row(d["ifname"], d["role"], k, f"{v:,}", f"{rate:,.1f}", style=style)
+    return t
+
+
+def watch_stats(
+    ifname: str | None, interval: float, emit: Callable[[list[dict[str, Any]], float], None]
+) -> None:
+    """Call EMIT(stats with rates, now) every INTERVAL seconds until interrupted."""
+    prev = stats(ifname)
+    t_prev = time.monotonic()
+    for d in prev:
+        d["rates"] = dict.fromkeys(d["counters"], 0.0)
+    emit(prev, time.time())
+    while True:
+        time.sleep(interval)
+        cur = stats(ifname)
+        now = time.monotonic()
+        _rates(prev, cur, now - t_prev)
+        emit(cur, time.time())
+        prev, t_prev = cur, now
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    state.require_privileges(net_admin=False)
+    if not args.watch:
+        items = stats(args.iface)
+        if args.json:
+            _emit_json(items, args.pretty)
+        else:
+            _print_stats(items)
+        return 0
+    if args.interval <= 0:
+        raise CliError("--interval must be positive")
+    try:
+        if args.json:
+            watch_stats(args.iface, args.interval, lambda items, now: _emit_json(
+                {"time": _iso(now), "interval": args.interval, "stats": items}, args.pretty))
+        elif sys.stdout.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            with Live(console=Console(), auto_refresh=False) as live:
+                watch_stats(args.iface, args.interval, lambda items, _now: live.update(
+                    _stats_table(items, args.interval), refresh=True))
+        else:
+            watch_stats(args.iface, args.interval, _stats_lines)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _iso(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def _stats_lines(items: list[dict[str, Any]], now: float) -> None:
+    """Piped --watch: one self-contained line per role and interval."""
+    for d in items:
+        parts = [f"{k}={v} ({d['rates'][k]:g}/s)" for k, v in d["counters"].items() if v]
+        print(f"{_iso(now)} {d['ifname']} {d['role']} " + (" ".join(parts) or "all zero"),
+              flush=True)
+
+
+def monitor(
+    ifname: str | None,
+    emit: Callable[[dict[str, Any]], None],
+    on_lost: Callable[[dict[str, Any]], None],
+    count: int | None = None,
+    backlog: bool = False,
+    ready: Callable[[list[tuple[RoleState, state.Role]]], None] | None = None,
+) -> tuple[int, int]:
+    """Follow ring-buffer events of every role with state until COUNT events
+    (or forever); returns (events seen, events lost meanwhile)."""
+    states = _states(ifname)
+    _require_iface_or_state(ifname, states)
+    roles = _with_role(states)
+    if not roles:
+        raise CliError(f"nothing attached{' to ' + ifname if ifname else ''}; no events to follow")
+    seen = 0
+    skipping = not backlog
+
+    class _Done(Exception):
+        pass
+
+    def on_event(e: dict[str, Any]) -> None:
+        nonlocal seen
+        if skipping:
+            return
+        emit(e)
+        seen += 1
+        if count is not None and seen >= count:
+            raise _Done
+
+    rbs = []
+    lost: dict[tuple[str, str], int] = {}
+    lost_total = 0
+
+    def check_lost() -> None:
+        nonlocal lost_total
+        for st, r in roles:
+            key = (st.ifname, r.name)
+            with contextlib.suppress(OSError):
+                n = r.lost_events(st)
+                if n > lost[key]:
+                    lost_total += n - lost[key]
+                    on_lost({"time": _iso(time.time()), "ifname": st.ifname,
+                             "role": r.name, "lost": n - lost[key], "lost_total": n})
+                lost[key] = n
+
+    try:
+        for st, r in roles:
+            rbs.append(r.open_events(st, on_event))
+        # Records queued while nobody listened may be hours old: skip them
+        # unless asked, so the stream shows what happens now.
+        for rb in rbs:
+            rb.consume()
+        skipping = False
+        lost.update({(st.ifname, r.name): r.lost_events(st) for st, r in roles})
+        if ready is not None:
+            ready(roles)
+        next_check = time.monotonic() + 1.0
+        fds = {rb.fileno(): rb for rb in rbs}
+        try:
+            while True:
+                timeout = max(0.0, next_check - time.monotonic())
+                readable, _, _ = select.select(list(fds), [], [], timeout)
+                for fd in readable:
+                    fds[fd].consume()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    check_lost()
+        except (_Done, KeyboardInterrupt):
+            pass
+        check_lost()  # what was lost since the last check is reported too
+    finally:
+        for rb in rbs:
+            rb.close()
+    return seen, lost_total
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    state.require_privileges(net_admin=False)
+    headers_done: list[bool] = []
+
+    def ready(roles: list[tuple[RoleState, state.Role]]) -> None:
+        where = ", ".join(f"{st.ifname} {r.name}" for st, r in roles)
+        _note(f"following events of {where}; Ctrl-C to stop")
+        if not args.json:
+            for header in dict.fromkeys(r.event_header() for _, r in roles):
+                print(header, flush=True)
+        headers_done.append(True)
+
+    def emit(e: dict[str, Any]) -> None:
+        if args.json:
+            _emit_json(e, args.pretty)
+        else:
+            r = state.role(e["role"])
+            print(r.event_line(e) if r is not None else json.dumps(e), flush=True)
+
+    def on_lost(d: dict[str, Any]) -> None:
+        if args.json:
+            _emit_json(d, args.pretty)
+        else:
+            print(f"-- {d['lost']} event(s) lost on {d['ifname']} {d['role']} "
+                  f"(ring buffer full; {d['lost_total']} lost since attach) --", flush=True)
+
+    seen = lost = 0
+    try:
+        seen, lost = monitor(args.iface, emit, on_lost, count=args.count,
+                             backlog=args.backlog, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    if headers_done:
+        _note(f"{seen} event(s) shown, {lost} lost while following")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# key
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    generate_key(args.file)
+    if args.json:
+        _emit_json({"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16}, args.pretty)
+    else:
+        print(f"wrote a new 16-byte key to {args.file} (mode 0600)")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# verbs other modules provide; each handler is its own function so it can be
+# replaced on its own.
+
+
+def _unavailable(verb: str) -> int:
+    _note(f"{verb} is not available yet")
+    return EXIT_UNAVAILABLE
+
+
+def cmd_guard_attach(args: argparse.Namespace) -> int:
+    return _unavailable("guard attach")
+
+
+def cmd_guard_detach(args: argparse.Namespace) -> int:
+    return _unavailable("guard detach")
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    return _unavailable("decode")
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    return _unavailable("exporter")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _unavailable("demo")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _unavailable("bench")
+
+
+# --------------------------------------------------------------------------
+# parser
+
+_MAIN_EPILOG = """\
+examples:
+  netoken key generate /etc/netoken/keys/1.key
+  netoken mark attach eth0 -c /etc/netoken/netoken.toml
+  netoken status
+  netoken stats eth0 --watch
+  netoken monitor eth0 --json
+  netoken apply eth0 -c /etc/netoken/netoken.toml
+  netoken mark detach eth0
+  netoken -n blue status           # interfaces of network namespace "blue"
+
+State is pinned under /sys/fs/bpf/netoken/IFACE/ROLE/; attached programs keep
+running after netoken exits.  Use -n NAME rather than `ip netns exec NAME`,
+which hides /sys/fs/bpf.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: the top-level -j/-p must not be overwritten by the defaults
+    # of the subcommand's copy.
+    p.add_argument("-j", "--json", action="store_true", default=argparse.SUPPRESS,
+                   help="JSON output (compact, bpftool style)")
+    p.add_argument("-p", "--pretty", action="store_true", default=argparse.SUPPRESS,
+                   help="indented JSON (implies --json)")
+
+
+def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
+          func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + epilog,
+                       formatter_class=_Formatter)
+    _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Keyed TCP-option watermarks for SYNs: a TC eBPF marker and an XDP guard.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-n", "--netns", metavar="NAME",
+                        help="run in network namespace NAME (as `ip -n NAME`)")
+    parser.add_argument("-d", "--debug", action="store_true",
+                        help="on errors, print details and the traceback")
+    parser.add_argument("-j", "--json", action="store_true", help="JSON output")
+    parser.add_argument("-p", "--pretty", action="store_true", help="indented JSON output")
+    sub = parser.add_subparsers(dest="object", metavar="OBJECT", required=True)
+
+    mark = sub.add_parser("mark", help="attach/detach the TC egress marker",
+                          description="The marker: adds a keyed option to selected SYNs.",
+                          epilog="examples:\n  netoken mark attach eth0 -c netoken.toml\n"
+                                 "  netoken mark detach eth0\n",
+                          formatter_class=_Formatter)
+    msub = mark.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = _verb(msub, "attach", "load the marker and attach it on IFACE egress (replaces "
+              "netoken's own filter atomically, keeps counters)",
+              "  netoken mark attach eth0 -c /etc/netoken/netoken.toml\n"
+              "  netoken -n client mark attach veth0 -c lab.toml --json\n",
+              cmd_mark_attach)
+    p.add_argument("iface", metavar="IFACE")
+    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    p = _verb(msub, "detach", "remove netoken's marker filter and pins from IFACE (other "
+              "filters and a shared clsact qdisc stay)",
+              "  netoken mark detach eth0\n", cmd_mark_detach)
+    p.add_argument("iface", metavar="IFACE")
+
+    guard = sub.add_parser("guard", help="attach/detach the XDP guard",
+                           description="The guard: verifies tokens on ingress SYNs.",
+                           epilog="examples:\n  netoken guard attach eth0 -c netoken.toml "
+                                  "--mode monitor\n  netoken guard detach eth0\n",
+                           formatter_class=_Formatter)
+    gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = _verb(gsub, "attach", "load the guard and attach it to IFACE (XDP)",
+              "  netoken guard attach eth0 -c netoken.toml --mode monitor\n", cmd_guard_attach)
+    p.add_argument("iface", metavar="IFACE")
+    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    p.add_argument("--mode", choices=("drop", "monitor"), help="override [guard] action")
+    p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
+                   help="XDP attach mode")
+    p = _verb(gsub, "detach", "remove netoken's guard from IFACE",
+              "  netoken guard detach eth0\n", cmd_guard_detach)
+    p.add_argument("iface", metavar="IFACE")
+
+    p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
+              "policies, key ids)", "  netoken status\n  netoken status eth0 --json --pretty\n",
+              cmd_status)
+    p.add_argument("iface", metavar="IFACE", nargs="?")
+
+    p = _verb(sub, "apply", "update policies and keys of the live marker on IFACE "
+              "(no reattach; removed entries disappear)",
+              "  netoken apply eth0 -c /etc/netoken/netoken.toml\n", cmd_apply)
+    p.add_argument("iface", metavar="IFACE")
+    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+
+    p = _verb(sub, "stats", "counters by reason, summed over CPUs",
+              "  netoken stats\n  netoken stats eth0 --watch\n"
+              "  netoken stats eth0 --watch --json | jq .stats\n", cmd_stats)
+    p.add_argument("iface", metavar="IFACE", nargs="?")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="refresh every interval with per-second rates (Ctrl-C to stop)")
+    p.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="--watch refresh interval (default 1)")
+
+    p = _verb(sub, "monitor", "print events as they happen (ring buffer); lost events are "
+              "reported", "  netoken monitor eth0\n  netoken monitor --json --count 10\n",
+              cmd_monitor)
+    p.add_argument("iface", metavar="IFACE", nargs="?")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    p.add_argument("--backlog", action="store_true",
+                   help="also show events queued before monitor started")
+
+    key = sub.add_parser("key", help="manage key files",
+                         epilog="examples:\n  netoken key generate /etc/netoken/keys/1.key\n",
+                         formatter_class=_Formatter)
+    ksub = key.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = _verb(ksub, "generate", "write a new random key file (16 bytes as hex, mode 0600; "
+              "never overwrites)", "  netoken key generate /etc/netoken/keys/2.key\n",
+              cmd_key_generate)
+    p.add_argument("file", metavar="FILE")
+
+    p = _verb(sub, "decode", "list netoken options in a capture and verify them with keys",
+              "  netoken decode syn.pcap -c netoken.toml\n", cmd_decode)
+    p.add_argument("pcap", metavar="PCAP")
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML config with the keys")
+
+    p = _verb(sub, "exporter", "serve Prometheus metrics",
+              "  netoken exporter --listen 127.0.0.1:9469\n", cmd_exporter)
+    p.add_argument("--listen", metavar="ADDR:PORT", default=None)
+
+    _verb(sub, "demo", "the whole system in a private network-namespace lab",
+          "  netoken demo\n", cmd_demo)
+
+    _verb(sub, "bench", "datapath and end-to-end benchmarks", "  netoken bench --json\n",
+          cmd_bench)
+    return parser
+
+
+# --------------------------------------------------------------------------
+# entry point
+
+
+def _bpf_message(e: BPFError) -> str:
+    msg = f"{e.op}: {e.strerror}"
+    if e.errno in (1, 13) and "verifier log" not in (e.detail or ""):  # EPERM, EACCES
+        msg += " (BPF needs root: CAP_BPF and CAP_NET_ADMIN)"
+    elif e.errno == 38:  # ENOSYS
+        msg += " (BPF is not available in this kernel)"
+    elif "verifier log" in (e.detail or ""):
+        msg += " (the kernel verifier rejected the program; --debug shows its log)"
+    return msg
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")[0].split()) if text else text
+
+
+@contextlib.contextmanager
+def _in_netns(name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+        return
+    from .netns import netns
+
+    try:
+        ctx = netns(name)
+        ctx.__enter__()
+    except PermissionError:
+        raise StateError(
+            f"permission denied entering network namespace {name!r} (run as root)"
+        ) from None
+    try:
+        yield
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.json = bool(getattr(args, "json", False) or getattr(args, "pretty", False))
+    args.pretty = bool(getattr(args, "pretty", False))
+    # libbpf's warnings (e.g. the kernel's extack text) reach the user through
+    # the one-line error; the raw log is for --debug.
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.CRITICAL,
+        format=f"{PROG}: %(name)s: %(message)s",
+    )
+    try:
+        with _in_netns(args.netns):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`); not an error, and Python's own
+        # flush at exit must not complain either.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - every error becomes one line
+        _note(_error_line(e))
+        if args.debug:
+            if isinstance(e, BPFError) and e.detail:
+                print(e.detail, file=sys.stderr)
+            traceback.print_exc()
+        return EXIT_ERROR
+
+
+def _error_line(e: Exception) -> str:
+    from .marker import MarkerError
+
+    if isinstance(e, (ConfigError, StateError, CliError, MarkerError)):
+        return _one_line(str(e))
+    if isinstance(e, BPFError):
+        return _bpf_message(e)
+    if isinstance(e, FileNotFoundError) and e.filename is None:
+        return _one_line(str(e))  # ours: object file or namespace missing
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return f"internal error: {type(e).__name__}: {_one_line(str(e))} (--debug for a traceback)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
