@@ -466,7 +466,9 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _unavailable("demo")
+    from . import demo
+
+    return demo.main(args.connections)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -612,8 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken exporter --listen 127.0.0.1:9469\n", cmd_exporter)
     p.add_argument("--listen", metavar="ADDR:PORT", default=None)
 
-    _verb(sub, "demo", "the whole system in a private network-namespace lab",
-          "  netoken demo\n", cmd_demo)
+    p = _verb(sub, "demo", "the whole system in a private network-namespace lab",
+              "  netoken demo\n  netoken demo --connections 10\n", cmd_demo)
+    p.add_argument("--connections", type=int, default=4, metavar="N",
+                   help="connections to make through the marker (default 4)")
 
     _verb(sub, "bench", "datapath and end-to-end benchmarks", "  netoken bench --json\n",
           cmd_bench)
