@@ -19,15 +19,19 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as nconfig
 from . import token
+from .guard import Guard
 from .marker import Marker
 from .netns import netns
 
 PORT = 8080
 CLIENT_IP, SERVER_IP = "198.18.100.1", "198.18.100.2"
+ATTACKER_IP, SERVER_IP_AT = "198.18.101.66", "198.18.101.2"
+FLOOD_SECONDS = 2
 CLIENT_IP6, SERVER_IP6 = "fd6e:7400:100::1", "fd6e:7400:100::2"
 ETH_P_ALL = 0x0003
 
@@ -43,24 +47,49 @@ def _ip(*args: str, ns: str | None = None) -> None:
         raise DemoError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
 
+@dataclass
+class Lab:
+    client: str
+    server: str
+    attacker: str
+    client_if: str
+    server_if: str         # faces the client
+    server_if_at: str      # faces the attacker
+    attacker_if: str
+
+
 @contextmanager
 def lab():
-    """Two namespaces and a veth pair, with unique names; removed on exit."""
+    """Client, server and attacker namespaces (unique names), removed on exit.
+
+    The server has one link to the client and one to the attacker, so the
+    guard on the server sees both and the attacker's flood cannot slow the
+    client's link itself.
+    """
     tag = f"{os.getpid() % 100000:05d}"
-    cl, sv = f"ntdemo-cl-{tag}", f"ntdemo-sv-{tag}"
-    ci, si = f"ntd{tag}c", f"ntd{tag}s"
+    cl, sv, at = (f"ntdemo-{r}-{tag}" for r in ("cl", "sv", "at"))
+    l = Lab(cl, sv, at, f"ntd{tag}c", f"ntd{tag}s", f"ntd{tag}t", f"ntd{tag}a")
     created = []
     try:
-        for ns in (cl, sv):
+        for ns in (cl, sv, at):
             _ip("netns", "add", ns)
             created.append(ns)
             _ip("link", "set", "lo", "up", ns=ns)
-        _ip("link", "add", ci, "netns", cl, "type", "veth", "peer", "name", si, "netns", sv)
-        for ns, dev, a4, a6 in ((cl, ci, CLIENT_IP, CLIENT_IP6), (sv, si, SERVER_IP, SERVER_IP6)):
+        _ip("link", "add", l.client_if, "netns", cl, "type", "veth", "peer", "name",
+            l.server_if, "netns", sv)
+        _ip("link", "add", l.attacker_if, "netns", at, "type", "veth", "peer", "name",
+            l.server_if_at, "netns", sv)
+        for ns, dev, a4, a6 in ((cl, l.client_if, CLIENT_IP, CLIENT_IP6),
+                                (sv, l.server_if, SERVER_IP, SERVER_IP6),
+                                (at, l.attacker_if, ATTACKER_IP, None),
+                                (sv, l.server_if_at, SERVER_IP_AT, None)):
             _ip("addr", "add", f"{a4}/24", "dev", dev, ns=ns)
-            _ip("addr", "add", f"{a6}/64", "dev", dev, "nodad", ns=ns)
+            if a6:
+                _ip("addr", "add", f"{a6}/64", "dev", dev, "nodad", ns=ns)
             _ip("link", "set", dev, "up", ns=ns)
-        yield cl, sv, ci, si
+        # SYN-ACKs to the flood's spoofed sources need a way out, as on a real host.
+        _ip("route", "add", "default", "via", ATTACKER_IP, ns=sv)
+        yield l
     finally:
         for ns in reversed(created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
@@ -154,6 +183,30 @@ def describe(frame: bytes, key: bytes, window: int) -> dict:
                   "verified": ok}
 
 
+def _connect(ns: str, addr: str, timeout: float) -> bool:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with netns(ns):
+        c = socket.socket(family, socket.SOCK_STREAM)
+    with c:
+        c.settimeout(timeout)
+        try:
+            c.connect((addr, PORT))
+            return bool(c.recv(100))
+        except OSError:
+            return False
+
+
+def _flood(ns: str, seconds: float) -> subprocess.Popen | None:
+    """A spoofed-source SYN flood with hping3, if it is installed."""
+    try:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", ns, "timeout", "-s", "INT", str(seconds), "hping3",
+             "--flood", "--rand-source", "-S", "-p", str(PORT), SERVER_IP_AT],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None
+
+
 def run(connections: int = 4, out=None) -> int:
     """Run the demo; returns the number of connections whose SYN verified."""
     from .ui import Console
@@ -164,8 +217,8 @@ def run(connections: int = 4, out=None) -> int:
         prev = signal.signal(signal.SIGTERM, signal.default_int_handler)
         stack.callback(signal.signal, signal.SIGTERM, prev)
 
-        ui.step("building a private lab: client and server namespaces, one veth pair")
-        cl, sv, ci, si = stack.enter_context(lab())
+        ui.step("building a private lab: client, server and attacker namespaces on veth")
+        lab_ = stack.enter_context(lab())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="netoken-demo-")))
         key_path = tmp / "1.key"
         nconfig.generate_key(key_path)
@@ -181,61 +234,87 @@ name = "demo-service"
 destinations = ["{SERVER_IP}/32", "{SERVER_IP6}/128"]
 ports = [{PORT}]
 key = 1
+
+[guard]
+action = "drop"
+[[guard.protect]]
+destinations = ["{SERVER_IP}/32", "{SERVER_IP_AT}/32", "{SERVER_IP6}/128"]
+ports = [{PORT}]
+keys = [1]
 """)
         cfg = nconfig.load(cfg_path)
         key = cfg.keys[1].secret
-        ui.step(f"generated key 1 ({key_path.name}, mode 0600) and a policy: "
+        ui.step(f"generated key 1 ({key_path.name}, mode 0600); policy and guard: "
                 f"{SERVER_IP}, {SERVER_IP6} port {PORT}")
 
-        services = [_Service(sv, socket.AF_INET, SERVER_IP),
-                    _Service(sv, socket.AF_INET6, SERVER_IP6)]
+        services = [_Service(lab_.server, socket.AF_INET, "0.0.0.0"),
+                    _Service(lab_.server, socket.AF_INET6, SERVER_IP6)]
         for s in services:
             stack.callback(s.close)
-        cap = _Capture(sv, si)
+        cap = _Capture(lab_.server, lab_.server_if)
         stack.callback(cap.close)
 
-        with netns(cl):
+        with netns(lab_.client):
             marker = stack.enter_context(Marker.load())
             marker.configure(cfg)
-            filt = marker.attach(ci)
-        ui.step(f"marker attached on {ci} egress (prog id {filt.prog_id}, "
-                f"tc handle {filt.handle:#x} priority {filt.priority})")
+            filt = marker.attach(lab_.client_if)
+        ui.step(f"marker attached on the client's {lab_.client_if} egress "
+                f"(prog id {filt.prog_id}, tc handle {filt.handle:#x} priority {filt.priority})")
+        with netns(lab_.server):
+            guard = stack.enter_context(Guard.load())
+            guard.configure(cfg)
+            for dev in (lab_.server_if, lab_.server_if_at):
+                # XDP goes away with the veth when the lab is removed
+                att = guard.attach(dev)
+        ui.step(f"guard attached on the server's {lab_.server_if} and {lab_.server_if_at} "
+                f"(XDP {att.mode}, prog id {att.prog_id}), action drop")
 
-        ok_conns = 0
-        for i in range(connections):
-            addr = SERVER_IP6 if i % 2 else SERVER_IP
-            family = socket.AF_INET6 if i % 2 else socket.AF_INET
-            with netns(cl):
-                c = socket.socket(family, socket.SOCK_STREAM)
-            with c:
-                c.settimeout(3)
-                try:
-                    c.connect((addr, PORT))
-                    ok_conns += bool(c.recv(100))
-                except OSError as e:
-                    ui.warn(f"connection to {addr}:{PORT} failed: {e}")
+        ok_conns = sum(_connect(lab_.client, SERVER_IP6 if i % 2 else SERVER_IP, 3)
+                       for i in range(connections))
         cap.drain()
         rows = [describe(f, key, 30) for f in cap.frames]
-        ui.table("SYNs seen on the server's interface", rows,
+        ui.table("SYNs the client sent, as the server's interface saw them", rows,
                  ["flow", "options", "token", "verified"])
-        stats = {k: v for k, v in marker.stats().items() if v}
-        ui.table("marker counters", [{"reason": k, "packets": v} for k, v in stats.items()],
-                 ["reason", "packets"])
         verified = sum(r["verified"] for r in rows)
-        ui.step(f"{ok_conns}/{connections} connections succeeded, "
+        ui.step(f"{ok_conns}/{connections} marked connections succeeded; "
                 f"{verified}/{len(rows)} SYNs carried a token that verifies with key 1")
+
+        unmarked = _connect(lab_.attacker, SERVER_IP_AT, 1)
+        ui.step(f"an unmarked connection from the attacker namespace: "
+                f"{'succeeded (unexpected!)' if unmarked else 'dropped by the guard'}")
+
+        flood = _flood(lab_.attacker, FLOOD_SECONDS)
+        during = 0
+        if flood:
+            ui.step(f"attacker floods {SERVER_IP_AT}:{PORT} with spoofed SYNs (hping3) for "
+                    f"{FLOOD_SECONDS}s while the client keeps connecting")
+            time.sleep(0.3)
+            n = 20
+            during = sum(_connect(lab_.client, SERVER_IP, 3) for _ in range(n))
+            flood.wait()
+            ui.step(f"{during}/{n} client connections succeeded during the flood")
+        else:
+            ui.warn("hping3 is not installed: skipping the flood part (apt-get install hping3)")
+
+        mstats = {k: v for k, v in marker.stats().items() if v}
+        gstats = {k: v for k, v in guard.stats().items() if v}
+        ui.table("counters", [{"program": "marker", "reason": k, "packets": v}
+                              for k, v in mstats.items()]
+                 + [{"program": "guard", "reason": k, "packets": v} for k, v in gstats.items()],
+                 ["program", "reason", "packets"])
         ui.step("removing the lab")
-    return verified
+    good = verified == ok_conns == connections and not unmarked
+    return good
 
 
 def main(connections: int = 4) -> int:
     try:
-        verified = run(connections)
+        good = run(connections)
     except KeyboardInterrupt:
         print("netoken: demo interrupted; lab removed")
         return 130
     except (DemoError, OSError) as e:
         print(f"netoken: demo failed: {e}")
         return 1
-    return 0 if verified == connections else 1
+    return 0 if good else 1
 

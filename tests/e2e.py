@@ -107,7 +107,7 @@ def capture(ns: str, iface: str, path: Path, bpf_filter: str = "tcp") -> Iterato
         line = proc.stderr.readline()  # "listening on ..." once the socket is bound
         assert "listening" in line, f"tcpdump did not start: {line}"
         yield path
-        time.sleep(0.2)  # let the last packets reach the capture socket
+        _wait_until_quiet(path)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -115,6 +115,23 @@ def capture(ns: str, iface: str, path: Path, bpf_filter: str = "tcp") -> Iterato
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _wait_until_quiet(path: Path, quiet: float = 0.4, limit: float = 5.0) -> None:
+    """Return once the capture file has stopped growing for QUIET seconds.
+
+    A fixed sleep loses the last packets when the machine is busy (tcpdump
+    is still writing them when it gets SIGINT); a quiet file is done.
+    """
+    end = time.monotonic() + limit
+    last, since = -1, time.monotonic()
+    while time.monotonic() < end:
+        size = path.stat().st_size if path.exists() else 0
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
 
 
 def syns(path: Path) -> list[bytes]:
