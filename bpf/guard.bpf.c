@@ -23,6 +23,7 @@
 #include "netoken.h"
 #include "parsing.h"
 #include "token.h"
+#include "dest.h"
 
 #define NT_NSEC            1000000000ULL
 #define NT_TCP_FLAG_SYN    0x02
@@ -61,22 +62,6 @@ struct {
 	__type(key, struct nt_static_key);
 	__type(value, __u32);
 } nt_static SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct nt_lpm_v4);
-	__type(value, struct nt_port_rules);
-} nt_dst_v4 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct nt_lpm_v6);
-	__type(value, struct nt_port_rules);
-} nt_dst_v6 SEC(".maps");
 
 /* Resized from the config's replay_cache before load (netoken/guard.py). */
 struct {
@@ -236,37 +221,6 @@ static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
 		p->ip_end = l3_off + sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
 	}
 	return NT_CANDIDATE;
-}
-
-/* Port rules are in match order (netoken/rules.py appended the rules of the
- * covering prefixes), so the first match is the answer. */
-static __always_inline int lookup_protect(const struct nt_flow *f, __u32 *protect)
-{
-	struct nt_port_rules *r;
-	__u16 dport = bpf_ntohs(f->dport);
-
-	if (f->family == 4) {
-		struct nt_lpm_v4 k = { .prefixlen = 32 };
-
-		__builtin_memcpy(k.addr, f->daddr, 4);
-		r = bpf_map_lookup_elem(&nt_dst_v4, &k);
-	} else {
-		struct nt_lpm_v6 k6 = { .prefixlen = 128 };
-
-		__builtin_memcpy(k6.addr, f->daddr, 16);
-		r = bpf_map_lookup_elem(&nt_dst_v6, &k6);
-	}
-	if (!r)
-		return 0;
-	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {
-		if (i >= r->count)
-			break;
-		if (dport >= r->rules[i].lo && dport <= r->rules[i].hi) {
-			*protect = r->rules[i].policy;
-			return 1;
-		}
-	}
-	return 0;
 }
 
 /*
@@ -526,7 +480,7 @@ int netoken_guard(struct xdp_md *ctx)
 		count(verdict);
 		return XDP_PASS;
 	}
-	if (!lookup_protect(&p.flow, &idx)) {
+	if (!nt_lookup_dest(&p.flow, &idx)) {
 		count(NT_GUARD_UNPROTECTED);
 		return XDP_PASS;
 	}

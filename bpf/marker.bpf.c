@@ -22,6 +22,7 @@
 #include "netoken.h"
 #include "parsing.h"
 #include "token.h"
+#include "dest.h"
 
 /* Largest SYN payload (TCP Fast Open data) moved to make room; larger ones
  * pass unmarked and count NT_MARK_PAYLOAD.  Covers a 1500-byte MTU. */
@@ -49,22 +50,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct nt_policy);
 } nt_policies SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct nt_lpm_v4);
-	__type(value, struct nt_port_rules);
-} nt_dst_v4 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct nt_lpm_v6);
-	__type(value, struct nt_port_rules);
-} nt_dst_v6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -132,24 +117,6 @@ static __always_inline void count(__u32 reason)
 		*c += 1;
 }
 
-static __always_inline int is_ipv6_ext(__u8 nexthdr)
-{
-	switch (nexthdr) {
-	case IPPROTO_HOPOPTS:
-	case IPPROTO_ROUTING:
-	case IPPROTO_DSTOPTS:
-	case IPPROTO_AH:
-	case IPPROTO_ESP:
-	case 135: /* mobility */
-	case 139: /* HIP */
-	case 140: /* shim6 */
-	case 253: /* experimentation */
-	case 254:
-		return 1;
-	}
-	return 0;
-}
-
 #define NT_CANDIDATE  -1     /* a SYN to consider: fields are in *p */
 #define NT_NEED_PULL  100    /* headers end past the linear data */
 
@@ -194,7 +161,7 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 			goto short_or_bad;
 		if (proto == IPPROTO_FRAGMENT)
 			return NT_MARK_FRAGMENT;
-		if (is_ipv6_ext(proto))
+		if (ip6_is_ext(proto))
 			return NT_MARK_IPV6_EXT;
 		if (proto != IPPROTO_TCP)
 			return NT_MARK_NOT_TCP;
@@ -230,37 +197,6 @@ short_or_bad:
 	if (proto == NT_PARSE_SHORT && skb->len > data_end - data)
 		return NT_NEED_PULL;
 	return NT_MARK_MALFORMED;
-}
-
-static __always_inline struct nt_port_rules *lookup_dst(const struct nt_flow *f)
-{
-	if (f->family == 4) {
-		struct nt_lpm_v4 k = { .prefixlen = 32 };
-
-		__builtin_memcpy(k.addr, f->daddr, 4);
-		return bpf_map_lookup_elem(&nt_dst_v4, &k);
-	}
-	struct nt_lpm_v6 k6 = { .prefixlen = 128 };
-
-	__builtin_memcpy(k6.addr, f->daddr, 16);
-	return bpf_map_lookup_elem(&nt_dst_v6, &k6);
-}
-
-/* Port rules are in match order; the control plane already appended the
- * rules inherited from less specific prefixes, so first match wins. */
-static __always_inline int match_port(const struct nt_port_rules *r, __u16 dport, __u32 *policy)
-{
-	__u32 n = r->count;
-
-	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {
-		if (i >= n)
-			break;
-		if (dport >= r->rules[i].lo && dport <= r->rules[i].hi) {
-			*policy = r->rules[i].policy;
-			return 1;
-		}
-	}
-	return 0;
 }
 
 /* Copy the existing options to opts_new and check their framing.  EOL ends
@@ -344,7 +280,6 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct nt_pk
 static __always_inline int mark(struct __sk_buff *skb)
 {
 	struct nt_pkt p = {};
-	struct nt_port_rules *rules;
 	struct nt_policy *pol;
 	struct nt_config *cfg;
 	struct nt_scratch *s;
@@ -363,8 +298,7 @@ static __always_inline int mark(struct __sk_buff *skb)
 	if (reason != NT_CANDIDATE)
 		return reason;
 
-	rules = lookup_dst(&p.flow);
-	if (!rules || !match_port(rules, bpf_ntohs(p.flow.dport), &policy_idx))
+	if (!nt_lookup_dest(&p.flow, &policy_idx))
 		return NT_MARK_NO_POLICY;
 	pol = bpf_map_lookup_elem(&nt_policies, &policy_idx);
 	cfg = bpf_map_lookup_elem(&nt_config, &zero);
