@@ -607,7 +607,7 @@ def test_ip_netns_exec_is_refused_with_a_hint(setup: Setup):
 
 @pytest.mark.parametrize("name,argv", [
     ("guard attach", ["guard", "attach", "x", "-c", "f"]), ("guard detach", ["guard", "detach", "x"]),
-    ("decode", ["decode", "x.pcap"]), ("exporter", ["exporter"]), ("demo", ["demo"]),
+    ("decode", ["decode", "x.pcap"]), ("exporter", ["exporter"]),
     ("bench", ["bench"]),
 ])
 def test_verbs_not_there_yet_say_so(name, argv):
