@@ -1,6 +1,6 @@
 """The `netoken` command (DESIGN §5): object-verb, bpftool-style.
 
-Every verb is a small function over a library call (netoken.marker,
+Every verb is a small function over a library call (netoken.marker, netoken.guard,
 netoken.state, netoken.config), so tests and other programs get exactly what
 operators get.  Errors the user can act on are one line on stderr,
 ``netoken: ...``, with a non-zero exit; ``--debug`` adds the details
@@ -55,6 +55,10 @@ def _note(msg: str) -> None:
 
 def _policies(n: int) -> str:
     return f"{n} polic{'y' if n == 1 else 'ies'}"
+
+
+def _protects(n: int) -> str:
+    return f"{n} protect entr{'y' if n == 1 else 'ies'}"
 
 
 def _keys(ids: list[int]) -> str:
@@ -134,20 +138,106 @@ def cmd_mark_detach(args: argparse.Namespace) -> int:
     return 0
 
 
+def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
+    """Update every role attached to IFNAME (marker and/or guard) in place.
+
+    Every role checks CFG before any of them changes a map, so a config
+    that one of them cannot take changes nothing."""
+    states = _states(ifname)
+    _require_iface_or_state(ifname, states)
+    roles = [(st, r) for st, r in _with_role(states) if hasattr(r, "apply")]
+    if not roles:
+        raise CliError(
+            f"no marker on {ifname} and no guard either; attach one first "
+            f"(netoken mark|guard attach {ifname} -c FILE)"
+        )
+    for _, r in roles:
+        r.check(cfg)
+    return [r.apply(ifname, cfg) for _, r in roles]
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
-    from . import marker
+    state.require_privileges()
+    cfg = load_config(args.config)
+    results = apply(args.iface, cfg)
+    if args.json:
+        _emit_json(results, args.pretty)
+        return 0
+    for res in results:
+        if res["role"] == "marker":
+            print(f"applied {args.config} to the marker on {res['ifname']} (prog {res['prog_id']}): "
+                  f"{_policies(res['policies'])}, {_keys(res['keys'])}")
+            for what in ("added", "removed"):
+                if res[what]:
+                    print(f"  {what}: {', '.join(res[what])}")
+        elif res["role"] == "guard":
+            src = " (--mode)" if res["action_override"] else ""
+            print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
+                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}{src}")
+            for what in ("added", "removed"):
+                if res[f"keys_{what}"]:
+                    print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
+            for note in res["notes"]:
+                _note(note)
+        else:
+            print(f"applied {args.config} to the {res['role']} on {res['ifname']}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# guard
+
+
+def cmd_guard_attach(args: argparse.Namespace) -> int:
+    from . import guard
 
     state.require_privileges()
     cfg = load_config(args.config)
-    res = marker.apply(args.iface, cfg)
+    guard.check(cfg)
+    res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode)
     if args.json:
         _emit_json(res, args.pretty)
         return 0
-    print(f"applied {args.config} to the marker on {res['ifname']} (prog {res['prog_id']}): "
-          f"{_policies(res['policies'])}, {_keys(res['keys'])}")
-    for what in ("added", "removed"):
-        if res[what]:
-            print(f"  {what}: {', '.join(res[what])}")
+    if res["replaced_prog_id"] is None:
+        how = "new"
+    else:
+        how = f"replaced prog {res['replaced_prog_id']}"
+        if res["mode_switched"]:
+            how += ", XDP mode switched: detach + attach"
+    cache = res["replay_cache"]
+    cache_text = {
+        "new": f"replay cache {cache['entries']} entries",
+        "kept": f"replay cache kept ({cache['entries']} entries)",
+        "resized": f"new replay cache of {cache['entries']} entries "
+                   f"({cache['copied']} live entries copied)",
+    }[cache["state"]]
+    src = " (--mode)" if res["action_override"] else ""
+    print(f"guard attached to {res['ifname']} (XDP {res['xdp_mode']}): prog {res['prog_id']} "
+          f"tag {res['tag']} ({how})")
+    print(f"  action {res['action']}{src}, skew {res['skew']}, {cache_text}; "
+          f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
+    return 0
+
+
+def cmd_guard_detach(args: argparse.Namespace) -> int:
+    from . import guard
+
+    state.require_privileges()
+    res = guard.detach_pinned(args.iface)
+    if args.json:
+        _emit_json(res, args.pretty)
+        return 0
+    f = res["foreign_prog"]
+    if res["removed_prog_id"] is not None:
+        print(f"guard detached from {res['ifname']}: removed prog {res['removed_prog_id']} "
+              f"(XDP {res['xdp_mode']}); pins removed")
+    elif not res["interface_present"]:
+        print(f"{res['ifname']} is gone (its XDP program went with it); pins removed")
+    elif f is not None:
+        print(f"XDP program {f['name']!r} (id {f['id']}) on {res['ifname']} was not installed "
+              f"by netoken and stays attached; netoken's guard pins removed")
+    else:
+        print(f"no guard was attached to {res['ifname']}; pins removed")
     return 0
 
 
@@ -210,19 +300,30 @@ def stats(ifname: str | None = None) -> list[dict[str, Any]]:
     """Counters by reason, summed over CPUs, for every role with state."""
     states = _states(ifname)
     _require_iface_or_state(ifname, states)
-    return [
-        {"ifname": st.ifname, "role": r.name, "counters": r.stats(st)}
-        for st, r in _with_role(states)
-    ]
+    out = []
+    for st, r in _with_role(states):
+        item: dict[str, Any] = {"ifname": st.ifname, "role": r.name, "counters": r.stats(st)}
+        extra = getattr(r, "stats_extra", None)
+        if extra is not None:
+            item.update(extra(st))
+        out.append(item)
+    return out
+
+
+def _flat(d: dict[str, Any]) -> dict[str, int]:
+    """Counters plus the role's extra ones (e.g. per key), as name -> count."""
+    r = state.role(d["role"])
+    extra = getattr(r, "extra_counters", None)
+    return {**d["counters"], **(extra(d) if extra is not None else {})}
 
 
 def _rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]], dt: float) -> None:
-    before = {(d["ifname"], d["role"]): d["counters"] for d in prev}
+    before = {(d["ifname"], d["role"]): _flat(d) for d in prev}
     for d in cur:
         old = before.get((d["ifname"], d["role"]), {})
         d["rates"] = {
             k: round(max(0, v - old.get(k, v)) / dt, 1) if dt > 0 else 0.0
-            for k, v in d["counters"].items()
+            for k, v in _flat(d).items()
         }
 
 
@@ -231,8 +332,8 @@ def _print_stats(items: list[dict[str, Any]]) -> None:
         print("nothing attached")
     for d in items:
         print(f"{d['ifname']}  {d['role']}")
-        for k, v in d["counters"].items():
-            print(f"  {k:<16} {v:>14}")
+        for k, v in _flat(d).items():
+            print(f"  {k:<17} {v:>14}")
 
 
 def _stats_table(items: list[dict[str, Any]], interval: float):
@@ -243,7 +344,7 @@ def _stats_table(items: list[dict[str, Any]], interval: float):
                       ("COUNT", "right"), ("RATE/s", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for d in items:
-        for k, v in d["counters"].items():
+        for k, v in _flat(d).items():
             rate = d.get("rates", {}).get(k, 0.0)
             style = "bold" if rate else ("dim" if not v else None)
             t.add_row(d["ifname"], d["role"], k, f"{v:,}", f"{rate:,.1f}", style=style)
@@ -257,7 +358,7 @@ def watch_stats(
     prev = stats(ifname)
     t_prev = time.monotonic()
     for d in prev:
-        d["rates"] = dict.fromkeys(d["counters"], 0.0)
+        d["rates"] = dict.fromkeys(_flat(d), 0.0)
     emit(prev, time.time())
     while True:
         time.sleep(interval)
@@ -307,7 +408,7 @@ def _iso(t: float) -> str:
 def _stats_lines(items: list[dict[str, Any]], now: float) -> None:
     """Piped --watch: one self-contained line per role and interval."""
     for d in items:
-        parts = [f"{k}={v} ({d['rates'][k]:g}/s)" for k, v in d["counters"].items() if v]
+        parts = [f"{k}={v} ({d['rates'].get(k, 0):g}/s)" for k, v in _flat(d).items() if v]
         print(f"{_iso(now)} {d['ifname']} {d['role']} " + (" ".join(parts) or "all zero"),
               flush=True)
 
@@ -343,20 +444,30 @@ def monitor(
             raise _Done
 
     rbs = []
-    lost: dict[tuple[str, str], int] = {}
+    # (ifname, role, "lost" | "suppressed") -> the role's counter when last read
+    missed: dict[tuple[str, str, str], int] = {}
     lost_total = 0
+
+    def missed_counters() -> dict[tuple[str, str, str], int]:
+        out = {}
+        for st, r in roles:
+            with contextlib.suppress(OSError):
+                out[(st.ifname, r.name, "lost")] = r.lost_events(st)
+                suppressed = getattr(r, "suppressed_events", None)
+                if suppressed is not None:
+                    out[(st.ifname, r.name, "suppressed")] = suppressed(st)
+        return out
 
     def check_lost() -> None:
         nonlocal lost_total
-        for st, r in roles:
-            key = (st.ifname, r.name)
-            with contextlib.suppress(OSError):
-                n = r.lost_events(st)
-                if n > lost[key]:
-                    lost_total += n - lost[key]
-                    on_lost({"time": _iso(time.time()), "ifname": st.ifname,
-                             "role": r.name, "lost": n - lost[key], "lost_total": n})
-                lost[key] = n
+        for key, n in missed_counters().items():
+            ifname, role, what = key
+            if n > missed.get(key, n):
+                if what == "lost":
+                    lost_total += n - missed[key]
+                on_lost({"time": _iso(time.time()), "ifname": ifname, "role": role,
+                         what: n - missed[key], f"{what}_total": n})
+            missed[key] = n
 
     try:
         for st, r in roles:
@@ -366,7 +477,7 @@ def monitor(
         for rb in rbs:
             rb.consume()
         skipping = False
-        lost.update({(st.ifname, r.name): r.lost_events(st) for st, r in roles})
+        missed.update(missed_counters())
         if ready is not None:
             ready(roles)
         next_check = time.monotonic() + 1.0
@@ -392,6 +503,7 @@ def monitor(
 def cmd_monitor(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
     headers_done: list[bool] = []
+    suppressed: list[int] = []  # empty: no role followed has a rate limit
 
     def ready(roles: list[tuple[RoleState, state.Role]]) -> None:
         where = ", ".join(f"{st.ifname} {r.name}" for st, r in roles)
@@ -400,6 +512,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             for header in dict.fromkeys(r.event_header() for _, r in roles):
                 print(header, flush=True)
         headers_done.append(True)
+        if any(hasattr(r, "suppressed_events") for _, r in roles):
+            suppressed.append(0)
 
     def emit(e: dict[str, Any]) -> None:
         if args.json:
@@ -409,8 +523,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             print(r.event_line(e) if r is not None else json.dumps(e), flush=True)
 
     def on_lost(d: dict[str, Any]) -> None:
+        if "suppressed" in d:
+            suppressed.append(d["suppressed"])
         if args.json:
             _emit_json(d, args.pretty)
+        elif "suppressed" in d:
+            print(f"-- {d['suppressed']} event(s) suppressed on {d['ifname']} {d['role']} "
+                  f"(rate limit; {d['suppressed_total']} since attach) --", flush=True)
         else:
             print(f"-- {d['lost']} event(s) lost on {d['ifname']} {d['role']} "
                   f"(ring buffer full; {d['lost_total']} lost since attach) --", flush=True)
@@ -422,7 +541,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     if headers_done:
-        _note(f"{seen} event(s) shown, {lost} lost while following")
+        more = f", {sum(suppressed)} suppressed by the rate limit" if suppressed else ""
+        _note(f"{seen} event(s) shown, {lost} lost while following{more}")
     return 0
 
 
@@ -447,14 +567,6 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 def _unavailable(verb: str) -> int:
     _note(f"{verb} is not available yet")
     return EXIT_UNAVAILABLE
-
-
-def cmd_guard_attach(args: argparse.Namespace) -> int:
-    return _unavailable("guard attach")
-
-
-def cmd_guard_detach(args: argparse.Namespace) -> int:
-    return _unavailable("guard detach")
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -482,11 +594,13 @@ _MAIN_EPILOG = """\
 examples:
   netoken key generate /etc/netoken/keys/1.key
   netoken mark attach eth0 -c /etc/netoken/netoken.toml
+  netoken guard attach eth1 -c /etc/netoken/netoken.toml --mode monitor
   netoken status
   netoken stats eth0 --watch
   netoken monitor eth0 --json
   netoken apply eth0 -c /etc/netoken/netoken.toml
   netoken mark detach eth0
+  netoken guard detach eth1
   netoken -n blue status           # interfaces of network namespace "blue"
 
 State is pinned under /sys/fs/bpf/netoken/IFACE/ROLE/; attached programs keep
@@ -557,24 +671,31 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--mode monitor\n  netoken guard detach eth0\n",
                            formatter_class=_Formatter)
     gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
-    p = _verb(gsub, "attach", "load the guard and attach it to IFACE (XDP)",
-              "  netoken guard attach eth0 -c netoken.toml --mode monitor\n", cmd_guard_attach)
+    p = _verb(gsub, "attach", "load the guard and attach it to IFACE's XDP hook (replaces "
+              "netoken's own guard atomically, keeps counters and the replay cache; never "
+              "replaces an XDP program netoken did not install)",
+              "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
+              "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
+              "  netoken -n server guard attach veth0 -c lab.toml --xdp-mode generic\n",
+              cmd_guard_attach)
     p.add_argument("iface", metavar="IFACE")
     p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
-    p.add_argument("--mode", choices=("drop", "monitor"), help="override [guard] action")
+    p.add_argument("--mode", choices=("drop", "monitor"),
+                   help="override the action of every protect entry (kept by `apply`)")
     p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
-                   help="XDP attach mode")
-    p = _verb(gsub, "detach", "remove netoken's guard from IFACE",
+                   help="XDP attach mode (default: native if the driver supports it)")
+    p = _verb(gsub, "detach", "remove netoken's guard and its pins from IFACE (an XDP "
+              "program netoken did not install stays)",
               "  netoken guard detach eth0\n", cmd_guard_detach)
     p.add_argument("iface", metavar="IFACE")
 
     p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
-              "policies, key ids)", "  netoken status\n  netoken status eth0 --json --pretty\n",
-              cmd_status)
+              "XDP mode, policies, protect entries, key ids)",
+              "  netoken status\n  netoken status eth0 --json --pretty\n", cmd_status)
     p.add_argument("iface", metavar="IFACE", nargs="?")
 
-    p = _verb(sub, "apply", "update policies and keys of the live marker on IFACE "
-              "(no reattach; removed entries disappear)",
+    p = _verb(sub, "apply", "update keys, policies and protect entries of the live marker "
+              "and/or guard on IFACE (no reattach; removed entries disappear)",
               "  netoken apply eth0 -c /etc/netoken/netoken.toml\n", cmd_apply)
     p.add_argument("iface", metavar="IFACE")
     p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
@@ -695,9 +816,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error_line(e: Exception) -> str:
+    from .guard import GuardError
     from .marker import MarkerError
 
-    if isinstance(e, (ConfigError, StateError, CliError, MarkerError)):
+    if isinstance(e, (ConfigError, StateError, CliError, MarkerError, GuardError)):
         return _one_line(str(e))
     if isinstance(e, BPFError):
         return _bpf_message(e)

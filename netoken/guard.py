@@ -47,15 +47,19 @@ Decisions where DESIGN is silent:
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import errno
 import ipaddress
+import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from . import layout
-from .config import DEFAULT_REPLAY_CACHE, Config, GuardConfig, Protect
+from . import layout, state
+from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
 from .datapath import (
     key_value,
     object_path,
@@ -66,6 +70,7 @@ from .datapath import (
     u32,
 )
 from .libbpf import (
+    BPF_ANY,
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_SKB_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -74,11 +79,13 @@ from .libbpf import (
     Map,
     Program,
     RingBuffer,
+    unpin,
     xdp_attach,
     xdp_detach,
     xdp_query,
 )
 from .rules import RuleError, compile_lpm, expand
+from .state import PROG_PIN, PROG_PIN_NEW, RoleState
 
 PROG_NAME = "netoken_guard"
 MAPS = (
@@ -104,6 +111,17 @@ PROTECT_HALF = layout.MAX_PROTECT // 2
 # dropped; a flood costs user space at most this much per CPU.
 DEFAULT_EVENT_RATE = 100
 DEFAULT_EVENT_BURST = 200
+
+# max_entries of nt_dst_v4 / nt_dst_v6 in bpf/guard.bpf.c.
+LPM_MAX_ENTRIES = 65536
+
+ROLE_NAME = "guard"
+# Where a resized replay cache waits until its program is attached (bpffs
+# refuses dots in names).
+REPLAY_PIN_NEW = "nt_replay_new"
+# The maps configure() writes: what a failed replace restores for the
+# program that keeps running.
+CONFIG_MAPS = ("nt_guard_config", "nt_keys", "nt_protect", "nt_static", "nt_dst_v4", "nt_dst_v6")
 
 XdpMode = Literal["native", "generic"]
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
@@ -135,6 +153,67 @@ def static_key(protect: int, token: int) -> bytes:
     k = layout.NtStaticKey(protect=protect)
     k.token[:] = list(token.to_bytes(8, "big"))
     return bytes(k)
+
+
+def _statics(g: GuardConfig, base: int) -> dict[bytes, bytes]:
+    return {
+        static_key(base + i, tok): u32(1) for i, entry in enumerate(g.protect) for tok in entry.tokens
+    }
+
+
+def _compile(cfg: Config, base: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    assert cfg.guard is not None
+    try:
+        return compile_lpm(
+            expand(
+                (p.destinations, [(r.lo, r.hi) for r in p.ports], base + i)
+                for i, p in enumerate(cfg.guard.protect)
+            )
+        )
+    except RuleError as e:
+        raise ConfigError(cfg.path, "guard", str(e)) from None
+
+
+def check(cfg: Config) -> None:
+    """Reject, as a ConfigError, a config the guard cannot run or its maps
+    could not hold; run before anything is loaded so a bad config never
+    half-applies."""
+    g = cfg.guard
+    if g is None:
+        raise ConfigError(
+            cfg.path, None, "no [guard] section; the guard needs one with [[guard.protect]] entries"
+        )
+    if len(g.protect) > PROTECT_HALF:
+        raise ConfigError(
+            cfg.path, "guard", f"{len(g.protect)} protect entries; the guard holds at most {PROTECT_HALF}"
+        )
+    statics = _statics(g, 0)
+    if len(statics) > layout.MAX_STATIC // 2:
+        raise ConfigError(
+            cfg.path,
+            "guard",
+            f"{len(statics)} static tokens; the guard holds at most {layout.MAX_STATIC // 2}",
+        )
+    for family, entries in zip(("IPv4", "IPv6"), _compile(cfg, 0), strict=True):
+        if len(entries) > LPM_MAX_ENTRIES:
+            raise ConfigError(
+                cfg.path,
+                "guard",
+                f"{len(entries)} distinct {family} destination prefixes; "
+                f"the guard holds at most {LPM_MAX_ENTRIES}",
+            )
+
+
+def _check_compatible(want: Map, have: Map) -> None:
+    # libbpf's reuse_fd adopts the existing map's shape without comparing, so
+    # maps pinned by a different netoken build would be silently misread.
+    a = (want.type, want.key_size, want.value_size, want.max_entries)
+    b = (have.type, have.key_size, have.value_size, have.max_entries)
+    if a != b:
+        raise GuardError(
+            f"pinned map {have.name} does not match this netoken's guard "
+            f"(type/key/value/entries {b} vs {a}); detach the old guard first"
+        )
 
 
 def guard_config_value(
@@ -237,7 +316,7 @@ def _attached(idx: int) -> tuple[int, str] | None:
     return None
 
 
-def _ours_or_fail(ifname: str, prog_id: int, mode: str) -> Program:
+def _ours_or_fail(ifname: str, prog_id: int, mode: str, verb: str = "replace") -> Program:
     """The attached program, if it is a netoken guard; GuardError otherwise.
 
     Ownership is the program name (netoken never installs an offloaded one);
@@ -253,7 +332,7 @@ def _ours_or_fail(ifname: str, prog_id: int, mode: str) -> Program:
         prog.close()
         raise GuardError(
             f"{ifname}: XDP program {name!r} (id {prog_id}, tag {tag}) is attached "
-            "and was not installed by netoken; refusing to replace it"
+            f"and was not installed by netoken; refusing to {verb} it"
         )
     return prog
 
@@ -282,7 +361,7 @@ def detach(ifname: str) -> bool:
     if cur is None:
         return False
     prog_id, mode = cur
-    with _ours_or_fail(ifname, prog_id, mode) as prog:
+    with _ours_or_fail(ifname, prog_id, mode, "detach") as prog:
         try:
             # old_prog_fd: detach only if it is still this program.
             xdp_detach(idx, _MODE_FLAGS[mode], old_prog_fd=prog)
@@ -292,30 +371,111 @@ def detach(ifname: str) -> bool:
 
 
 class Guard:
-    """A loaded guard program and its maps (not necessarily attached)."""
+    """A loaded guard program and its maps (not necessarily attached).
 
-    def __init__(self, obj: BpfObject) -> None:
+    Either fresh from the ELF object (:meth:`load`) or reopened from its pins
+    by another process (:meth:`from_pins`); both behave the same.
+    """
+
+    def __init__(
+        self,
+        obj: BpfObject | None = None,
+        *,
+        prog: Program | None = None,
+        maps: dict[str, Map] | None = None,
+    ) -> None:
         self.obj = obj
-        self.prog: Program = obj.program(PROG_NAME)
-        self.maps: dict[str, Map] = {name: obj.map(name) for name in MAPS}
+        if obj is not None:
+            prog = obj.program(PROG_NAME)
+            maps = {name: obj.map(name) for name in MAPS}
+        if prog is None or maps is None:
+            raise TypeError("Guard needs a BpfObject or a program and its maps")
+        self.prog: Program = prog
+        self.maps: dict[str, Map] = maps
         self.config: Config | None = None
 
     @classmethod
-    def load(cls, replay_cache: int = DEFAULT_REPLAY_CACHE) -> Guard:
+    def load(
+        cls, replay_cache: int = DEFAULT_REPLAY_CACHE, reuse: Mapping[str, Map] | None = None
+    ) -> Guard:
         """Load the guard with a replay cache of REPLAY_CACHE entries.
 
-        The cache size is fixed at load: configure() cannot change it."""
+        Maps named in REUSE are shared instead of created, which is how a
+        replacement program keeps the live entries, counters and replay cache
+        of the one it replaces.  The cache size is fixed at load: configure()
+        cannot change it."""
         obj = BpfObject.open(str(object_path("guard")))
         try:
             obj.set_map_max_entries("nt_replay", replay_cache)
+            for name, m in (reuse or {}).items():
+                _check_compatible(obj.map(name), m)
+                obj.reuse_map(name, m)
             obj.load()
         except BaseException:
             obj.close()
             raise
         return cls(obj)
 
+    @classmethod
+    def from_pins(cls, ifname: str, st: RoleState | None = None) -> Guard:
+        """Open the guard pinned for IFNAME (its program and every map)."""
+        st = st or state_of(ifname)
+        if not st.exists():
+            raise GuardError(
+                f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` first)"
+            )
+        missing = [n for n in MAPS if not os.path.exists(st.pin(n))]
+        if missing:
+            raise GuardError(
+                f"pinned guard state in {st.pin_dir} is incomplete (missing {', '.join(missing)}); "
+                f"run `netoken guard detach {ifname}` and attach again"
+            )
+        maps: dict[str, Map] = {}
+        try:
+            for name in MAPS:
+                maps[name] = Map.from_pinned(st.pin(name))
+            prog = Program.from_pinned(st.pin(PROG_PIN))
+        except BaseException:
+            for m in maps.values():
+                m.close()
+            raise
+        return cls(prog=prog, maps=maps)
+
+    def pin(self, st: RoleState) -> None:
+        """Pin every map not pinned yet, and this program as PROG_PIN_NEW.
+
+        The program becomes PROG_PIN (:meth:`commit_pin`) only once XDP runs
+        it, so the pins never name a program that is not attached.  A new
+        replay cache (resized) is staged the same way: the old program still
+        runs on the pinned one until the swap."""
+        st.make_dir()
+        for name, m in self.maps.items():
+            path = st.pin(name)
+            if os.path.exists(path):
+                with Map.from_pinned(path) as pinned:
+                    if pinned.id == m.id:
+                        continue
+                if name != "nt_replay":
+                    raise GuardError(f"{path} is pinned but is not this guard's map")
+                path = st.pin(REPLAY_PIN_NEW)
+                unpin(path)
+            m.pin(path)
+        unpin(st.pin(PROG_PIN_NEW))
+        self.prog.pin(st.pin(PROG_PIN_NEW))
+
+    def commit_pin(self, st: RoleState) -> None:
+        """Make the staged pins the current ones (renames are atomic)."""
+        os.replace(st.pin(PROG_PIN_NEW), st.pin(PROG_PIN))
+        if os.path.exists(st.pin(REPLAY_PIN_NEW)):
+            os.replace(st.pin(REPLAY_PIN_NEW), st.pin("nt_replay"))
+
     def close(self) -> None:
-        self.obj.close()
+        if self.obj is not None:
+            self.obj.close()
+        else:
+            self.prog.close()
+            for m in self.maps.values():
+                m.close()
 
     def __enter__(self) -> Self:
         return self
@@ -346,38 +506,19 @@ class Guard:
         for its destination, and a key or token that both configs accept is
         accepted throughout.
         """
-        g = cfg.guard
         if action not in (None, "drop", "monitor"):
             raise GuardError(f"action must be 'drop' or 'monitor', got {action!r}")
-        if g is None:
-            raise GuardError(f"{cfg.path}: no [guard] section")
-        if len(g.protect) > PROTECT_HALF:
-            raise GuardError(f"{cfg.path}: {len(g.protect)} protect entries; the guard holds at most {PROTECT_HALF}")
         if not 0 <= event_rate <= layout.MAX_EVENT_RATE:
             raise GuardError(f"event rate {event_rate} is out of range 0..{layout.MAX_EVENT_RATE}")
         if not 0 <= event_burst <= layout.MAX_EVENT_RATE:
             raise GuardError(f"event burst {event_burst} is out of range 0..{layout.MAX_EVENT_RATE}")
+        check(cfg)
+        g = cfg.guard
+        assert g is not None
         gen = 1 - self._config().generation
         base = gen * PROTECT_HALF
-        statics = {
-            static_key(base + i, tok): u32(1)
-            for i, entry in enumerate(g.protect)
-            for tok in entry.tokens
-        }
-        if len(statics) > layout.MAX_STATIC // 2:
-            raise GuardError(
-                f"{cfg.path}: {len(statics)} static tokens; the guard holds at most "
-                f"{layout.MAX_STATIC // 2}"
-            )
-        try:
-            v4, v6 = compile_lpm(
-                expand(
-                    (p.destinations, [(r.lo, r.hi) for r in p.ports], base + i)
-                    for i, p in enumerate(g.protect)
-                )
-            )
-        except RuleError as e:
-            raise GuardError(f"{cfg.path}: guard: {e}") from None
+        statics = _statics(g, base)
+        v4, v6 = _compile(cfg, base)
 
         # 1. Everything the new entries refer to, next to the old state.  The
         # settings go first so that a first configure protects nothing until
@@ -456,16 +597,7 @@ class Guard:
         """{key id: {"ok": n, "bad": n}} for every key id seen in a mac option.
 
         "bad" counts unknown_key, stale, bad_tag and replay verdicts."""
-        m = self.maps["nt_key_stats"]
-        out: dict[int, dict[str, int]] = {}
-        for kid in range(layout.MAX_KEYS):
-            ok, bad = (
-                sum(int.from_bytes(v[:8], "little") for v in m.lookup_percpu(u32(kid * 2 + s)) or [])
-                for s in (layout.KEY_STAT_OK, layout.KEY_STAT_BAD)
-            )
-            if ok or bad:
-                out[kid] = {"ok": ok, "bad": bad}
-        return out
+        return _key_stats(self.maps["nt_key_stats"])
 
     def events(self, callback: Callable[[GuardEvent], object]) -> RingBuffer:
         """A ring buffer that calls CALLBACK(GuardEvent) per rejected SYN."""
@@ -479,3 +611,589 @@ def _attach_problem(ifname: str, mode: XdpMode | None, e: BPFError) -> str:
         return f"{ifname}: another XDP program was attached meanwhile; not replacing it"
     where = f" in {mode} mode" if mode else ""
     return f"{ifname}: cannot attach the guard{where}: {e.strerror}"
+
+
+def _key_stats(m: Map) -> dict[int, dict[str, int]]:
+    out: dict[int, dict[str, int]] = {}
+    for kid in range(layout.MAX_KEYS):
+        ok, bad = (
+            sum(int.from_bytes(v[:8], "little") for v in m.lookup_percpu(u32(kid * 2 + s)) or [])
+            for s in (layout.KEY_STAT_OK, layout.KEY_STAT_BAD)
+        )
+        if ok or bad:
+            out[kid] = {"ok": ok, "bad": bad}
+    return out
+
+
+# --------------------------------------------------------------------------
+# pinned lifecycle: what `netoken guard attach|detach` and `netoken apply` do
+#
+# Decisions:
+# - `--mode` is part of the attachment, not of the config: it is kept in the
+#   metadata and `apply` keeps it; attaching again without it goes back to
+#   the config's actions.
+# - The replay cache's size is fixed when a program is loaded.  Attaching
+#   again with a different `replay_cache` gives the new program a new cache,
+#   filled with the entries of the old one that can still matter (epochs
+#   within the skew of now, keys still configured), newest last so an LRU
+#   smaller than the old one keeps the most recent; a second pass after the
+#   swap copies what the old program accepted meanwhile.  `apply` cannot
+#   resize it and says so.
+# - Switching between native and generic XDP needs a detach first (the
+#   kernel keeps one mode per device), so that replace has a short window
+#   without a guard; every other replace is atomic.
+
+
+def state_of(ifname: str, create: bool = False) -> RoleState:
+    """The guard's pinned state for IFNAME (bpffs mounted first with CREATE)."""
+    return RoleState(ifname, ROLE_NAME, state.bpffs(create=create) or state.BPFFS)
+
+
+def _ports_meta(p: Protect) -> list[int | str]:
+    return [r.lo if r.lo == r.hi else str(r) for r in p.ports]
+
+
+def _config_meta(cfg: Config) -> dict[str, Any]:
+    g = cfg.guard
+    assert g is not None
+    return {
+        "config": os.path.abspath(cfg.path),
+        "applied_at": state.now_iso(),
+        "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
+        "keys": [
+            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file)}
+            for k in sorted(cfg.keys.values(), key=lambda k: k.id)
+        ],
+        "guard": {
+            "action": g.action,
+            "skew": g.skew,
+            "replay_cache": g.replay_cache,
+            # Static tokens are credentials like keys: only their number.
+            "protect": [
+                {
+                    "destinations": [str(n) for n in p.destinations],
+                    "ports": _ports_meta(p),
+                    "keys": list(p.keys),
+                    "action": g.action_for(p),
+                    "tokens": len(p.tokens),
+                }
+                for p in g.protect
+            ],
+        },
+    }
+
+
+def _snapshot(g: Guard) -> dict[str, dict[bytes, bytes]]:
+    return {
+        name: {k: v for k, v in g.maps[name].items() if isinstance(v, bytes)} for name in CONFIG_MAPS
+    }
+
+
+def _restore(g: Guard, snap: dict[str, dict[bytes, bytes]]) -> None:
+    """Put SNAP back into G's maps, in the order configure() writes them."""
+    for name in ("nt_keys", "nt_protect"):
+        m = g.maps[name]
+        for k, v in snap[name].items():
+            if m.lookup(k) != v:
+                m.update(k, v)
+    for k, v in snap["nt_static"].items():
+        g.maps["nt_static"].update(k, v)
+    sync_map(g.maps["nt_dst_v4"], snap["nt_dst_v4"])
+    sync_map(g.maps["nt_dst_v6"], snap["nt_dst_v6"])
+    for k, v in snap["nt_guard_config"].items():
+        g.maps["nt_guard_config"].update(k, v)
+    sync_map(g.maps["nt_static"], snap["nt_static"])
+
+
+def _copy_replay(src: Map, dst: Map, cfg: Config, done: set[bytes]) -> int:
+    """Copy the entries of SRC that can still stop a replay into DST."""
+    assert cfg.guard is not None
+    now = time.time()
+    todo = []
+    for k in list(src.keys()):
+        if k in done:
+            continue
+        v = src.lookup(k)
+        rk = layout.NtReplayKey.from_bytes(k)
+        key = cfg.keys.get(rk.key_id)
+        # A token whose epoch is out of the skew is stale before it could be
+        # a replay, and one of a key that is gone is unknown_key.
+        if v is None or key is None or rk.epoch + cfg.guard.skew < int(now // key.window):
+            continue
+        todo.append((int.from_bytes(v[:8], "little"), k, v))
+    todo.sort()
+    for _, k, v in todo[-dst.max_entries:]:
+        dst.update(k, v, BPF_ANY)
+        done.add(k)
+    return len(todo[-dst.max_entries:])
+
+
+def _restore_xdp(idx: int, new_id: int, prev: tuple[int, str] | None) -> None:
+    """Undo what a failed attach did to IDX's XDP hook: the previous program
+    back, or none.  A change someone else made meanwhile is left alone."""
+    cur = _attached(idx)
+    if cur == prev or (cur is not None and cur[0] != new_id):
+        return
+    with contextlib.ExitStack() as stack:
+        prev_prog = stack.enter_context(Program.from_id(prev[0])) if prev else None
+        if cur is not None:
+            cur_prog = stack.enter_context(Program.from_id(cur[0]))
+            if prev_prog is not None and prev is not None and cur[1] == prev[1]:
+                xdp_attach(idx, prev_prog, _MODE_FLAGS[prev[1]], old_prog_fd=cur_prog)
+                return
+            xdp_detach(idx, _MODE_FLAGS[cur[1]], old_prog_fd=cur_prog)
+        if prev_prog is not None and prev is not None:
+            xdp_attach(idx, prev_prog, _MODE_FLAGS[prev[1]] | XDP_FLAGS_UPDATE_IF_NOEXIST)
+
+
+def attach_pinned(
+    ifname: str,
+    cfg: Config,
+    *,
+    action: Literal["drop", "monitor"] | None = None,
+    xdp_mode: XdpMode | None = None,
+) -> dict[str, Any]:
+    """Load, configure, pin and attach the guard on IFNAME's XDP hook.
+
+    With a guard already pinned there, this is an atomic replace: the new
+    program reuses the pinned maps (counters, replay cache), the maps get the
+    new config while the old program still runs, and one XDP replace swaps
+    the programs.  An XDP program netoken did not install is never replaced.
+    On any failure the previous program and map contents are put back and
+    whatever this call created is removed.
+    """
+    check(cfg)
+    g = cfg.guard
+    assert g is not None
+    if action not in (None, "drop", "monitor"):
+        raise GuardError(f"action must be 'drop' or 'monitor', got {action!r}")
+    if xdp_mode is not None and xdp_mode not in _MODE_FLAGS:
+        raise GuardError(f"XDP mode must be 'native' or 'generic', got {xdp_mode!r}")
+    idx = ifindex(ifname)
+    st = state_of(ifname, create=True)
+    with state.locked():
+        old_meta = st.read_meta()
+        st.check_netns(old_meta)
+        prev = _attached(idx)
+        if prev is not None:
+            # Before anything is loaded or a shared map is touched.
+            _ours_or_fail(ifname, *prev).close()
+        if not st.exists() and st.pin_dir.exists():
+            st.remove()  # a crash between mkdir and the first pin left it
+        old = Guard.from_pins(ifname, st) if st.exists() else None
+        new: Guard | None = None
+        copied: int | None = None
+        try:
+            snap = _snapshot(old) if old is not None else None
+            reuse = dict(old.maps) if old is not None else {}
+            if old is not None and old.replay_cache != g.replay_cache:
+                del reuse["nt_replay"]
+            new = Guard.load(g.replay_cache, reuse=reuse)
+            new.configure(cfg, action=action)
+            done: set[bytes] = set()
+            if old is not None and "nt_replay" not in reuse:
+                copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
+            new.pin(st)
+            att = new.attach(ifname, xdp_mode)
+            if copied is not None and old is not None:
+                copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
+            new.commit_pin(st)
+            meta = {
+                "version": state.META_VERSION,
+                "role": ROLE_NAME,
+                "ifname": ifname,
+                "ifindex": idx,
+                "netns": state.current_netns(),
+                "xdp_mode": xdp_mode,
+                "action_override": action,
+                "attached_at": state.now_iso(),
+                **_config_meta(cfg),
+            }
+            st.write_meta(meta)
+            prog_id, tag = new.prog.id, new.prog.tag
+        except BaseException:
+            if new is not None:
+                with contextlib.suppress(Exception):
+                    _restore_xdp(idx, new.prog.id, prev)
+            unpin(st.pin(PROG_PIN_NEW))
+            unpin(st.pin(REPLAY_PIN_NEW))
+            if old is None:
+                st.remove()
+            elif new is not None and snap is not None:
+                with contextlib.suppress(Exception):
+                    _restore(old, snap)
+            raise
+        finally:
+            if new is not None:
+                new.close()
+            if old is not None:
+                old.close()
+    return {
+        "ifname": ifname,
+        "ifindex": idx,
+        "role": ROLE_NAME,
+        "prog_id": prog_id,
+        "tag": tag,
+        "xdp_mode": att.mode,
+        "replaced_prog_id": prev[0] if prev else None,
+        "mode_switched": bool(prev and prev[1] != att.mode),
+        "pinned": str(st.pin_dir),
+        "action": action or g.action,
+        "action_override": action is not None,
+        "skew": g.skew,
+        "replay_cache": {
+            "entries": g.replay_cache,
+            "state": "new" if old is None else "kept" if copied is None else "resized",
+            "copied": copied or 0,
+        },
+        "protect": len(g.protect),
+        "keys": sorted(cfg.keys),
+    }
+
+
+def apply(ifname: str, cfg: Config) -> dict[str, Any]:
+    """Make the live, pinned maps of IFNAME's guard hold CFG; no reattach."""
+    check(cfg)
+    assert cfg.guard is not None
+    st = state_of(ifname)
+    with state.locked():
+        meta = st.read_meta() or {}
+        st.check_netns(meta)
+        with Guard.from_pins(ifname, st) as gd:
+            before = _live_key_ids(gd.maps["nt_keys"])
+            override = meta.get("action_override")
+            gd.configure(cfg, action=override)
+            prog_id, cache = gd.prog.id, gd.replay_cache
+        meta.update(_config_meta(cfg))
+        st.write_meta(meta)
+    notes = []
+    if cfg.guard.replay_cache != cache:
+        notes.append(
+            f"replay_cache {cfg.guard.replay_cache} takes effect at the next "
+            f"`netoken guard attach {ifname}`; the live cache keeps {cache} entries"
+        )
+    return {
+        "ifname": ifname,
+        "role": ROLE_NAME,
+        "prog_id": prog_id,
+        "protect": len(cfg.guard.protect),
+        "keys": sorted(cfg.keys),
+        "keys_added": sorted(set(cfg.keys) - before),
+        "keys_removed": sorted(before - set(cfg.keys)),
+        "action": override or cfg.guard.action,
+        "action_override": override is not None,
+        "replay_cache": cache,
+        "notes": notes,
+    }
+
+
+def _live_key_ids(m: Map) -> set[int]:
+    out = set()
+    for kid in range(layout.MAX_KEYS):
+        raw = m.lookup(u32(kid))
+        if raw and layout.NtKey.from_bytes(raw).window:
+            out.add(kid)
+    return out
+
+
+def _prog_desc(prog_id: int) -> dict[str, Any]:
+    try:
+        with Program.from_id(prog_id) as p:
+            return {"id": prog_id, "name": p.name, "tag": p.tag}
+    except BPFError:
+        return {"id": prog_id, "name": None, "tag": None}
+
+
+def detach_pinned(ifname: str) -> dict[str, Any]:
+    """Remove netoken's guard and its pins from IFNAME.
+
+    An XDP program netoken did not install stays attached: without netoken
+    state on IFNAME that is an error, with it only the pins go.  An interface
+    that is gone has taken its program with it; its pins are still removed.
+    """
+    st = state_of(ifname)
+    with state.locked():
+        meta = st.read_meta()
+        st.check_netns(meta)
+        has_state = st.pin_dir.exists() or meta is not None
+        try:
+            idx: int | None = ifindex(ifname)
+        except GuardError:
+            if not has_state:
+                raise
+            idx = None
+        removed: dict[str, Any] | None = None
+        foreign: dict[str, Any] | None = None
+        if idx is not None:
+            cur = _attached(idx)
+            if cur is None and not has_state:
+                raise GuardError(f"no netoken guard on {ifname}")
+            if cur is not None:
+                try:
+                    prog = _ours_or_fail(ifname, *cur, "detach")
+                except GuardError:
+                    if not has_state:
+                        raise
+                    foreign = {**_prog_desc(cur[0]), "mode": cur[1]}
+                else:
+                    with prog:
+                        try:
+                            xdp_detach(idx, _MODE_FLAGS[cur[1]], old_prog_fd=prog)
+                        except BPFError as e:
+                            raise GuardError(
+                                f"{ifname}: cannot detach the netoken guard: {e.strerror}"
+                            ) from None
+                    removed = {"id": cur[0], "mode": cur[1]}
+        st.remove()
+    return {
+        "ifname": ifname,
+        "role": ROLE_NAME,
+        "removed_prog_id": removed["id"] if removed else None,
+        "xdp_mode": removed["mode"] if removed else None,
+        "interface_present": idx is not None,
+        "foreign_prog": foreign,
+    }
+
+
+# --------------------------------------------------------------------------
+# the guard as a role of the generic status / stats / monitor / apply views
+
+
+def _bind_names(mask: int) -> list[str]:
+    return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
+
+
+def _fmt_ts(ts_ns: int, offset_ns: int) -> str:
+    t = _dt.datetime.fromtimestamp((ts_ns + offset_ns) / 1e9, _dt.UTC)
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _ep(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _protect_ids_from_lpm(st: RoleState, base: int) -> list[int]:
+    """Entry indices the live LPM tries point at: what is protected, when
+    the metadata that names it is gone."""
+    ids: set[int] = set()
+    for name in ("nt_dst_v4", "nt_dst_v6"):
+        with Map.from_pinned(st.pin(name)) as m:
+            for k in list(m.keys()):
+                raw = m.lookup(k)
+                if raw:
+                    r = layout.NtPortRules.from_bytes(raw)
+                    ids.update(r.rules[j].policy - base for j in range(min(r.count, layout.MAX_PORT_RULES)))
+    return sorted(i for i in ids if 0 <= i < PROTECT_HALF)
+
+
+class GuardRole:
+    """status/stats/monitor/apply for pinned guards (see state.Role)."""
+
+    name = ROLE_NAME
+
+    def check(self, cfg: Config) -> None:
+        if cfg.guard is None:
+            raise ConfigError(
+                cfg.path, None, "no [guard] section, but a guard is attached here; add one, "
+                "or stop guarding first with `netoken guard detach IFACE`"
+            )
+        check(cfg)
+
+    def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
+        return apply(ifname, cfg)
+
+    def status(self, st: RoleState) -> dict[str, Any]:
+        meta = st.read_meta() or {}
+        d: dict[str, Any] = {"ifname": st.ifname, "ifindex": None, "role": ROLE_NAME}
+        with Program.from_pinned(st.pin(PROG_PIN)) as prog:
+            d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
+        try:
+            idx: int | None = ifindex(st.ifname)
+        except GuardError:
+            idx = None
+        live = _attached(idx) if idx is not None else None
+        d["ifindex"] = idx
+        d["attach"] = {
+            "type": "xdp",
+            "mode": live[1] if live else None,
+            "requested": meta.get("xdp_mode") or "auto",
+        }
+        if idx is None:
+            d["state"] = "interface missing"
+        elif live is None:
+            d["state"] = "not attached"
+        elif live[0] != d["prog"]["id"]:
+            d["state"] = f"XDP runs prog {live[0]}, not the pinned one"
+        else:
+            d["state"] = "attached"
+        d["attached"] = d["state"] == "attached"
+        d["pinned"] = str(st.pin_dir)
+        d["netns"] = meta.get("netns")
+        d["config"] = meta.get("config")
+        d["attached_at"] = meta.get("attached_at")
+        d["applied_at"] = meta.get("applied_at")
+
+        with Map.from_pinned(st.pin("nt_guard_config")) as m:
+            raw = m.lookup(u32(0))
+        cfgv = layout.NtGuardConfig.from_bytes(raw) if raw else layout.NtGuardConfig()
+        d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
+        override = layout.GUARD_ACTIONS[cfgv.action] if cfgv.action < len(layout.GUARD_ACTIONS) else "drop"
+        d["action"] = None  # filled in below, from the entries
+        d["action_override"] = override if override != "entry" else None
+        d["skew"] = cfgv.skew
+        with Map.from_pinned(st.pin("nt_replay")) as m:
+            d["replay_cache"] = {"entries": m.max_entries}
+        d["events"] = {"rate": cfgv.event_rate, "burst": cfgv.event_burst, "per": "cpu"}
+
+        files = {k.get("id"): k.get("file") for k in meta.get("keys", [])}
+        keys = []
+        with Map.from_pinned(st.pin("nt_keys")) as m:
+            for kid in range(layout.MAX_KEYS):
+                raw = m.lookup(u32(kid))
+                k = layout.NtKey.from_bytes(raw) if raw else None
+                if k is not None and k.window:
+                    keys.append({"id": kid, "window": k.window, "bind": _bind_names(k.bind),
+                                 "file": files.get(kid)})
+        d["keys"] = keys
+
+        # What each entry accepts and does comes from the live half of
+        # nt_protect; only destinations and ports come from the metadata.
+        base = cfgv.generation * PROTECT_HALF
+        described = meta.get("guard", {}).get("protect")
+        ids = range(len(described)) if described is not None else _protect_ids_from_lpm(st, base)
+        tokens: dict[int, int] = {}
+        with Map.from_pinned(st.pin("nt_static")) as m:
+            for k in list(m.keys()):
+                sk = layout.NtStaticKey.from_bytes(k)
+                tokens[sk.protect - base] = tokens.get(sk.protect - base, 0) + 1
+        protect = []
+        with Map.from_pinned(st.pin("nt_protect")) as m:
+            for i in ids:
+                raw = m.lookup(u32(base + i))
+                p = layout.NtProtect.from_bytes(raw) if raw else layout.NtProtect()
+                act = d["action_override"] or (
+                    "monitor" if p.action == layout.GUARD_ACTION["monitor"] else "drop")
+                info = described[i] if described is not None else {}
+                protect.append({
+                    "id": i + 1,  # as config errors name it: guard.protect #N
+                    "destinations": info.get("destinations"),
+                    "ports": info.get("ports"),
+                    "keys": [kid for kid in range(layout.MAX_KEYS)
+                             if (p.keys[kid // 64] >> (kid % 64)) & 1],
+                    "tokens": tokens.get(i, 0),
+                    "action": act,
+                })
+        d["protect"] = protect
+        actions = {p["action"] for p in protect}
+        d["action"] = d["action_override"] or (actions.pop() if len(actions) == 1 else "per entry")
+        return d
+
+    def status_lines(self, d: dict[str, Any]) -> list[str]:
+        a = d["attach"]
+        how = "kernel's choice" if a["requested"] == "auto" else "forced"
+        lines = [
+            f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
+            f"xdp      {a['mode'] or '-'} ({how})",
+            f"pinned   {d['pinned']}",
+        ]
+        if d.get("config"):
+            lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
+        o = d["option"]
+        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}")
+        src = "--mode" if d["action_override"] else "config"
+        ev = d["events"]
+        lines.append(
+            f"action   {d['action']} ({src})  skew ±{d['skew']}  "
+            f"replay cache {d['replay_cache']['entries']} entries  "
+            f"events ≤{ev['rate']}/s burst {ev['burst']} per CPU"
+        )
+        ks = []
+        for k in d["keys"]:
+            extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
+            ks.append(f"{k['id']} (window {k['window']}s{extra})")
+        lines.append("keys     " + (", ".join(ks) or "none"))
+        if not d["protect"]:
+            lines.append("protect  none (nothing is checked)")
+        for p in d["protect"]:
+            keys = ",".join(map(str, p["keys"])) or "-"
+            if p["tokens"]:
+                keys += f" +{p['tokens']} static"
+            ports = ",".join(str(x) for x in p["ports"] or []) or ("all" if p["ports"] == [] else "?")
+            dests = " ".join(p["destinations"] or ["?"])
+            lines.append(
+                f"protect  #{p['id']:<3} {p['action']:<7} keys {keys:<10} ports {ports:<14} {dests}"
+            )
+        return lines
+
+    def stats(self, st: RoleState) -> dict[str, int]:
+        with Map.from_pinned(st.pin("nt_guard_stats")) as m:
+            return percpu_counters(m, layout.GUARD_REASONS)
+
+    def stats_extra(self, st: RoleState) -> dict[str, Any]:
+        """Per key id: SYNs whose option named it, verified (ok) or not (bad)."""
+        with Map.from_pinned(st.pin("nt_key_stats")) as m:
+            ks = _key_stats(m)
+        return {"keys": [{"id": kid, **v} for kid, v in sorted(ks.items())]}
+
+    def extra_counters(self, item: dict[str, Any]) -> dict[str, int]:
+        """stats_extra flattened for line- and table-shaped views."""
+        out: dict[str, int] = {}
+        for k in item.get("keys", []):
+            out[f"key{k['id']}_ok"] = k["ok"]
+            out[f"key{k['id']}_bad"] = k["bad"]
+        return out
+
+    def lost_events(self, st: RoleState) -> int:
+        return self.stats(st)["events_lost"]
+
+    def suppressed_events(self, st: RoleState) -> int:
+        """Events the in-kernel rate limit withheld (the SYNs were still counted)."""
+        return self.stats(st)["events_suppressed"]
+
+    def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> RingBuffer:
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; events show wall-clock time.
+        offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
+
+        def on_event(data: bytes) -> None:
+            e = GuardEvent.from_bytes(data)
+            d: dict[str, Any] = {
+                "time": _fmt_ts(e.ts_ns, offset),
+                "ifname": st.ifname,
+                "role": ROLE_NAME,
+                "verdict": e.verdict,
+                "action": e.action,
+                "protect": e.protect + 1,
+                "family": e.family,
+                "saddr": e.saddr,
+                "sport": e.sport,
+                "daddr": e.daddr,
+                "dport": e.dport,
+                "mode": e.mode or None,
+                "key_id": e.key_id,
+                "epoch": e.epoch,
+            }
+            if e.mode == "mac":
+                d.update(nonce=e.nonce.hex(), tag=e.tag.hex())
+            callback(d)
+
+        with Map.from_pinned(st.pin("nt_guard_events")) as m:
+            return RingBuffer(Map.from_fd(os.dup(m.fd)), on_event)
+
+    def event_header(self) -> str:
+        return (
+            f"{'TIME':<12} {'IFACE':<15} {'VERDICT':<11} {'ACTION':<7} {'SOURCE':<22} "
+            f"{'DESTINATION':<22} {'KEY':>3} {'EPOCH':>10} PROTECT"
+        )
+
+    def event_line(self, e: dict[str, Any]) -> str:
+        def dash(v: object) -> str:
+            return "-" if v is None else str(v)
+
+        return (
+            f"{e['time'][11:23]:<12} {e['ifname']:<15} {e['verdict']:<11} {e['action']:<7} "
+            f"{_ep(e['saddr'], e['sport']):<22} {_ep(e['daddr'], e['dport']):<22} "
+            f"{dash(e['key_id']):>3} {dash(e['epoch']):>10} #{e['protect']}"
+        )
+
+
+ROLE = GuardRole()

@@ -597,6 +597,12 @@ class MarkerRole:
 
     name = ROLE_NAME
 
+    def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
+        return apply(ifname, cfg)
+
     def status(self, st: RoleState) -> dict[str, Any]:
         meta = st.read_meta() or {}
         d: dict[str, Any] = {"ifname": st.ifname, "ifindex": None, "role": ROLE_NAME}

@@ -346,6 +346,20 @@ class Role(Protocol):
     def event_line(self, event: dict[str, Any]) -> str:
         """One event as an aligned human-readable line."""
 
+    def check(self, config: Any) -> None:
+        """Raise ConfigError if CONFIG cannot be applied to this role (no kernel access)."""
+
+    def apply(self, ifname: str, config: Any) -> dict[str, Any]:
+        """Make the live maps of IFNAME's pinned role hold CONFIG; no reattach."""
+
+
+# Optional Role methods, looked up with getattr by the views:
+#   stats_extra(st) -> dict          more JSON sections next to "counters"
+#   extra_counters(item) -> dict     those sections as flat name -> count, for
+#                                    the line and table views (--watch rates)
+#   suppressed_events(st) -> int     events withheld on purpose (rate limit),
+#                                    reported by `monitor` like lost ones
+
 
 def role(name: str) -> Role | None:
     """The plug-in for role NAME, or None if its module is not there."""

@@ -324,7 +324,10 @@ def test_human_monitor_has_aligned_columns(setup: Setup):
         [sys.executable, "-m", "netoken", "-n", t.client, "monitor", "--count", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "following events" in mon.stderr.readline()
+        line = mon.stderr.readline()
+        if "in other network namespaces not shown" in line:  # other tests' state
+            line = mon.stderr.readline()
+        assert "following events" in line
         with server(t.server, PORT):
             for _ in range(2):
                 connect(t.client, t.server_ip, PORT)
@@ -606,9 +609,7 @@ def test_ip_netns_exec_is_refused_with_a_hint(setup: Setup):
 
 
 @pytest.mark.parametrize("name,argv", [
-    ("guard attach", ["guard", "attach", "x", "-c", "f"]), ("guard detach", ["guard", "detach", "x"]),
-    ("decode", ["decode", "x.pcap"]), ("exporter", ["exporter"]),
-    ("bench", ["bench"]),
+    ("decode", ["decode", "x.pcap"]), ("exporter", ["exporter"]), ("bench", ["bench"]),
 ])
 def test_verbs_not_there_yet_say_so(name, argv):
     r = netoken(*argv)
