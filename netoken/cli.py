@@ -570,7 +570,9 @@ def _unavailable(verb: str) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    return _unavailable("decode")
+    from . import decode
+
+    return decode.run(args)
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
@@ -727,9 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
 
     p = _verb(sub, "decode", "list netoken options in a capture and verify them with keys",
-              "  netoken decode syn.pcap -c netoken.toml\n", cmd_decode)
-    p.add_argument("pcap", metavar="PCAP")
-    p.add_argument("-c", "--config", metavar="FILE", help="TOML config with the keys")
+              "  netoken decode syn.pcap -c netoken.toml\n"
+              "  netoken decode syn.pcapng --json\n", cmd_decode)
+    from . import decode
+
+    decode.add_arguments(p)
 
     p = _verb(sub, "exporter", "serve Prometheus metrics",
               "  netoken exporter --listen 127.0.0.1:9469\n", cmd_exporter)

@@ -93,16 +93,26 @@ def curl(ns: str, addr: str, port: int) -> str:
     return out.stdout
 
 
+SYN_ONLY = "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn or ip6[53] & 0x12 == 0x02"
+
+
 @contextmanager
 def capture(ns: str, iface: str, path: Path, bpf_filter: str = "tcp") -> Iterator[Path]:
-    """tcpdump on IFACE inside NS while the block runs; the pcap is complete after."""
+    """tcpdump on IFACE inside NS while the block runs.
+
+    Call wait_captured(path, n) inside the block when the number of packets
+    is known: tcpdump stops at SIGINT without reading what is still queued
+    on its socket, which on a busy machine is most of a burst.  The kernel's
+    drop count is checked, so a capture that lost packets fails loudly.
+    """
     proc = subprocess.Popen(
-        # --immediate-mode: without it packets sit in a TPACKET_V3 block
-        # for up to a second and are lost when we stop the capture.
+        # --immediate-mode: without it packets sit in a TPACKET_V3 block for
+        # up to a second; -B: a burst of SYNs fits in the ring.
         ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "--immediate-mode",
-         "-w", str(path), bpf_filter],
+         "-B", "65536", "-w", str(path), bpf_filter],
         stderr=subprocess.PIPE, text=True,
     )
+    err = ""
     try:
         line = proc.stderr.readline()  # "listening on ..." once the socket is bound
         assert "listening" in line, f"tcpdump did not start: {line}"
@@ -111,18 +121,34 @@ def capture(ns: str, iface: str, path: Path, bpf_filter: str = "tcp") -> Iterato
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.communicate(timeout=5)
+            _, err = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    assert "0 packets dropped by kernel" in err, err
+
+
+def pcap_records(path: Path) -> int:
+    """Packets in a pcap file so far (walks the 16-byte record headers)."""
+    data = path.read_bytes() if path.exists() else b""
+    n, off = 0, 24
+    while off + 16 <= len(data):
+        caplen = int.from_bytes(data[off + 8:off + 12], "little")
+        if off + 16 + caplen > len(data):
+            break
+        n, off = n + 1, off + 16 + caplen
+    return n
+
+
+def wait_captured(path: Path, n: int, limit: float = 10.0) -> None:
+    """Wait until the capture holds N packets (or LIMIT seconds passed)."""
+    deadline = time.monotonic() + limit
+    while pcap_records(path) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _wait_until_quiet(path: Path, quiet: float = 0.4, limit: float = 5.0) -> None:
-    """Return once the capture file has stopped growing for QUIET seconds.
-
-    A fixed sleep loses the last packets when the machine is busy (tcpdump
-    is still writing them when it gets SIGINT); a quiet file is done.
-    """
+    """Return once the capture file has stopped growing for QUIET seconds."""
     end = time.monotonic() + limit
     last, since = -1, time.monotonic()
     while time.monotonic() < end:

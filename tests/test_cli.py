@@ -19,7 +19,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +31,12 @@ from netoken.netns import netns
 from netoken.state import BPFFS, RUN_DIR, encode_ifname
 
 from .conftest import TEST_KEY, Lab, Topology, build_topology, run, write_key
-from .e2e import connect, server, syns
+from .e2e import SYN_ONLY, capture, connect, server, syns, wait_captured
 from .pkt import parse, syn
 
 PORT = 8080
 OTHER_KEY = bytes(range(100, 116))
 EMPTY_OBJ = Path(__file__).resolve().parents[1] / "netoken" / "bpf" / "empty.bpf.o"
-SYN_ONLY = "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
 
 
 def netoken(*args: str, ns: str | None = None, pre: tuple[str, ...] = (),
@@ -146,43 +144,6 @@ def setup(lab: Lab, tmp_path: Path) -> Iterator[Setup]:
 # load: a steady loop of real connections while something changes
 
 
-def pcap_records(path: Path) -> int:
-    """Packets in a pcap file so far (walks the 16-byte record headers)."""
-    data = path.read_bytes() if path.exists() else b""
-    n, off = 0, 24
-    while off + 16 <= len(data):
-        caplen = int.from_bytes(data[off + 8:off + 12], "little")
-        if off + 16 + caplen > len(data):
-            break
-        n, off = n + 1, off + 16 + caplen
-    return n
-
-
-def wait_captured(path: Path, n: int) -> None:
-    # tcpdump stops at SIGINT without reading what is still queued on its
-    # socket, so stop it only once every SYN is in the file.
-    deadline = time.monotonic() + 10
-    while pcap_records(path) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-@contextmanager
-def syn_capture(ns: str, iface: str, path: Path) -> Iterator[None]:
-    """tcpdump of SYNs with a buffer big enough that a burst loses none (the
-    drop count is checked, so "zero unmarked" means zero of all SYNs)."""
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "--immediate-mode",
-         "-B", "65536", "-w", str(path), SYN_ONLY],
-        stderr=subprocess.PIPE, text=True)
-    try:
-        assert "listening" in proc.stderr.readline()
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
-    assert "0 packets dropped by kernel" in err, err
-
-
 def steady_load(s: Setup, during: Callable[[], None], path: Path,
                 before: int = 30, after: int = 30, workers: int = 4) -> tuple[list[bytes], int]:
     """Connect in loops from WORKERS threads, run DURING once BEFORE
@@ -208,7 +169,7 @@ def steady_load(s: Setup, during: Callable[[], None], path: Path,
             time.sleep(0.01)
         assert done[0] >= n, f"only {done[0]} connections ({failures[:3]})"
 
-    with server(s.t.server, PORT), syn_capture(s.t.server, s.t.server_if, path):
+    with server(s.t.server, PORT), capture(s.t.server, s.t.server_if, path, SYN_ONLY):
         threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
         for th in threads:
             th.start()
@@ -609,7 +570,7 @@ def test_ip_netns_exec_is_refused_with_a_hint(setup: Setup):
 
 
 @pytest.mark.parametrize("name,argv", [
-    ("decode", ["decode", "x.pcap"]), ("exporter", ["exporter"]), ("bench", ["bench"]),
+    ("exporter", ["exporter"]), ("bench", ["bench"]),
 ])
 def test_verbs_not_there_yet_say_so(name, argv):
     r = netoken(*argv)

@@ -22,7 +22,17 @@ from netoken.marker import Marker
 from netoken.netns import netns
 
 from .conftest import TEST_KEY, build_topology, make_config, run
-from .e2e import capture, connect, curl, server, syns, tcp_in_csum_errors, verify_syn
+from .e2e import (
+    SYN_ONLY,
+    capture,
+    connect,
+    curl,
+    server,
+    syns,
+    tcp_in_csum_errors,
+    verify_syn,
+    wait_captured,
+)
 from .pkt import parse
 
 PORT = 8080
@@ -59,10 +69,11 @@ def test_marked_connections_over_veth(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["198.18.1.0/24"]))
     with server(t.server, PORT) as srv, marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "v4.pcap") as pcap:
+            capture(t.server, t.server_if, tmp_path / "v4.pcap", SYN_ONLY) as pcap:
         connections(t.client, t.server_ip, 20)
         assert curl(t.client, t.server_ip, PORT) == "ok"
         stats = m.stats()
+        wait_captured(pcap, 21)
     got = syns(pcap)
     assert len(got) == 21
     assert all(verify_syn(raw, TEST_KEY) for raw in got)
@@ -74,10 +85,11 @@ def test_marked_connections_over_ipv6(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["fd6e:7400:1::/64"]))
     with server(t.server, PORT, socket.AF_INET6), marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "v6.pcap") as pcap:
+            capture(t.server, t.server_if, tmp_path / "v6.pcap", SYN_ONLY) as pcap:
         connections(t.client, t.server_ip6, 10)
         assert curl(t.client, t.server_ip6, PORT) == "ok"
         assert m.stats()["marked"] == 11
+        wait_captured(pcap, 11)
     got = syns(pcap)
     assert len(got) == 11 and all(verify_syn(raw, TEST_KEY) for raw in got)
 
@@ -86,9 +98,10 @@ def test_unselected_port_is_not_marked(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["198.18.1.0/24"], ports=[9999]))
     with server(t.server, PORT), marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "n.pcap") as pcap:
+            capture(t.server, t.server_if, tmp_path / "n.pcap", SYN_ONLY) as pcap:
         connections(t.client, t.server_ip, 3)
         assert m.stats()["no_policy"] == 3
+        wait_captured(pcap, 3)
     assert all(not token.find_options(parse(r).options) for r in syns(pcap))
 
 
@@ -112,9 +125,10 @@ def test_offloaded_checksum_is_right_when_a_router_computes_it(lab, tmp_path, fa
     errors_before = tcp_in_csum_errors(t.server)
     fam = socket.AF_INET6 if v6 else socket.AF_INET
     with server(t.server, PORT, fam), marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "r.pcap") as pcap:
+            capture(t.server, t.server_if, tmp_path / "r.pcap", SYN_ONLY) as pcap:
         connections(t.client, dst, 20)
         assert m.stats()["marked"] == 20
+        wait_captured(pcap, 20)
     assert tcp_in_csum_errors(t.server) == errors_before
     got = syns(pcap)
     assert len(got) == 20 and all(verify_syn(raw, TEST_KEY) for raw in got)
@@ -141,9 +155,10 @@ def test_full_checksum_skb_marked_on_a_router(lab, tmp_path):
     cfg = make_config(tmp_path, policy(["198.18.3.0/24"]))
     before = tcp_in_csum_errors(t.server)
     with server(t.server, PORT), marker_on(t.router, t.router_out, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "f.pcap") as pcap:
+            capture(t.server, t.server_if, tmp_path / "f.pcap", SYN_ONLY) as pcap:
         connections(t.client, t.server_ip, 20)
         assert m.stats()["marked"] == 20
+        wait_captured(pcap, 20)
     assert tcp_in_csum_errors(t.server) == before
     got = syns(pcap)
     assert len(got) == 20 and all(verify_syn(raw, TEST_KEY) for raw in got)
