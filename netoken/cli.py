@@ -74,9 +74,14 @@ def _states(ifname: str | None) -> list[RoleState]:
         return states
     here = [st for st in states if state.in_this_netns(st)]
     others = len(states) - len(here)
-    if others:
+    if others and others != _noted_others[0]:
+        # once per count: `stats --watch` calls this every interval
+        _noted_others[0] = others
         _note(f"{others} attachment(s) in other network namespaces not shown (use -n NAME)")
     return here
+
+
+_noted_others = [0]
 
 
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
@@ -576,7 +581,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
-    return _unavailable("exporter")
+    from . import exporter
+
+    return exporter.run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -735,9 +742,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     decode.add_arguments(p)
 
-    p = _verb(sub, "exporter", "serve Prometheus metrics",
-              "  netoken exporter --listen 127.0.0.1:9469\n", cmd_exporter)
-    p.add_argument("--listen", metavar="ADDR:PORT", default=None)
+    from . import exporter
+
+    p = sub.add_parser("exporter", help=exporter.HELP, description=exporter.HELP,
+                       epilog=exporter.EPILOG, formatter_class=_Formatter)
+    p.set_defaults(func=cmd_exporter)
+    exporter.add_arguments(p)
 
     p = _verb(sub, "demo", "the whole system in a private network-namespace lab",
               "  netoken demo\n  netoken demo --connections 10\n", cmd_demo)

@@ -570,7 +570,7 @@ def test_ip_netns_exec_is_refused_with_a_hint(setup: Setup):
 
 
 @pytest.mark.parametrize("name,argv", [
-    ("exporter", ["exporter"]), ("bench", ["bench"]),
+    ("bench", ["bench"]),
 ])
 def test_verbs_not_there_yet_say_so(name, argv):
     r = netoken(*argv)

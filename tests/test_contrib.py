@@ -155,7 +155,7 @@ def unit_settings(name: str) -> dict[str, list[str]]:
 def netoken_argv(command: str, iface: str = "eth0") -> list[str]:
     """A unit's or a script's netoken command line, as the CLI will receive it."""
     for var, value in (("%I", iface), ("%i", iface), ('"$i"', iface),
-                       ("${NETOKEN_EXPORTER_LISTEN}", "0.0.0.0:9469"),
+                       ("${NETOKEN_EXPORTER_LISTEN}", "0.0.0.0:9917"),
                        ("$NETOKEN_GUARD_ARGS", "")):
         command = command.replace(var, value)
     argv = shlex.split(command)
