@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import select
+import signal
 import sys
 import time
 import traceback
@@ -24,7 +25,7 @@ from typing import Any
 from . import __version__, state
 from .config import ConfigError, generate_key
 from .config import load as load_config
-from .libbpf import BPFError
+from .libbpf import BPFError, interrupt_handler
 from .state import RoleState, StateError
 
 PROG = "netoken"
@@ -809,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.CRITICAL,
         format=f"{PROG}: %(name)s: %(message)s",
     )
+    # Ctrl-C during a libbpf call is delivered when the call returns, not
+    # lost inside one of its callbacks (see libbpf.interrupt_handler).
+    signal.signal(signal.SIGINT, interrupt_handler)
     try:
         with _in_netns(args.netns):
             return int(args.func(args) or 0)

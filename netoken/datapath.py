@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def key_value(key: Key) -> bytes:
             bind=key.bind_mask,
         )
     )
+
+
+def event_addr(family: int, raw) -> str:
+    """An address field of an event record (16 bytes, the first 4 for IPv4)."""
+    if family == 4:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    return str(ipaddress.IPv6Address(bytes(raw[:16])))
 
 
 def u32(i: int) -> bytes:

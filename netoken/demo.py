@@ -25,6 +25,7 @@ from pathlib import Path
 from . import config as nconfig
 from . import token
 from .guard import Guard
+from .libbpf import interrupt_handler
 from .marker import Marker
 from .netns import netns
 
@@ -213,9 +214,10 @@ def run(connections: int = 4, out=None) -> int:
 
     ui = out or Console()
     with ExitStack() as stack:
-        # SIGTERM gets the same clean-up as Ctrl-C.
-        prev = signal.signal(signal.SIGTERM, signal.default_int_handler)
-        stack.callback(signal.signal, signal.SIGTERM, prev)
+        # SIGTERM gets the same clean-up as Ctrl-C, and neither may land
+        # inside a libbpf callback, where it would be lost.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            stack.callback(signal.signal, sig, signal.signal(sig, interrupt_handler))
 
         ui.step("building a private lab: client, server and attacker namespaces on veth")
         lab_ = stack.enter_context(lab())

@@ -48,44 +48,31 @@ Decisions where DESIGN is silent:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
-import ipaddress
-import os
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal
 
-from . import layout, state
+from . import layout, program, state
 from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
-from .datapath import (
-    key_value,
-    object_path,
-    percpu_counters,
-    realtime_minus_tai_ns,
-    sync_keys,
-    sync_map,
-    u32,
-)
+from .datapath import event_addr, key_value, realtime_minus_tai_ns, sync_keys, sync_map, u32
 from .libbpf import (
     BPF_ANY,
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_SKB_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
     BPFError,
-    BpfObject,
     Map,
     Program,
     RingBuffer,
-    unpin,
     xdp_attach,
     xdp_detach,
     xdp_query,
 )
+from .program import PinnedProgram, ProgramRole, Replacement
 from .rules import RuleError, compile_lpm, expand
-from .state import PROG_PIN, PROG_PIN_NEW, RoleState
+from .state import RoleState
 
 PROG_NAME = "netoken_guard"
 MAPS = (
@@ -132,10 +119,7 @@ class GuardError(Exception):
 
 
 def ifindex(ifname: str) -> int:
-    try:
-        return socket.if_nametoindex(ifname)
-    except OSError:
-        raise GuardError(f"interface {ifname!r} does not exist") from None
+    return program.ifindex(ifname, GuardError)
 
 
 def _action(name: str) -> int:
@@ -204,18 +188,6 @@ def check(cfg: Config) -> None:
             )
 
 
-def _check_compatible(want: Map, have: Map) -> None:
-    # libbpf's reuse_fd adopts the existing map's shape without comparing, so
-    # maps pinned by a different netoken build would be silently misread.
-    a = (want.type, want.key_size, want.value_size, want.max_entries)
-    b = (have.type, have.key_size, have.value_size, have.max_entries)
-    if a != b:
-        raise GuardError(
-            f"pinned map {have.name} does not match this netoken's guard "
-            f"(type/key/value/entries {b} vs {a}); detach the old guard first"
-        )
-
-
 def guard_config_value(
     cfg: Config,
     generation: int,
@@ -236,12 +208,6 @@ def guard_config_value(
             action=_action(action or "entry"),
         )
     )
-
-
-def _addr(family: int, raw) -> str:
-    if family == 4:
-        return str(ipaddress.IPv4Address(bytes(raw[:4])))
-    return str(ipaddress.IPv6Address(bytes(raw[:16])))
 
 
 @dataclass(frozen=True)
@@ -279,8 +245,8 @@ class GuardEvent:
             mode=mode,
             key_id=e.key_id if mac else None,
             epoch=e.epoch if mac and e.verdict not in _NO_EPOCH else None,
-            saddr=_addr(e.family, e.saddr),
-            daddr=_addr(e.family, e.daddr),
+            saddr=event_addr(e.family, e.saddr),
+            daddr=event_addr(e.family, e.daddr),
             sport=e.sport,
             dport=e.dport,
             nonce=bytes(e.nonce) if mac else b"",
@@ -370,29 +336,25 @@ def detach(ifname: str) -> bool:
     return True
 
 
-class Guard:
-    """A loaded guard program and its maps (not necessarily attached).
+class Guard(PinnedProgram):
+    """The guard: netoken_guard on an XDP hook, and its maps (see PinnedProgram)."""
 
-    Either fresh from the ELF object (:meth:`load`) or reopened from its pins
-    by another process (:meth:`from_pins`); both behave the same.
-    """
+    ROLE = ROLE_NAME
+    OBJECT = "guard"
+    PROG_NAME = PROG_NAME
+    MAPS = MAPS
+    Error = GuardError
+    VERB = "guard"
+    CONFIG_MAP = "nt_guard_config"
+    CONFIG_STRUCT = layout.NtGuardConfig
+    STATS_MAP = "nt_guard_stats"
+    REASONS = layout.GUARD_REASONS
+    EVENTS_MAP = "nt_guard_events"
+    EVENT = GuardEvent
+    # A resized replay cache waits as REPLAY_PIN_NEW until its program runs.
+    STAGED_MAPS: ClassVar[Mapping[str, str]] = {"nt_replay": REPLAY_PIN_NEW}
 
-    def __init__(
-        self,
-        obj: BpfObject | None = None,
-        *,
-        prog: Program | None = None,
-        maps: dict[str, Map] | None = None,
-    ) -> None:
-        self.obj = obj
-        if obj is not None:
-            prog = obj.program(PROG_NAME)
-            maps = {name: obj.map(name) for name in MAPS}
-        if prog is None or maps is None:
-            raise TypeError("Guard needs a BpfObject or a program and its maps")
-        self.prog: Program = prog
-        self.maps: dict[str, Map] = maps
-        self.config: Config | None = None
+    config: Config | None = None  # what configure() last wrote
 
     @classmethod
     def load(
@@ -404,92 +366,11 @@ class Guard:
         replacement program keeps the live entries, counters and replay cache
         of the one it replaces.  The cache size is fixed at load: configure()
         cannot change it."""
-        obj = BpfObject.open(str(object_path("guard")))
-        try:
-            obj.set_map_max_entries("nt_replay", replay_cache)
-            for name, m in (reuse or {}).items():
-                _check_compatible(obj.map(name), m)
-                obj.reuse_map(name, m)
-            obj.load()
-        except BaseException:
-            obj.close()
-            raise
-        return cls(obj)
-
-    @classmethod
-    def from_pins(cls, ifname: str, st: RoleState | None = None) -> Guard:
-        """Open the guard pinned for IFNAME (its program and every map)."""
-        st = st or state_of(ifname)
-        if not st.exists():
-            raise GuardError(
-                f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` first)"
-            )
-        missing = [n for n in MAPS if not os.path.exists(st.pin(n))]
-        if missing:
-            raise GuardError(
-                f"pinned guard state in {st.pin_dir} is incomplete (missing {', '.join(missing)}); "
-                f"run `netoken guard detach {ifname}` and attach again"
-            )
-        maps: dict[str, Map] = {}
-        try:
-            for name in MAPS:
-                maps[name] = Map.from_pinned(st.pin(name))
-            prog = Program.from_pinned(st.pin(PROG_PIN))
-        except BaseException:
-            for m in maps.values():
-                m.close()
-            raise
-        return cls(prog=prog, maps=maps)
-
-    def pin(self, st: RoleState) -> None:
-        """Pin every map not pinned yet, and this program as PROG_PIN_NEW.
-
-        The program becomes PROG_PIN (:meth:`commit_pin`) only once XDP runs
-        it, so the pins never name a program that is not attached.  A new
-        replay cache (resized) is staged the same way: the old program still
-        runs on the pinned one until the swap."""
-        st.make_dir()
-        for name, m in self.maps.items():
-            path = st.pin(name)
-            if os.path.exists(path):
-                with Map.from_pinned(path) as pinned:
-                    if pinned.id == m.id:
-                        continue
-                if name != "nt_replay":
-                    raise GuardError(f"{path} is pinned but is not this guard's map")
-                path = st.pin(REPLAY_PIN_NEW)
-                unpin(path)
-            m.pin(path)
-        unpin(st.pin(PROG_PIN_NEW))
-        self.prog.pin(st.pin(PROG_PIN_NEW))
-
-    def commit_pin(self, st: RoleState) -> None:
-        """Make the staged pins the current ones (renames are atomic)."""
-        os.replace(st.pin(PROG_PIN_NEW), st.pin(PROG_PIN))
-        if os.path.exists(st.pin(REPLAY_PIN_NEW)):
-            os.replace(st.pin(REPLAY_PIN_NEW), st.pin("nt_replay"))
-
-    def close(self) -> None:
-        if self.obj is not None:
-            self.obj.close()
-        else:
-            self.prog.close()
-            for m in self.maps.values():
-                m.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return cls._load_object(reuse, max_entries={"nt_replay": replay_cache})
 
     @property
     def replay_cache(self) -> int:
         return self.maps["nt_replay"].max_entries
-
-    def _config(self) -> layout.NtGuardConfig:
-        raw = self.maps["nt_guard_config"].lookup(u32(0))
-        return layout.NtGuardConfig.from_bytes(raw) if raw else layout.NtGuardConfig()
 
     def configure(
         self,
@@ -544,12 +425,6 @@ class Guard:
         sync_keys(keys, cfg.keys)
         self.config = cfg
 
-    def sync_clock(self) -> None:
-        """Refresh the REALTIME-TAI offset (changes only with the TAI-UTC offset)."""
-        cur = self._config()
-        cur.realtime_minus_tai_ns = realtime_minus_tai_ns()
-        self.maps["nt_guard_config"].update(u32(0), bytes(cur))
-
     def attach(self, ifname: str, mode: XdpMode | None = None) -> XdpAttachment:
         """Attach to IFNAME's XDP hook.
 
@@ -589,10 +464,6 @@ class Guard:
         """Remove netoken's guard from IFNAME (see the module-level detach)."""
         return detach(ifname)
 
-    def stats(self) -> dict[str, int]:
-        """Counters by layout.GUARD_REASONS, summed over CPUs."""
-        return percpu_counters(self.maps["nt_guard_stats"], layout.GUARD_REASONS)
-
     def key_stats(self) -> dict[int, dict[str, int]]:
         """{key id: {"ok": n, "bad": n}} for every key id seen in a mac option.
 
@@ -601,7 +472,7 @@ class Guard:
 
     def events(self, callback: Callable[[GuardEvent], object]) -> RingBuffer:
         """A ring buffer that calls CALLBACK(GuardEvent) per rejected SYN."""
-        return RingBuffer(self.maps["nt_guard_events"], lambda b: callback(GuardEvent.from_bytes(b)))
+        return super().events(callback)
 
 
 def _attach_problem(ifname: str, mode: XdpMode | None, e: BPFError) -> str:
@@ -646,7 +517,7 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 
 def state_of(ifname: str, create: bool = False) -> RoleState:
     """The guard's pinned state for IFNAME (bpffs mounted first with CREATE)."""
-    return RoleState(ifname, ROLE_NAME, state.bpffs(create=create) or state.BPFFS)
+    return Guard.state_of(ifname, create)
 
 
 def _ports_meta(p: Protect) -> list[int | str]:
@@ -657,13 +528,7 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
     g = cfg.guard
     assert g is not None
     return {
-        "config": os.path.abspath(cfg.path),
-        "applied_at": state.now_iso(),
-        "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
-        "keys": [
-            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file)}
-            for k in sorted(cfg.keys.values(), key=lambda k: k.id)
-        ],
+        **program.config_meta(cfg),
         "guard": {
             "action": g.action,
             "skew": g.skew,
@@ -778,17 +643,22 @@ def attach_pinned(
         if prev is not None:
             # Before anything is loaded or a shared map is touched.
             _ours_or_fail(ifname, *prev).close()
-        if not st.exists() and st.pin_dir.exists():
-            st.remove()  # a crash between mkdir and the first pin left it
-        old = Guard.from_pins(ifname, st) if st.exists() else None
-        new: Guard | None = None
         copied: int | None = None
-        try:
-            snap = _snapshot(old) if old is not None else None
+        with Replacement(Guard, ifname, st) as r:
+            old = r.old
+            if old is not None:
+                snap = _snapshot(old)
+                r.restore_old = lambda o: _restore(o, snap)
             reuse = dict(old.maps) if old is not None else {}
             if old is not None and old.replay_cache != g.replay_cache:
                 del reuse["nt_replay"]
-            new = Guard.load(g.replay_cache, reuse=reuse)
+            r.new = new = Guard.load(g.replay_cache, reuse=reuse)
+
+            def unattach() -> None:
+                with contextlib.suppress(Exception):
+                    _restore_xdp(idx, new.prog.id, prev)
+
+            r.on_failure(unattach)
             new.configure(cfg, action=action)
             done: set[bytes] = set()
             if old is not None and "nt_replay" not in reuse:
@@ -798,36 +668,9 @@ def attach_pinned(
             if copied is not None and old is not None:
                 copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
             new.commit_pin(st)
-            meta = {
-                "version": state.META_VERSION,
-                "role": ROLE_NAME,
-                "ifname": ifname,
-                "ifindex": idx,
-                "netns": state.current_netns(),
-                "xdp_mode": xdp_mode,
-                "action_override": action,
-                "attached_at": state.now_iso(),
-                **_config_meta(cfg),
-            }
-            st.write_meta(meta)
+            attachment = {"xdp_mode": xdp_mode, "action_override": action}
+            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
             prog_id, tag = new.prog.id, new.prog.tag
-        except BaseException:
-            if new is not None:
-                with contextlib.suppress(Exception):
-                    _restore_xdp(idx, new.prog.id, prev)
-            unpin(st.pin(PROG_PIN_NEW))
-            unpin(st.pin(REPLAY_PIN_NEW))
-            if old is None:
-                st.remove()
-            elif new is not None and snap is not None:
-                with contextlib.suppress(Exception):
-                    _restore(old, snap)
-            raise
-        finally:
-            if new is not None:
-                new.close()
-            if old is not None:
-                old.close()
     return {
         "ifname": ifname,
         "ifindex": idx,
@@ -855,17 +698,12 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
     """Make the live, pinned maps of IFNAME's guard hold CFG; no reattach."""
     check(cfg)
     assert cfg.guard is not None
-    st = state_of(ifname)
-    with state.locked():
-        meta = st.read_meta() or {}
-        st.check_netns(meta)
-        with Guard.from_pins(ifname, st) as gd:
-            before = _live_key_ids(gd.maps["nt_keys"])
-            override = meta.get("action_override")
-            gd.configure(cfg, action=override)
-            prog_id, cache = gd.prog.id, gd.replay_cache
+    with Guard.updating(ifname) as (gd, meta):
+        before = _live_key_ids(gd.maps["nt_keys"])
+        override = meta.get("action_override")
+        gd.configure(cfg, action=override)
+        prog_id, cache = gd.prog.id, gd.replay_cache
         meta.update(_config_meta(cfg))
-        st.write_meta(meta)
     notes = []
     if cfg.guard.replay_cache != cache:
         notes.append(
@@ -911,28 +749,19 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
     state on IFNAME that is an error, with it only the pins go.  An interface
     that is gone has taken its program with it; its pins are still removed.
     """
-    st = state_of(ifname)
-    with state.locked():
-        meta = st.read_meta()
-        st.check_netns(meta)
-        has_state = st.pin_dir.exists() or meta is not None
-        try:
-            idx: int | None = ifindex(ifname)
-        except GuardError:
-            if not has_state:
-                raise
-            idx = None
+    with Guard.removing(ifname) as r:
+        idx = r.idx
         removed: dict[str, Any] | None = None
         foreign: dict[str, Any] | None = None
         if idx is not None:
             cur = _attached(idx)
-            if cur is None and not has_state:
+            if cur is None and not r.has_state:
                 raise GuardError(f"no netoken guard on {ifname}")
             if cur is not None:
                 try:
                     prog = _ours_or_fail(ifname, *cur, "detach")
                 except GuardError:
-                    if not has_state:
+                    if not r.has_state:
                         raise
                     foreign = {**_prog_desc(cur[0]), "mode": cur[1]}
                 else:
@@ -944,7 +773,6 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                                 f"{ifname}: cannot detach the netoken guard: {e.strerror}"
                             ) from None
                     removed = {"id": cur[0], "mode": cur[1]}
-        st.remove()
     return {
         "ifname": ifname,
         "role": ROLE_NAME,
@@ -957,19 +785,6 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------
 # the guard as a role of the generic status / stats / monitor / apply views
-
-
-def _bind_names(mask: int) -> list[str]:
-    return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
-
-
-def _fmt_ts(ts_ns: int, offset_ns: int) -> str:
-    t = _dt.datetime.fromtimestamp((ts_ns + offset_ns) / 1e9, _dt.UTC)
-    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _ep(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def _protect_ids_from_lpm(st: RoleState, base: int) -> list[int]:
@@ -986,10 +801,12 @@ def _protect_ids_from_lpm(st: RoleState, base: int) -> list[int]:
     return sorted(i for i in ids if 0 <= i < PROTECT_HALF)
 
 
-class GuardRole:
+class GuardRole(ProgramRole):
     """status/stats/monitor/apply for pinned guards (see state.Role)."""
 
     name = ROLE_NAME
+    PROGRAM = Guard
+    RUNS = "XDP"
 
     def check(self, cfg: Config) -> None:
         if cfg.guard is None:
@@ -1002,40 +819,16 @@ class GuardRole:
     def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
         return apply(ifname, cfg)
 
-    def status(self, st: RoleState) -> dict[str, Any]:
-        meta = st.read_meta() or {}
-        d: dict[str, Any] = {"ifname": st.ifname, "ifindex": None, "role": ROLE_NAME}
-        with Program.from_pinned(st.pin(PROG_PIN)) as prog:
-            d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
-        try:
-            idx: int | None = ifindex(st.ifname)
-        except GuardError:
-            idx = None
+    def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         live = _attached(idx) if idx is not None else None
-        d["ifindex"] = idx
-        d["attach"] = {
+        return live[0] if live else None, {
             "type": "xdp",
             "mode": live[1] if live else None,
             "requested": meta.get("xdp_mode") or "auto",
         }
-        if idx is None:
-            d["state"] = "interface missing"
-        elif live is None:
-            d["state"] = "not attached"
-        elif live[0] != d["prog"]["id"]:
-            d["state"] = f"XDP runs prog {live[0]}, not the pinned one"
-        else:
-            d["state"] = "attached"
-        d["attached"] = d["state"] == "attached"
-        d["pinned"] = str(st.pin_dir)
-        d["netns"] = meta.get("netns")
-        d["config"] = meta.get("config")
-        d["attached_at"] = meta.get("attached_at")
-        d["applied_at"] = meta.get("applied_at")
 
-        with Map.from_pinned(st.pin("nt_guard_config")) as m:
-            raw = m.lookup(u32(0))
-        cfgv = layout.NtGuardConfig.from_bytes(raw) if raw else layout.NtGuardConfig()
+    def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
+        cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
         override = layout.GUARD_ACTIONS[cfgv.action] if cfgv.action < len(layout.GUARD_ACTIONS) else "drop"
         d["action"] = None  # filled in below, from the entries
@@ -1045,16 +838,7 @@ class GuardRole:
             d["replay_cache"] = {"entries": m.max_entries}
         d["events"] = {"rate": cfgv.event_rate, "burst": cfgv.event_burst, "per": "cpu"}
 
-        files = {k.get("id"): k.get("file") for k in meta.get("keys", [])}
-        keys = []
-        with Map.from_pinned(st.pin("nt_keys")) as m:
-            for kid in range(layout.MAX_KEYS):
-                raw = m.lookup(u32(kid))
-                k = layout.NtKey.from_bytes(raw) if raw else None
-                if k is not None and k.window:
-                    keys.append({"id": kid, "window": k.window, "bind": _bind_names(k.bind),
-                                 "file": files.get(kid)})
-        d["keys"] = keys
+        d["keys"] = program.live_keys(st, meta)
 
         # What each entry accepts and does comes from the live half of
         # nt_protect; only destinations and ports come from the metadata.
@@ -1086,20 +870,11 @@ class GuardRole:
         d["protect"] = protect
         actions = {p["action"] for p in protect}
         d["action"] = d["action_override"] or (actions.pop() if len(actions) == 1 else "per entry")
-        return d
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
         how = "kernel's choice" if a["requested"] == "auto" else "forced"
-        lines = [
-            f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
-            f"xdp      {a['mode'] or '-'} ({how})",
-            f"pinned   {d['pinned']}",
-        ]
-        if d.get("config"):
-            lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
-        o = d["option"]
-        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}")
+        lines = self.status_head(d, f"xdp      {a['mode'] or '-'} ({how})")
         src = "--mode" if d["action_override"] else "config"
         ev = d["events"]
         lines.append(
@@ -1107,11 +882,7 @@ class GuardRole:
             f"replay cache {d['replay_cache']['entries']} entries  "
             f"events ≤{ev['rate']}/s burst {ev['burst']} per CPU"
         )
-        ks = []
-        for k in d["keys"]:
-            extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
-            ks.append(f"{k['id']} (window {k['window']}s{extra})")
-        lines.append("keys     " + (", ".join(ks) or "none"))
+        lines.append(program.keys_line(d["keys"]))
         if not d["protect"]:
             lines.append("protect  none (nothing is checked)")
         for p in d["protect"]:
@@ -1124,10 +895,6 @@ class GuardRole:
                 f"protect  #{p['id']:<3} {p['action']:<7} keys {keys:<10} ports {ports:<14} {dests}"
             )
         return lines
-
-    def stats(self, st: RoleState) -> dict[str, int]:
-        with Map.from_pinned(st.pin("nt_guard_stats")) as m:
-            return percpu_counters(m, layout.GUARD_REASONS)
 
     def stats_extra(self, st: RoleState) -> dict[str, Any]:
         """Per key id: SYNs whose option named it, verified (ok) or not (bad)."""
@@ -1143,23 +910,13 @@ class GuardRole:
             out[f"key{k['id']}_bad"] = k["bad"]
         return out
 
-    def lost_events(self, st: RoleState) -> int:
-        return self.stats(st)["events_lost"]
-
     def suppressed_events(self, st: RoleState) -> int:
         """Events the in-kernel rate limit withheld (the SYNs were still counted)."""
         return self.stats(st)["events_suppressed"]
 
-    def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> RingBuffer:
-        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; events show wall-clock time.
-        offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
-
-        def on_event(data: bytes) -> None:
-            e = GuardEvent.from_bytes(data)
+    def event_fields(self, st: RoleState) -> Callable[[GuardEvent], dict[str, Any]]:
+        def fields(e: GuardEvent) -> dict[str, Any]:
             d: dict[str, Any] = {
-                "time": _fmt_ts(e.ts_ns, offset),
-                "ifname": st.ifname,
-                "role": ROLE_NAME,
                 "verdict": e.verdict,
                 "action": e.action,
                 "protect": e.protect + 1,
@@ -1174,10 +931,9 @@ class GuardRole:
             }
             if e.mode == "mac":
                 d.update(nonce=e.nonce.hex(), tag=e.tag.hex())
-            callback(d)
+            return d
 
-        with Map.from_pinned(st.pin("nt_guard_events")) as m:
-            return RingBuffer(Map.from_fd(os.dup(m.fd)), on_event)
+        return fields
 
     def event_header(self) -> str:
         return (
@@ -1189,9 +945,10 @@ class GuardRole:
         def dash(v: object) -> str:
             return "-" if v is None else str(v)
 
+        ep = program.endpoint
         return (
             f"{e['time'][11:23]:<12} {e['ifname']:<15} {e['verdict']:<11} {e['action']:<7} "
-            f"{_ep(e['saddr'], e['sport']):<22} {_ep(e['daddr'], e['dport']):<22} "
+            f"{ep(e['saddr'], e['sport']):<22} {ep(e['daddr'], e['dport']):<22} "
             f"{dash(e['key_id']):>3} {dash(e['epoch']):>10} #{e['protect']}"
         )
 

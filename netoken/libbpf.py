@@ -69,6 +69,7 @@ __all__ = [
     "BPFError",
     "BpfObject",
     "Map",
+    "ProgStats",
     "Program",
     "RingBuffer",
     "TcFilter",
@@ -77,6 +78,7 @@ __all__ = [
     "num_possible_cpus",
     "obj_get",
     "obj_pin",
+    "run_time_stats",
     "tc_attach",
     "tc_detach",
     "tc_hook_create",
@@ -361,6 +363,7 @@ _map_get_fd_by_id = _proto("bpf_map_get_fd_by_id", c_int, c_uint32)
 _prog_get_fd_by_id = _proto("bpf_prog_get_fd_by_id", c_int, c_uint32)
 _obj_get_info_by_fd = _proto("bpf_obj_get_info_by_fd", c_int, c_int, c_void_p, POINTER(c_uint32))
 _prog_test_run_opts = _proto("bpf_prog_test_run_opts", c_int, c_int, POINTER(_bpf_test_run_opts))
+_enable_stats = _proto("bpf_enable_stats", c_int, c_int)
 
 _tc_hook_create = _proto("bpf_tc_hook_create", c_int, POINTER(_bpf_tc_hook))
 _tc_hook_destroy = _proto("bpf_tc_hook_destroy", c_int, POINTER(_bpf_tc_hook))
@@ -465,6 +468,11 @@ def _capturing(quiet: bool = False) -> Iterator[_Capture]:
         yield buf
     finally:
         stack.pop()
+    if getattr(_tls, "interrupted", False):
+        # Ctrl-C arrived while libbpf was calling back into Python, where
+        # ctypes would have swallowed it: deliver it now that C returned.
+        _tls.interrupted = False
+        raise KeyboardInterrupt
 
 
 def _error(err: int, op: str, entries: list[tuple[int, str]]) -> BPFError:
@@ -517,19 +525,42 @@ def _vformat(fmt: int, ap: int) -> str:
 
 
 def _print_cb(level: int, fmt: int, ap: int) -> int:
-    # Exceptions cannot propagate through C; never let one escape.
-    with contextlib.suppress(Exception):
-        stack = getattr(_tls, "stack", None)
-        pylevel = _PY_LEVEL.get(level, logging.DEBUG)
-        if not stack and not logger.isEnabledFor(pylevel):
-            return 0
-        msg = _vformat(fmt, ap).rstrip("\n")
-        if stack:
-            stack[-1].append((level, msg))
-            if stack[-1].quiet:
-                return 0
-        logger.log(pylevel, "%s", msg)
+    # Exceptions cannot propagate through C; never let one escape.  A Ctrl-C
+    # is remembered and raised by _capturing() once the libbpf call returns.
+    try:
+        _print_cb_body(level, fmt, ap)
+    except KeyboardInterrupt:
+        _tls.interrupted = True
+    except Exception:  # noqa: BLE001, S110 - logging must never break a libbpf call
+        pass
     return 0
+
+
+def interrupt_handler(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM handler for programs that use this module.
+
+    Python runs signal handlers between bytecodes, which can be inside one
+    of libbpf's callbacks into Python, where ctypes swallows exceptions.  So
+    during a libbpf call the KeyboardInterrupt is deferred to the moment the
+    call returns; otherwise it is raised at once, as Python's default does.
+    """
+    if getattr(_tls, "stack", None):
+        _tls.interrupted = True
+        return
+    raise KeyboardInterrupt
+
+
+def _print_cb_body(level: int, fmt: int, ap: int) -> None:
+    stack = getattr(_tls, "stack", None)
+    pylevel = _PY_LEVEL.get(level, logging.DEBUG)
+    if not stack and not logger.isEnabledFor(pylevel):
+        return
+    msg = _vformat(fmt, ap).rstrip("\n")
+    if stack:
+        stack[-1].append((level, msg))
+        if stack[-1].quiet:
+            return
+    logger.log(pylevel, "%s", msg)
 
 
 # Module-level reference: libbpf keeps the raw pointer forever, so the
@@ -595,6 +626,32 @@ def _close_fd(fd: int) -> None:
 def num_possible_cpus() -> int:
     """Number of possible CPUs (sizes per-CPU map values)."""
     return _call("get number of possible CPUs", _num_possible_cpus)
+
+
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
+
+
+@contextlib.contextmanager
+def run_time_stats() -> Iterator[None]:
+    """Have the kernel count runs and run time of every BPF program while the
+    block runs (``Program.run_stats``).
+
+    BPF_ENABLE_STATS hands back an fd and the accounting stays on only while
+    some such fd is open, so an interrupted caller cannot leave it on (unlike
+    the kernel.bpf_stats_enabled sysctl).  It costs two clock reads per run.
+    """
+    fd = _call("enable BPF run-time stats", _enable_stats, BPF_STATS_RUN_TIME)
+    try:
+        yield
+    finally:
+        _close_fd(fd)
+
+
+class ProgStats(NamedTuple):
+    """Runs and total run time the kernel counted (see run_time_stats)."""
+
+    run_cnt: int
+    run_time_ns: int
 
 
 def _round8(n: int) -> int:
@@ -997,6 +1054,11 @@ class Program:
     @property
     def tag(self) -> str:
         return bytes(self._loaded_info().tag).hex()
+
+    def run_stats(self) -> ProgStats:
+        """Runs and run time so far; counted only while run_time_stats() is on."""
+        info = _get_info(self.fd, _bpf_prog_info, self._label())
+        return ProgStats(info.run_cnt, info.run_time_ns)
 
     def pin(self, path: str) -> None:
         """Pin the program at ``path`` on bpffs."""

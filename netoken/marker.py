@@ -7,34 +7,20 @@ programs get the same behaviour as operators.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import ipaddress
 import json
-import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 from . import config as nconfig
-from . import layout, state
+from . import layout, program, state
 from .config import Config, ConfigError, Policy
-from .datapath import (
-    config_value,
-    key_value,
-    object_path,
-    percpu_counters,
-    realtime_minus_tai_ns,
-    sync_keys,
-    sync_map,
-    u32,
-)
+from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
 from .libbpf import (
     BPF_TC_EGRESS,
     BPF_TC_INGRESS,
-    BpfObject,
     Map,
     Program,
     RingBuffer,
@@ -44,10 +30,10 @@ from .libbpf import (
     tc_hook_create,
     tc_hook_destroy,
     tc_query,
-    unpin,
 )
+from .program import PinnedProgram, ProgramRole, Replacement
 from .rules import RuleError, compile_lpm, expand
-from .state import PROG_PIN, PROG_PIN_NEW, RoleState
+from .state import RoleState
 
 # netoken's own filter on the egress hook: a fixed handle and priority, so
 # attach replaces only ours and detach removes only ours.  Priority 1 runs
@@ -81,10 +67,7 @@ class MarkerError(Exception):
 
 
 def ifindex(ifname: str) -> int:
-    try:
-        return socket.if_nametoindex(ifname)
-    except OSError:
-        raise MarkerError(f"interface {ifname!r} does not exist") from None
+    return program.ifindex(ifname, MarkerError)
 
 
 def policy_value(policy: Policy, index: int) -> bytes:
@@ -118,8 +101,6 @@ class MarkEvent:
     @classmethod
     def from_bytes(cls, data: bytes) -> MarkEvent:
         e = layout.NtMarkEvent.from_bytes(data)
-        alen = 4 if e.family == 4 else 16
-        addr = ipaddress.IPv4Address if e.family == 4 else ipaddress.IPv6Address
         mac = e.mode == layout.MODE_MAC
         return cls(
             ts_ns=e.ts_ns,
@@ -130,8 +111,8 @@ class MarkEvent:
             mode="mac" if mac else "static",
             key_id=e.key_id,
             reason=layout.MARK_REASONS[e.reason],
-            saddr=str(addr(bytes(e.saddr[:alen]))),
-            daddr=str(addr(bytes(e.daddr[:alen]))),
+            saddr=event_addr(e.family, e.saddr),
+            daddr=event_addr(e.family, e.daddr),
             sport=e.sport,
             dport=e.dport,
             nonce=bytes(e.nonce) if mac else b"",
@@ -139,120 +120,30 @@ class MarkEvent:
         )
 
 
-def _check_compatible(want: Map, have: Map) -> None:
-    # libbpf's reuse_fd adopts the existing map's shape without comparing, so
-    # maps pinned by a different netoken build would be silently misread.
-    a = (want.type, want.key_size, want.value_size, want.max_entries)
-    b = (have.type, have.key_size, have.value_size, have.max_entries)
-    if a != b:
-        raise MarkerError(
-            f"pinned map {have.name} does not match this netoken's marker "
-            f"(type/key/value/entries {b} vs {a}); detach the old marker first"
-        )
+class Marker(PinnedProgram):
+    """The marker: netoken_mark on a tc egress hook, and its maps (see PinnedProgram)."""
 
+    ROLE = ROLE_NAME
+    OBJECT = "marker"
+    PROG_NAME = PROG_NAME
+    MAPS = MAPS
+    Error = MarkerError
+    VERB = "mark"
+    CONFIG_MAP = "nt_config"
+    CONFIG_STRUCT = layout.NtConfig
+    STATS_MAP = "nt_mark_stats"
+    REASONS = layout.MARK_REASONS
+    EVENTS_MAP = "nt_mark_events"
+    EVENT = MarkEvent
 
-class Marker:
-    """A loaded marker program and its maps (not necessarily attached).
-
-    Either fresh from the ELF object (:meth:`load`) or reopened from its pins
-    by another process (:meth:`from_pins`); both behave the same.
-    """
-
-    def __init__(
-        self,
-        obj: BpfObject | None = None,
-        *,
-        prog: Program | None = None,
-        maps: dict[str, Map] | None = None,
-    ) -> None:
-        self.obj = obj
-        if obj is not None:
-            prog = obj.program(PROG_NAME)
-            maps = {name: obj.map(name) for name in MAPS}
-        if prog is None or maps is None:
-            raise TypeError("Marker needs a BpfObject or a program and its maps")
-        self.prog: Program = prog
-        self.maps: dict[str, Map] = maps
-        self.policies: tuple[Policy, ...] = ()
+    policies: tuple[Policy, ...] = ()  # what configure() last wrote
 
     @classmethod
     def load(cls, reuse: Mapping[str, Map] | None = None) -> Marker:
         """Load a new program.  Maps named in REUSE are shared instead of
         created, which is how a replacement program keeps the live policies
         and counters of the one it replaces."""
-        obj = BpfObject.open(str(object_path("marker")))
-        try:
-            for name, m in (reuse or {}).items():
-                _check_compatible(obj.map(name), m)
-                obj.reuse_map(name, m)
-            obj.load()
-        except BaseException:
-            obj.close()
-            raise
-        return cls(obj)
-
-    @classmethod
-    def from_pins(cls, ifname: str, st: RoleState | None = None) -> Marker:
-        """Open the marker pinned for IFNAME (its program and every map)."""
-        st = st or state_of(ifname)
-        if not st.exists():
-            raise MarkerError(
-                f"no marker on {ifname} (run `netoken mark attach {ifname} -c FILE` first)"
-            )
-        missing = [n for n in MAPS if not os.path.exists(st.pin(n))]
-        if missing:
-            raise MarkerError(
-                f"pinned marker state in {st.pin_dir} is incomplete (missing {', '.join(missing)}); "
-                f"run `netoken mark detach {ifname}` and attach again"
-            )
-        maps: dict[str, Map] = {}
-        try:
-            for name in MAPS:
-                maps[name] = Map.from_pinned(st.pin(name))
-            prog = Program.from_pinned(st.pin(PROG_PIN))
-        except BaseException:
-            for m in maps.values():
-                m.close()
-            raise
-        return cls(prog=prog, maps=maps)
-
-    def pin(self, st: RoleState) -> None:
-        """Pin every map not pinned yet, and this program as PROG_PIN_NEW:
-        it becomes PROG_PIN (:meth:`commit_pin`) only once tc runs it, so the
-        pins never name a program that is not attached."""
-        st.make_dir()
-        for name, m in self.maps.items():
-            path = st.pin(name)
-            if os.path.exists(path):
-                with Map.from_pinned(path) as pinned:
-                    if pinned.id == m.id:
-                        continue
-                raise MarkerError(f"{path} is pinned but is not this marker's map")
-            m.pin(path)
-        unpin(st.pin(PROG_PIN_NEW))
-        self.prog.pin(st.pin(PROG_PIN_NEW))
-
-    def commit_pin(self, st: RoleState) -> None:
-        """Make the staged program pin the current one (rename is atomic)."""
-        os.replace(st.pin(PROG_PIN_NEW), st.pin(PROG_PIN))
-
-    def close(self) -> None:
-        if self.obj is not None:
-            self.obj.close()
-        else:
-            self.prog.close()
-            for m in self.maps.values():
-                m.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _generation(self) -> int:
-        raw = self.maps["nt_config"].lookup(u32(0))
-        return layout.NtConfig.from_bytes(raw).generation if raw else 0
+        return cls._load_object(reuse)
 
     def configure(self, cfg: Config) -> None:
         """Make the maps hold exactly CFG: keys, policies, prefixes, option.
@@ -261,7 +152,7 @@ class Marker:
         new policy for its destination, never none (see POLICY_HALF).
         """
         check(cfg)
-        gen = 1 - self._generation()
+        gen = 1 - self._config().generation
         base = gen * POLICY_HALF
         keys = self.maps["nt_keys"]
         # New keys before the policies that name them, removed keys only after
@@ -278,25 +169,15 @@ class Marker:
         sync_keys(keys, cfg.keys)
         self.policies = cfg.policies
 
-    def sync_clock(self) -> None:
-        """Refresh the REALTIME-TAI offset (changes only with the TAI-UTC offset)."""
-        raw = self.maps["nt_config"].lookup(u32(0))
-        cur = layout.NtConfig.from_bytes(raw)
-        cur.realtime_minus_tai_ns = realtime_minus_tai_ns()
-        self.maps["nt_config"].update(u32(0), bytes(cur))
-
     def attach(self, ifname: str) -> TcFilter:
         """Attach on IFNAME's egress, replacing only netoken's own filter."""
         idx = ifindex(ifname)
         tc_hook_create(idx, BPF_TC_EGRESS)
         return tc_attach(idx, BPF_TC_EGRESS, self.prog.fd, TC_HANDLE, TC_PRIORITY, replace=True)
 
-    def stats(self) -> dict[str, int]:
-        return percpu_counters(self.maps["nt_mark_stats"], layout.MARK_REASONS)
-
-    def events(self, callback) -> RingBuffer:
+    def events(self, callback: Callable[[MarkEvent], object]) -> RingBuffer:
         """A ring buffer that calls CALLBACK(MarkEvent) per marked SYN."""
-        return RingBuffer(self.maps["nt_mark_events"], lambda b: callback(MarkEvent.from_bytes(b)))
+        return super().events(callback)
 
 
 def detach(ifname: str) -> bool:
@@ -351,7 +232,7 @@ def check(cfg: Config) -> None:
 
 def state_of(ifname: str, create: bool = False) -> RoleState:
     """The marker's pinned state for IFNAME (bpffs mounted first with CREATE)."""
-    return RoleState(ifname, ROLE_NAME, state.bpffs(create=create) or state.BPFFS)
+    return Marker.state_of(ifname, create)
 
 
 def _policy_meta(p: Policy) -> dict[str, Any]:
@@ -367,16 +248,7 @@ def _policy_meta(p: Policy) -> dict[str, Any]:
 
 
 def _config_meta(cfg: Config) -> dict[str, Any]:
-    return {
-        "config": os.path.abspath(cfg.path),
-        "applied_at": state.now_iso(),
-        "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
-        "keys": [
-            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file)}
-            for k in sorted(cfg.keys.values(), key=lambda k: k.id)
-        ],
-        "policies": [_policy_meta(p) for p in cfg.policies],
-    }
+    return {**program.config_meta(cfg), "policies": [_policy_meta(p) for p in cfg.policies]}
 
 
 def tc_filter_count(ifname: str, hook: str) -> int | None:
@@ -444,57 +316,32 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     with state.locked():
         old_meta = st.read_meta()
         st.check_netns(old_meta)
-        if not st.exists() and st.pin_dir.exists():
-            st.remove()  # a crash between mkdir and the first pin left it
-        old = Marker.from_pins(ifname, st) if st.exists() else None
         prev_prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
-        new: Marker | None = None
-        created_clsact = attached = False
-        try:
-            new = Marker.load(reuse=old.maps if old else None)
+        with Replacement(Marker, ifname, st) as r:
+            if old_meta and old_meta.get("config"):
+                # The shared maps already hold the new config: give the old
+                # program its own back if that config still loads.
+                r.restore_old = lambda old: old.configure(nconfig.load(old_meta["config"]))
+            r.new = new = Marker.load(reuse=r.old.maps if r.old else None)
             new.configure(cfg)
             new.pin(st)
             created_clsact = tc_hook_create(idx, BPF_TC_EGRESS)
+            if created_clsact:
+                r.on_failure(lambda: _destroy_clsact_if_empty(ifname, idx))
             filt = tc_attach(
                 idx, BPF_TC_EGRESS, new.prog.fd, TC_HANDLE, TC_PRIORITY, replace=True
             )
-            attached = True
+            r.on_failure(lambda: _restore_filter(idx, prev_prog_id))
             new.commit_pin(st)
             kept = bool(
                 old_meta and old_meta.get("created_clsact") and old_meta.get("ifindex") == idx
             )
-            meta = {
-                "version": state.META_VERSION,
-                "role": ROLE_NAME,
-                "ifname": ifname,
-                "ifindex": idx,
-                "netns": state.current_netns(),
+            attachment = {
                 "tc": {"hook": "egress", "handle": TC_HANDLE, "priority": TC_PRIORITY},
                 "created_clsact": created_clsact or kept,
-                "attached_at": state.now_iso(),
-                **_config_meta(cfg),
             }
-            st.write_meta(meta)
+            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
             prog_id, tag = new.prog.id, new.prog.tag
-        except BaseException:
-            if attached:
-                _restore_filter(idx, prev_prog_id)
-            if created_clsact:
-                _destroy_clsact_if_empty(ifname, idx)
-            unpin(st.pin(PROG_PIN_NEW))
-            if old is None:
-                st.remove()
-            elif new is not None and old_meta and old_meta.get("config"):
-                # The shared maps already hold the new config: give the old
-                # program its own back if that config still loads.
-                with contextlib.suppress(Exception):
-                    old.configure(nconfig.load(old_meta["config"]))
-            raise
-        finally:
-            if new is not None:
-                new.close()
-            if old is not None:
-                old.close()
     return {
         "ifname": ifname,
         "ifindex": idx,
@@ -514,16 +361,11 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
 def apply(ifname: str, cfg: Config) -> dict[str, Any]:
     """Make the live, pinned maps of IFNAME's marker hold CFG; no reattach."""
     check(cfg)
-    st = state_of(ifname)
-    with state.locked():
-        meta = st.read_meta() or {}
-        st.check_netns(meta)
-        with Marker.from_pins(ifname, st) as m:
-            m.configure(cfg)
-            prog_id = m.prog.id
+    with Marker.updating(ifname) as (m, meta):
+        m.configure(cfg)
+        prog_id = m.prog.id
         before = {p.get("name") for p in meta.get("policies", [])}
         meta.update(_config_meta(cfg))
-        st.write_meta(meta)
     after = {p.name for p in cfg.policies}
     return {
         "ifname": ifname,
@@ -543,21 +385,12 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
     left on either of its hooks.  An interface that is gone has taken its
     filters with it; its pins are still cleaned up.
     """
-    st = state_of(ifname)
-    with state.locked():
-        meta = st.read_meta()
-        st.check_netns(meta)
-        has_state = st.pin_dir.exists() or meta is not None
-        try:
-            idx: int | None = ifindex(ifname)
-        except MarkerError:
-            if not has_state:
-                raise
-            idx = None
+    with Marker.removing(ifname) as r:
+        idx, meta = r.idx, r.meta
         prog_id = None
         if idx is not None:
             prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
-            if prog_id is None and not has_state:
+            if prog_id is None and not r.has_state:
                 raise MarkerError(f"no netoken marker on {ifname}")
             if prog_id is not None:
                 tc_detach(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
@@ -569,7 +402,6 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
             and meta.get("ifindex") == idx
         ):
             clsact = _destroy_clsact_if_empty(ifname, idx)
-        st.remove()
     return {
         "ifname": ifname,
         "role": ROLE_NAME,
@@ -583,19 +415,12 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
 # the marker as a role of the generic status / stats / monitor views
 
 
-def _bind_names(mask: int) -> list[str]:
-    return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
-
-
-def _fmt_ts(ts_ns: int, offset_ns: int) -> str:
-    t = _dt.datetime.fromtimestamp((ts_ns + offset_ns) / 1e9, _dt.UTC)
-    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-class MarkerRole:
+class MarkerRole(ProgramRole):
     """status/stats/monitor for pinned markers (see state.Role)."""
 
     name = ROLE_NAME
+    PROGRAM = Marker
+    RUNS = "filter"
 
     def check(self, cfg: Config) -> None:
         check(cfg)
@@ -603,18 +428,9 @@ class MarkerRole:
     def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
         return apply(ifname, cfg)
 
-    def status(self, st: RoleState) -> dict[str, Any]:
-        meta = st.read_meta() or {}
-        d: dict[str, Any] = {"ifname": st.ifname, "ifindex": None, "role": ROLE_NAME}
-        with Program.from_pinned(st.pin(PROG_PIN)) as prog:
-            d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
-        try:
-            idx: int | None = ifindex(st.ifname)
-        except MarkerError:
-            idx = None
+    def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         live = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY) if idx is not None else None
-        d["ifindex"] = idx
-        d["attach"] = {
+        return live, {
             "type": "tc",
             "qdisc": "clsact",
             "hook": "egress",
@@ -622,57 +438,22 @@ class MarkerRole:
             "priority": TC_PRIORITY,
             "mode": "direct-action",
         }
-        if idx is None:
-            d["state"] = "interface missing"
-        elif live is None:
-            d["state"] = "not attached"
-        elif live != d["prog"]["id"]:
-            d["state"] = f"filter runs prog {live}, not the pinned one"
-        else:
-            d["state"] = "attached"
-        d["attached"] = d["state"] == "attached"
-        d["pinned"] = str(st.pin_dir)
-        d["netns"] = meta.get("netns")
-        d["config"] = meta.get("config")
-        d["attached_at"] = meta.get("attached_at")
-        d["applied_at"] = meta.get("applied_at")
+
+    def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
         d["created_clsact"] = meta.get("created_clsact")
-        with Map.from_pinned(st.pin("nt_config")) as m:
-            raw = m.lookup(u32(0))
-        cfgv = layout.NtConfig.from_bytes(raw) if raw else layout.NtConfig()
+        cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
-        files = {k.get("id"): k.get("file") for k in meta.get("keys", [])}
-        keys = []
-        with Map.from_pinned(st.pin("nt_keys")) as m:
-            for kid in range(layout.MAX_KEYS):
-                raw = m.lookup(u32(kid))
-                k = layout.NtKey.from_bytes(raw) if raw else None
-                if k is not None and k.window:
-                    keys.append(
-                        {"id": kid, "window": k.window, "bind": _bind_names(k.bind),
-                         "file": files.get(kid)}
-                    )
-        d["keys"] = keys
+        d["keys"] = program.live_keys(st, meta)
         d["policies"] = meta.get("policies", [])
-        return d
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
-        lines = [
-            f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
+        lines = self.status_head(
+            d,
             f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
             + f"prio {a['priority']}, {a['mode']}",
-            f"pinned   {d['pinned']}",
-        ]
-        if d.get("config"):
-            lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
-        o = d["option"]
-        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}")
-        ks = []
-        for k in d["keys"]:
-            extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
-            ks.append(f"{k['id']} (window {k['window']}s{extra})")
-        lines.append("keys     " + (", ".join(ks) or "none"))
+        )
+        lines.append(program.keys_line(d["keys"]))
         if not d["policies"]:
             lines.append("policies none (nothing is marked)")
         width = max((len(str(p.get("name"))) for p in d["policies"]), default=0)
@@ -685,24 +466,11 @@ class MarkerRole:
             )
         return lines
 
-    def stats(self, st: RoleState) -> dict[str, int]:
-        with Map.from_pinned(st.pin("nt_mark_stats")) as m:
-            return percpu_counters(m, layout.MARK_REASONS)
-
-    def lost_events(self, st: RoleState) -> int:
-        return self.stats(st)["events_lost"]
-
-    def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> RingBuffer:
+    def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
         names = _PolicyNames(st)
-        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; events show wall-clock time.
-        offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
 
-        def on_event(data: bytes) -> None:
-            e = MarkEvent.from_bytes(data)
+        def fields(e: MarkEvent) -> dict[str, Any]:
             d: dict[str, Any] = {
-                "time": _fmt_ts(e.ts_ns, offset),
-                "ifname": st.ifname,
-                "role": ROLE_NAME,
                 "reason": e.reason,
                 "policy": names.get(e.policy),
                 "policy_id": e.policy,
@@ -715,10 +483,9 @@ class MarkerRole:
             }
             if e.mode == "mac":
                 d.update(key_id=e.key_id, epoch=e.epoch, nonce=e.nonce.hex(), tag=e.tag.hex())
-            callback(d)
+            return d
 
-        with Map.from_pinned(st.pin("nt_mark_events")) as m:
-            return RingBuffer(Map.from_fd(os.dup(m.fd)), on_event)
+        return fields
 
     def event_header(self) -> str:
         return (
@@ -727,9 +494,7 @@ class MarkerRole:
         )
 
     def event_line(self, e: dict[str, Any]) -> str:
-        def ep(addr: str, port: int) -> str:
-            return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
+        ep = program.endpoint
         t = e["time"][11:23]
         mac = e["mode"] == "mac"
         return (

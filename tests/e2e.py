@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 from scapy.utils import rdpcap
 
@@ -85,6 +86,50 @@ def connect(ns: str, addr: str, port: int, timeout: float = 5.0) -> bytes:
         return data
 
 
+class ConnectionLoop:
+    """Real connections from NS to ADDR:PORT, one after the other on each of
+    WORKERS threads, while the block runs; counts the ones that succeeded
+    (done) and keeps the errors of the others (failures)."""
+
+    def __init__(self, ns: str, addr: str, port: int, workers: int = 4) -> None:
+        self.ns, self.addr, self.port = ns, addr, port
+        self.done = 0
+        self.failures: list[Exception] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(workers)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                # A dropped SYN would come back as a retransmission after a
+                # second, not as a failure: the guard's counters show those.
+                connect(self.ns, self.addr, self.port, timeout=3)
+                with self._lock:
+                    self.done += 1
+            except OSError as e:
+                self.failures.append(e)
+
+    def wait_for(self, n: int, limit: float, stop_at_failure: bool = False) -> None:
+        """Wait until N connections succeeded; fail if LIMIT seconds pass
+        first (or, with STOP_AT_FAILURE, once one failed)."""
+        deadline = time.monotonic() + limit
+        while (self.done < n and time.monotonic() < deadline
+               and not (stop_at_failure and self.failures)):
+            time.sleep(0.01)
+        assert self.done >= n, f"only {self.done} connections ({self.failures[:3]})"
+
+    def __enter__(self) -> Self:
+        for th in self._threads:
+            th.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for th in self._threads:
+            th.join(timeout=10)
+
+
 def curl(ns: str, addr: str, port: int) -> str:
     host = f"[{addr}]" if ":" in addr else addr
     out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "5",
@@ -93,7 +138,10 @@ def curl(ns: str, addr: str, port: int) -> str:
     return out.stdout
 
 
-SYN_ONLY = "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn or ip6[53] & 0x12 == 0x02"
+# libpcap's tcp[] only reaches IPv4; for IPv6 (no extension headers) the
+# flags are at byte 40 + 13, and only if the next header is TCP.
+SYN_ONLY = ("tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
+            " or (ip6 and ip6[6] == 6 and ip6[53] & 0x12 == 0x02)")
 
 
 @contextmanager
@@ -166,6 +214,8 @@ def syns(path: Path) -> list[bytes]:
     for pkt in rdpcap(str(path)):
         raw = bytes(pkt)
         p = parse(raw)
+        if p.proto != 6:
+            continue
         flags = raw[p.l4 + 13]
         if flags & 0x02 and not flags & 0x10:
             out.append(raw)

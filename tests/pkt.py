@@ -37,6 +37,7 @@ class Parsed:
     l4: int
     tcp_len: int
     ip_end: int
+    proto: int = 6   # IPv4 protocol / IPv6 next header (no extension headers)
 
     @property
     def ihl(self) -> int:
@@ -89,12 +90,13 @@ def parse(raw: bytes) -> Parsed:
     if etype == 0x0800:
         ihl = (raw[off] & 0x0F) * 4
         ip_end = off + struct.unpack("!H", raw[off + 2:off + 4])[0]
-        l4, family = off + ihl, 4
+        l4, family, proto = off + ihl, 4, raw[off + 9]
     else:
         assert etype == 0x86DD
         ip_end = off + 40 + struct.unpack("!H", raw[off + 4:off + 6])[0]
-        l4, family = off + 40, 6
-    return Parsed(raw, off, family, l4, (raw[l4 + 12] >> 4) * 4, ip_end)
+        l4, family, proto = off + 40, 6, raw[off + 6]
+    tcp_len = (raw[l4 + 12] >> 4) * 4 if len(raw) > l4 + 12 else 0
+    return Parsed(raw, off, family, l4, tcp_len, ip_end, proto)
 
 
 def syn(dst: str = "198.51.100.7", dport: int = 443, src: str | None = None, sport: int = 40000,

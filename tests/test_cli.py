@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from netoken.netns import netns
 from netoken.state import BPFFS, RUN_DIR, encode_ifname
 
 from .conftest import TEST_KEY, Lab, Topology, build_topology, run, write_key
-from .e2e import SYN_ONLY, capture, connect, server, syns, wait_captured
+from .e2e import SYN_ONLY, ConnectionLoop, capture, connect, server, syns, wait_captured
 from .pkt import parse, syn
 
 PORT = 8080
@@ -149,41 +148,14 @@ def steady_load(s: Setup, during: Callable[[], None], path: Path,
     """Connect in loops from WORKERS threads, run DURING once BEFORE
     connections succeeded, stop AFTER more; returns (every SYN the server
     saw, connections made).  Several loops make the change race many SYNs."""
-    done = [0]
-    lock = threading.Lock()
-    failures: list[Exception] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                connect(s.t.client, s.t.server_ip, PORT, timeout=3)
-                with lock:
-                    done[0] += 1
-            except OSError as e:
-                failures.append(e)
-
-    def wait_for(n: int) -> None:
-        deadline = time.monotonic() + 10
-        while done[0] < n and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert done[0] >= n, f"only {done[0]} connections ({failures[:3]})"
-
     with server(s.t.server, PORT), capture(s.t.server, s.t.server_if, path, SYN_ONLY):
-        threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
-        for th in threads:
-            th.start()
-        try:
-            wait_for(before)
+        with ConnectionLoop(s.t.client, s.t.server_ip, PORT, workers) as loop:
+            loop.wait_for(before, 10)
             during()
-            wait_for(done[0] + after)
-        finally:
-            stop.set()
-            for th in threads:
-                th.join(timeout=10)
-        wait_captured(path, done[0])
-    assert not failures, failures[:3]
-    return syns(path), done[0]
+            loop.wait_for(loop.done + after, 10)
+        wait_captured(path, loop.done)
+    assert not loop.failures, loop.failures[:3]
+    return syns(path), loop.done
 
 
 def token_of(raw: bytes) -> token.Token | None:
@@ -395,7 +367,9 @@ def test_apply_switches_tokens_with_zero_unmarked_syns(setup: Setup, tmp_path):
     assert "applied" in applied[0]
     assert len(captured) >= made
     tokens = [token_of(raw) for raw in captured]
-    assert None not in tokens, f"{tokens.count(None)} of {len(captured)} SYNs unmarked"
+    assert None not in tokens, (f"{tokens.count(None)} of {len(captured)} SYNs unmarked; "
+                                f"marker counters {s.counters()}; unmarked: "
+                                f"{[r.hex() for r, tk in zip(captured, tokens) if tk is None]}")
     by_key: dict[int, list[bytes]] = {1: [], 2: []}
     for raw, tok in zip(captured, tokens, strict=True):
         by_key[tok.key_id].append(raw)

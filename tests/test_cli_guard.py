@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from netoken.netns import netns
 from netoken.state import RUN_DIR, encode_ifname
 
 from .conftest import TEST_KEY, Lab, Topology, build_topology, run, uid
-from .e2e import connect, server
+from .e2e import ConnectionLoop, connect, server
 from .pkt import rebuild_with_option, syn
 from .test_cli import (
     EMPTY_OBJ,
@@ -41,6 +40,7 @@ from .test_cli import (
     ok,
     one_line_error,
     pin_dir,
+    policy,
     write_config,
 )
 
@@ -55,13 +55,7 @@ def config(dest: str, *, guard_dest: str | None = None, policy_key: int = 1,
            cache: int = 4096, extra: str = "") -> str:
     """A config body (no [[key]]): a marker policy for DEST:PORT and a
     protect entry for GUARD_DEST (default DEST):PORT."""
-    return f"""
-[[policy]]
-name = "svc"
-destinations = ["{dest}"]
-ports = [{PORT}]
-key = {policy_key}
-
+    return policy(dest, key=policy_key) + f"""
 [guard]
 action = "{action}"
 skew = {skew}
@@ -147,42 +141,12 @@ def connection_loop(t: Topology, steps: list[Callable[[], object]], between: int
     """Connect in loops from WORKERS threads; run each step after BETWEEN
     more connections succeeded, and let BETWEEN more through after the last.
     Returns (connections made, failures)."""
-    done = [0]
-    lock = threading.Lock()
-    failures: list[Exception] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                # A dropped SYN would come back as a retransmission after a
-                # second, not as a failure: the guard's counters show those.
-                connect(t.client, t.server_ip, PORT, timeout=3)
-                with lock:
-                    done[0] += 1
-            except OSError as e:
-                failures.append(e)
-
-    def wait_for(n: int) -> None:
-        deadline = time.monotonic() + 15
-        while done[0] < n and time.monotonic() < deadline and not failures:
-            time.sleep(0.01)
-        assert done[0] >= n, f"only {done[0]} connections ({failures[:3]})"
-
-    with server(t.server, PORT):
-        threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
-        for th in threads:
-            th.start()
-        try:
-            for step in steps:
-                wait_for(done[0] + between)
-                step()
-            wait_for(done[0] + between)
-        finally:
-            stop.set()
-            for th in threads:
-                th.join(timeout=10)
-    return done[0], failures
+    with server(t.server, PORT), ConnectionLoop(t.client, t.server_ip, PORT, workers) as loop:
+        for step in steps:
+            loop.wait_for(loop.done + between, 15, stop_at_failure=True)
+            step()
+        loop.wait_for(loop.done + between, 15, stop_at_failure=True)
+    return loop.done, loop.failures
 
 
 def valid_syn(t: Topology, key: bytes = TEST_KEY, key_id: int = 1) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -27,82 +26,38 @@ from netoken.guard import Guard
 from netoken.marker import Marker
 from netoken.netns import netns
 
-from .conftest import TEST_KEY, build_topology, write_key
+from .conftest import TEST_KEY, build_topology
 from .e2e import connect, server
-from .pkt import LINUX_SYN_OPTS, parse, rebuild_with_option, syn
+from .pkt import LINUX_SYN_OPTS, parse, syn
+from .verdicts import (
+    GUARD_SECTION,
+    KEY2,
+    KEY3,
+    MON,
+    STATIC,
+    V4,
+    V6,
+    WINDOW,
+    mac_option,
+    marked,
+    steady_epoch,
+    verdict,
+    write_config,
+)
 
-WINDOW = 30
-KEY2 = bytes(range(100, 116))   # bound to saddr
-KEY3 = bytes(range(200, 216))   # defined, accepted nowhere
-STATIC = 0x1122334455667788
-V4, V6, MON, ELSEWHERE = "198.51.100.7", "2001:db8:100::7", "203.0.113.9", "192.0.2.200"
+ELSEWHERE = "192.0.2.200"
 
 CONFIG = """
 [[policy]]
 name = "web"
 destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
 key = 1
-
-[guard]
-action = "drop"
-skew = 1
-replay_cache = 65536
-
-[[guard.protect]]
-destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
-ports = [443, "7000-7100"]
-keys = [1, 2]
-tokens = ["0x1122334455667788"]
-
-[[guard.protect]]
-destinations = ["203.0.113.0/24"]
-keys = [1]
-action = "monitor"
-"""
-
-
-def write_config(directory: Path, body: str = CONFIG) -> nconfig.Config:
-    text = ""
-    for kid, secret, bind in ((1, TEST_KEY, ""), (2, KEY2, '"saddr"'), (3, KEY3, "")):
-        path = write_key(directory, f"{kid}.key", secret)
-        text += f'[[key]]\nid = {kid}\nfile = "{path}"\nwindow = {WINDOW}\nbind = [{bind}]\n\n'
-    path = directory / "netoken.toml"
-    path.write_text(text + body)
-    return nconfig.load(path)
+""" + GUARD_SECTION
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> nconfig.Config:
-    return write_config(tmp_path_factory.mktemp("decode"))
-
-
-def steady_epoch() -> int:
-    """The current epoch, at least 2 s before the next boundary, so frames
-    stamped now and the guard's clock agree on it for the whole test."""
-    left = WINDOW - (time.time() % WINDOW)
-    if left < 2.0:
-        time.sleep(left + 0.05)
-    return token.epoch_now(WINDOW)
-
-
-def src_of(dst: str) -> str:
-    return "2001:db8:1::1" if ":" in dst else "192.0.2.1"
-
-
-def mac_option(dst=V4, dport=443, *, key=TEST_KEY, key_id=1, epoch=None, src=None,
-               sport=40000, bind=0, nonce=None) -> bytes:
-    epoch = steady_epoch() if epoch is None else epoch
-    return token.build_mac_option(key, key_id=key_id, epoch=epoch & 0xFFFFFFFF, daddr=dst,
-                                  dport=dport, saddr=src or src_of(dst), sport=sport, bind=bind,
-                                  nonce=nonce or os.urandom(4))
-
-
-def marked(dst=V4, dport=443, *, src=None, sport=40000, vlans=0, option=None, payload=b"",
-           before=LINUX_SYN_OPTS, **kw) -> bytes:
-    """A Linux-like SYN carrying OPTION (default: a fresh reference token)."""
-    opt = option if option is not None else mac_option(dst, dport, src=src, sport=sport, **kw)
-    return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans,
-                                   options=before, payload=payload), opt)
+    return write_config(tmp_path_factory.mktemp("decode"), CONFIG)
 
 
 def write_frames(path: Path, frames: list[bytes], *, linktype: int = 1, endian: str = "<",
@@ -223,15 +178,6 @@ def test_marker_output_decodes_and_verifies(tmp_path, cfg):
 # ---------------------------------------------------------------- verdicts
 
 
-def guard_verdict(guard: Guard, raw: bytes) -> str:
-    reasons = set(layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)
-    before = guard.stats()
-    guard.prog.test_run(raw)
-    after = guard.stats()
-    (reason,) = (k for k in reasons if after[k] != before[k])
-    return reason
-
-
 def verdict_frames(epoch: int) -> list[bytes]:
     ok = marked(epoch=epoch)
     opt = mac_option(epoch=epoch)
@@ -262,7 +208,7 @@ def test_verdicts_agree_with_the_guard(tmp_path, cfg):
     frames = verdict_frames(steady_epoch())
     with Guard.load(replay_cache=cfg.guard.replay_cache) as g:
         g.configure(cfg)
-        want = [guard_verdict(g, f) for f in frames]
+        want = [verdict(g, f) for f in frames]
     path = tmp_path / "verdicts.pcap"
     _scapy_pcap(path, frames)
     got = decode_capture(path, cfg)

@@ -10,7 +10,8 @@ from netoken.guard import Guard, GuardError, attached, detach
 from netoken.netns import netns
 
 from .conftest import run
-from .test_guard_datapath import write_config
+from .test_guard_datapath import GUARD
+from .verdicts import write_config
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def veth(lab):
 @pytest.fixture
 def guard(tmp_path):
     g = Guard.load(replay_cache=4096)
-    g.configure(write_config(tmp_path))
+    g.configure(write_config(tmp_path, GUARD))
     yield g
     g.close()
 
@@ -57,7 +58,7 @@ def test_forced_generic_and_mode_switch(veth, guard, tmp_path):
     with netns(ns):
         assert guard.attach(ifname, mode="generic").mode == "generic"
         with Guard.load(replay_cache=4096) as g2:
-            g2.configure(write_config(tmp_path))
+            g2.configure(write_config(tmp_path, GUARD))
             # a newer guard replaces ours in place, keeping the mode
             a = g2.attach(ifname)
             assert (a.mode, a.prog_id) == ("generic", g2.prog.id)

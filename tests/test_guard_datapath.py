@@ -12,7 +12,6 @@ import os
 import random
 import struct
 import time
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -24,16 +23,26 @@ from netoken import layout, token
 from netoken.guard import Guard, GuardEvent
 from netoken.marker import Marker
 
-from .conftest import TEST_KEY, write_key
+from .conftest import TEST_KEY
 from .pkt import DST_MAC, LINUX_SYN_OPTS, SRC_MAC, options_of_len, parse, rebuild_with_option, syn
+from .verdicts import (
+    GUARD_SECTION,
+    KEY2,
+    KEY3,
+    MON,
+    STATIC,
+    V4,
+    V6,
+    WINDOW,
+    mac_option,
+    marked,
+    run,
+    steady_epoch,
+    verdict,
+    write_config,
+)
 
 XDP_DROP, XDP_PASS = 1, 2
-WINDOW = 30
-KEY2 = bytes(range(100, 116))   # bound to saddr
-KEY3 = bytes(range(200, 216))   # defined, accepted nowhere
-STATIC = 0x1122334455667788
-
-V4, V6, MON = "198.51.100.7", "2001:db8:100::7", "203.0.113.9"
 
 GUARD = """
 [[policy]]
@@ -46,41 +55,12 @@ name = "legacy"
 destinations = ["198.51.100.200/32"]
 mode = "static"
 token = "0x1122334455667788"
-
-[guard]
-action = "drop"
-skew = 1
-replay_cache = 65536
-
-[[guard.protect]]
-destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
-ports = [443, "7000-7100"]
-keys = [1, 2]
-tokens = ["0x1122334455667788"]
-
-[[guard.protect]]
-destinations = ["203.0.113.0/24"]
-keys = [1]
-action = "monitor"
-"""
-
-
-def write_config(directory: Path, body: str = GUARD,
-                 keys: dict[int, tuple[bytes, tuple[str, ...]]] | None = None) -> nconfig.Config:
-    keys = keys if keys is not None else {1: (TEST_KEY, ()), 2: (KEY2, ("saddr",)), 3: (KEY3, ())}
-    text = ""
-    for kid, (secret, bind) in keys.items():
-        path = write_key(directory, f"{kid}.key", secret)
-        binds = ", ".join(f'"{b}"' for b in bind)
-        text += f'[[key]]\nid = {kid}\nfile = "{path}"\nwindow = {WINDOW}\nbind = [{binds}]\n\n'
-    path = directory / "netoken.toml"
-    path.write_text(text + body)
-    return nconfig.load(path)
+""" + GUARD_SECTION
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> nconfig.Config:
-    return write_config(tmp_path_factory.mktemp("cfg"))
+    return write_config(tmp_path_factory.mktemp("cfg"), GUARD)
 
 
 @pytest.fixture(scope="module")
@@ -99,56 +79,10 @@ def marker(cfg):
     m.close()
 
 
-def steady_epoch() -> int:
-    """The current epoch, waiting out the last second before a boundary so a
-    test's tokens and the guard's clock agree on it."""
-    left = WINDOW - (time.time() % WINDOW)
-    if left < 1.0:
-        time.sleep(left + 0.05)
-    return token.epoch_now(WINDOW)
-
-
-def mac_option(*, dst=V4, dport=443, key=TEST_KEY, key_id=1, epoch=None, nonce=None,
-               src="192.0.2.1", sport=40000, bind=0) -> bytes:
-    epoch = steady_epoch() if epoch is None else epoch
-    return token.build_mac_option(key, key_id=key_id, epoch=epoch & 0xFFFFFFFF, daddr=dst,
-                                  dport=dport, saddr=src, sport=sport, bind=bind,
-                                  nonce=nonce or os.urandom(4))
-
-
 def with_options(raw: bytes, dst=V4, dport=443, src=None, sport=40000, vlans=0) -> bytes:
     """A SYN whose option bytes are exactly RAW (padded with EOL to a word)."""
     raw = raw + b"\0" * (-len(raw) % 4)
     return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans), raw)
-
-
-def marked(dst=V4, dport=443, *, before=LINUX_SYN_OPTS, src=None, sport=40000, vlans=0, **kw) -> bytes:
-    """A SYN carrying a reference token after Linux-like options."""
-    opt = mac_option(dst=dst, dport=dport, src=src or ("192.0.2.1" if ":" not in dst else "2001:db8:1::1"),
-                     sport=sport, **kw)
-    return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans,
-                                   options=before), opt)
-
-
-PACKET_REASONS = set(layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)
-
-
-def run(guard: Guard, data: bytes) -> tuple[int, dict[str, int]]:
-    """(retval, counter deltas) for one packet; the packet must come out as it went in."""
-    before = guard.stats()
-    r = guard.prog.test_run(data)
-    after = guard.stats()
-    assert r.data_out == data, "the guard must never modify a packet"
-    counted = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-    per_packet = {k: v for k, v in counted.items() if k in PACKET_REASONS}
-    assert len(per_packet) == 1 and sum(per_packet.values()) == 1, counted
-    return r.retval, counted
-
-
-def verdict(guard: Guard, data: bytes) -> str:
-    _, counted = run(guard, data)
-    (reason,) = (k for k in counted if k in PACKET_REASONS)
-    return reason
 
 
 def assert_verdict(guard: Guard, data: bytes, want: str, retval: int | None = None) -> dict:
@@ -342,7 +276,7 @@ def test_monitor_entry_counts_and_passes(guard):
 
 
 def test_global_override(tmp_path):
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, GUARD)
     with Guard.load() as g:
         g.configure(cfg, action="monitor")
         assert_verdict(g, syn(), "missing", XDP_PASS)
@@ -453,7 +387,7 @@ def test_captured_syn_replayed_1000_times_passes_at_most_once(guard, marker):
 
 
 def test_removed_key_makes_its_tokens_unknown_key(tmp_path):
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, GUARD)
     with Guard.load() as g:
         g.configure(cfg)
         opt = mac_option(key=KEY3, key_id=3)
@@ -475,7 +409,7 @@ def test_removed_key_makes_its_tokens_unknown_key(tmp_path):
 
 
 def test_reconfigure_keeps_one_generation_of_entries(tmp_path):
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, GUARD)
     with Guard.load() as g:
         for _ in range(3):
             g.configure(cfg)
@@ -489,7 +423,7 @@ def test_reconfigure_keeps_one_generation_of_entries(tmp_path):
 
 def test_key_stats(tmp_path):
     with Guard.load() as g:
-        g.configure(write_config(tmp_path))
+        g.configure(write_config(tmp_path, GUARD))
         verdict(g, marked())
         pkt = marked()
         verdict(g, pkt)
@@ -501,7 +435,7 @@ def test_key_stats(tmp_path):
 
 def test_event_describes_the_dropped_syn(tmp_path):
     with Guard.load() as g:
-        g.configure(write_config(tmp_path))
+        g.configure(write_config(tmp_path, GUARD))
         events: list[GuardEvent] = []
         e = steady_epoch()
         opt = bytearray(mac_option(epoch=e, src="192.0.2.77", sport=41000, dport=7001))
@@ -523,7 +457,7 @@ def test_event_describes_the_dropped_syn(tmp_path):
 
 def test_events_are_rate_limited_and_accounted(tmp_path):
     with Guard.load() as g:
-        g.configure(write_config(tmp_path), event_rate=10, event_burst=5)
+        g.configure(write_config(tmp_path, GUARD), event_rate=10, event_burst=5)
         events: list[GuardEvent] = []
         with g.events(events.append) as rb:
             t0 = time.monotonic()
@@ -544,7 +478,7 @@ def test_events_are_rate_limited_and_accounted(tmp_path):
 
 def test_events_disabled_with_rate_zero(tmp_path):
     with Guard.load() as g:
-        g.configure(write_config(tmp_path), event_rate=0, event_burst=0)
+        g.configure(write_config(tmp_path, GUARD), event_rate=0, event_burst=0)
         g.prog.test_run(syn(), repeat=100)
         s = g.stats()
         assert (s["events"], s["events_suppressed"], s["dropped"]) == (0, 100, 100)

@@ -1,0 +1,483 @@
+"""A loaded BPF program and its maps, pinned per interface and role.
+
+The marker (tc, netoken/marker.py) and the guard (XDP, netoken/guard.py) are
+both this: an ELF object loaded with some maps shared from the program it
+replaces, pinned under /sys/fs/bpf/netoken/IFACE/ROLE with a metadata file in
+/run (netoken/state.py), reopened from those pins by any later process, and
+shown by the generic status / stats / monitor views.  What is the same for
+both lives here, once; each module specialises it with its object and program
+name, its maps, its error class and its CLI verb, and keeps what really
+differs (the attach hook, the config maps, the entries, the events) to itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+from . import layout, state
+from .config import Config
+from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
+from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
+from .state import PROG_PIN, PROG_PIN_NEW, RoleState
+
+
+def ifindex(ifname: str, error: type[Exception]) -> int:
+    """IFNAME's index; ERROR("interface ... does not exist") if there is none."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise error(f"interface {ifname!r} does not exist") from None
+
+
+def state_of(role: str, ifname: str, create: bool = False) -> RoleState:
+    """ROLE's pinned state for IFNAME (bpffs mounted first with CREATE)."""
+    return RoleState(ifname, role, state.bpffs(create=create) or state.BPFFS)
+
+
+class PinnedProgram:
+    """A loaded program and its maps (not necessarily attached).
+
+    Either fresh from the ELF object (a subclass's ``load``) or reopened from
+    its pins by another process (:meth:`from_pins`); both behave the same.
+    Subclasses set the class attributes below.
+    """
+
+    ROLE: ClassVar[str]  # role name: pin directory, metadata file, messages
+    OBJECT: ClassVar[str]  # netoken/bpf/OBJECT.bpf.o
+    PROG_NAME: ClassVar[str]
+    MAPS: ClassVar[tuple[str, ...]]
+    Error: ClassVar[type[Exception]]  # one-line errors the user can act on
+    VERB: ClassVar[str]  # `netoken VERB attach|detach`
+    CONFIG_MAP: ClassVar[str]  # a one-entry array of CONFIG_STRUCT
+    CONFIG_STRUCT: ClassVar[type[layout.Struct]]
+    STATS_MAP: ClassVar[str]  # per-CPU counters indexed by REASONS
+    REASONS: ClassVar[tuple[str, ...]]
+    EVENTS_MAP: ClassVar[str]  # ring buffer of EVENT records
+    EVENT: ClassVar[Any]  # a class with from_bytes(bytes)
+    # Maps a replacement program may bring instead of reusing the pinned
+    # one, and the name each is pinned under until commit_pin().
+    STAGED_MAPS: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(
+        self,
+        obj: BpfObject | None = None,
+        *,
+        prog: Program | None = None,
+        maps: dict[str, Map] | None = None,
+    ) -> None:
+        self.obj = obj
+        if obj is not None:
+            prog = obj.program(self.PROG_NAME)
+            maps = {name: obj.map(name) for name in self.MAPS}
+        if prog is None or maps is None:
+            raise TypeError(f"{type(self).__name__} needs a BpfObject or a program and its maps")
+        self.prog: Program = prog
+        self.maps: dict[str, Map] = maps
+
+    @classmethod
+    def state_of(cls, ifname: str, create: bool = False) -> RoleState:
+        return state_of(cls.ROLE, ifname, create)
+
+    @classmethod
+    def _check_compatible(cls, want: Map, have: Map) -> None:
+        # libbpf's reuse_fd adopts the existing map's shape without comparing, so
+        # maps pinned by a different netoken build would be silently misread.
+        a = (want.type, want.key_size, want.value_size, want.max_entries)
+        b = (have.type, have.key_size, have.value_size, have.max_entries)
+        if a != b:
+            raise cls.Error(
+                f"pinned map {have.name} does not match this netoken's {cls.ROLE} "
+                f"(type/key/value/entries {b} vs {a}); detach the old {cls.ROLE} first"
+            )
+
+    @classmethod
+    def _load_object(
+        cls,
+        reuse: Mapping[str, Map] | None = None,
+        max_entries: Mapping[str, int] | None = None,
+    ) -> Self:
+        """Open the ELF object, size the maps in MAX_ENTRIES, share those in
+        REUSE instead of creating them, and load it."""
+        obj = BpfObject.open(str(object_path(cls.OBJECT)))
+        try:
+            for name, n in (max_entries or {}).items():
+                obj.set_map_max_entries(name, n)
+            for name, m in (reuse or {}).items():
+                cls._check_compatible(obj.map(name), m)
+                obj.reuse_map(name, m)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return cls(obj)
+
+    @classmethod
+    def from_pins(cls, ifname: str, st: RoleState | None = None) -> Self:
+        """Open the program pinned for IFNAME (the program and every map)."""
+        st = st or cls.state_of(ifname)
+        if not st.exists():
+            raise cls.Error(
+                f"no {cls.ROLE} on {ifname} (run `netoken {cls.VERB} attach {ifname} -c FILE` first)"
+            )
+        missing = [n for n in cls.MAPS if not os.path.exists(st.pin(n))]
+        if missing:
+            raise cls.Error(
+                f"pinned {cls.ROLE} state in {st.pin_dir} is incomplete (missing {', '.join(missing)}); "
+                f"run `netoken {cls.VERB} detach {ifname}` and attach again"
+            )
+        maps: dict[str, Map] = {}
+        try:
+            for name in cls.MAPS:
+                maps[name] = Map.from_pinned(st.pin(name))
+            prog = Program.from_pinned(st.pin(PROG_PIN))
+        except BaseException:
+            for m in maps.values():
+                m.close()
+            raise
+        return cls(prog=prog, maps=maps)
+
+    def pin(self, st: RoleState) -> None:
+        """Pin every map not pinned yet, and this program as PROG_PIN_NEW.
+
+        The program becomes PROG_PIN (:meth:`commit_pin`) only once it runs,
+        so the pins never name a program that is not attached.  A map of
+        STAGED_MAPS that differs from the pinned one is staged the same way:
+        the old program still runs on the pinned one until the swap."""
+        st.make_dir()
+        for name, m in self.maps.items():
+            path = st.pin(name)
+            if os.path.exists(path):
+                with Map.from_pinned(path) as pinned:
+                    if pinned.id == m.id:
+                        continue
+                if name not in self.STAGED_MAPS:
+                    raise self.Error(f"{path} is pinned but is not this {self.ROLE}'s map")
+                path = st.pin(self.STAGED_MAPS[name])
+                unpin(path)
+            m.pin(path)
+        unpin(st.pin(PROG_PIN_NEW))
+        self.prog.pin(st.pin(PROG_PIN_NEW))
+
+    def commit_pin(self, st: RoleState) -> None:
+        """Make the staged pins the current ones (renames are atomic)."""
+        os.replace(st.pin(PROG_PIN_NEW), st.pin(PROG_PIN))
+        for name, staged in self.STAGED_MAPS.items():
+            if os.path.exists(st.pin(staged)):
+                os.replace(st.pin(staged), st.pin(name))
+
+    @classmethod
+    def unpin_staged(cls, st: RoleState) -> None:
+        """Remove what :meth:`pin` staged and :meth:`commit_pin` did not take."""
+        unpin(st.pin(PROG_PIN_NEW))
+        for staged in cls.STAGED_MAPS.values():
+            unpin(st.pin(staged))
+
+    def close(self) -> None:
+        if self.obj is not None:
+            self.obj.close()
+        else:
+            self.prog.close()
+            for m in self.maps.values():
+                m.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def read_config(cls, m: Map) -> Any:
+        """The CONFIG_STRUCT in M (a CONFIG_MAP), zeroed if there is none."""
+        raw = m.lookup(u32(0))
+        return cls.CONFIG_STRUCT.from_bytes(raw) if raw else cls.CONFIG_STRUCT()
+
+    def _config(self) -> Any:
+        return self.read_config(self.maps[self.CONFIG_MAP])
+
+    def sync_clock(self) -> None:
+        """Refresh the REALTIME-TAI offset (changes only with the TAI-UTC offset)."""
+        cur = self._config()
+        cur.realtime_minus_tai_ns = realtime_minus_tai_ns()
+        self.maps[self.CONFIG_MAP].update(u32(0), bytes(cur))
+
+    def stats(self) -> dict[str, int]:
+        """Counters by REASONS, summed over CPUs."""
+        return percpu_counters(self.maps[self.STATS_MAP], self.REASONS)
+
+    def events(self, callback: Callable[[Any], object]) -> RingBuffer:
+        """A ring buffer that calls CALLBACK(EVENT) per event record."""
+        return RingBuffer(self.maps[self.EVENTS_MAP], lambda b: callback(self.EVENT.from_bytes(b)))
+
+    # ----------------------------------------------------------------------
+    # pinned lifecycle: the shape of attach_pinned / apply / detach_pinned
+
+    @classmethod
+    @contextlib.contextmanager
+    def updating(cls, ifname: str) -> Iterator[tuple[Self, dict[str, Any]]]:
+        """(the program pinned for IFNAME, its metadata) under the state
+        lock; the metadata is written back if the block succeeds."""
+        st = cls.state_of(ifname)
+        with state.locked():
+            meta = st.read_meta() or {}
+            st.check_netns(meta)
+            with cls.from_pins(ifname, st) as p:
+                yield p, meta
+            st.write_meta(meta)
+
+    @classmethod
+    @contextlib.contextmanager
+    def removing(cls, ifname: str) -> Iterator[Removal]:
+        """IFNAME's state, under the state lock, to detach; the pins and the
+        metadata are removed if the block succeeds.  An interface that is
+        gone (Removal.idx None) is an error only without state to remove."""
+        st = cls.state_of(ifname)
+        with state.locked():
+            meta = st.read_meta()
+            st.check_netns(meta)
+            has_state = st.pin_dir.exists() or meta is not None
+            try:
+                idx: int | None = ifindex(ifname, cls.Error)
+            except cls.Error:
+                if not has_state:
+                    raise
+                idx = None
+            yield Removal(st, meta, has_state, idx)
+            st.remove()
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What detach_pinned works with (see PinnedProgram.removing)."""
+
+    st: RoleState
+    meta: dict[str, Any] | None
+    has_state: bool
+    idx: int | None
+
+
+P = TypeVar("P", bound=PinnedProgram)
+
+
+class Replacement(Generic[P]):
+    """One attach_pinned: the program pinned on ST before (if any), the new
+    one that replaces it, and how a failure half way is undone.
+
+    Creating it opens the old program (after removing a pin directory that
+    a crash left without a program pin).  If the block fails, the undo steps
+    registered with :meth:`on_failure` run (last first), the staged pins go,
+    and then either all of ST goes (there was no old program) or, once a new
+    program was loaded, :attr:`restore_old` gives the old program back the
+    contents of the maps they share.  Both programs are closed either way.
+    """
+
+    def __init__(self, kind: type[P], ifname: str, st: RoleState) -> None:
+        self.kind = kind
+        self.st = st
+        if not st.exists() and st.pin_dir.exists():
+            st.remove()  # a crash between mkdir and the first pin left it
+        self.old: P | None = kind.from_pins(ifname, st) if st.exists() else None
+        self.new: P | None = None
+        self.restore_old: Callable[[P], object] | None = None
+        self._undo: list[Callable[[], object]] = []
+
+    def on_failure(self, undo: Callable[[], object]) -> None:
+        self._undo.append(undo)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if typ is not None:
+                for undo in reversed(self._undo):
+                    undo()
+                self.kind.unpin_staged(self.st)
+                if self.old is None:
+                    self.st.remove()
+                elif self.new is not None and self.restore_old is not None:
+                    with contextlib.suppress(Exception):
+                        self.restore_old(self.old)
+        finally:
+            if self.new is not None:
+                self.new.close()
+            if self.old is not None:
+                self.old.close()
+
+
+# --------------------------------------------------------------------------
+# metadata
+
+
+def attach_meta(
+    role: str, ifname: str, idx: int, attachment: dict[str, Any], config: dict[str, Any]
+) -> dict[str, Any]:
+    """The metadata of a fresh attachment: who and where, how it is attached
+    (ATTACHMENT), when, and what config it runs (CONFIG, see config_meta)."""
+    return {
+        "version": state.META_VERSION,
+        "role": role,
+        "ifname": ifname,
+        "ifindex": idx,
+        "netns": state.current_netns(),
+        **attachment,
+        "attached_at": state.now_iso(),
+        **config,
+    }
+
+
+def config_meta(cfg: Config) -> dict[str, Any]:
+    """What the metadata says about CFG for every role (never key bytes)."""
+    return {
+        "config": os.path.abspath(cfg.path),
+        "applied_at": state.now_iso(),
+        "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
+        "keys": [
+            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file)}
+            for k in sorted(cfg.keys.values(), key=lambda k: k.id)
+        ],
+    }
+
+
+# --------------------------------------------------------------------------
+# a pinned program as a role of the generic status / stats / monitor views
+
+
+def bind_names(mask: int) -> list[str]:
+    return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
+
+
+def fmt_ts(ts_ns: int, offset_ns: int) -> str:
+    t = _dt.datetime.fromtimestamp((ts_ns + offset_ns) / 1e9, _dt.UTC)
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def live_keys(st: RoleState, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The keys in ST's pinned nt_keys (never their bytes), with the files
+    the metadata names for them."""
+    files = {k.get("id"): k.get("file") for k in meta.get("keys", [])}
+    keys = []
+    with Map.from_pinned(st.pin("nt_keys")) as m:
+        for kid in range(layout.MAX_KEYS):
+            raw = m.lookup(u32(kid))
+            k = layout.NtKey.from_bytes(raw) if raw else None
+            if k is not None and k.window:
+                keys.append(
+                    {"id": kid, "window": k.window, "bind": bind_names(k.bind),
+                     "file": files.get(kid)}
+                )
+    return keys
+
+
+def keys_line(keys: list[dict[str, Any]]) -> str:
+    ks = []
+    for k in keys:
+        extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
+        ks.append(f"{k['id']} (window {k['window']}s{extra})")
+    return "keys     " + (", ".join(ks) or "none")
+
+
+class ProgramRole:
+    """status/stats/monitor of a pinned program (see state.Role).
+
+    Subclasses name their PinnedProgram and say how to find what runs on the
+    hook (:meth:`attachment`), what else their status holds
+    (:meth:`status_details`) and what their events carry (:meth:`event_fields`).
+    """
+
+    name: str
+    PROGRAM: ClassVar[type[PinnedProgram]]
+    RUNS: ClassVar[str]  # what runs another program: "filter" (tc), "XDP"
+
+    def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+        """(id of the program on IDX's hook or None, the status "attach" section)."""
+        raise NotImplementedError
+
+    def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
+        """Add the role's own sections to the status D."""
+        raise NotImplementedError
+
+    def event_fields(self, st: RoleState) -> Callable[[Any], dict[str, Any]]:
+        """A function from one EVENT to its JSON-able fields (after time,
+        ifname and role)."""
+        raise NotImplementedError
+
+    def status(self, st: RoleState) -> dict[str, Any]:
+        meta = st.read_meta() or {}
+        d: dict[str, Any] = {"ifname": st.ifname, "ifindex": None, "role": self.name}
+        with Program.from_pinned(st.pin(PROG_PIN)) as prog:
+            d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
+        error = self.PROGRAM.Error
+        try:
+            idx: int | None = ifindex(st.ifname, error)
+        except error:
+            idx = None
+        live, attach = self.attachment(idx, meta)
+        d["ifindex"] = idx
+        d["attach"] = attach
+        if idx is None:
+            d["state"] = "interface missing"
+        elif live is None:
+            d["state"] = "not attached"
+        elif live != d["prog"]["id"]:
+            d["state"] = f"{self.RUNS} runs prog {live}, not the pinned one"
+        else:
+            d["state"] = "attached"
+        d["attached"] = d["state"] == "attached"
+        d["pinned"] = str(st.pin_dir)
+        d["netns"] = meta.get("netns")
+        d["config"] = meta.get("config")
+        d["attached_at"] = meta.get("attached_at")
+        d["applied_at"] = meta.get("applied_at")
+        self.status_details(st, meta, d)
+        return d
+
+    def pinned_config(self, st: RoleState) -> Any:
+        """The CONFIG_STRUCT of ST's pinned CONFIG_MAP."""
+        with Map.from_pinned(st.pin(self.PROGRAM.CONFIG_MAP)) as m:
+            return self.PROGRAM.read_config(m)
+
+    def status_head(self, d: dict[str, Any], attach_line: str) -> list[str]:
+        """The first status lines: state, ATTACH_LINE, pins, config, option."""
+        lines = [
+            f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
+            attach_line,
+            f"pinned   {d['pinned']}",
+        ]
+        if d.get("config"):
+            lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
+        o = d["option"]
+        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}")
+        return lines
+
+    def stats(self, st: RoleState) -> dict[str, int]:
+        with Map.from_pinned(st.pin(self.PROGRAM.STATS_MAP)) as m:
+            return percpu_counters(m, self.PROGRAM.REASONS)
+
+    def lost_events(self, st: RoleState) -> int:
+        return self.stats(st)["events_lost"]
+
+    def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> RingBuffer:
+        fields = self.event_fields(st)
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; events show wall-clock time.
+        offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
+        event_type = self.PROGRAM.EVENT
+
+        def on_event(data: bytes) -> None:
+            e = event_type.from_bytes(data)
+            callback({"time": fmt_ts(e.ts_ns, offset), "ifname": st.ifname, "role": self.name,
+                      **fields(e)})
+
+        with Map.from_pinned(st.pin(self.PROGRAM.EVENTS_MAP)) as m:
+            return RingBuffer(Map.from_fd(os.dup(m.fd)), on_event)
