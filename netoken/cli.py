@@ -570,11 +570,6 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 # replaced on its own.
 
 
-def _unavailable(verb: str) -> int:
-    _note(f"{verb} is not available yet")
-    return EXIT_UNAVAILABLE
-
-
 def cmd_decode(args: argparse.Namespace) -> int:
     from . import decode
 
@@ -594,7 +589,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _unavailable("bench")
+    from . import bench
+
+    return bench.run(args)
 
 
 # --------------------------------------------------------------------------
@@ -755,8 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=4, metavar="N",
                    help="connections to make through the marker (default 4)")
 
-    _verb(sub, "bench", "datapath and end-to-end benchmarks", "  netoken bench --json\n",
-          cmd_bench)
+    p = _verb(sub, "bench", "datapath, end-to-end and control-plane benchmarks",
+              "  netoken bench\n  netoken bench --quick --json\n"
+              "  netoken bench --only datapath -o results.json\n", cmd_bench)
+    from . import bench
+
+    bench.add_arguments(p)
     return parser
 
 

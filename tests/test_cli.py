@@ -543,14 +543,6 @@ def test_ip_netns_exec_is_refused_with_a_hint(setup: Setup):
     assert f"netoken -n {setup.t.client}" in line
 
 
-@pytest.mark.parametrize("name,argv", [
-    ("bench", ["bench"]),
-])
-def test_verbs_not_there_yet_say_so(name, argv):
-    r = netoken(*argv)
-    assert (r.returncode, r.stderr.strip()) == (2, f"netoken: {name} is not available yet")
-
-
 KEYS = '[[key]]\nid = 1\nfile = "{key}"\n'
 POLICY = '[[policy]]\nname = "p"\ndestinations = ["{dest}"]\nports = [{ports}]\nkey = 1\n'
 
