@@ -1,0 +1,406 @@
+"""The datapath part: the marker and the guard under BPF_PROG_TEST_RUN, each
+contender next to the empty program of its type, in interleaved rounds."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..datapath import object_path
+from ..libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_UPDATE_IF_NOEXIST,
+    BpfObject,
+    Program,
+    RingBuffer,
+    xdp_attach,
+)
+from ..netns import netns
+from .common import BenchError, Progress, _frame, _median, _p99, _say, bench_config
+from .namespaces import _ip, _tag
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    prog: Program
+    packet: bytes
+    repeat: int = 1           # >1 only for paths that never modify the packet
+    floor: str | None = None  # name of the contender this one is compared to
+    # When set, sample i runs packets[i]: paths that change state per packet
+    # (the guard's replay cache) are measured on first sight, not on repeats.
+    packets: tuple[bytes, ...] = ()
+    expect: str | None = None  # the counter reason this path must bump
+    stats: Callable[[], dict[str, int]] | None = None  # counters EXPECT is read from
+    before: Callable[[], None] | None = None  # untimed set-up before each sample
+
+    def packet_at(self, i: int) -> bytes:
+        return self.packets[i % len(self.packets)] if self.packets else self.packet
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    median_ns: float
+    p99_ns: float
+    samples: int
+    floor: str | None
+    over_floor_ns: float | None = None
+    repeat: int = 1
+    path: str | None = None
+
+
+def run_interleaved(contenders: list[Contender], samples: int,
+                    progress: Callable[[int], None] | None = None,
+                    after_round: Callable[[], None] | None = None,
+                    seed: int = 0) -> list[Result]:
+    """SAMPLES rounds; each round runs every contender once, in an order
+    shuffled anew each round: what ran just before a program (and left the
+    caches and branch predictors to it) differs from sample to sample, for
+    every contender alike."""
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    order = list(contenders)
+    rng = random.Random(seed)
+    for i in range(samples):
+        rng.shuffle(order)
+        for c in order:
+            if c.before is not None:
+                c.before()
+            r = c.prog.test_run(c.packet_at(i), repeat=c.repeat)
+            times[c.name].append(float(r.duration_ns))
+        if after_round is not None:
+            after_round()
+        if progress and i % 100 == 0:
+            progress(i)
+    med = {name: _median(t) for name, t in times.items()}
+    out = []
+    for c in contenders:
+        over = med[c.name] - med[c.floor] if c.floor else None
+        out.append(Result(c.name, med[c.name], _p99(times[c.name]), len(times[c.name]), c.floor,
+                          over, c.repeat, c.expect))
+    return out
+
+
+# Destinations the datapath config marks (mac / static), protects, and leaves alone.
+V4, V4_STATIC, V6, V4_OTHER = "198.51.100.7", "198.51.101.7", "2001:db8:100::7", "203.0.113.7"
+STATIC_TOKEN = "0x1122334455667788"
+
+DATAPATH_CONFIG = f"""
+[[policy]]
+name = "mac"
+destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
+ports = [443]
+key = 1
+
+[[policy]]
+name = "static"
+destinations = ["198.51.101.0/24"]
+ports = [443]
+mode = "static"
+token = "{STATIC_TOKEN}"
+
+[guard]
+action = "drop"
+skew = 1
+replay_cache = 1048576
+
+[[guard.protect]]
+destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
+ports = [443]
+keys = [1]
+
+[[guard.protect]]
+destinations = ["198.51.101.0/24"]
+ports = [443]
+tokens = ["{STATIC_TOKEN}"]
+"""
+
+# Repeat counts for the paths that leave the packet alone: enough runs per
+# sample that the kernel's ns-resolution average shows few-ns differences.
+TC_REPEAT = 1000
+XDP_REPEAT = 1000
+
+
+def marker_contenders(marker_prog: Program, empty_tc: Program,
+                      stats: Callable[[], dict[str, int]] | None = None,
+                      drain: Callable[[], None] | None = None,
+                      full_ring: tuple[Program, Callable[[], dict[str, int]]] | None = None,
+                      ) -> list[Contender]:
+    """The marker's paths at repeat=1, next to the empty TC program.
+
+    A marked SYN writes an event.  The kernel wakes the ring buffer's reader
+    (an irq_work) when the record lands in an empty ring, so that variant is
+    measured on its own: DRAIN empties the ring before it, and the ring holds
+    that record for the others.  FULL_RING is a second marker whose ring
+    nobody reads, the state of every marker without a `monitor` running."""
+    f = "empty tc"
+    out = [
+        Contender(f, empty_tc, _frame(V4)),
+        Contender("marker: IPv4 SYN, mac", marker_prog, _frame(V4), floor=f, expect="marked",
+                  stats=stats),
+        Contender("marker: IPv4 SYN, static", marker_prog, _frame(V4_STATIC), floor=f,
+                  expect="marked", stats=stats),
+        Contender("marker: IPv6 SYN, mac", marker_prog, _frame(V6), floor=f, expect="marked",
+                  stats=stats),
+        Contender("marker: SYN, no policy", marker_prog, _frame(V4_OTHER), floor=f,
+                  expect="no_policy", stats=stats),
+        Contender("marker: ACK, no payload", marker_prog, _frame(V4, "A"), floor=f,
+                  expect="not_syn", stats=stats),
+        Contender("marker: 1500-byte ACK", marker_prog, _frame(V4, "A", ip_len=1500), floor=f,
+                  expect="not_syn", stats=stats),
+        Contender("marker: UDP", marker_prog, _frame(V4, udp=True), floor=f, expect="not_tcp",
+                  stats=stats),
+    ]
+    if drain is not None:
+        out.insert(4, Contender("marker: IPv4 SYN, mac, event wakes the reader", marker_prog,
+                                _frame(V4), floor=f, expect="marked", stats=stats,
+                                before=drain))
+    if full_ring is not None:
+        prog, full_stats = full_ring
+        out.insert(4, Contender("marker: IPv4 SYN, mac, event ring full", prog, _frame(V4),
+                                floor=f, expect="events_lost", stats=full_stats))
+    return out
+
+
+def marker_repeat_contenders(marker_prog: Program, empty_tc: Program,
+                             repeat: int = TC_REPEAT) -> list[Contender]:
+    """The marker's non-editing paths (everything but a marked SYN) at a large repeat."""
+    f = "empty tc"
+    return [
+        Contender(f, empty_tc, _frame(V4), repeat),
+        Contender("marker: SYN, no policy", marker_prog, _frame(V4_OTHER), repeat, f,
+                  expect="no_policy"),
+        Contender("marker: ACK, no payload", marker_prog, _frame(V4, "A"), repeat, f,
+                  expect="not_syn"),
+        Contender("marker: 1500-byte ACK", marker_prog, _frame(V4, "A", ip_len=1500), repeat, f,
+                  expect="not_syn"),
+        Contender("marker: UDP", marker_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
+    ]
+
+
+def _marked(marker_prog: Program, frame: bytes) -> bytes:
+    return marker_prog.test_run(frame).data_out
+
+
+def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Program,
+                     repeat: int = XDP_REPEAT) -> list[Contender]:
+    """The guard's paths at a large repeat, next to the empty XDP program.
+
+    A valid mac token is accepted once; every further run of the same packet
+    is a `replay`, which is the guard's most expensive steady path (full MAC
+    check and a replay-cache hit).  First sight is measured separately
+    (guard_first_sight_contenders)."""
+    f = "empty xdp"
+    valid = _marked(marker_prog, _frame(V4))
+    bad = bytearray(_marked(marker_prog, _frame(V4)))
+    bad[-1] ^= 0xFF  # the tag's last byte: the option is the TCP header's tail
+    return [
+        Contender(f, empty_xdp, _frame(V4), repeat),
+        Contender("guard: valid SYN, seen before (replay)", guard_prog, valid, repeat, f,
+                  expect="replay"),
+        Contender("guard: IPv6 valid SYN, seen before", guard_prog,
+                  _marked(marker_prog, _frame(V6)), repeat, f, expect="replay"),
+        Contender("guard: valid static-token SYN", guard_prog,
+                  _marked(marker_prog, _frame(V4_STATIC)), repeat, f, expect="ok"),
+        Contender("guard: SYN without token", guard_prog, _frame(V4), repeat, f,
+                  expect="missing"),
+        Contender("guard: SYN with bad tag", guard_prog, bytes(bad), repeat, f,
+                  expect="bad_tag"),
+        Contender("guard: ACK to protected port", guard_prog, _frame(V4, "A"), repeat, f,
+                  expect="not_syn"),
+        Contender("guard: SYN, unprotected destination", guard_prog, _frame(V4_OTHER), repeat,
+                  f, expect="unprotected"),
+        Contender("guard: UDP", guard_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
+    ]
+
+
+def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
+                                 marker_prog: Program, n: int,
+                                 drain: Callable[[], None]) -> tuple[list[Contender], int]:
+    """Valid SYNs the guard has never seen, one run each (each is accepted
+    and inserted into the replay cache), next to the empty XDP program and
+    to a missing-token SYN at the same repeat=1; and how many marked SYNs
+    had to be thrown away as repeats.
+
+    Same flow, same epoch: two tokens differ only by their 32-bit nonce, so
+    among n SYNs about n^2 / 2^33 repeat one (the guard would take the
+    second for a replay)."""
+    f = "empty xdp"
+    fresh: list[bytes] = []
+    seen: set[bytes] = set()
+    repeats = 0
+    while len(fresh) < n + 1:  # one more for the path check
+        pkt = _marked(marker_prog, _frame(V4))
+        if pkt in seen:
+            repeats += 1
+            continue
+        seen.add(pkt)
+        fresh.append(pkt)
+        if len(fresh) % 1000 == 0:
+            drain()
+    return [
+        Contender(f, empty_xdp, _frame(V4)),
+        Contender("guard: valid SYN, first sight", guard_prog, fresh[0], floor=f,
+                  packets=tuple(fresh[1:]), expect="ok"),
+        Contender("guard: SYN without token", guard_prog, _frame(V4), floor=f,
+                  expect="missing"),
+    ], repeats
+
+
+def _check_paths(contenders: list[Contender], stats: Callable[[], dict[str, int]]) -> None:
+    """Run each contender once and make sure it takes the path its name says:
+    a benchmark of the wrong branch is worse than none."""
+    for c in contenders:
+        if c.expect is None:
+            continue
+        counters = c.stats or stats
+        if c.before is not None:
+            c.before()
+        before = counters()
+        c.prog.test_run(c.packet)
+        after = counters()
+        if after[c.expect] - before[c.expect] != 1:
+            got = [k for k in after if after[k] != before[k]]
+            raise BenchError(f"{c.name}: expected the {c.expect!r} path, counted {got}")
+
+
+def _fill_ring(marker: Any) -> None:
+    """Mark SYNs until MARKER's event ring is full (events_lost starts counting)."""
+    pkt = _frame(V4)
+    for _ in range(100):
+        marker.prog.test_run(pkt, repeat=1)
+        if marker.stats()["events_lost"]:
+            return
+        for _ in range(100):
+            marker.prog.test_run(pkt)
+    raise BenchError("the marker's event ring never filled up")
+
+
+@contextmanager
+def _xdp_parking(progs: list[Program]) -> Iterator[bool]:
+    """Keep PROGS attached (native XDP) to a down veth pair in a private namespace.
+
+    BPF_PROG_TEST_RUN with repeat > 1 puts an XDP program into the kernel's
+    XDP dispatcher for the run and takes it out after, two RCU grace periods
+    (~20 ms here) per call.  A program that is attached somewhere is already
+    in the dispatcher, so the calls cost only their runs; the timed loop is
+    the same.  Yields False (and parks nothing) where no namespace can be made.
+    """
+    if len(progs) > 2:
+        raise ValueError("one veth pair parks two programs")
+    ns = f"ntbench-{_tag()}-park"
+    devs = (f"ntbp{_tag()}a", f"ntbp{_tag()}b")
+    made = parked = False
+    try:
+        made = _ip("netns", "add", ns, check=False).returncode == 0
+        if made:
+            _ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1], ns=ns)
+            with netns(ns):
+                for dev, prog in zip(devs, progs):
+                    xdp_attach(socket.if_nametoindex(dev), prog,
+                               XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
+            parked = True
+    except (OSError, BenchError):
+        parked = False
+    try:
+        yield parked
+    finally:
+        if made:
+            # Deleting the namespace deletes the veths and detaches the programs.
+            _ip("netns", "del", ns, check=False)
+
+
+@contextmanager
+def _pinned_to_one_cpu() -> Iterator[int]:
+    """test_run runs on the calling CPU: keep every sample on the same one."""
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def datapath(quick: bool = False, samples: int | None = None,
+             progress: Progress = None) -> dict[str, Any]:
+    """The datapath micro-benchmarks; SAMPLES overrides every group's sample count."""
+    from ..guard import Guard
+    from ..marker import Marker
+
+    n1 = samples or (3000 if quick else 20000)   # repeat=1 groups
+    nr = samples or (300 if quick else 3000)     # large-repeat groups
+    groups: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="netoken-bench-")))
+        cfg = bench_config(tmp, DATAPATH_CONFIG)
+        assert cfg.guard is not None
+        empty = stack.enter_context(BpfObject.open(object_path("empty")))
+        empty.load()
+        empty_tc, empty_xdp = empty.program("netoken_empty_tc"), empty.program("netoken_empty_xdp")
+        marker = stack.enter_context(Marker.load())
+        marker.configure(cfg)
+        guard = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache))
+        guard.configure(cfg)
+        # Events are read (and thrown away) only where a contender says so:
+        # how full the ring is decides the marker's path (see marker_contenders).
+        mark_ring = stack.enter_context(RingBuffer(marker.maps["nt_mark_events"], lambda _b: None))
+        guard_ring = stack.enter_context(RingBuffer(guard.maps["nt_guard_events"],
+                                                    lambda _b: None))
+        full = stack.enter_context(Marker.load())
+        full.configure(cfg)
+        _fill_ring(full)
+
+        parked = stack.enter_context(_xdp_parking([empty_xdp, guard.prog]))
+        # Without parking every XDP sample costs ~20 ms of harness: fewer samples.
+        nx = nr if parked else min(nr, 50)
+        cpu = stack.enter_context(_pinned_to_one_cpu())
+
+        def group(title: str, contenders: list[Contender], n: int,
+                  stats: Callable[[], dict[str, int]]) -> None:
+            _check_paths(contenders, stats)
+            _say(progress, f"datapath: {title} ({n} rounds x {len(contenders)})")
+            rows = run_interleaved(contenders, n)
+            groups.append({"title": title, "samples": n, "repeat": contenders[-1].repeat,
+                           "rows": [asdict(r) for r in rows]})
+
+        group("marker (TC egress), one run per sample",
+              marker_contenders(marker.prog, empty_tc, marker.stats, mark_ring.consume,
+                                (full.prog, full.stats)), n1, marker.stats)
+        group(f"marker, paths that leave the packet alone, {TC_REPEAT} runs per sample",
+              marker_repeat_contenders(marker.prog, empty_tc), nr, marker.stats)
+
+        gc = guard_contenders(guard.prog, empty_xdp, marker.prog)
+        for c in gc:
+            if c.expect == "replay":
+                c.prog.test_run(c.packet)  # first sight: every later run is a replay
+
+        def spend_event_budget() -> None:
+            # Rejected SYNs write events at <= event_rate per second after a
+            # burst: spend the burst, so they take the path of a flood (event
+            # suppressed), and leave its events in the ring, so the few that
+            # get written later wake nobody (the marker group measures that).
+            guard_ring.consume()
+            guard.prog.test_run(_frame(V4), repeat=1000)
+
+        spend_event_budget()
+        group(f"guard (XDP), {XDP_REPEAT} runs per sample", gc, nx, guard.stats)
+        first, repeats = guard_first_sight_contenders(guard.prog, empty_xdp, marker.prog, n1,
+                                                      mark_ring.consume)
+        spend_event_budget()
+        before = guard.stats()
+        group("guard, valid SYNs on first sight, one run per sample", first, n1, guard.stats)
+        after = guard.stats()
+        # ok: the path check's packet plus one per sample; anything else would
+        # mean the first-sight samples were not first sight.
+        if after["ok"] - before["ok"] != n1 + 1 or after["replay"] != before["replay"]:
+            raise BenchError("first-sight SYNs were not all accepted on first sight")
+    return {"groups": groups, "cpu": cpu, "xdp_parked": parked,
+            "replay_cache": cfg.guard.replay_cache, "first_sight_repeated_tokens": repeats}
