@@ -7,9 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import BenchError
-from .report import format_table
-from .suite import PARTS, run_all
+from .common import PARTS, BenchError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     """`netoken bench`: the table (or JSON) on stdout, progress on stderr."""
     def progress(msg: str) -> None:
         print(f"netoken bench: {msg}", file=sys.stderr, flush=True)
+
+    from .report import format_table
+    from .suite import run_all
 
     try:
         res = run_all(quick=args.quick, progress=progress, parts=args.only or PARTS)

@@ -11,6 +11,8 @@ from typing import Any
 
 from .. import config as nconfig
 
+PARTS = ("datapath", "e2e", "control")
+
 Progress = Callable[[str], None] | None
 
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .common import BenchError, Progress, _guarded
+from .common import PARTS, BenchError, Progress, _guarded
 from .control_part import control
 from .datapath_part import datapath
 from .e2e_part import e2e
@@ -28,7 +28,6 @@ def machine() -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-PARTS = ("datapath", "e2e", "control")
 
 
 def run_all(quick: bool = False, progress: Progress = None,
