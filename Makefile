@@ -35,8 +35,10 @@ test: build
 demo: build
 	$(VENV)/bin/netoken demo
 
+# The table goes to the terminal and to bench/latest.txt, the figures as JSON
+# to bench/latest.json (both untracked; bench/README.md holds the published run).
 bench: build
-	$(VENV)/bin/netoken bench
+	$(VENV)/bin/netoken bench -o bench/latest.json > bench/latest.txt; rc=$$?; cat bench/latest.txt; exit $$rc
 
 lint: deps
 	$(VENV)/bin/ruff check netoken tests
