@@ -160,6 +160,11 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 		proto = parse_ip6hdr(&nh, data_end, &ip6h);
 		if (proto < 0)
 			goto short_or_bad;
+		/* The guard skips these to reach TCP, so the marker must too:
+		 * an unmarked SYN behind a Hop-by-Hop header would be dropped. */
+		proto = skip_ip6hdrext(&nh, data_end, proto);
+		if (proto < 0)
+			goto short_or_bad;
 		if (proto == IPPROTO_FRAGMENT)
 			return NT_MARK_FRAGMENT;
 		if (ip6_is_ext(proto))

@@ -47,7 +47,7 @@ enum nt_mark_reason {
 	NT_MARK_NOT_TCP,
 	NT_MARK_NOT_SYN,          /* TCP but not SYN && !ACK */
 	NT_MARK_FRAGMENT,
-	NT_MARK_IPV6_EXT,         /* IPv6 extension headers: passed unmarked */
+	NT_MARK_IPV6_EXT,         /* IPv6 extension headers it does not skip (AH, ESP, >4) */
 	NT_MARK_MALFORMED,        /* truncated header, bogus doff/ihl/lengths */
 	NT_MARK_NO_KEY,           /* policy names a key that is not loaded */
 	NT_MARK_ERROR,            /* a helper failed: packet passed unchanged */

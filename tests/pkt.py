@@ -37,7 +37,7 @@ class Parsed:
     l4: int
     tcp_len: int
     ip_end: int
-    proto: int = 6   # IPv4 protocol / IPv6 next header (no extension headers)
+    proto: int = 6   # IPv4 protocol / IPv6 upper-layer header (after HBH, RH, DO)
 
     @property
     def ihl(self) -> int:
@@ -95,6 +95,8 @@ def parse(raw: bytes) -> Parsed:
         assert etype == 0x86DD
         ip_end = off + 40 + struct.unpack("!H", raw[off + 4:off + 6])[0]
         l4, family, proto = off + 40, 6, raw[off + 6]
+        while proto in (0, 43, 60):  # Hop-by-Hop, Routing, Destination Options
+            proto, l4 = raw[l4], l4 + (raw[l4 + 1] + 1) * 8
     tcp_len = (raw[l4 + 12] >> 4) * 4 if len(raw) > l4 + 12 else 0
     return Parsed(raw, off, family, l4, tcp_len, ip_end, proto)
 

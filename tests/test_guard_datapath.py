@@ -153,6 +153,9 @@ def test_ipv6_extension_headers_do_not_bypass(guard):
         bare = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst=V6) / ext
                      / TCP(sport=40000, dport=443, flags="S"))
         assert_verdict(guard, bare, "missing")
+        # ... and the same SYN with a token behind the headers is accepted
+        token_syn = rebuild_with_option(bare, mac_option(V6, 443, src="2001:db8:1::1"))
+        assert_verdict(guard, token_syn, "ok")
 
 
 # ---------------------------------------------------------------- rejections
