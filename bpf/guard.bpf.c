@@ -182,12 +182,9 @@ static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
 		if (ipv4_is_fragment(iph))
 			return NT_GUARD_FRAGMENT;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		proto = parse_ip6hdr(&nh, data_end, &ip6h);
-		if (proto < 0)
-			return NT_GUARD_BAD_HEADER;
-		/* Skipped, not passed: otherwise a Hop-by-Hop header in front
-		 * of a SYN would walk it past the guard. */
-		proto = skip_ip6hdrext(&nh, data_end, proto);
+		/* Extension headers skipped, not passed: otherwise a Hop-by-Hop
+		 * header in front of a SYN would walk it past the guard. */
+		proto = parse_ip6_upper(&nh, data_end, &ip6h);
 		if (proto < 0)
 			return NT_GUARD_BAD_HEADER;
 		if (proto == IPPROTO_FRAGMENT)

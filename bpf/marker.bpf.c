@@ -157,12 +157,7 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 		p->l3_len = bpf_ntohs(iph->tot_len);
 		p->ip_end = p->l3_off + p->l3_len;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		proto = parse_ip6hdr(&nh, data_end, &ip6h);
-		if (proto < 0)
-			goto short_or_bad;
-		/* The guard skips these to reach TCP, so the marker must too:
-		 * an unmarked SYN behind a Hop-by-Hop header would be dropped. */
-		proto = skip_ip6hdrext(&nh, data_end, proto);
+		proto = parse_ip6_upper(&nh, data_end, &ip6h);
 		if (proto < 0)
 			goto short_or_bad;
 		if (proto == IPPROTO_FRAGMENT)

@@ -167,6 +167,20 @@ static __always_inline int ip6_is_ext(__u8 nexthdr)
 	return 0;
 }
 
+/* The IPv6 header and the extension headers skip_ip6hdrext() walks: returns
+ * what follows them (TCP, Fragment, another extension header, ...) or < 0.
+ * The marker and the guard both reach TCP through this, so a SYN the guard
+ * verifies is always one the marker can mark. */
+static __always_inline int parse_ip6_upper(struct hdr_cursor *nh, void *data_end,
+					   struct ipv6hdr **ip6hdr)
+{
+	int proto = parse_ip6hdr(nh, data_end, ip6hdr);
+
+	if (proto < 0)
+		return proto;
+	return skip_ip6hdrext(nh, data_end, proto);
+}
+
 static __always_inline int ipv4_is_fragment(const struct iphdr *iph)
 {
 	return (iph->frag_off & bpf_htons(0x3fff)) != 0;   /* MF or offset */

@@ -189,9 +189,6 @@ def detach(ifname: str) -> bool:
     return True
 
 
-def attached_prog_id(ifname: str) -> int | None:
-    return tc_query(ifindex(ifname), BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
-
 
 # --------------------------------------------------------------------------
 # checks that need no kernel
