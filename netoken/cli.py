@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import __version__, state
-from .config import ConfigError, generate_key
+from .config import generate_key
 from .config import load as load_config
-from .libbpf import BPFError, interrupt_handler
-from .state import RoleState, StateError
+from .errors import BPFError, NetokenError
+from .state import RoleState
+
+DEFAULT_CONFIG = "/etc/netoken/netoken.toml"
 
 PROG = "netoken"
 
@@ -35,7 +37,7 @@ EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 2
 
 
-class CliError(Exception):
+class CliError(NetokenError):
     """An error message for the user (one line)."""
 
 
@@ -571,6 +573,24 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
+# config
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Everything `attach` would refuse, without touching the kernel."""
+    cfg = load_config(args.file)
+    protects = len(cfg.guard.protect) if cfg.guard else 0
+    if args.json:
+        _emit_json({"file": os.path.abspath(args.file), "valid": True,
+                    "keys": sorted(cfg.keys), "policies": len(cfg.policies),
+                    "protect": protects}, args.pretty)
+    else:
+        print(f"{args.file}: valid: {_keys(sorted(cfg.keys))}, {_policies(len(cfg.policies))}, "
+              f"{_protects(protects)}")
+    return 0
+
+
+# --------------------------------------------------------------------------
 # verbs other modules provide; each handler is its own function so it can be
 # replaced on its own.
 
@@ -634,6 +654,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="indented JSON (implies --json)")
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG,
+                   help=f"TOML config (default {DEFAULT_CONFIG})")
+
+
 def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
           func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + epilog,
@@ -671,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken -n client mark attach veth0 -c lab.toml --json\n",
               cmd_mark_attach)
     p.add_argument("iface", metavar="IFACE")
-    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    _config_arg(p)
     p = _verb(msub, "detach", "remove netoken's marker filter and pins from IFACE (other "
               "filters and a shared clsact qdisc stay)",
               "  netoken mark detach eth0\n", cmd_mark_detach)
@@ -691,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken -n server guard attach veth0 -c lab.toml --xdp-mode generic\n",
               cmd_guard_attach)
     p.add_argument("iface", metavar="IFACE")
-    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    _config_arg(p)
     p.add_argument("--mode", choices=("drop", "monitor"),
                    help="override the action of every protect entry (kept by `apply`)")
     p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
@@ -710,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
               "and/or guard on IFACE (no reattach; removed entries disappear)",
               "  netoken apply eth0 -c /etc/netoken/netoken.toml\n", cmd_apply)
     p.add_argument("iface", metavar="IFACE")
-    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    _config_arg(p)
 
     p = _verb(sub, "stats", "counters by reason, summed over CPUs",
               "  netoken stats\n  netoken stats eth0 --watch\n"
@@ -718,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", metavar="IFACE", nargs="?")
     p.add_argument("-w", "--watch", action="store_true",
                    help="refresh every interval with per-second rates (Ctrl-C to stop)")
-    p.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="--watch refresh interval (default 1)")
 
     p = _verb(sub, "monitor", "print events as they happen (ring buffer); lost events are "
@@ -737,6 +762,16 @@ def build_parser() -> argparse.ArgumentParser:
               "never overwrites)", "  netoken key generate /etc/netoken/keys/2.key\n",
               cmd_key_generate)
     p.add_argument("file", metavar="FILE")
+
+    cfgp = sub.add_parser("config", help="check config files",
+                          epilog="examples:\n  netoken config check /etc/netoken/netoken.toml\n",
+                          formatter_class=_Formatter)
+    csub = cfgp.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = _verb(csub, "check", "validate a config file and the key files it names, without "
+              "touching the kernel (exit 0 if valid, else one line naming file, entry and "
+              "problem, exit 1)", "  netoken config check /etc/netoken/netoken.toml\n",
+              cmd_config_check)
+    p.add_argument("file", metavar="FILE", nargs="?", default=DEFAULT_CONFIG)
 
     p = _verb(sub, "decode", "list netoken options in a capture and verify them with keys",
               "  netoken decode syn.pcap -c netoken.toml\n"
@@ -770,17 +805,6 @@ def build_parser() -> argparse.ArgumentParser:
 # entry point
 
 
-def _bpf_message(e: BPFError) -> str:
-    msg = f"{e.op}: {e.strerror}"
-    if e.errno in (1, 13) and "verifier log" not in (e.detail or ""):  # EPERM, EACCES
-        msg += " (BPF needs root: CAP_BPF and CAP_NET_ADMIN)"
-    elif e.errno == 38:  # ENOSYS
-        msg += " (BPF is not available in this kernel)"
-    elif "verifier log" in (e.detail or ""):
-        msg += " (the kernel verifier rejected the program; --debug shows its log)"
-    return msg
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split("\n")[0].split()) if text else text
 
@@ -796,7 +820,7 @@ def _in_netns(name: str | None) -> Iterator[None]:
         ctx = netns(name)
         ctx.__enter__()
     except PermissionError:
-        raise StateError(
+        raise state.StateError(
             f"permission denied entering network namespace {name!r} (run as root)"
         ) from None
     try:
@@ -818,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Ctrl-C during a libbpf call is delivered when the call returns, not
     # lost inside one of its callbacks (see libbpf.interrupt_handler).
-    signal.signal(signal.SIGINT, interrupt_handler)
+    signal.signal(signal.SIGINT, _sigint)
     try:
         with _in_netns(args.netns):
             return int(args.func(args) or 0)
@@ -831,7 +855,11 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # noqa: BLE001 - every error becomes one line
-        _note(_error_line(e))
+        if args.json:
+            # bpftool's convention: scripts reading stdout get the error there.
+            _emit_json({"error": _error_line(e)}, args.pretty)
+        else:
+            _note(_error_line(e))
         if args.debug:
             if isinstance(e, BPFError) and e.detail:
                 print(e.detail, file=sys.stderr)
@@ -839,14 +867,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _error_line(e: Exception) -> str:
-    from .guard import GuardError
-    from .marker import MarkerError
+def _sigint(signum: int, frame: object) -> None:
+    # libbpf is loaded only by the verbs that need it; when it is, its
+    # handler keeps a Ctrl-C from being lost inside one of its callbacks.
+    lb = sys.modules.get("netoken.libbpf")
+    if lb is not None:
+        lb.interrupt_handler(signum, frame)
+        return
+    raise KeyboardInterrupt
 
-    if isinstance(e, (ConfigError, StateError, CliError, MarkerError, GuardError)):
+
+def _error_line(e: Exception) -> str:
+    if isinstance(e, NetokenError):
         return _one_line(str(e))
     if isinstance(e, BPFError):
-        return _bpf_message(e)
+        return e.user_message()
     if isinstance(e, FileNotFoundError) and e.filename is None:
         return _one_line(str(e))  # ours: object file or namespace missing
     if isinstance(e, OSError):

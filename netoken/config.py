@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from .errors import NetokenError
+
 __all__ = [
     "BIND_SADDR",
     "BIND_SPORT",
@@ -115,7 +117,7 @@ U64_MAX = (1 << 64) - 1
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class ConfigError(Exception):
+class ConfigError(NetokenError):
     """A rejected configuration or key file.
 
     ``str()`` is always exactly one line, ``FILE: ENTRY: PROBLEM`` (or

@@ -41,6 +41,7 @@ from typing import IO, Any
 from . import token
 from .config import DEFAULT_SKEW, Config, ConfigError, Protect
 from .config import load as load_config
+from .errors import NetokenError
 
 __all__ = [
     "FIELDS",
@@ -91,7 +92,7 @@ _PCAP_MAGIC = {
 _PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
 
 
-class CaptureError(Exception):
+class CaptureError(NetokenError):
     """A capture that cannot be read (one line, names the file)."""
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, layout, state
+from .errors import NetokenError
 from .state import RoleState, StateError
 
 DEFAULT_LISTEN = "127.0.0.1:9917"
@@ -60,7 +61,7 @@ examples:
 _PROG = "netoken"
 
 
-class ExporterError(Exception):
+class ExporterError(NetokenError):
     """A problem the user can fix (bad flag, address in use); one line."""
 
 

@@ -57,6 +57,7 @@ from typing import Any, ClassVar, Literal
 from . import layout, program, state
 from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
 from .datapath import event_addr, key_value, realtime_minus_tai_ns, sync_keys, sync_map, u32
+from .errors import NetokenError
 from .libbpf import (
     BPF_ANY,
     XDP_FLAGS_DRV_MODE,
@@ -114,7 +115,7 @@ XdpMode = Literal["native", "generic"]
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
 
-class GuardError(Exception):
+class GuardError(NetokenError):
     """A guard operation failed for a reason the user can act on (one line)."""
 
 

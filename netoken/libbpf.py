@@ -49,6 +49,8 @@ from ctypes import (
 )
 from typing import NamedTuple, Self, Union
 
+from .errors import BPFError, NetokenError
+
 __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
@@ -311,7 +313,14 @@ def _opts(struct: type[Structure], **fields: int) -> Structure:
 # library loading and prototypes
 # --------------------------------------------------------------------------
 
-_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+try:
+    _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+except OSError:
+    # Only the verbs that touch the kernel import this module; the others
+    # (decode, key, config, --help) keep working without libbpf.
+    raise NetokenError(
+        "libbpf.so.1 not found: install the libbpf1 package (apt-get install libbpf1)"
+    ) from None
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _PRINT_FN = CFUNCTYPE(c_int, c_int, c_void_p, c_void_p)
@@ -408,31 +417,6 @@ def _log_tail(entries: list[tuple[int, str]]) -> str:
     if warns:
         return "libbpf log (tail):\n" + "\n".join("  " + ln for ln in warns[-5:])
     return ""
-
-
-class BPFError(OSError):
-    """A failed libbpf/bpf() call.
-
-    ``errno`` is the positive error number, ``op`` names the operation and
-    object, ``log`` holds the libbpf (and verifier) output captured during the
-    call; the tail of it is included in ``str()``.
-    """
-
-    def __init__(self, errno: int, op: str, log: str = "", detail: str = "") -> None:
-        errno = abs(errno) or _errno.EINVAL
-        super().__init__(errno, os.strerror(errno))
-        self.op = op
-        self.log = log
-        self.detail = detail
-
-    def __str__(self) -> str:
-        s = f"{self.op}: {self.strerror}"
-        if self.detail:
-            s += "\n" + self.detail
-        return s
-
-    def __reduce__(self):  # OSError's default would call __init__(errno, strerror)
-        return (type(self), (self.errno, self.op, self.log, self.detail))
 
 
 _tls = threading.local()

@@ -18,6 +18,7 @@ from . import config as nconfig
 from . import layout, program, state
 from .config import Config, ConfigError, Policy
 from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
+from .errors import NetokenError
 from .libbpf import (
     BPF_TC_EGRESS,
     BPF_TC_INGRESS,
@@ -62,7 +63,7 @@ MAPS = (
 )
 
 
-class MarkerError(Exception):
+class MarkerError(NetokenError):
     """A marker operation failed for a reason the user can act on."""
 
 

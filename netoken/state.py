@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .errors import NetokenError
+
 BPFFS = Path("/sys/fs/bpf")
 RUN_DIR = Path("/run/netoken")
 ROOT_NAME = "netoken"
@@ -66,7 +68,7 @@ CAP_SYS_ADMIN = 21
 CAP_BPF = 39
 
 
-class StateError(Exception):
+class StateError(NetokenError):
     """The pinned state cannot be used; the message is one line for the user."""
 
 

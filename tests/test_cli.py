@@ -313,7 +313,7 @@ def test_stats_watch_piped_prints_lines_and_ctrl_c_exits_0(setup: Setup):
     s, t = setup, setup.t
     s.attach()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netoken", "-n", t.client, "stats", "--watch", "-i", "0.2"],
+        [sys.executable, "-m", "netoken", "-n", t.client, "stats", "--watch", "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()
     with server(t.server, PORT):

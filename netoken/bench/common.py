@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as nconfig
+from ..errors import NetokenError
 
 PARTS = ("datapath", "e2e", "control")
 
 Progress = Callable[[str], None] | None
 
 
-class BenchError(Exception):
+class BenchError(NetokenError):
     """The benchmark cannot run or would measure the wrong thing (one line)."""
 
 
