@@ -257,8 +257,8 @@ def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
     to a missing-token SYN at the same repeat=1; and how many marked SYNs
     had to be thrown away as repeats.
 
-    Same flow, same epoch: two tokens differ only by their 32-bit nonce, so
-    among n SYNs about n^2 / 2^33 repeat one (the guard would take the
+    Same flow, same epoch: two tokens differ only by their 48-bit nonce, so
+    among n SYNs about n^2 / 2^49 repeat one (the guard would take the
     second for a replay)."""
     f = "empty xdp"
     fresh: list[bytes] = []

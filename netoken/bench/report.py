@@ -39,7 +39,7 @@ def _datapath_lines(d: dict[str, Any]) -> list[str]:
         if d.get("xdp_parked") else "XDP not parked: few samples"
     out.append(f"  pinned to CPU {d['cpu']}; {note}; replay cache {d['replay_cache']:,} entries")
     out.append(f"  first sight: {d.get('first_sight_repeated_tokens', 0)} of the marked SYNs "
-               "repeated an earlier token (same flow and epoch, same 32-bit nonce): set aside")
+               "repeated an earlier token (same flow and epoch, same 48-bit nonce): set aside")
     return out
 
 
