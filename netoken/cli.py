@@ -44,10 +44,11 @@ class CliError(Exception):
 
 
 def _emit_json(obj: Any, pretty: bool) -> None:
-    if pretty:
-        print(json.dumps(obj, indent=2), flush=True)
-    else:
-        print(json.dumps(obj, separators=(",", ":")), flush=True)
+    text = json.dumps(obj, indent=2) if pretty else json.dumps(obj, separators=(",", ":"))
+    # One write with its newline: print() writes them separately, and a
+    # Ctrl-C between the two (monitor, stats --watch) glued two records.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _note(msg: str) -> None:
@@ -840,6 +841,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error_line(e: Exception) -> str:
+    # State directories are used through their fds; say which path they are.
+    return state.shown(_error_text(e))
+
+
+def _error_text(e: Exception) -> str:
     from .guard import GuardError
     from .marker import MarkerError
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 TOUR_NAMESPACES = ("client", "server")
-TOUR_PINS = [Path("/sys/fs/bpf/netoken") / n for n in ("nt-c", "nt-s")]
+TOUR_PINS = [Path(root) / n for root in ("/sys/fs/bpf/netoken", "/run/netoken")
+             for n in ("nt-c", "nt-s")]
 MARK = "\x1e"  # separates block outputs in the one bash run
 
 
