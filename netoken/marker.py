@@ -517,10 +517,7 @@ class _PolicyNames:
         now = time.monotonic()
         if now - self._checked > 0.5:
             self._checked = now
-            try:
-                mtime = self._st.meta_path.stat().st_mtime
-            except OSError:
-                mtime = -1.0
+            mtime = self._st.meta_mtime() or -1.0
             if mtime != self._mtime:
                 self._mtime = mtime
                 meta = self._st.read_meta() or {}
