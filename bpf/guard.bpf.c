@@ -10,8 +10,8 @@
  *     (missing / malformed)
  *   static token: accepted by this protect entry (ok / bad_tag)
  *   mac: key id accepted here (unknown_key), epoch within ±skew (stale),
- *     tag (bad_tag), then first sight of (key id, epoch, nonce, tag) in the
- *     LRU replay cache (replay)
+ *     tag (bad_tag), then first sight of the token in the replay cache
+ *     (replay)
  * Only SYNs whose tag verified reach the replay cache, so a flood of forged
  * tokens cannot evict the entries of real clients.
  */
@@ -63,13 +63,22 @@ struct {
 	__type(value, __u32);
 } nt_static SEC(".maps");
 
-/* Resized from the config's replay_cache before load (netoken/guard.py). */
+/* The replay cache: direct-mapped slots, one accepted token each (see
+ * nt_replay_slot()).  Sized from the config's replay_cache, rounded up to a
+ * power of two, before load (netoken/guard.py). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1 << 20);
-	__type(key, struct nt_replay_key);
+	__type(key, __u32);
 	__type(value, __u64);
 } nt_replay SEC(".maps");
+
+/* The kernel's struct bpf_map, as far as the guard reads it (CO-RE: libbpf
+ * relocates the offset against the running kernel's BTF), so the slot mask
+ * follows whatever size user space gave the map. */
+struct bpf_map___nt {
+	__u32 max_entries;
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -133,8 +142,7 @@ struct nt_check {
 	__u32 epoch;             /* reconstructed, once the key is known */
 	__u8  mode;              /* NT_MODE_* once the option's length is known */
 	__u8  key_id;
-	__u8  error;             /* replay cache insert failed */
-	__u8  pad;
+	__u8  pad[2];
 	__u8  opt[NT_MAC_OPT_LEN];
 };
 
@@ -282,6 +290,43 @@ __noinline int nt_find_option(const struct nt_optbuf *buf, __u32 optlen, __u32 k
 }
 
 /*
+ * First sight of a verified token, or NT_GUARD_REPLAY.
+ *
+ * One 8-byte slot per token: nonce (48 bits) and the tag's low 16 bits,
+ * NT_REPLAY_ENTRY() below.  Two different tokens share that value only if
+ * their nonces collide, which is the rate wire format 2 was sized for
+ * (docs/design.md §2), and a tag that differs in 16 more bits.  The slot
+ * index is a hash of the same value, so user space can move entries into a
+ * cache of another size.  Direct-mapped: a new token evicts whatever held its
+ * slot, so under N fresh tokens per acceptance window over S slots an
+ * accepted token stays known with probability about e^(-N/S); one captured
+ * and replayed at once passes once, and again only after a real client's
+ * token has taken its slot (docs/operations.md has the numbers).
+ * A compare-and-swap makes the insert atomic: two CPUs receiving the same
+ * SYN cannot both accept it.
+ */
+static __always_inline int nt_replay_check(const __u8 *opt)
+{
+	__u64 nonce = 0, tag = 0, v, old, *slot;
+	__u32 idx;
+
+	__builtin_memcpy(&nonce, opt + NT_OPT_NONCE, NT_NONCE_LEN);
+	__builtin_memcpy(&tag, opt + NT_OPT_TAG, NT_TAG_LEN);
+	v = NT_REPLAY_ENTRY(nonce, tag);
+	idx = NT_REPLAY_INDEX(v) & (((struct bpf_map___nt *)&nt_replay)->max_entries - 1);
+	slot = bpf_map_lookup_elem(&nt_replay, &idx);
+	if (!slot || !v)
+		return NT_GUARD_OK;   /* cannot be stored: verified, so let it in */
+	old = *slot;
+	if (old == v)
+		return NT_GUARD_REPLAY;
+	/* Lost to another CPU: a replay if that CPU stored this very token. */
+	if (__sync_val_compare_and_swap(slot, old, v) != old && *slot == v)
+		return NT_GUARD_REPLAY;
+	return NT_GUARD_OK;
+}
+
+/*
  * The verdict on one SYN to protect entry c->protect.
  * Global: verified once for all the header layouts that lead here.
  */
@@ -375,25 +420,7 @@ __noinline int nt_check(struct xdp_md *ctx, const struct nt_gpkt *p,
 	if ((mac & NT_TAG_MASK) != tag)
 		return NT_GUARD_BAD_TAG;
 
-	struct nt_replay_key rk = { .epoch = epoch, .key_id = kid };
-	__u64 seen = bpf_ktime_get_ns();
-
-	__builtin_memcpy(rk.nonce, c->opt + NT_OPT_NONCE, NT_NONCE_LEN);
-	__builtin_memcpy(rk.tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
-	/* The look-up keeps a replay flood off the LRU's free lists (an insert
-	 * takes a node before it finds the key); BPF_NOEXIST then makes the
-	 * insert atomic, so two CPUs receiving the same SYN cannot both
-	 * accept it. */
-	if (bpf_map_lookup_elem(&nt_replay, &rk))
-		return NT_GUARD_REPLAY;
-	r = bpf_map_update_elem(&nt_replay, &rk, &seen, BPF_NOEXIST);
-	if (r == -EEXIST)
-		return NT_GUARD_REPLAY;
-	/* Not expected from a preallocated LRU; if it happens anyway, the tag
-	 * did verify, so the client is let in and the failure counted. */
-	if (r)
-		c->error = 1;
-	return NT_GUARD_OK;
+	return nt_replay_check(c->opt);
 }
 
 static __always_inline int event_allowed(const struct nt_guard_config *cfg)
@@ -494,11 +521,8 @@ int netoken_guard(struct xdp_md *ctx)
 	count(verdict);
 	if (c.mode == NT_MODE_MAC)
 		count_key(c.key_id, verdict == NT_GUARD_OK ? NT_KEY_STAT_OK : NT_KEY_STAT_BAD);
-	if (verdict == NT_GUARD_OK) {
-		if (c.error)
-			count(NT_GUARD_ERROR);
+	if (verdict == NT_GUARD_OK)
 		return XDP_PASS;
-	}
 
 	action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
 	/* Anything but an explicit monitor drops: a zeroed entry must not

@@ -168,7 +168,7 @@ enum nt_guard_reason {
 	NT_GUARD_EVENTS,          /* outcome: event written to the ring buffer */
 	NT_GUARD_EVENTS_SUPPRESSED, /* outcome: event withheld by the rate limit */
 	NT_GUARD_EVENTS_LOST,     /* outcome: ring buffer full */
-	NT_GUARD_ERROR,           /* replay cache insert failed: SYN accepted */
+	NT_GUARD_ERROR,           /* a map the guard needs was missing: SYN passed */
 	NT_GUARD_REASON_MAX,
 };
 
@@ -205,14 +205,13 @@ struct nt_static_key {
 	__u8  token[8];          /* network byte order, as on the wire */
 };
 
-/* LRU replay cache key; the value is the bpf_ktime_get_ns() of first sight. */
-struct nt_replay_key {
-	__u32 epoch;             /* full 32-bit epoch */
-	__u8  key_id;
-	__u8  pad;
-	__u8  nonce[NT_NONCE_LEN];
-	__u8  tag[NT_TAG_LEN];
-};
+/* Replay cache (BPF_MAP_TYPE_ARRAY of __u64 slots, a power of two of them):
+ * what a slot holds for an accepted mac token, and where it goes.  NONCE and
+ * TAG are the option's bytes loaded little-endian into zeroed integers.
+ * netoken/layout.py computes the same to move entries between sizes. */
+#define NT_REPLAY_ENTRY(nonce, tag) (((__u64)(nonce) << 16) | ((__u64)(tag) & 0xffff))
+#define NT_REPLAY_HASH_MUL 0x9E3779B97F4A7C15ULL
+#define NT_REPLAY_INDEX(v) ((__u32)(((__u64)(v) * NT_REPLAY_HASH_MUL) >> 32))
 
 /* One ring-buffer record per rejected SYN (dropped or monitored). */
 struct nt_guard_event {

@@ -14,8 +14,10 @@ Map design (bpf/guard.bpf.c, structs in bpf/netoken.h):
 - ``nt_keys``: the key slots, shared layout with the marker.
 - ``nt_static``: hash set of accepted static tokens, keyed by (protect
   index, token as on the wire), so each entry accepts its own tokens.
-- ``nt_replay``: LRU hash of (epoch, key id, tag, nonce) of every accepted
-  mac token, sized from ``[guard] replay_cache`` before load.
+- ``nt_replay``: the replay cache, direct-mapped 8-byte slots (nonce and
+  part of the tag of an accepted mac token, at a hash of the same; see
+  NT_REPLAY_ENTRY in bpf/netoken.h), ``[guard] replay_cache`` rounded up to
+  a power of two of them, sized before load.
 - ``nt_guard_stats``: per-CPU counters by enum nt_guard_reason;
   ``nt_key_stats``: per-CPU ok/bad counters per key id.
 - ``nt_guard_events``: ring buffer of rejected SYNs, rate-limited per CPU
@@ -27,10 +29,13 @@ Decisions where DESIGN is silent:
   accepted only by that entry; they skip the replay cache (every SYN of a
   static client carries the same token).
 - Only tokens whose tag verified are looked up in or added to the replay
-  cache, so forged floods cannot evict real entries.  An entry covers a SYN
-  for as long as the LRU keeps it: size ``replay_cache`` above the legitimate
-  SYN rate times (2 * skew + 1) * window.  If the insert itself fails, the
-  SYN (whose tag verified) is accepted and ``error`` counted.
+  cache, so forged floods cannot evict real entries.  A token stays known
+  until another accepted token takes its slot: size ``replay_cache`` well
+  above the legitimate SYN rate times (2 * skew + 1) * window (an accepted
+  token survives N later ones with probability about e^(-N/slots)).  An
+  8-byte slot instead of an LRU hash entry (~90 bytes with its node) and an
+  array look-up plus one compare-and-swap instead of an LRU insert keep the
+  first sight of a valid SYN about as cheap as a bare MAC check.
 - Events cover every rejected SYN, dropped or passed by monitor mode (that is
   what monitor mode is for); ``events + events_suppressed + events_lost ==
   dropped + monitored``.  The rate and burst are per CPU.
@@ -49,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -367,7 +371,7 @@ class Guard(PinnedProgram):
         replacement program keeps the live entries, counters and replay cache
         of the one it replaces.  The cache size is fixed at load: configure()
         cannot change it."""
-        return cls._load_object(reuse, max_entries={"nt_replay": replay_cache})
+        return cls._load_object(reuse, max_entries={"nt_replay": replay_slots(replay_cache)})
 
     @property
     def replay_cache(self) -> int:
@@ -506,11 +510,10 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 #   the config's actions.
 # - The replay cache's size is fixed when a program is loaded.  Attaching
 #   again with a different `replay_cache` gives the new program a new cache,
-#   filled with the entries of the old one that can still matter (epochs
-#   within the skew of now, keys still configured), newest last so an LRU
-#   smaller than the old one keeps the most recent; a second pass after the
-#   swap copies what the old program accepted meanwhile.  `apply` cannot
-#   resize it and says so.
+#   filled with the tokens of the old one, each at its slot for the new size
+#   (slots hold no epoch, so all of them); a second pass after the swap
+#   copies what the old program accepted meanwhile.  `apply` cannot resize
+#   it and says so.
 # - Switching between native and generic XDP needs a detach first (the
 #   kernel keeps one mode per device), so that replace has a short window
 #   without a guard; every other replace is atomic.
@@ -571,27 +574,28 @@ def _restore(g: Guard, snap: dict[str, dict[bytes, bytes]]) -> None:
     sync_map(g.maps["nt_static"], snap["nt_static"])
 
 
-def _copy_replay(src: Map, dst: Map, cfg: Config, done: set[bytes]) -> int:
-    """Copy the entries of SRC that can still stop a replay into DST."""
-    assert cfg.guard is not None
-    now = time.time()
-    todo = []
-    for k in list(src.keys()):
-        if k in done:
+def replay_slots(entries: int) -> int:
+    """The replay cache's real size: ENTRIES rounded up to a power of two (the
+    guard masks a hash to find a token's slot)."""
+    return 1 << max(entries - 1, 0).bit_length()
+
+
+def _copy_replay(src: Map, dst: Map, done: set[int]) -> int:
+    """Move the tokens SRC holds into DST, a cache of another size.
+
+    A slot holds no epoch or key, so every token is copied: one that can no
+    longer be a replay (stale epoch, removed key) is rejected before the cache
+    is consulted and only takes a slot a fresh token will claim anyway."""
+    copied = 0
+    for i in range(src.max_entries):
+        raw = src.lookup(u32(i))
+        entry = int.from_bytes(raw, "little") if raw else 0
+        if not entry or entry in done:
             continue
-        v = src.lookup(k)
-        rk = layout.NtReplayKey.from_bytes(k)
-        key = cfg.keys.get(rk.key_id)
-        # A token whose epoch is out of the skew is stale before it could be
-        # a replay, and one of a key that is gone is unknown_key.
-        if v is None or key is None or rk.epoch + cfg.guard.skew < int(now // key.window):
-            continue
-        todo.append((int.from_bytes(v[:8], "little"), k, v))
-    todo.sort()
-    for _, k, v in todo[-dst.max_entries:]:
-        dst.update(k, v, BPF_ANY)
-        done.add(k)
-    return len(todo[-dst.max_entries:])
+        dst.update(u32(layout.replay_index(entry, dst.max_entries)), raw, BPF_ANY)
+        done.add(entry)
+        copied += 1
+    return copied
 
 
 def _restore_xdp(idx: int, new_id: int, prev: tuple[int, str] | None) -> None:
@@ -651,7 +655,7 @@ def attach_pinned(
                 snap = _snapshot(old)
                 r.restore_old = lambda o: _restore(o, snap)
             reuse = dict(old.maps) if old is not None else {}
-            if old is not None and old.replay_cache != g.replay_cache:
+            if old is not None and old.replay_cache != replay_slots(g.replay_cache):
                 del reuse["nt_replay"]
             r.new = new = Guard.load(g.replay_cache, reuse=reuse)
 
@@ -661,13 +665,13 @@ def attach_pinned(
 
             r.on_failure(unattach)
             new.configure(cfg, action=action)
-            done: set[bytes] = set()
+            done: set[int] = set()
             if old is not None and "nt_replay" not in reuse:
-                copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
+                copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
             new.pin(st)
             att = new.attach(ifname, xdp_mode)
             if copied is not None and old is not None:
-                copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
+                copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
             new.commit_pin(st)
             attachment = {"xdp_mode": xdp_mode, "action_override": action}
             st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
@@ -686,7 +690,7 @@ def attach_pinned(
         "action_override": action is not None,
         "skew": g.skew,
         "replay_cache": {
-            "entries": g.replay_cache,
+            "entries": replay_slots(g.replay_cache),
             "state": "new" if old is None else "kept" if copied is None else "resized",
             "copied": copied or 0,
         },
@@ -706,7 +710,7 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
         prog_id, cache = gd.prog.id, gd.replay_cache
         meta.update(_config_meta(cfg))
     notes = []
-    if cfg.guard.replay_cache != cache:
+    if replay_slots(cfg.guard.replay_cache) != cache:
         notes.append(
             f"replay_cache {cfg.guard.replay_cache} takes effect at the next "
             f"`netoken guard attach {ifname}`; the live cache keeps {cache} entries"

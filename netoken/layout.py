@@ -204,14 +204,19 @@ class NtStaticKey(Struct):
     ]
 
 
-class NtReplayKey(Struct):
-    _fields_ = [
-        ("epoch", C.c_uint32),
-        ("key_id", C.c_uint8),
-        ("pad", C.c_uint8),
-        ("nonce", C.c_uint8 * NONCE_LEN),
-        ("tag", C.c_uint8 * TAG_LEN),
-    ]
+# NT_REPLAY_ENTRY / NT_REPLAY_INDEX: what a replay-cache slot holds for an
+# accepted token, and which slot (tests/test_replay_cache.py checks these
+# against the guard's own stores).
+REPLAY_HASH_MUL = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+def replay_entry(nonce: bytes, tag: bytes) -> int:
+    return ((int.from_bytes(nonce, "little") << 16) | (int.from_bytes(tag, "little") & 0xFFFF)) & _U64
+
+
+def replay_index(entry: int, slots: int) -> int:
+    return (((entry * REPLAY_HASH_MUL) & _U64) >> 32) & (slots - 1)
 
 
 class NtGuardEvent(Struct):
@@ -249,7 +254,6 @@ STRUCTS: dict[str, type[Struct]] = {
     "nt_guard_config": NtGuardConfig,
     "nt_protect": NtProtect,
     "nt_static_key": NtStaticKey,
-    "nt_replay_key": NtReplayKey,
     "nt_guard_event": NtGuardEvent,
 }
 
