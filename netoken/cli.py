@@ -204,6 +204,14 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     guard.check(cfg)
     res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode)
+    try:
+        doors = guard.side_doors()
+    except OSError as e:  # the guard is attached: say what could not be checked
+        _note(f"could not list the other ways into this host: {e.strerror or e}")
+        doors = []
+    res["unguarded"] = [d.to_json() for d in doors]
+    for d in doors:
+        _note(d.message)
     if args.json:
         _emit_json(res, args.pretty)
         return 0
@@ -277,6 +285,15 @@ def status(ifname: str | None = None) -> list[dict[str, Any]]:
     for st in states:
         r = state.role(st.role)
         out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
+    guards = [d for d in out if d["role"] == "guard"]
+    if guards:
+        from . import guard
+
+        # Ways in that bypass every guard of this namespace, on each guard's
+        # item: what it protects is reachable through them.
+        doors = [d.to_json() for d in guard.side_doors()]
+        for d in guards:
+            d["unguarded"] = doors
     return out
 
 
@@ -302,6 +319,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {d['role']:<7} {lines[0]}")
         for line in lines[1:]:
             print(f"  {'':<7} {line}")
+    doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
+    if doors:
+        print("\nnot guarded (traffic enters this host past every guard):")
+        for door in doors:
+            print(f"  {door['message']}")
     return 0
 
 
@@ -711,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = _verb(gsub, "attach", "load the guard and attach it to IFACE's XDP hook (replaces "
               "netoken's own guard atomically, keeps counters and the replay cache; never "
-              "replaces an XDP program netoken did not install)",
+              "replaces an XDP program netoken did not install); then name the devices "
+              "that still let traffic in without a guard (tunnels, other NICs, pod veths)",
               "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
               "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
               "  netoken -n server guard attach veth0 -c lab.toml --xdp-mode generic\n",
@@ -728,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", metavar="IFACE")
 
     p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
-              "XDP mode, policies, protect entries, key ids)",
+              "XDP mode, policies, protect entries, key ids) and, where a guard runs, the "
+              "devices that let traffic in without one",
               "  netoken status\n  netoken status eth0 --json --pretty\n", cmd_status)
     p.add_argument("iface", metavar="IFACE", nargs="?")
 

@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from . import layout, program, state
+from . import layout, links, program, state
 from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
 from .datapath import event_addr, key_value, realtime_minus_tai_ns, sync_keys, sync_map, u32
 from .errors import NetokenError
@@ -77,7 +77,7 @@ from .libbpf import (
 )
 from .program import PinnedProgram, ProgramRole, Replacement
 from .rules import RuleError, compile_lpm, expand
-from .state import RoleState
+from .state import PROG_PIN, RoleState
 
 PROG_NAME = "netoken_guard"
 MAPS = (
@@ -480,6 +480,43 @@ class Guard(PinnedProgram):
         return super().events(callback)
 
 
+def check_hook(ifname: str, idx: int) -> None:
+    """Refuse a device whose packets the XDP guard cannot parse.
+
+    XDP runs on every device: natively where the driver supports it, as
+    generic XDP otherwise (vxlan, geneve, tap, ...; attach() lets the kernel
+    choose).  But the guard reads an Ethernet header first, so on an L3
+    device (tun, WireGuard, ipip/sit/gre: packets start at the IP header)
+    it would pass every SYN unchecked.  This is where the TC-ingress guard
+    (DESIGN §2 Hooks, `--hook auto|xdp|tc`) plugs in: `auto` will pick tc for
+    such devices (and for veths) instead of refusing."""
+    link = next((d for d in links.links() if d.ifindex == idx), None)
+    if link is not None and not link.ethernet:
+        raise GuardError(
+            f"{ifname} ({link.kind or 'device'}) has no Ethernet header: the XDP guard would "
+            f"pass its SYNs unchecked, so netoken does not guard it yet"
+        )
+
+
+def pinned_prog_ids() -> set[int]:
+    """Ids of netoken's guard programs pinned for this network namespace."""
+    ids = set()
+    for st in state.all_states():
+        if st.role == ROLE_NAME and state.in_this_netns(st):
+            # Detached meanwhile: then it guards nothing.
+            with contextlib.suppress(OSError), Program.from_pinned(
+                st.pin(PROG_PIN)
+            ) as p:
+                ids.add(p.id)
+    return ids
+
+
+def side_doors() -> list[links.SideDoor]:
+    """The devices of this network namespace that let traffic in without
+    passing a guard (see netoken/links.py); none without any guard here."""
+    return links.side_doors(pinned_prog_ids())
+
+
 def _attach_problem(ifname: str, mode: XdpMode | None, e: BPFError) -> str:
     if e.errno == errno.EOPNOTSUPP and mode == "native":
         return f"{ifname}: the driver does not support native XDP; use generic mode"
@@ -640,6 +677,7 @@ def attach_pinned(
     if xdp_mode is not None and xdp_mode not in _MODE_FLAGS:
         raise GuardError(f"XDP mode must be 'native' or 'generic', got {xdp_mode!r}")
     idx = ifindex(ifname)
+    check_hook(ifname, idx)
     st = state_of(ifname, create=True)
     with state.locked():
         old_meta = st.read_meta()

@@ -17,6 +17,7 @@ from typing import Any
 from .. import config as nconfig
 from ..libbpf import Program
 from ..netns import netns
+from ..state import RoleState
 from .common import BenchError, Progress, _frame, _guarded, _median, _say, bench_config
 from .e2e_part import PORT
 from .namespaces import lab
@@ -212,11 +213,12 @@ class _Producer:
     """Marked SYNs through the attached marker's own program (test_run), so
     the events are the real ones and go to the real ring buffer."""
 
-    def __init__(self, pin_dir: str) -> None:
+    def __init__(self, st: RoleState) -> None:
         from ..libbpf import Map
 
-        self.prog = Program.from_pinned(f"{pin_dir}/prog")
-        self.stats_map = Map.from_pinned(f"{pin_dir}/nt_mark_stats")
+        # Through the checked state directories, as every verb reads them.
+        self.prog = Program.from_pinned(st.pin("prog"))
+        self.stats_map = Map.from_pinned(st.pin("nt_mark_stats"))
         self.packet = _frame("198.18.212.2", dport=PORT)
 
     def stats(self) -> dict[str, int]:
@@ -284,10 +286,7 @@ def monitor_bench(ns: str, dev: str, events: int, quick: bool,
        that to 1.3 times it; the highest step with no event lost is what it
        sustains (a lower bound when even the last step lost nothing).
     """
-    from ..state import BPFFS, encode_ifname
-
-    pin_dir = str(BPFFS / "netoken" / encode_ifname(dev) / "marker")
-    prod = _Producer(pin_dir)
+    prod = _Producer(RoleState(dev, "marker"))
     mon: subprocess.Popen | None = None
     try:
         c0 = prod.stats()
