@@ -178,6 +178,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
             for what in ("added", "removed"):
                 if res[what]:
                     print(f"  {what}: {', '.join(res[what])}")
+            from .marker import schedule_lines
+
+            in_use = res["schedule"]["in_use"]
+            if any(len(p.keys) > 1 for p in cfg.policies):
+                print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
+            for line in schedule_lines(res["schedule"]):
+                print(f"  {line}")
         elif res["role"] == "guard":
             src = " (--mode)" if res["action_override"] else ""
             print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
