@@ -614,6 +614,12 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     return exporter.run(args)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from . import agent
+
+    return agent.run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -793,6 +799,20 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=exporter.EPILOG, formatter_class=_Formatter)
     p.set_defaults(func=cmd_exporter)
     exporter.add_arguments(p)
+
+    p = _verb(sub, "agent", "node daemon: keep the interfaces [agent] selects attached and "
+              "configured as FILE says (interfaces that appear later, config and key file "
+              "changes, key schedule, clock), serve /metrics; logfmt lines on stderr",
+              "  netoken agent -c /etc/netoken/netoken.toml\n"
+              "  netoken agent -c netoken.toml --metrics 10.0.0.5:9917\n"
+              "  netoken -n blue agent -c lab.toml --detach-on-exit\n", cmd_agent)
+    _config_arg(p)
+    p.add_argument("--detach-on-exit", action="store_true",
+                   help="on SIGTERM/SIGINT detach what the agent attached (default: leave the "
+                        "programs running, so restarts and upgrades leave no gap)")
+    p.add_argument("--metrics", metavar="ADDR:PORT", default=None,
+                   help="serve /metrics here, overriding [agent] metrics (e.g. the node's own "
+                        "address, which differs per node while the config is shared)")
 
     p = _verb(sub, "demo", "the whole system in a private network-namespace lab",
               "  netoken demo\n  netoken demo --connections 10\n", cmd_demo)
