@@ -370,16 +370,16 @@ __noinline int nt_check(struct xdp_md *ctx, const struct nt_gpkt *p,
 	if (delta > (__s32)cfg->skew || -delta > (__s32)cfg->skew)
 		return NT_GUARD_STALE;
 
-	mac = nt_mac(key, cfg->exid, kid, epoch, c->opt + 6, &p->flow, msg);
-	__builtin_memcpy(&tag, c->opt + 10, NT_TAG_LEN);
+	mac = nt_mac(key, cfg->exid, kid, epoch, c->opt + NT_OPT_NONCE, &p->flow, msg);
+	__builtin_memcpy(&tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
 	if ((mac & NT_TAG_MASK) != tag)
 		return NT_GUARD_BAD_TAG;
 
 	struct nt_replay_key rk = { .epoch = epoch, .key_id = kid };
 	__u64 seen = bpf_ktime_get_ns();
 
-	__builtin_memcpy(rk.tag, c->opt + 10, NT_TAG_LEN);
-	__builtin_memcpy(rk.nonce, c->opt + 6, 4);
+	__builtin_memcpy(rk.nonce, c->opt + NT_OPT_NONCE, NT_NONCE_LEN);
+	__builtin_memcpy(rk.tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
 	/* The look-up keeps a replay flood off the LRU's free lists (an insert
 	 * takes a node before it finds the key); BPF_NOEXIST then makes the
 	 * insert atomic, so two CPUs receiving the same SYN cannot both
@@ -452,8 +452,8 @@ static __always_inline void emit_event(struct xdp_md *ctx, const struct nt_gpkt 
 	e->sport = bpf_ntohs(p->flow.sport);
 	e->dport = bpf_ntohs(p->flow.dport);
 	if (c->mode == NT_MODE_MAC) {
-		__builtin_memcpy(e->nonce, c->opt + 6, 4);
-		__builtin_memcpy(e->tag, c->opt + 10, NT_TAG_LEN);
+		__builtin_memcpy(e->nonce, c->opt + NT_OPT_NONCE, NT_NONCE_LEN);
+		__builtin_memcpy(e->tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
 	} else if (c->mode == NT_MODE_STATIC) {
 		__builtin_memcpy(e->tag, c->opt + 4, 8);
 	}

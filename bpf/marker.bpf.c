@@ -275,8 +275,8 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct nt_pk
 	e->sport = bpf_ntohs(p->flow.sport);
 	e->dport = bpf_ntohs(p->flow.dport);
 	if (pol->mode == NT_MODE_MAC) {
-		__builtin_memcpy(e->nonce, opt + 6, 4);
-		__builtin_memcpy(e->tag, opt + 10, NT_TAG_LEN);
+		__builtin_memcpy(e->nonce, opt + NT_OPT_NONCE, NT_NONCE_LEN);
+		__builtin_memcpy(e->tag, opt + NT_OPT_TAG, NT_TAG_LEN);
 	} else {
 		__builtin_memcpy(e->tag, opt + 4, 8);
 	}
@@ -351,7 +351,8 @@ static __always_inline int mark(struct __sk_buff *skb)
 	if (pol->mode == NT_MODE_MAC) {
 		__u32 kid = pol->key_id;
 		struct nt_key *key = bpf_map_lookup_elem(&nt_keys, &kid);
-		__u32 nonce = bpf_get_prandom_u32();
+		/* 48 random bits: the low 6 bytes in memory order. */
+		__u64 nonce = bpf_get_prandom_u32() | (__u64)bpf_get_prandom_u32() << 32;
 		__u64 now, tag;
 
 		if (!key || !key->window)
@@ -362,9 +363,9 @@ static __always_inline int mark(struct __sk_buff *skb)
 		epoch = now / 1000000000ULL / key->window;
 		opt[4] = pol->key_id;
 		opt[5] = epoch & 0xff;
-		__builtin_memcpy(opt + 6, &nonce, 4);
-		tag = nt_mac(key, cfg->exid, pol->key_id, epoch, opt + 6, &p.flow, s->msg);
-		__builtin_memcpy(opt + 10, &tag, NT_TAG_LEN);
+		__builtin_memcpy(opt + NT_OPT_NONCE, &nonce, NT_NONCE_LEN);
+		tag = nt_mac(key, cfg->exid, pol->key_id, epoch, opt + NT_OPT_NONCE, &p.flow, s->msg);
+		__builtin_memcpy(opt + NT_OPT_TAG, &tag, NT_TAG_LEN);
 	} else {
 		__builtin_memcpy(opt + 4, pol->token, 8);
 	}

@@ -18,7 +18,12 @@
 /* Wire format (DESIGN §2). */
 #define NT_MAC_OPT_LEN     16
 #define NT_STATIC_OPT_LEN  12
-#define NT_TAG_LEN         6
+#define NT_TAG_LEN         4
+#define NT_NONCE_LEN       6
+#define NT_OPT_NONCE       6     /* offsets in a mac-mode option */
+#define NT_OPT_TAG         12
+#define NT_TCPOPT_TS       8     /* Timestamps (RFC 7323), the option make-room removes */
+#define NT_TCPOLEN_TS      10
 #define NT_MAX_TCP_OPTS    40
 #define NT_TCPOPT_EOL      0
 #define NT_TCPOPT_NOP      1
@@ -123,9 +128,11 @@ struct nt_mark_event {
 	__u8  daddr[16];
 	__u16 sport;             /* host byte order */
 	__u16 dport;
-	__u8  nonce[4];          /* as on the wire */
+	__u8  nonce[NT_NONCE_LEN];   /* as on the wire */
+	__u8  room_from_ts;      /* 1: the Timestamps option was removed to make room */
+	__u8  pad0;
 	__u8  tag[8];            /* mac: NT_TAG_LEN bytes; static: the token */
-	__u8  pad[8];
+	__u8  pad1[4];
 };
 
 /* ------------------------------------------------------------------ guard */
@@ -203,8 +210,8 @@ struct nt_replay_key {
 	__u32 epoch;             /* full 32-bit epoch */
 	__u8  key_id;
 	__u8  pad;
+	__u8  nonce[NT_NONCE_LEN];
 	__u8  tag[NT_TAG_LEN];
-	__u8  nonce[4];
 };
 
 /* One ring-buffer record per rejected SYN (dropped or monitored). */
@@ -223,9 +230,9 @@ struct nt_guard_event {
 	__u8  daddr[16];
 	__u16 sport;             /* host byte order */
 	__u16 dport;
-	__u8  nonce[4];          /* as on the wire */
+	__u8  nonce[NT_NONCE_LEN];   /* as on the wire */
+	__u8  pad1[2];
 	__u8  tag[8];            /* mac: NT_TAG_LEN bytes; static: the token */
-	__u8  pad1[4];
 };
 
 #endif /* NETOKEN_H */

@@ -46,10 +46,11 @@ class CliError(NetokenError):
 
 
 def _emit_json(obj: Any, pretty: bool) -> None:
-    if pretty:
-        print(json.dumps(obj, indent=2), flush=True)
-    else:
-        print(json.dumps(obj, separators=(",", ":")), flush=True)
+    text = json.dumps(obj, indent=2) if pretty else json.dumps(obj, separators=(",", ":"))
+    # One write with its newline: print() writes them separately, and a
+    # Ctrl-C between the two (monitor, stats --watch) glued two records.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _note(msg: str) -> None:
@@ -905,6 +906,11 @@ def _sigint(signum: int, frame: object) -> None:
 
 
 def _error_line(e: Exception) -> str:
+    # State directories are used through their fds; say which path they are.
+    return state.shown(_error_text(e))
+
+
+def _error_text(e: Exception) -> str:
     if isinstance(e, NetokenError):
         return _one_line(str(e))
     if isinstance(e, BPFError):

@@ -572,9 +572,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         state.require_privileges(net_admin=False)
-        # Under `ip netns exec` bpffs is hidden: say so now, not at every
-        # scrape.  Not mounted at all is fine: nothing is attached yet.
-        state.bpffs(create=False)
+        # Under `ip netns exec` bpffs is hidden, and a state directory
+        # someone planted is refused: say so now, not at every scrape.  Not
+        # mounted at all is fine: nothing is attached yet.
+        state.all_states()
         if args.interfaces:
             _note_missing(args.interfaces)
         if args.textfile is not None:

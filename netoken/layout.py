@@ -11,7 +11,8 @@ import ctypes as C
 
 MAC_OPT_LEN = 16
 STATIC_OPT_LEN = 12
-TAG_LEN = 6
+TAG_LEN = 4
+NONCE_LEN = 6
 MAX_KEYS = 256
 MAX_PORT_RULES = 32
 MAX_POLICIES = 4096
@@ -175,9 +176,11 @@ class NtMarkEvent(Struct):
         ("daddr", C.c_uint8 * 16),
         ("sport", C.c_uint16),
         ("dport", C.c_uint16),
-        ("nonce", C.c_uint8 * 4),
+        ("nonce", C.c_uint8 * NONCE_LEN),
+        ("room_from_ts", C.c_uint8),
+        ("pad0", C.c_uint8),
         ("tag", C.c_uint8 * 8),
-        ("pad", C.c_uint8 * 8),
+        ("pad1", C.c_uint8 * 4),
     ]
 
 
@@ -216,8 +219,8 @@ class NtReplayKey(Struct):
         ("epoch", C.c_uint32),
         ("key_id", C.c_uint8),
         ("pad", C.c_uint8),
+        ("nonce", C.c_uint8 * NONCE_LEN),
         ("tag", C.c_uint8 * TAG_LEN),
-        ("nonce", C.c_uint8 * 4),
     ]
 
 
@@ -237,9 +240,9 @@ class NtGuardEvent(Struct):
         ("daddr", C.c_uint8 * 16),
         ("sport", C.c_uint16),
         ("dport", C.c_uint16),
-        ("nonce", C.c_uint8 * 4),
+        ("nonce", C.c_uint8 * NONCE_LEN),
+        ("pad1", C.c_uint8 * 2),
         ("tag", C.c_uint8 * 8),
-        ("pad1", C.c_uint8 * 4),
     ]
 
 

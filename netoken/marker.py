@@ -528,7 +528,7 @@ class MarkerRole(ProgramRole):
     def event_header(self) -> str:
         return (
             f"{'TIME':<12} {'IFACE':<15} {'POLICY':<12} {'SOURCE':<22} {'DESTINATION':<22} "
-            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<8} TAG"
+            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<12} TAG"
         )
 
     def event_line(self, e: dict[str, Any]) -> str:
@@ -540,7 +540,7 @@ class MarkerRole(ProgramRole):
             f"{ep(e['saddr'], e['sport']):<22} {ep(e['daddr'], e['dport']):<22} "
             f"{e['mode']:<6} "
             f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
-            f"{e['nonce'] if mac else '-':<8} {e['tag'] if mac else '-'}"
+            f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
         )
 
 
@@ -603,10 +603,7 @@ class _PolicyNames:
         now = time.monotonic()
         if now - self._checked > 0.5:
             self._checked = now
-            try:
-                mtime = self._st.meta_path.stat().st_mtime
-            except OSError:
-                mtime = -1.0
+            mtime = self._st.meta_mtime() or -1.0
             if mtime != self._mtime:
                 self._mtime = mtime
                 meta = self._st.read_meta() or {}

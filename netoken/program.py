@@ -37,8 +37,11 @@ def ifindex(ifname: str, error: type[Exception]) -> int:
 
 
 def state_of(role: str, ifname: str, create: bool = False) -> RoleState:
-    """ROLE's pinned state for IFNAME (bpffs mounted first with CREATE)."""
-    return RoleState(ifname, role, state.bpffs(create=create) or state.BPFFS)
+    """ROLE's pinned state for IFNAME (bpffs mounted first with CREATE), its
+    directories that exist already checked (StateError if one is not safe)."""
+    st = RoleState(ifname, role, state.bpffs(create=create) or state.BPFFS)
+    st.check()
+    return st
 
 
 class PinnedProgram:
@@ -158,7 +161,9 @@ class PinnedProgram:
                     if pinned.id == m.id:
                         continue
                 if name not in self.STAGED_MAPS:
-                    raise self.Error(f"{path} is pinned but is not this {self.ROLE}'s map")
+                    raise self.Error(
+                        f"{st.pin_dir / name} is pinned but is not this {self.ROLE}'s map"
+                    )
                 path = st.pin(self.STAGED_MAPS[name])
                 unpin(path)
             m.pin(path)
@@ -175,6 +180,8 @@ class PinnedProgram:
     @classmethod
     def unpin_staged(cls, st: RoleState) -> None:
         """Remove what :meth:`pin` staged and :meth:`commit_pin` did not take."""
+        if not st.has_pin_dir():
+            return
         unpin(st.pin(PROG_PIN_NEW))
         for staged in cls.STAGED_MAPS.values():
             unpin(st.pin(staged))
@@ -242,7 +249,7 @@ class PinnedProgram:
         with state.locked():
             meta = st.read_meta()
             st.check_netns(meta)
-            has_state = st.pin_dir.exists() or meta is not None
+            has_state = st.has_pin_dir() or meta is not None
             try:
                 idx: int | None = ifindex(ifname, cls.Error)
             except cls.Error:
@@ -281,7 +288,7 @@ class Replacement(Generic[P]):
     def __init__(self, kind: type[P], ifname: str, st: RoleState) -> None:
         self.kind = kind
         self.st = st
-        if not st.exists() and st.pin_dir.exists():
+        if not st.exists() and st.has_pin_dir():
             st.remove()  # a crash between mkdir and the first pin left it
         self.old: P | None = kind.from_pins(ifname, st) if st.exists() else None
         self.new: P | None = None

@@ -36,22 +36,26 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import importlib
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import NetokenError
 
 BPFFS = Path("/sys/fs/bpf")
-RUN_DIR = Path("/run/netoken")
+RUN_ROOT = Path("/run")
 ROOT_NAME = "netoken"
+RUN_DIR = RUN_ROOT / ROOT_NAME
 PROG_PIN = "prog"
 # bpffs refuses dots in names, so the staging pin of a replacement program
 # cannot be "prog.new".
@@ -170,6 +174,163 @@ def bpffs(create: bool = True) -> Path | None:
 
 
 # --------------------------------------------------------------------------
+# state directories, checked at every level
+#
+# bpffs is often mounted mode 1777 and /run may be shared too, so a local user
+# could create /sys/fs/bpf/netoken (or a symlink there) before root's first
+# attach and then move root's pins or point netoken at maps of their own.
+# Every directory netoken keeps state in is therefore opened level by level
+# from its anchor (the bpffs mount, /run) without following symlinks, checked
+# on the open fd (a real directory, owned by root, not writable by group or
+# others), and used only through that fd: names below it are reached with
+# *at() calls, or as /proc/self/fd/N/NAME by calls that only take a path
+# (libbpf's pin and get), so a directory swapped after the check is never
+# the one used.  Missing levels are created 0700 and fixed to exactly that.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# fd -> the path it was opened as, to show paths in messages (see shown()).
+_FD_PATHS: dict[int, str] = {}
+
+
+class StateDir:
+    """A checked state directory, held open by fd."""
+
+    def __init__(self, fd: int, path: Path, created: bool = False) -> None:
+        self.fd = fd
+        self.path = path
+        self.created = created
+        _FD_PATHS[fd] = str(path)
+
+    def at(self, name: str) -> str:
+        """NAME in this directory, as a path that resolves through the fd."""
+        return f"/proc/self/fd/{self.fd}/{name}"
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _FD_PATHS.pop(fd, None)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def shown(text: str) -> str:
+    """TEXT with /proc/self/fd/N/ paths of open state directories written as
+    the paths they stand for (for messages)."""
+    return re.sub(r"/proc/self/fd/(\d+)",
+                  lambda m: _FD_PATHS.get(int(m.group(1)), m.group(0)), text)
+
+
+def _trusted_owner(uid: int) -> bool:
+    # Root, or the user netoken runs as (with capabilities instead of root,
+    # the directories it creates are that user's; trusting them trusts
+    # nobody new).
+    return uid in (0, os.geteuid())
+
+
+def _check_anchor(fd: int, path: Path) -> None:
+    """The directory netoken's own state lives in (the bpffs mount, /run):
+    it may be shared, but then only with the sticky bit, which keeps other
+    users from renaming or removing root's entries in it."""
+    st = os.fstat(fd)
+    if not _trusted_owner(st.st_uid):
+        raise StateError(f"{path} is owned by uid {st.st_uid}, not root; netoken keeps its "
+                         f"state only below root-owned directories")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise StateError(
+            f"{path} is writable by {_who_writes(st.st_mode)} without the sticky bit "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone could replace netoken's "
+            f"state there: chmod +t {path} and retry"
+        )
+
+
+def _who_writes(mode: int) -> str:
+    return " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit)
+
+
+def _refuse_entry(parent: int, name: str, path: Path) -> StateError:
+    """Why NAME in PARENT cannot be opened as a state directory."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError as e:
+        return StateError(f"{path}: {e.strerror}")
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = f" (to {os.readlink(name, dir_fd=parent)})"
+        except OSError:
+            target = ""
+        return StateError(f"{path} is a symbolic link{target}, not a directory: "
+                          f"remove it (rm {path}) and retry")
+    return StateError(f"{path} is not a directory: remove it (rm {path}) and retry")
+
+
+def _check_dir(d: StateDir) -> None:
+    st = os.fstat(d.fd)
+    if not _trusted_owner(st.st_uid):
+        raise StateError(f"{d.path} is owned by uid {st.st_uid}, not root: "
+                         f"remove it (rm -r {d.path}) and retry")
+    if st.st_mode & 0o022:
+        raise StateError(
+            f"{d.path} is writable by {_who_writes(st.st_mode)} "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): make it private (chmod 0700 {d.path}) "
+            f"and retry"
+        )
+
+
+def _open_below(parent: StateDir, name: str, create: bool) -> StateDir | None:
+    """NAME in PARENT, checked; None if missing and not CREATE."""
+    path = parent.path / name
+    created = False
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+    except FileNotFoundError:
+        if not create:
+            return None
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent.fd)
+            created = True
+        except FileExistsError:
+            pass  # someone was quicker: what it is gets checked below
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+        except OSError:
+            raise _refuse_entry(parent.fd, name, path) from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse_entry(parent.fd, name, path) from None
+        raise StateError(f"{path}: {e.strerror}") from None
+    d = StateDir(fd, path, created)
+    if created:
+        # mkdir's mode went through the umask: make it exactly 0700.
+        os.fchmod(fd, 0o700)
+    _check_dir(d)
+    return d
+
+
+def open_dirs(anchor: Path, parts: Sequence[str], create: bool = False) -> list[StateDir]:
+    """ANCHOR and each directory of PARTS below it, opened and checked level
+    by level (created with CREATE).  Stops at the first missing level, so
+    the result is shorter than PARTS + 1 when something does not exist."""
+    try:
+        fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENOENT and not create:
+            return []
+        raise StateError(f"{anchor}: {e.strerror}") from None
+    chain = [StateDir(fd, anchor)]
+    _check_anchor(fd, anchor)
+    for name in parts:
+        d = _open_below(chain[-1], name, create)
+        if d is None:
+            break
+        chain.append(d)
+    return chain
+
+
+# --------------------------------------------------------------------------
 # names and network namespaces
 
 
@@ -198,8 +359,9 @@ def locked() -> Iterator[None]:
     One global lock: per-interface lock files could not be removed safely and
     these commands take milliseconds.
     """
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RUN_DIR / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    run = open_dirs(RUN_ROOT, [ROOT_NAME], create=True)[-1]
+    fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=run.fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -213,11 +375,17 @@ def locked() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RoleState:
-    """The pins and metadata of one role on one interface."""
+    """The pins and metadata of one role on one interface.
+
+    The paths (``pin_dir``, ``meta_path``) are for people; every access goes
+    through checked directory fds (see open_dirs), opened on first use and
+    kept for the life of this object."""
 
     ifname: str
     role: str
     root: Path = BPFFS
+    # "pin" / "run" -> the open chain of directories, anchor first
+    _dirs: dict[str, list[StateDir]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def iface_dir(self) -> Path:
@@ -231,42 +399,99 @@ class RoleState:
     def meta_path(self) -> Path:
         return RUN_DIR / encode_ifname(self.ifname) / f"{self.role}.json"
 
+    def _chain(self, which: str, create: bool = False) -> list[StateDir]:
+        parts = ([ROOT_NAME, encode_ifname(self.ifname), self.role] if which == "pin"
+                 else [ROOT_NAME, encode_ifname(self.ifname)])
+        chain = self._dirs.get(which)
+        if chain is None:
+            anchor = self.root if which == "pin" else RUN_ROOT
+            chain = open_dirs(anchor, parts, create)
+            if len(chain) == len(parts) + 1:
+                self._dirs[which] = chain
+        return chain
+
+    def _dir(self, which: str, create: bool = False) -> StateDir | None:
+        chain = self._chain(which, create)
+        return chain[-1] if len(chain) == (4 if which == "pin" else 3) else None
+
+    def _forget(self) -> None:
+        for chain in self._dirs.values():
+            for d in chain:
+                d.close()
+        self._dirs.clear()
+
+    def check(self) -> None:
+        """Check every level of this state's directories that exists."""
+        self._chain("pin")
+        self._chain("run")
+
+    def has_pin_dir(self) -> bool:
+        return self._dir("pin") is not None
+
     def pin(self, name: str) -> str:
-        return str(self.pin_dir / name)
+        """The path of pin NAME, through the checked pin directory."""
+        d = self._dir("pin")
+        if d is None:
+            raise FileNotFoundError(errno.ENOENT, "no pinned state", str(self.pin_dir / name))
+        return d.at(name)
 
     def exists(self) -> bool:
-        return (self.pin_dir / PROG_PIN).exists()
+        d = self._dir("pin")
+        return d is not None and _lexists(d, PROG_PIN)
 
     def pins(self) -> list[str]:
-        try:
-            return sorted(os.listdir(self.pin_dir))
-        except FileNotFoundError:
-            return []
+        d = self._dir("pin")
+        return sorted(os.listdir(d.fd)) if d is not None else []
 
     def make_dir(self) -> bool:
         """Create the pin directory (private to root); True if it was created."""
-        if self.pin_dir.is_dir():
-            return False
-        self.pin_dir.mkdir(mode=0o700, parents=True)
-        return True
+        d = self._dir("pin", create=True)
+        assert d is not None
+        return d.created
 
     def read_meta(self) -> dict[str, Any] | None:
+        d = self._dir("run")
+        if d is None:
+            return None
         try:
-            data = json.loads(self.meta_path.read_text())
+            fd = os.open(f"{self.role}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=d.fd)
+            with os.fdopen(fd) as f:
+                data = json.load(f)
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
 
+    def meta_mtime(self) -> float | None:
+        """When the metadata was last written (None: there is none)."""
+        d = self._dir("run")
+        try:
+            return os.stat(f"{self.role}.json", dir_fd=d.fd, follow_symlinks=False).st_mtime \
+                if d is not None else None
+        except OSError:
+            return None
+
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Replace the metadata file atomically (readers never see half a file)."""
-        self.meta_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_suffix(f".json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, self.meta_path)
+        d = self._dir("run", create=True)
+        assert d is not None
+        name = f"{self.role}.json"
+        tmp = f"{name}.tmp{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=d.fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=d.fd)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
     def check_netns(self, meta: dict[str, Any] | None = None) -> None:
         """Refuse to act on state that an interface of the same name in another
-        network namespace created: pins are global, interface names are not."""
+        network namespace created: pins are global, interface names are not.
+        Metadata without pins is a leftover (a crash, pins removed by hand)
+        and claims nothing."""
+        if not self.has_pin_dir():
+            return
         meta = self.read_meta() if meta is None else meta
         if not meta or not meta.get("netns"):
             return
@@ -280,36 +505,71 @@ class RoleState:
     def remove(self) -> None:
         """Unpin everything of this role and drop its metadata; empty parent
         directories go too, other roles' state stays."""
-        if self.pin_dir.is_dir():
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.meta_path.unlink()
-        for d in (self.iface_dir, self.iface_dir.parent, self.meta_path.parent):
+        pins = self._chain("pin")
+        run = self._chain("run")
+        self._dirs.clear()
+        # Deepest first: a level goes only once what is below it has gone.
+        if len(pins) == 4:
+            shutil.rmtree(self.role, dir_fd=pins[2].fd, ignore_errors=True)
+        for i in (2, 1):  # the interface's directory, then netoken's
+            if len(pins) > i:
+                with contextlib.suppress(OSError):
+                    os.rmdir(pins[i].path.name, dir_fd=pins[i - 1].fd)
+        if len(run) == 3:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.role}.json", dir_fd=run[2].fd)
             with contextlib.suppress(OSError):
-                d.rmdir()
+                os.rmdir(run[2].path.name, dir_fd=run[1].fd)
+        for d in (*pins, *run):
+            d.close()
+
+    def __del__(self) -> None:
+        self._forget()
+
+
+def _lexists(d: StateDir, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check_roots(root: Path | None = None) -> None:
+    """Check the top state directories that exist (bpffs and /run), so that
+    every command refuses a planted one, also before it would read it."""
+    for anchor in (root, RUN_ROOT):
+        if anchor is not None:
+            for d in open_dirs(anchor, [ROOT_NAME]):
+                d.close()
 
 
 def all_states(ifname: str | None = None, root: Path | None = None) -> list[RoleState]:
-    """Every role state with pins, optionally only for IFNAME."""
+    """Every role state with pins, optionally only for IFNAME.  Every
+    directory on the way is checked (StateError if one is not safe)."""
     root = root if root is not None else bpffs(create=False)
+    check_roots(root)
     if root is None:
         return []
-    base = root / ROOT_NAME
-    names = [encode_ifname(ifname)] if ifname is not None else _listdir(base)
+    base = open_dirs(root, [ROOT_NAME])
+    if len(base) < 2:
+        return []
+    top = base[-1]
+    names = [encode_ifname(ifname)] if ifname is not None else os.listdir(top.fd)
     out = []
     for enc in sorted(names):
-        for role in _listdir(base / enc):
-            st = RoleState(decode_ifname(enc), role, root)
-            if st.pin_dir.is_dir():
-                out.append(st)
+        iface = _open_below(top, enc, create=False)
+        if iface is None:
+            continue
+        for role in sorted(os.listdir(iface.fd)):
+            d = _open_below(iface, role, create=False)
+            if d is not None:
+                out.append(RoleState(decode_ifname(enc), role, root))
+                d.close()
+        iface.close()
+    for d in base:
+        d.close()
     return out
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
 
 
 def in_this_netns(st: RoleState) -> bool:

@@ -6,11 +6,15 @@ guard are cross-checked against it byte for byte, and the user-space tools
 deliberately pure Python with no third-party imports so that it can be trusted as an
 independent oracle and imported anywhere.
 
-Layout of a mac-mode option (RFC 6994 shared experimental form, 16 bytes)::
+Layout of a mac-mode option, wire format 2 (RFC 6994 shared experimental form,
+16 bytes)::
 
-    byte  0     1     2..3   4       5       6..9    10..15
-        kind  len=16  ExID  key id  epoch  nonce   tag (first 6 bytes of SipHash-2-4)
+    byte  0     1     2..3   4       5       6..11   12..15
+        kind  len=16  ExID  key id  epoch  nonce   tag (first 4 bytes of SipHash-2-4)
                                     & 0xff
+
+Format 1 (a 4-byte nonce and a 6-byte tag in the same 16 bytes) is gone: two
+formats cannot be told apart on the wire, and none was ever deployed.
 
 and of a static-mode option (12 bytes)::
 
@@ -64,8 +68,8 @@ DEFAULT_KIND = 253
 DEFAULT_EXID = 0x6E74
 MAC_LEN = 16
 STATIC_LEN = 12
-TAG_LEN = 6
-NONCE_LEN = 4
+TAG_LEN = 4
+NONCE_LEN = 6
 KEY_LEN = 16
 
 # Bitmask of optional MAC inputs ("bind" in the config); BPF uses the same bits.
@@ -236,7 +240,7 @@ def mac_message(
 ) -> bytes:
     """The SipHash input of a mac-mode token (DESIGN §2), all fields network order.
 
-    ``ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(4) ‖ daddr(4|16) ‖ dport(2)``, then
+    ``ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(6) ‖ daddr(4|16) ‖ dport(2)``, then
     ``saddr`` if ``bind & BIND_SADDR`` and ``sport`` if ``bind & BIND_SPORT``.
     `saddr`/`sport` are ignored when their bind bit is clear, so callers can always
     pass the packet's values and let the key's bind decide.
@@ -291,7 +295,7 @@ def compute_tag(
     sport: int | None = None,
     bind: int = 0,
 ) -> bytes:
-    """The 6-byte tag: the first TAG_LEN bytes of siphash24(key, mac_message(...))."""
+    """The 4-byte tag: the first TAG_LEN bytes of siphash24(key, mac_message(...))."""
     msg = mac_message(exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind)
     return siphash24(key, msg)[:TAG_LEN]
 
@@ -407,8 +411,8 @@ def decode(option: bytes | bytearray | memoryview) -> Token:
             mode="mac",
             key_id=raw[4],
             epoch_low=raw[5],
-            nonce=raw[6:10],
-            tag=raw[10:16],
+            nonce=raw[6 : 6 + NONCE_LEN],
+            tag=raw[6 + NONCE_LEN : MAC_LEN],
             token=None,
             raw=raw,
         )

@@ -52,7 +52,8 @@ def test_the_contenders_the_issue_asks_for_are_there(datapath):
         "marker: IPv4 SYN, mac", "marker: IPv4 SYN, static", "marker: IPv6 SYN, mac",
         "marker: SYN, no policy", "marker: ACK, no payload", "marker: 1500-byte ACK",
         "marker: UDP", "guard: valid SYN, first sight", "guard: valid SYN, seen before (replay)",
-        "guard: SYN without token", "guard: SYN with bad tag", "guard: ACK to protected port",
+        "guard: SYN without token", "guard: SYN with bad tag (forged)", "guard: ACK to protected port",
+        "reference: static appender (seed)", "reference: bare SipHash verifier",
         "guard: SYN, unprotected destination",
     ):
         assert want in names

@@ -237,7 +237,7 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     for e in events:
         assert (e["role"], e["policy"], e["daddr"], e["dport"], e["key_id"], e["mode"]) == (
             "marker", "svc", t.server_ip, PORT, 1, "mac")
-        assert len(bytes.fromhex(e["tag"])) == 6
+        assert len(bytes.fromhex(e["tag"])) == 4 and len(bytes.fromhex(e["nonce"])) == 6
     assert "3 event(s) shown, 0 lost" in err
 
     counters = s.counters()

@@ -175,7 +175,7 @@ def stats(ns: str, ifname: str) -> dict[str, dict[str, int]]:
 
 def forged_syn(dst: str, key: bytes, key_id: int) -> bytes:
     opt = token.build_mac_option(key, key_id=key_id, epoch=token.epoch_now(30), daddr=dst,
-                                 dport=PORT, nonce=os.urandom(4))
+                                 dport=PORT, nonce=os.urandom(token.NONCE_LEN))
     return rebuild_with_option(syn(dst=dst, dport=PORT), opt)
 
 

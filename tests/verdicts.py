@@ -78,7 +78,7 @@ def mac_option(dst=V4, dport=443, *, key=TEST_KEY, key_id=1, epoch=None, src=Non
     epoch = steady_epoch() if epoch is None else epoch
     return token.build_mac_option(key, key_id=key_id, epoch=epoch & 0xFFFFFFFF, daddr=dst,
                                   dport=dport, saddr=src or src_of(dst), sport=sport, bind=bind,
-                                  nonce=nonce or os.urandom(4))
+                                  nonce=nonce or os.urandom(token.NONCE_LEN))
 
 
 def marked(dst=V4, dport=443, *, src=None, sport=40000, vlans=0, option=None, payload=b"",

@@ -29,15 +29,17 @@ def _datapath_lines(d: dict[str, Any]) -> list[str]:
                  _n(r["median_ns"], ".1f" if g["repeat"] > 1 else ".0f"),
                  _n(r["p99_ns"], ".1f" if g["repeat"] > 1 else ".0f"),
                  "" if r["over_floor_ns"] is None else format(r["over_floor_ns"], "+.1f"
-                                                                if g["repeat"] > 1 else "+.0f")]
+                                                                if g["repeat"] > 1 else "+.0f"),
+                 "" if r.get("ratio_to_ref") is None else f"{r['ratio_to_ref']:.2f}x"]
                 for r in g["rows"]]
-        out += ["  " + ln for ln in _table(["contender", "median", "p99", "over floor"], rows,
-                                           [False, True, True, True])]
+        out += ["  " + ln for ln in _table(["contender", "median", "p99", "over floor",
+                                            "vs reference"], rows,
+                                           [False, True, True, True, True])]
     note = "XDP programs parked on a veth (repeat>1 without dispatcher swaps)" \
         if d.get("xdp_parked") else "XDP not parked: few samples"
     out.append(f"  pinned to CPU {d['cpu']}; {note}; replay cache {d['replay_cache']:,} entries")
     out.append(f"  first sight: {d.get('first_sight_repeated_tokens', 0)} of the marked SYNs "
-               "repeated an earlier token (same flow and epoch, same 32-bit nonce): set aside")
+               "repeated an earlier token (same flow and epoch, same 48-bit nonce): set aside")
     return out
 
 
