@@ -179,6 +179,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
             for what in ("added", "removed"):
                 if res[what]:
                     print(f"  {what}: {', '.join(res[what])}")
+            from .marker import schedule_lines
+
+            in_use = res["schedule"]["in_use"]
+            if any(len(p.keys) > 1 for p in cfg.policies):
+                print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
+            for line in schedule_lines(res["schedule"]):
+                print(f"  {line}")
         elif res["role"] == "guard":
             src = " (--mode)" if res["action_override"] else ""
             print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
@@ -630,6 +637,12 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     return exporter.run(args)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from . import agent
+
+    return agent.run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -811,6 +824,20 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=exporter.EPILOG, formatter_class=_Formatter)
     p.set_defaults(func=cmd_exporter)
     exporter.add_arguments(p)
+
+    p = _verb(sub, "agent", "node daemon: keep the interfaces [agent] selects attached and "
+              "configured as FILE says (interfaces that appear later, config and key file "
+              "changes, key schedule, clock), serve /metrics; logfmt lines on stderr",
+              "  netoken agent -c /etc/netoken/netoken.toml\n"
+              "  netoken agent -c netoken.toml --metrics 10.0.0.5:9917\n"
+              "  netoken -n blue agent -c lab.toml --detach-on-exit\n", cmd_agent)
+    _config_arg(p)
+    p.add_argument("--detach-on-exit", action="store_true",
+                   help="on SIGTERM/SIGINT detach what the agent attached (default: leave the "
+                        "programs running, so restarts and upgrades leave no gap)")
+    p.add_argument("--metrics", metavar="ADDR:PORT", default=None,
+                   help="serve /metrics here, overriding [agent] metrics (e.g. the node's own "
+                        "address, which differs per node while the config is shared)")
 
     p = _verb(sub, "demo", "the whole system in a private network-namespace lab",
               "  netoken demo\n  netoken demo --connections 10\n", cmd_demo)

@@ -55,19 +55,32 @@ Decisions where DESIGN §4 is silent (they are part of the contract from now on)
   in errors. ``Key.file`` is stored absolute.
 - Key-file problems found while loading a config are reported against the
   config file and the key entry, with the key file's path in PROBLEM.
+- Key schedule (§4): ``mark_from`` is a TOML offset date-time or an RFC 3339
+  string with an offset (``"2026-12-02T00:00:00Z"``); a local date-time is
+  rejected, since "midnight" differs per host.  A mac policy takes ``key = N``
+  or ``keys = [...]`` (not both); duplicates in ``keys`` are dropped, first
+  occurrence wins.  A mac policy none of whose keys has started yet at load
+  time is rejected: it would have nothing to mark with.  Should the clock go
+  back behind every start later on, the key that starts first is used.
+- ``[agent]`` (read only by ``netoken agent``): ``mark`` and ``guard`` hold
+  interface names or fnmatch glob patterns (``*``, ``?``, ``[...]``);
+  ``metrics`` is ``ADDR:PORT`` as ``netoken exporter --listen`` takes it.
+  ``guard`` entries need a ``[guard]`` section.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import difflib
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
 import stat
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -77,6 +90,7 @@ from .errors import NetokenError
 __all__ = [
     "BIND_SADDR",
     "BIND_SPORT",
+    "AgentConfig",
     "Config",
     "ConfigError",
     "GuardConfig",
@@ -88,7 +102,9 @@ __all__ = [
     "generate_key",
     "key_file_bytes",
     "load",
+    "next_switch",
     "parse",
+    "scheduled_key",
 ]
 
 # Bits of Key.bind_mask; must agree with the bind flags in bpf/netoken.h.
@@ -161,6 +177,12 @@ class Key:
     secret: bytes = field(repr=False)
     window: int = DEFAULT_WINDOW
     bind: tuple[str, ...] = ()
+    mark_from: _dt.datetime | None = None  # aware; None: in use since forever
+
+    @property
+    def starts(self) -> float:
+        """mark_from as a Unix time; -inf for a key without one."""
+        return -math.inf if self.mark_from is None else self.mark_from.timestamp()
 
     @property
     def bind_mask(self) -> int:
@@ -175,7 +197,7 @@ class Key:
         # secret into logs, tracebacks or pytest failure output.
         return (
             f"Key(id={self.id}, file={str(self.file)!r}, secret=<{len(self.secret)} bytes>, "
-            f"window={self.window}, bind={self.bind!r})"
+            f"window={self.window}, bind={self.bind!r}, mark_from={self.mark_from!r})"
         )
 
 
@@ -204,7 +226,7 @@ class Policy:
     destinations: tuple[Network, ...]
     ports: tuple[PortRange, ...] = ()  # empty = all ports
     mode: Literal["mac", "static"] = "mac"
-    key: int | None = None  # mac mode
+    keys: tuple[int, ...] = ()  # mac mode: the key schedule, as listed
     token: int | None = None  # static mode
 
 
@@ -234,6 +256,15 @@ class GuardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """What `netoken agent` keeps attached, and where it serves metrics."""
+
+    mark: tuple[str, ...] = ()  # interface names or glob patterns
+    guard: tuple[str, ...] = ()
+    metrics: str | None = None  # ADDR:PORT
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole validated configuration file."""
 
@@ -242,6 +273,54 @@ class Config:
     keys: dict[int, Key]
     policies: tuple[Policy, ...]
     guard: GuardConfig | None
+    agent: AgentConfig | None = None
+
+    @property
+    def starts(self) -> dict[int, float]:
+        """Key id -> when markers start using it (Unix time, -inf: always)."""
+        return {k.id: k.starts for k in self.keys.values()}
+
+    def marking_keys(self, now: float) -> dict[str, int]:
+        """Policy name -> the key its SYNs get at Unix time NOW (mac policies)."""
+        starts = self.starts
+        return {p.name: scheduled_key(p.keys, starts, now) for p in self.policies if p.mode == "mac"}
+
+    def next_switch(self, now: float) -> float | None:
+        """The first Unix time after NOW at which a policy changes keys."""
+        return next_switch([p.keys for p in self.policies if p.mode == "mac"], self.starts, now)
+
+
+def scheduled_key(ids: Sequence[int], starts: Mapping[int, float], now: float) -> int:
+    """The key of IDS that marks at NOW (DESIGN §4), given each key's start
+    (Unix time, -inf: always): the latest start that has passed, a tie to the
+    key listed last; if none has passed (the clock went back), the key that
+    starts first."""
+    started = [(starts[k], i, k) for i, k in enumerate(ids) if starts[k] <= now]
+    if started:
+        return max(started)[2]
+    return min((starts[k], i, k) for i, k in enumerate(ids))[2]
+
+
+def next_switch(
+    schedules: Iterable[Sequence[int]], starts: Mapping[int, float], now: float
+) -> float | None:
+    """The first instant after NOW at which one of SCHEDULES (key id lists)
+    changes its key, or None.  A start that changes nothing (a later key
+    already marks) is no switch."""
+    schedules = [tuple(s) for s in schedules]
+    later = sorted({starts[k] for s in schedules for k in s if starts[k] > now})
+    before = [scheduled_key(s, starts, now) for s in schedules]
+    for t in later:
+        if [scheduled_key(s, starts, t) for s in schedules] != before:
+            return t
+    return None
+
+
+def iso(t: float | _dt.datetime) -> str:
+    """A Unix time or aware datetime as RFC 3339 UTC, e.g. 2026-12-02T00:00:00Z."""
+    d = t if isinstance(t, _dt.datetime) else _dt.datetime.fromtimestamp(t, _dt.UTC)
+    text = d.astimezone(_dt.UTC).isoformat()
+    return text.replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------
@@ -381,10 +460,11 @@ _HEX_TOKEN_RE = re.compile(r"0[xX][0-9a-fA-F]+(?:_[0-9a-fA-F]+)*")
 _DEC_TOKEN_RE = re.compile(r"[0-9]+(?:_[0-9]+)*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-_TOP_KEYS = ("option", "key", "policy", "guard")
+_TOP_KEYS = ("option", "key", "policy", "guard", "agent")
 _OPTION_KEYS = ("kind", "exid")
-_KEY_KEYS = ("id", "file", "window", "bind")
-_POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "token")
+_KEY_KEYS = ("id", "file", "window", "bind", "mark_from")
+_POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "keys", "token")
+_AGENT_KEYS = ("mark", "guard", "metrics")
 _GUARD_KEYS = ("action", "skew", "replay_cache", "protect")
 _PROTECT_KEYS = ("destinations", "ports", "keys", "tokens", "action")
 _ACTIONS = ("drop", "monitor")
@@ -622,7 +702,8 @@ class _Parser:
         keys = self.keys(doc.get("key", []))
         policies = self.policies(doc.get("policy", []), keys)
         guard = self.guard(doc["guard"], keys) if "guard" in doc else None
-        return Config(Path(self.file), option, keys, policies, guard)
+        agent = self.agent(doc["agent"], guard) if "agent" in doc else None
+        return Config(Path(self.file), option, keys, policies, guard, agent)
 
     def option(self, value: Any) -> OptionConfig:
         entry = "[option]"
@@ -670,6 +751,7 @@ class _Parser:
                 if not isinstance(b, str) or b not in _BIND_BITS:
                     self.fail(entry, f'bind value {_show(b)} is not "saddr" or "sport"')
                 bind.add(b)
+            mark_from = self.instant(entry, t, "mark_from")
             try:
                 secret = key_file_bytes(path)
             except ConfigError as e:
@@ -680,6 +762,7 @@ class _Parser:
                 secret=secret,
                 window=window,
                 bind=tuple(b for b in _BIND_BITS if b in bind),
+                mark_from=mark_from,
             )
             first_index[kid] = i
         return keys
@@ -718,22 +801,20 @@ class _Parser:
             dests = self.destinations(entry, t)
             ports = self.ports(entry, t)
             mode = self.choice(entry, t, "mode", "mac", ("mac", "static"))
-            key_id: int | None = None
+            key_ids: tuple[int, ...] = ()
             token: int | None = None
             if mode == "mac":
                 if "token" in t:
                     self.fail(
                         entry, 'token is only for mode = "static"; mode "mac" uses key'
                     )
-                if "key" not in t:
-                    self.fail(entry, 'mode "mac" requires key = <key id>')
-                key_id = self.integer(entry, t, "key", _REQUIRED, 0, 255, " key id")
-                self.key_ref(entry, "key", key_id, keys)
+                key_ids = self.schedule(entry, t, keys)
             else:
-                if "key" in t:
-                    self.fail(
-                        entry, 'key is only for mode = "mac"; mode "static" uses token'
-                    )
+                for ref in ("key", "keys"):
+                    if ref in t:
+                        self.fail(
+                            entry, f'{ref} is only for mode = "mac"; mode "static" uses token'
+                        )
                 if "token" not in t:
                     self.fail(
                         entry, 'mode "static" requires token = "0x<16 hex digits>"'
@@ -745,7 +826,7 @@ class _Parser:
                     destinations=dests,
                     ports=ports,
                     mode=mode,
-                    key=key_id,
+                    keys=key_ids,
                     token=token,
                 )
             )
@@ -757,6 +838,86 @@ class _Parser:
             ]
         )
         return tuple(policies)
+
+    def schedule(self, entry: str, t: Mapping[str, Any], keys: Mapping[int, Key]) -> tuple[int, ...]:
+        """A mac policy's keys: ``key = N`` or ``keys = [...]``, each defined,
+        one of them already started."""
+        if "key" in t and "keys" in t:
+            self.fail(entry, "key and keys are alternatives; list every key in keys = [...]")
+        if "key" in t:
+            kid = self.integer(entry, t, "key", _REQUIRED, 0, 255, " key id")
+            self.key_ref(entry, "key", kid, keys)
+            ids = (kid,)
+        elif "keys" in t:
+            items = self.array(entry, t, "keys", required=True)
+            if not items:
+                self.fail(entry, "keys must not be empty")
+            for k in items:
+                if not _is_int(k):
+                    self.fail(entry, f"keys must hold integer key ids, got {_got(k)}")
+                self.key_ref(entry, "keys", k, keys)
+            ids = tuple(dict.fromkeys(items))
+        else:
+            self.fail(entry, 'mode "mac" requires key = <key id> (or keys = [...])')
+        now = _dt.datetime.now(_dt.UTC).timestamp()
+        if all(keys[k].starts > now for k in ids):
+            first = min(ids, key=lambda k: keys[k].starts)
+            self.fail(
+                entry,
+                f"none of its keys is in use yet (key {first} starts first, at "
+                f"{iso(keys[first].starts)}); list a key without mark_from too",
+            )
+        return ids
+
+    def instant(self, entry: str, t: Mapping[str, Any], name: str) -> _dt.datetime | None:
+        """An optional date-time with a UTC offset (TOML or an RFC 3339 string)."""
+        if name not in t:
+            return None
+        value = t[name]
+        example = "e.g. 2026-12-02T00:00:00Z"
+        if isinstance(value, str):
+            try:
+                value = _dt.datetime.fromisoformat(value.strip())
+            except ValueError:
+                self.fail(entry, f"{name} {_show(t[name])} is not an RFC 3339 date-time ({example})")
+        if not isinstance(value, _dt.datetime):
+            self.fail(entry, f"{name} must be a date-time with a UTC offset ({example}), "
+                             f"got {_got(value)}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            self.fail(entry, f"{name} {value.isoformat()} has no UTC offset; add Z or +HH:MM "
+                             f"({example})")
+        return value.astimezone(_dt.UTC)
+
+    def agent(self, value: Any, guard: GuardConfig | None) -> AgentConfig:
+        entry = "[agent]"
+        t = self.table(entry, value, "[agent]")
+        self.known(entry, t, _AGENT_KEYS)
+        roles = {}
+        for name in ("mark", "guard"):
+            patterns = []
+            for item in self.array(entry, t, name, required=False):
+                if not isinstance(item, str):
+                    self.fail(entry, f"{name} must hold interface names or patterns, "
+                                     f"got {_got(item)}")
+                if not item or item in (".", "..") or any(
+                    c == "/" or c.isspace() or c in "\x00" for c in item
+                ):
+                    self.fail(entry, f"{name}: {_show(item)} is not an interface name or pattern")
+                patterns.append(item)
+            roles[name] = tuple(dict.fromkeys(patterns))
+        if roles["guard"] and guard is None:
+            self.fail(entry, "guard names interfaces but there is no [guard] section")
+        metrics = t.get("metrics")
+        if metrics is not None:
+            if not isinstance(metrics, str):
+                self.fail(entry, f'metrics must be a string "ADDR:PORT", got {_got(metrics)}')
+            from .exporter import ExporterError, parse_listen
+
+            try:
+                parse_listen(metrics)
+            except ExporterError as e:
+                self.fail(entry, f"metrics: {str(e).removeprefix('--listen ')}")
+        return AgentConfig(mark=roles["mark"], guard=roles["guard"], metrics=metrics)
 
     def token(self, entry: str, value: Any) -> int:
         if _is_int(value):

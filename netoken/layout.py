@@ -43,6 +43,12 @@ MARK_REASONS: tuple[str, ...] = (
     "events_lost",
 )
 MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
+# Counted on top of a packet reason rather than instead of one (the enum's
+# comments say which), so a sum over MARK_PACKET_REASONS is packets.
+MARK_ACTIONS: tuple[str, ...] = tuple(r for r in MARK_REASONS if r == "room_from_ts")
+MARK_EVENTS: tuple[str, ...] = ("events_lost",)
+MARK_PACKET_REASONS: tuple[str, ...] = tuple(
+    r for r in MARK_REASONS if r not in MARK_ACTIONS + MARK_EVENTS)
 
 MAX_PROTECT = 4096
 MAX_STATIC = 4096
@@ -79,6 +85,10 @@ GUARD_OUTCOMES: tuple[str, ...] = (
     "error",
 )
 GUARD_REASONS = GUARD_VERDICTS + GUARD_PASS_REASONS + GUARD_OUTCOMES
+# The outcomes by kind: what happened to a rejected SYN, and its event.
+GUARD_ACTIONS_TAKEN: tuple[str, ...] = ("dropped", "monitored")
+GUARD_EVENTS: dict[str, str] = {"events": "written", "events_suppressed": "suppressed",
+                                "events_lost": "lost"}
 GUARD_REASON = {name: i for i, name in enumerate(GUARD_REASONS)}
 
 # enum nt_guard_action; "entry" only appears in the global override.

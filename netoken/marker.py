@@ -7,7 +7,9 @@ programs get the same behaviour as operators.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
+import math
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -71,10 +73,13 @@ def ifindex(ifname: str) -> int:
     return program.ifindex(ifname, MarkerError)
 
 
-def policy_value(policy: Policy, index: int) -> bytes:
+def policy_value(policy: Policy, index: int, key_id: int | None = None) -> bytes:
+    """POLICY at INDEX as the marker reads it; KEY_ID is the key its key
+    schedule has in use (mac mode)."""
     v = layout.NtPolicy(id=index, mode=layout.MODES[policy.mode])
     if policy.mode == "mac":
-        v.key_id = policy.key
+        assert key_id is not None and key_id in policy.keys
+        v.key_id = key_id
     else:
         v.token[:] = list(policy.token.to_bytes(8, "big"))
     return bytes(v)
@@ -146,13 +151,16 @@ class Marker(PinnedProgram):
         and counters of the one it replaces."""
         return cls._load_object(reuse)
 
-    def configure(self, cfg: Config) -> None:
-        """Make the maps hold exactly CFG: keys, policies, prefixes, option.
+    def configure(self, cfg: Config, now: float | None = None) -> None:
+        """Make the maps hold exactly CFG: keys, policies, prefixes, option,
+        with each policy marking with the key its schedule has in use at NOW
+        (Unix time; default the current time).
 
         Safe on a live, attached marker: every SYN sees either the old or the
         new policy for its destination, never none (see POLICY_HALF).
         """
         check(cfg)
+        in_use = cfg.marking_keys(time.time() if now is None else now)
         gen = 1 - self._config().generation
         base = gen * POLICY_HALF
         keys = self.maps["nt_keys"]
@@ -162,7 +170,9 @@ class Marker(PinnedProgram):
             if keys.lookup(u32(kid)) != key_value(key):
                 keys.update(u32(kid), key_value(key))
         for i, policy in enumerate(cfg.policies):
-            self.maps["nt_policies"].update(u32(base + i), policy_value(policy, i))
+            self.maps["nt_policies"].update(
+                u32(base + i), policy_value(policy, i, in_use.get(policy.name))
+            )
         v4, v6 = _compile(cfg, base)
         sync_map(self.maps["nt_dst_v4"], v4)
         sync_map(self.maps["nt_dst_v6"], v6)
@@ -241,12 +251,24 @@ def _policy_meta(p: Policy) -> dict[str, Any]:
         "mode": p.mode,
     }
     if p.mode == "mac":
-        d["key"] = p.key
+        d["keys"] = list(p.keys)
     return d
 
 
 def _config_meta(cfg: Config) -> dict[str, Any]:
     return {**program.config_meta(cfg), "policies": [_policy_meta(p) for p in cfg.policies]}
+
+
+def schedule(cfg: Config, now: float) -> dict[str, Any]:
+    """The key schedule of CFG as of NOW: the key each mac policy marks with,
+    and the next switch (None if no key is scheduled to start)."""
+    in_use = cfg.marking_keys(now)
+    at = cfg.next_switch(now)
+    nxt = None
+    if at is not None:
+        nxt = {"at": nconfig.iso(at),
+               "policies": {n: k for n, k in cfg.marking_keys(at).items() if k != in_use[n]}}
+    return {"in_use": in_use, "next_switch": nxt}
 
 
 def tc_filter_count(ifname: str, hook: str) -> int | None:
@@ -356,11 +378,13 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     }
 
 
-def apply(ifname: str, cfg: Config) -> dict[str, Any]:
-    """Make the live, pinned maps of IFNAME's marker hold CFG; no reattach."""
+def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
+    """Make the live, pinned maps of IFNAME's marker hold CFG, with the key
+    schedule as of NOW (default: the current time); no reattach."""
     check(cfg)
+    now = time.time() if now is None else now
     with Marker.updating(ifname) as (m, meta):
-        m.configure(cfg)
+        m.configure(cfg, now)
         prog_id = m.prog.id
         before = {p.get("name") for p in meta.get("policies", [])}
         meta.update(_config_meta(cfg))
@@ -373,6 +397,7 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
         "keys": sorted(cfg.keys),
         "added": sorted(after - before),
         "removed": sorted(before - after),
+        "schedule": schedule(cfg, now),
     }
 
 
@@ -442,7 +467,17 @@ class MarkerRole(ProgramRole):
         cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
         d["keys"] = program.live_keys(st, meta)
-        d["policies"] = meta.get("policies", [])
+        d["policies"] = [dict(p) for p in meta.get("policies", [])]
+        # The key each policy marks with is a fact of the live half of
+        # nt_policies; the schedule that says what it should be comes from
+        # the metadata.
+        base = cfgv.generation * POLICY_HALF
+        with Map.from_pinned(st.pin("nt_policies")) as m:
+            for i, p in enumerate(d["policies"]):
+                raw = m.lookup(u32(base + i))
+                if p.get("mode") == "mac" and raw:
+                    p["key"] = layout.NtPolicy.from_bytes(raw).key_id
+        d["schedule"] = _schedule_status(meta, d["policies"], time.time())
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
@@ -456,12 +491,17 @@ class MarkerRole(ProgramRole):
             lines.append("policies none (nothing is marked)")
         width = max((len(str(p.get("name"))) for p in d["policies"]), default=0)
         for p in d["policies"]:
-            how = f"mac key {p.get('key')}" if p.get("mode") == "mac" else "static"
+            how = "static"
+            if p.get("mode") == "mac":
+                how = f"mac key {p.get('key')}"
+                if len(p.get("keys") or []) > 1:
+                    how += f" of {','.join(map(str, p['keys']))}"
             ports = ",".join(str(x) for x in p.get("ports", [])) or "all"
             lines.append(
                 f"policy   {p.get('name')!s:<{width}}  {how:<10} ports {ports:<14} "
                 + " ".join(p.get("destinations", []))
             )
+        lines.extend(schedule_lines(d.get("schedule") or {}))
         return lines
 
     def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
@@ -502,6 +542,52 @@ class MarkerRole(ProgramRole):
             f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
             f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
         )
+
+
+def _starts(meta: dict[str, Any]) -> dict[int, float]:
+    out = {}
+    for k in meta.get("keys", []):
+        t = k.get("mark_from")
+        out[k.get("id")] = -math.inf if t is None else _dt.datetime.fromisoformat(t).timestamp()
+    return out
+
+
+def _schedule_status(meta: dict[str, Any], policies: list[dict[str, Any]],
+                     now: float) -> dict[str, Any]:
+    """What the key schedule in the metadata says as of NOW, next to the keys
+    the policies really use: the next switch, and switches that are overdue
+    (their instant passed and nobody applied them)."""
+    starts = _starts(meta)
+    mac = [p for p in policies if p.get("mode") == "mac" and p.get("keys")]
+    try:
+        due = {p["name"]: nconfig.scheduled_key(p["keys"], starts, now) for p in mac}
+        at = nconfig.next_switch([p["keys"] for p in mac], starts, now)
+        then = {p["name"]: nconfig.scheduled_key(p["keys"], starts, at) for p in mac} if at else {}
+    except (KeyError, TypeError):
+        return {"next_switch": None, "overdue": []}  # metadata from an older netoken
+    overdue = [
+        {"policy": p["name"], "key": due[p["name"]], "since": nconfig.iso(starts[due[p["name"]]])}
+        for p in mac if "key" in p and p["key"] != due[p["name"]]
+    ]
+    nxt = None
+    if at is not None:
+        nxt = {"at": nconfig.iso(at),
+               "policies": {n: k for n, k in then.items() if k != due[n]}}
+    return {"next_switch": nxt, "overdue": overdue}
+
+
+def schedule_lines(sched: dict[str, Any]) -> list[str]:
+    """The schedule part of `status` and `apply` for humans."""
+    lines = []
+    for o in sched.get("overdue", []):
+        lines.append(f"schedule {o['policy']} should mark with key {o['key']} since {o['since']}; "
+                     "only `netoken agent` switches on time (or run `netoken apply`)")
+    nxt = sched.get("next_switch")
+    if nxt:
+        to = ", ".join(f"{n} -> key {k}" for n, k in nxt["policies"].items())
+        lines.append(f"schedule next switch {nxt['at']}: {to} (performed by `netoken agent`; "
+                     "without it, run `netoken apply` then)")
+    return lines
 
 
 class _PolicyNames:

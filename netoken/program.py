@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from . import layout, state
-from .config import Config
+from .config import Config, iso
 from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
 from .state import PROG_PIN, PROG_PIN_NEW, RoleState
@@ -347,7 +347,8 @@ def config_meta(cfg: Config) -> dict[str, Any]:
         "applied_at": state.now_iso(),
         "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
         "keys": [
-            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file)}
+            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file),
+             "mark_from": None if k.mark_from is None else iso(k.mark_from)}
             for k in sorted(cfg.keys.values(), key=lambda k: k.id)
         ],
     }

@@ -210,7 +210,8 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     assert d["config"] == str(s.cfg)
     assert [k["id"] for k in d["keys"]] == [1]
     assert d["policies"] == [{"name": "svc", "destinations": [f"{t.server_ip}/32"],
-                              "ports": [PORT], "mode": "mac", "key": 1}]
+                              "ports": [PORT], "mode": "mac", "keys": [1], "key": 1}]
+    assert d["schedule"] == {"next_switch": None, "overdue": []}
     human = s.ok("status")
     for text in (t.client_if, f"prog {res['prog_id']}", "handle 0x6e74 prio 1", "svc",
                  "attached"):
@@ -330,6 +331,51 @@ def test_stats_watch_piped_prints_lines_and_ctrl_c_exits_0(setup: Setup):
 
 # --------------------------------------------------------------------------
 # attach twice, apply, coexistence
+
+
+def test_key_schedule_in_apply_and_status(setup: Setup, tmp_path):
+    """apply uses the schedule as of now and says when the next switch is
+    due; status shows the key in use and a switch nobody performed."""
+    s, t = setup, setup.t
+
+    def config(start: float) -> tuple[Path, str]:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+        return write_config(tmp_path, {1: TEST_KEY, 2: OTHER_KEY}, f"""
+[[key]]
+id = 3
+file = "{write_key(tmp_path, "3.key", OTHER_KEY)}"
+mark_from = {at}
+""" + policy(f"{t.server_ip}/32").replace("key = 1", "keys = [1, 3]") + policy(
+            "192.0.2.0/24", key=2, name="other"), name="sched.toml"), at
+
+    s.attach()
+    cfg, at = config(time.time() + 3600)
+    out = s.ok("apply", t.client_if, "-c", str(cfg))
+    assert "keys in use: svc key 1, other key 2" in out
+    assert f"next switch {at}: svc -> key 3 (performed by `netoken agent`" in out
+    res = json.loads(s.ok("apply", t.client_if, "-c", str(cfg), "--json"))
+    assert res[0]["schedule"] == {"in_use": {"svc": 1, "other": 2},
+                                  "next_switch": {"at": at, "policies": {"svc": 3}}}
+    d = s.status()
+    assert [(p["name"], p["keys"], p["key"]) for p in d["policies"]] == [
+        ("svc", [1, 3], 1), ("other", [2], 2)]
+    assert d["schedule"] == {"next_switch": {"at": at, "policies": {"svc": 3}}, "overdue": []}
+    human = s.ok("status", t.client_if)
+    assert "policy   svc    mac key 1 of 1,3" in human and f"next switch {at}" in human
+
+    # nobody switches without the agent: status says so once the instant passed
+    start = int(time.time()) + 4
+    cfg, at = config(start)
+    s.ok("apply", t.client_if, "-c", str(cfg))
+    time.sleep(max(0.0, start - time.time()))
+    d = s.status()
+    assert d["schedule"] == {"next_switch": None,
+                             "overdue": [{"policy": "svc", "key": 3, "since": at}]}
+    assert f"svc should mark with key 3 since {at}" in s.ok("status", t.client_if)
+    res = json.loads(s.ok("apply", t.client_if, "-c", str(cfg), "--json"))
+    assert res[0]["schedule"] == {"in_use": {"svc": 3, "other": 2}, "next_switch": None}
+    d = s.status()
+    assert [p["key"] for p in d["policies"]] == [3, 2] and d["schedule"]["overdue"] == []
 
 
 def test_attach_twice_replaces_atomically_and_counters_persist(setup: Setup, tmp_path):

@@ -367,19 +367,31 @@ GRAFANA = CONTRIB / "grafana"
 # The exporter's label contract (contrib/grafana/METRICS holds the names).
 LABELS = {
     "netoken_marker_packets_total": {"interface", "reason"},
+    "netoken_marker_actions_total": {"interface", "action"},
     "netoken_syn_marked_total": {"interface"},
-    "netoken_marker_events_lost_total": {"interface"},
     "netoken_guard_packets_total": {"interface", "reason"},
     "netoken_guard_syn_verdicts_total": {"interface", "verdict"},
+    "netoken_guard_actions_total": {"interface", "action"},
+    "netoken_guard_replay_cache_errors_total": {"interface"},
     "netoken_guard_key_syns_total": {"interface", "key_id", "result"},
-    "netoken_guard_dropped_total": {"interface"},
+    "netoken_events_total": {"interface", "role", "result"},
     "netoken_attached": {"interface", "role"},
+    "netoken_exporter_read_errors_total": set(),
     "netoken_info": {"version"},
+    "netoken_agent_config_errors_total": set(),
+    "netoken_agent_applies_total": {"cause"},
 }
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
 VALUES = {
-    ("netoken_marker_packets_total", "reason"): set(layout.MARK_REASONS),
-    ("netoken_guard_packets_total", "reason"): set(layout.GUARD_REASONS),
+    # "room_from_ts" is the marker's action once its counter exists
+    ("netoken_marker_packets_total", "reason"): set(layout.MARK_PACKET_REASONS),
+    ("netoken_marker_actions_total", "action"): set(layout.MARK_ACTIONS) | {"room_from_ts"},
+    ("netoken_guard_packets_total", "reason"): set(layout.GUARD_VERDICTS
+                                                   + layout.GUARD_PASS_REASONS),
+    ("netoken_guard_actions_total", "action"): set(layout.GUARD_ACTIONS_TAKEN),
+    ("netoken_events_total", "role"): {"marker", "guard"},
+    ("netoken_events_total", "result"): set(layout.GUARD_EVENTS.values()),
+    ("netoken_agent_applies_total", "cause"): {"config", "schedule"},
     ("netoken_guard_syn_verdicts_total", "verdict"): set(layout.GUARD_VERDICTS),
     ("netoken_guard_key_syns_total", "result"): {"ok", "bad"},
     ("netoken_attached", "role"): {"marker", "guard"},
@@ -434,8 +446,12 @@ def dashboard_queries() -> list[str]:
 
 
 def test_metrics_file_is_the_label_contract():
+    from netoken import exporter
+
     names = metric_names()
     assert len(names) == len(set(names)) and set(names) == set(LABELS)
+    for f in exporter.FAMILIES + exporter.AGENT_FAMILIES:
+        assert set(f.labels) == LABELS[f.name], f.name
     assert all(re.fullmatch(r"netoken_[a-z0-9_]+", n) for n in names)
     counters = [n for n in names if n not in ("netoken_attached", "netoken_info")]
     assert all(n.endswith("_total") for n in counters)

@@ -170,8 +170,8 @@ def loader_keys() -> set[str]:
     # The loader's own allow-lists: the doc must follow them, not a copy.
     tables = {"option": nconfig._OPTION_KEYS, "key": nconfig._KEY_KEYS,
               "policy": nconfig._POLICY_KEYS, "guard": nconfig._GUARD_KEYS,
-              "guard.protect": nconfig._PROTECT_KEYS}
-    assert set(nconfig._TOP_KEYS) == {"option", "key", "policy", "guard"}
+              "guard.protect": nconfig._PROTECT_KEYS, "agent": nconfig._AGENT_KEYS}
+    assert set(nconfig._TOP_KEYS) == {"option", "key", "policy", "guard", "agent"}
     return {f"{t}.{k}" for t, keys in tables.items() for k in keys}
 
 
