@@ -80,7 +80,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("netoken_marker_packets_total", "counter", ("interface", "reason"),
            "Egress packets the netoken marker (TC) handled, by reason: marked and "
            "marked_payload got a token, the others say why a packet passed unmarked; "
-           "events_lost counts events, not packets."),
+           "events_lost counts events, not packets; room_from_ts counts the marked SYNs "
+           "(already in marked or marked_payload) whose Timestamps option was removed "
+           "to make room for the token."),
     Family("netoken_syn_marked_total", "counter", ("interface",),
            "SYNs the marker gave a token (reasons marked + marked_payload)."),
     Family("netoken_marker_events_lost_total", "counter", ("interface",),

@@ -41,8 +41,13 @@ MARK_REASONS: tuple[str, ...] = (
     "no_key",
     "error",
     "events_lost",
+    "room_from_ts",
 )
 MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
+# Counted on top of a packet reason, not instead of one: events_lost counts
+# events; room_from_ts counts marked SYNs (marked or marked_payload) whose
+# Timestamps option was removed to make room (DESIGN §3).
+MARK_OUTCOMES: tuple[str, ...] = ("events_lost", "room_from_ts")
 
 MAX_PROTECT = 4096
 MAX_STATIC = 4096
@@ -102,7 +107,7 @@ class Struct(C.Structure):
 class NtConfig(Struct):
     _fields_ = [
         ("kind", C.c_uint8),
-        ("pad0", C.c_uint8),
+        ("make_room", C.c_uint8),
         ("exid", C.c_uint16),
         ("generation", C.c_uint32),
         ("realtime_minus_tai_ns", C.c_int64),
