@@ -57,6 +57,9 @@ enum nt_mark_reason {
 	NT_MARK_NO_KEY,           /* policy names a key that is not loaded */
 	NT_MARK_ERROR,            /* a helper failed: packet passed unchanged */
 	NT_MARK_EVENTS_LOST,      /* not a packet reason: ring buffer was full */
+	NT_MARK_ROOM_FROM_TS,     /* not a packet reason: a marked SYN (counted as
+				   * marked or marked_payload) whose Timestamps
+				   * option was removed to make room (DESIGN §3) */
 	NT_MARK_REASON_MAX,
 };
 
@@ -64,7 +67,7 @@ enum nt_mark_reason {
  * them without reattaching. */
 struct nt_config {
 	__u8  kind;
-	__u8  pad0;
+	__u8  make_room;         /* 1: remove Timestamps when the option does not fit */
 	__u16 exid;              /* host byte order */
 	__u32 generation;        /* user space only: which half of the policy
 				  * array is live (see netoken/marker.py) */

@@ -162,10 +162,12 @@ class ConfigError(NetokenError):
 
 @dataclass(frozen=True, slots=True)
 class OptionConfig:
-    """TCP option framing: RFC 6994 kind and 16-bit experiment id."""
+    """TCP option framing: RFC 6994 kind and 16-bit experiment id; whether the
+    marker removes a SYN's Timestamps option when the token has no room."""
 
     kind: int = DEFAULT_KIND
     exid: int = DEFAULT_EXID
+    make_room: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +463,7 @@ _DEC_TOKEN_RE = re.compile(r"[0-9]+(?:_[0-9]+)*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 _TOP_KEYS = ("option", "key", "policy", "guard", "agent")
-_OPTION_KEYS = ("kind", "exid")
+_OPTION_KEYS = ("kind", "exid", "make_room")
 _KEY_KEYS = ("id", "file", "window", "bind", "mark_from")
 _POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "keys", "token")
 _AGENT_KEYS = ("mark", "guard", "metrics")
@@ -716,7 +718,10 @@ class _Parser:
                 f"kind = {kind} is not an experimental option kind; use 253 or 254",
             )
         exid = self.integer(entry, t, "exid", DEFAULT_EXID, 0, 0xFFFF)
-        return OptionConfig(kind=kind, exid=exid)
+        make_room = t.get("make_room", True)
+        if not isinstance(make_room, bool):
+            self.fail(entry, f"make_room must be true or false, got {_got(make_room)}")
+        return OptionConfig(kind=kind, exid=exid, make_room=make_room)
 
     def keys(self, value: Any) -> dict[int, Key]:
         keys: dict[int, Key] = {}

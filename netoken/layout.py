@@ -41,6 +41,7 @@ MARK_REASONS: tuple[str, ...] = (
     "no_key",
     "error",
     "events_lost",
+    "room_from_ts",
 )
 MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
 # Counted on top of a packet reason rather than instead of one (the enum's
@@ -112,7 +113,7 @@ class Struct(C.Structure):
 class NtConfig(Struct):
     _fields_ = [
         ("kind", C.c_uint8),
-        ("pad0", C.c_uint8),
+        ("make_room", C.c_uint8),
         ("exid", C.c_uint16),
         ("generation", C.c_uint32),
         ("realtime_minus_tai_ns", C.c_int64),

@@ -103,6 +103,7 @@ class MarkEvent:
     dport: int
     nonce: bytes
     tag: bytes
+    room_from_ts: bool = False  # the Timestamps option was removed to make room
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MarkEvent:
@@ -123,6 +124,7 @@ class MarkEvent:
             dport=e.dport,
             nonce=bytes(e.nonce) if mac else b"",
             tag=bytes(e.tag[: layout.TAG_LEN]) if mac else bytes(e.tag),
+            room_from_ts=bool(e.room_from_ts),
         )
 
 
@@ -465,7 +467,7 @@ class MarkerRole(ProgramRole):
     def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
         d["created_clsact"] = meta.get("created_clsact")
         cfgv = self.pinned_config(st)
-        d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
+        d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid, "make_room": bool(cfgv.make_room)}
         d["keys"] = program.live_keys(st, meta)
         d["policies"] = [dict(p) for p in meta.get("policies", [])]
         # The key each policy marks with is a fact of the live half of
@@ -518,6 +520,7 @@ class MarkerRole(ProgramRole):
                 "daddr": e.daddr,
                 "dport": e.dport,
                 "mode": e.mode,
+                "room_from_ts": e.room_from_ts,
             }
             if e.mode == "mac":
                 d.update(key_id=e.key_id, epoch=e.epoch, nonce=e.nonce.hex(), tag=e.tag.hex())

@@ -466,7 +466,8 @@ class ProgramRole:
         if d.get("config"):
             lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
         o = d["option"]
-        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}")
+        room = "" if "make_room" not in o else f"  make_room {'on' if o['make_room'] else 'off'}"
+        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}{room}")
         return lines
 
     def stats(self, st: RoleState) -> dict[str, int]:

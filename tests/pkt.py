@@ -123,6 +123,12 @@ def syn(dst: str = "198.51.100.7", dport: int = 443, src: str | None = None, spo
     return bytes(pkt)
 
 
+def syn_with_options(options: bytes, payload: bytes = b"", **kw) -> bytes:
+    """syn(**kw) whose TCP options are exactly OPTIONS (a multiple of 4 bytes)."""
+    assert len(options) % 4 == 0 and len(options) <= 40
+    return rebuild_with_option(syn(payload=payload, **kw), options)
+
+
 LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123, 0)), ("NOP", None),
                   ("WScale", 7)]                         # 20 bytes, what Linux sends
 
@@ -153,15 +159,47 @@ def expected_marked(before: bytes, after: bytes, key: bytes, *, exid=token.DEFAU
     return rebuild_with_option(before, option)
 
 
+def made_room(options: bytes, need: int) -> bytes | None:
+    """DESIGN §3's make-room, built independently of the BPF code: OPTIONS
+    without the Timestamps option and without NOP/EOL padding (nothing after
+    EOL is an option), every other option byte for byte and in order,
+    re-padded with NOPs to a multiple of 4 and to no less than
+    len(OPTIONS) - NEED.  None if there is no Timestamps option or NEED more
+    bytes still do not fit in 40."""
+    kept, i, ts = [], 0, False
+    while i < len(options) and options[i] != 0:
+        if options[i] == 1:
+            i += 1
+            continue
+        size = options[i + 1]
+        if options[i] == 8 and size == 10:
+            ts = True
+        else:
+            kept.append(options[i:i + size])
+        i += size
+    body = b"".join(kept)
+    area = max(-(-len(body) // 4) * 4, len(options) - need)
+    if not ts or area + need > 40:
+        return None
+    return body + b"\x01" * (area - len(body))
+
+
 def rebuild_with_option(before: bytes, option: bytes) -> bytes:
+    """BEFORE with OPTION added as the marker must add it: after the existing
+    options (EOL and what follows become NOPs), or, when the TCP header
+    would exceed 60 bytes, after the options made_room() leaves."""
     b = parse(before)
     old = bytearray(b.options)
+    if b.tcp_len + len(option) > 60:
+        room = made_room(bytes(old), len(option))
+        assert room is not None, "no room even without timestamps"
+        old = bytearray(room)
     # EOL ends the option list: from it on, bytes become NOPs so ours is seen.
-    if 0 in _kinds_until_eol(bytes(old)):
+    elif 0 in _kinds_until_eol(bytes(old)):
         i = _eol_index(bytes(old))
         old[i:] = b"\x01" * (len(old) - i)
     raw = bytearray(before[:b.l4 + 20] + bytes(old) + option + b.payload)
-    grow = len(option)
+    grow = len(old) + len(option) - len(b.options)
     new_tcp_len = b.tcp_len + grow
     raw[b.l4 + 12] = (new_tcp_len // 4) << 4 | (raw[b.l4 + 12] & 0x0F)
     if b.family == 4:

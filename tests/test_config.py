@@ -39,6 +39,7 @@ EXAMPLE = """
 [option]
 kind = 253
 exid = 0x6E74
+make_room = true                    # drop Timestamps when a SYN has no room (§3)
 
 [[key]]
 id = 1
@@ -185,6 +186,12 @@ action = "drop"
         protect=(Protect((ipaddress.ip_network("2001:db8::/48"),), (), (2,), "drop"),),
     )
     assert cfg.guard.action_for(cfg.guard.protect[0]) == "drop"
+
+
+def test_make_room_is_on_unless_turned_off() -> None:
+    assert parse("").option.make_room is True
+    assert parse("[option]\nmake_room = true\n").option.make_room is True
+    assert parse("[option]\nmake_room = false\n").option == OptionConfig(make_room=False)
 
 
 def test_empty_config_is_valid() -> None:
@@ -340,7 +347,7 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         "unknown-option",
         "[option]\nkinds = 253\n",
         "[option]",
-        "allowed: exid, kind",
+        "allowed: exid, kind, make_room",
         None,
     ),
     ("unknown-key", KEY + "windw = 3\n", "key 1", '(did you mean "window"?)', None),
@@ -813,6 +820,20 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         "[option]\nexid = 0x10000\n",
         "[option]",
         "exid = 65536 is out of range 0..65535",
+        None,
+    ),
+    (
+        "make-room-string",
+        '[option]\nmake_room = "yes"\n',
+        "[option]",
+        'make_room must be true or false, got string "yes"',
+        None,
+    ),
+    (
+        "make-room-integer",
+        "[option]\nmake_room = 1\n",
+        "[option]",
+        "make_room must be true or false, got integer 1",
         None,
     ),
     (
