@@ -337,7 +337,7 @@ def detach(ifname: str) -> bool:
             # old_prog_fd: detach only if it is still this program.
             xdp_detach(idx, _MODE_FLAGS[mode], old_prog_fd=prog)
         except BPFError as e:
-            raise GuardError(f"{ifname}: cannot detach the netoken guard: {e.strerror}") from None
+            raise GuardError(_detach_problem(ifname, idx, e)) from None
     return True
 
 
@@ -459,7 +459,7 @@ class Guard(PinnedProgram):
                         xdp_detach(idx, _MODE_FLAGS[cur_mode], old_prog_fd=old)
                         xdp_attach(idx, self.prog, flags | XDP_FLAGS_UPDATE_IF_NOEXIST)
         except BPFError as e:
-            raise GuardError(_attach_problem(ifname, mode, e)) from None
+            raise GuardError(_attach_problem(ifname, idx, mode, e)) from None
         now = _attached(idx)
         if now is None or now[0] != self.prog.id:
             raise GuardError(f"{ifname}: XDP attach reported success but the guard is not attached")
@@ -517,7 +517,31 @@ def side_doors() -> list[links.SideDoor]:
     return links.side_doors(pinned_prog_ids())
 
 
-def _attach_problem(ifname: str, mode: XdpMode | None, e: BPFError) -> str:
+# The kernel keeps a device's XDP program fixed while a device stacked on it
+# (a vxlan using it as underlay, a VLAN, its bond) has one: "Cannot attach
+# when an upper device already has a program", as EEXIST, also for detach.
+_UPPER_HAS_PROG = "upper device already has a program"
+
+
+def _upper_problem(ifname: str, idx: int, e: BPFError, doing: str) -> str | None:
+    if e.errno != errno.EEXIST or _UPPER_HAS_PROG not in e.log:
+        return None
+    names = ", ".join(d.ifname for d in links.uppers(idx, links.links()) if d.xdp_prog_ids)
+    names = names or "a device on top of it"
+    return (f"{ifname}: cannot {doing} the guard while {names} (on top of {ifname}) has an XDP "
+            f"program, a kernel rule: detach the guard from {names} first, then attach it there "
+            f"again (`netoken apply` updates a guard's config without reattaching)")
+
+
+def _detach_problem(ifname: str, idx: int, e: BPFError) -> str:
+    return (_upper_problem(ifname, idx, e, "detach")
+            or f"{ifname}: cannot detach the netoken guard: {e.strerror}")
+
+
+def _attach_problem(ifname: str, idx: int, mode: XdpMode | None, e: BPFError) -> str:
+    upper = _upper_problem(ifname, idx, e, "attach or replace")
+    if upper is not None:
+        return upper
     if e.errno == errno.EOPNOTSUPP and mode == "native":
         return f"{ifname}: the driver does not support native XDP; use generic mode"
     if e.errno in (errno.EBUSY, errno.EEXIST):
@@ -813,7 +837,7 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                             xdp_detach(idx, _MODE_FLAGS[cur[1]], old_prog_fd=prog)
                         except BPFError as e:
                             raise GuardError(
-                                f"{ifname}: cannot detach the netoken guard: {e.strerror}"
+                                _detach_problem(ifname, idx, e)
                             ) from None
                     removed = {"id": cur[0], "mode": cur[1]}
     return {

@@ -45,8 +45,9 @@ NETLINK_ROUTE, NETLINK_GENERIC = 0, 16  # the socket module names only the first
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_XDP = 3, 18, 37, 43
-IFLA_INFO_KIND = 1
+IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_XDP = 3, 5, 10, 18, 37, 43
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_VXLAN_LINK = 3
 # IFLA_XDP_PROG_ID, then DRV, SKB, HW: every way a program can be reported.
 IFLA_XDP_PROG_IDS = (4, 5, 6, 7)
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -68,6 +69,7 @@ TUNNEL_KINDS = frozenset({
 FROM_NAMESPACE_KINDS = frozenset({"veth", "netkit"})
 FROM_PROGRAM_KINDS = frozenset({"tun"})
 # Kinds that are not a way in of their own (see the module docstring).
+_STACKED = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
 COVERED_KINDS = frozenset({
     "vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team", "vrf",
     "dummy", "ifb", "nlmon", "openvswitch",
@@ -85,6 +87,8 @@ class Link:
     flags: int
     xdp_prog_ids: frozenset[int]
     peer_elsewhere: bool = False  # its peer or lower device is in another namespace
+    lower: int | None = None  # the device it is stacked on (VLAN, macvlan, vxlan dev)
+    master: int | None = None  # its bridge, bond or team
 
     @property
     def ethernet(self) -> bool:
@@ -103,19 +107,41 @@ def _attrs(data: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
 def _link(msg: bytes) -> Link:
     _family, arphrd, index, flags, _change = _IFINFO.unpack_from(msg)
     name, kind, progs, elsewhere = "", None, set(), False
+    link = vxlan_link = master = None
     for typ, val in _attrs(msg, _IFINFO.size):
         if typ == IFLA_IFNAME:
             name = val.split(b"\0", 1)[0].decode(errors="replace")
+        elif typ == IFLA_LINK:
+            link = _u32(val)
+        elif typ == IFLA_MASTER:
+            master = _u32(val)
         elif typ == IFLA_LINKINFO:
             for t, v in _attrs(val):
                 if t == IFLA_INFO_KIND:
                     kind = v.split(b"\0", 1)[0].decode(errors="replace")
+                elif t == IFLA_INFO_DATA:
+                    vxlan_link = next((_u32(x) for a, x in _attrs(v) if a == IFLA_VXLAN_LINK),
+                                      None)
         elif typ == IFLA_LINK_NETNSID:
             elsewhere = True
         elif typ == IFLA_XDP:
             progs.update(struct.unpack("=I", v)[0] for t, v in _attrs(val)
                          if t in IFLA_XDP_PROG_IDS and len(v) == 4)
-    return Link(index, name, kind, arphrd, flags, frozenset(p for p in progs if p), elsewhere)
+    # IFLA_LINK of a veth is its peer, not a lower device.
+    lower = (vxlan_link if kind == "vxlan" else link if kind in _STACKED else None)
+    return Link(index, name, kind, arphrd, flags, frozenset(p for p in progs if p), elsewhere,
+                lower if not elsewhere else None, master or None)
+
+
+def _u32(val: bytes) -> int | None:
+    return struct.unpack("=I", val[:4])[0] if len(val) >= 4 else None
+
+
+def uppers(idx: int, devices: list[Link]) -> list[Link]:
+    """The devices stacked on or enslaving device IDX (the kernel's "upper"
+    devices: no XDP program of IDX can change while one of them has one)."""
+    master = next((d.master for d in devices if d.ifindex == idx), None)
+    return [d for d in devices if d.lower == idx or d.ifindex == master]
 
 
 def _dump(protocol: int, msg_type: int, body: bytes) -> Iterator[tuple[int, bytes]]:

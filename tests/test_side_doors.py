@@ -86,7 +86,10 @@ class Vx:
         return d["counters"]
 
     def status(self) -> list[dict]:
-        return json.loads(self.srv("status", "--json"))
+        """status --json of this test's interfaces (pins are global: state
+        of other tests' namespaces may show while they attach)."""
+        mine = (self.cu, self.su, self.cv, self.sv)
+        return [d for d in json.loads(self.srv("status", "--json")) if d["ifname"] in mine]
 
 
 @pytest.fixture
@@ -171,8 +174,9 @@ def test_vxlan_side_door_is_named_and_closed_by_guarding_the_tunnel(vx: Vx):
     # The client has no guard: nothing is protected there, nothing is named.
     ok("mark", "attach", vx.cv, "-c", str(vx.cfg), ns=vx.client)
     client_status = ok("status", ns=vx.client)
-    assert "not guarded" not in client_status and "unguarded" not in ok(
-        "status", "--json", ns=vx.client)
+    assert "not guarded" not in client_status
+    assert [d.get("unguarded") for d in json.loads(ok("status", "--json", ns=vx.client))
+            if d["ifname"] == vx.cv] == [None]
 
     with server(vx.server, PORT) as srv:
         # The side door is real: spoofed SYNs inside the tunnel reach TCP.
@@ -246,7 +250,8 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
     cfg = write_config(tmp_path, {1: TEST_KEY}, CONFIG)
     try:
         # Nothing guarded: nothing named.
-        assert "unguarded" not in ok("status", "--json", ns=s)
+        mine = (nic, pod_host, tun, tap)
+        assert not [d for d in json.loads(ok("status", "--json", ns=s)) if d["ifname"] in mine]
         r = netoken("guard", "attach", nic, "-c", str(cfg), ns=s)
         assert r.returncode == 0, r.stderr
         local = "delivers traffic from a local program (VPN, tun/tap) into this host"
@@ -265,7 +270,7 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
         ok("guard", "attach", pod_host, "-c", str(cfg), ns=s)
         ok("guard", "attach", tap, "-c", str(cfg), ns=s)
         (named,) = {tuple(d["ifname"] for d in item["unguarded"])
-                    for item in json.loads(ok("status", "--json", ns=s))}
+                    for item in json.loads(ok("status", "--json", ns=s)) if item["ifname"] in mine}
         assert named == (tun,)
         assert pair_a not in named and pair_b not in named
     finally:
@@ -312,3 +317,35 @@ def test_fou_answers_are_parsed_as_the_kernel_writes_them():
         f"udp/{p} ({k}) hands decapsulated packets straight to this host's stack, past every "
         f"device: no guard can run there; remove it (ip fou del port {p}) unless it is needed"
         for p, k in ((5555, "gue"), (5557, "fou"))]
+
+
+def test_underlay_guard_changes_only_while_the_tunnel_has_none(vx: Vx):
+    """The kernel keeps a device's XDP program fixed while a device stacked
+    on it has one (vxlan over its underlay): attach, replace and detach of
+    the underlay's guard say so in one line and change nothing; `apply`
+    still updates it."""
+    def upper_rule(doing: str) -> str:
+        return (f"netoken: {vx.su}: cannot {doing} the guard while {vx.sv} (on top of "
+                f"{vx.su}) has an XDP program, a kernel rule: detach the guard from {vx.sv} "
+                f"first, then attach it there again (`netoken apply` updates a guard's config "
+                f"without reattaching)")
+
+    vx.attach_guard(vx.sv)
+    r = netoken("guard", "attach", vx.su, "-c", str(vx.cfg), ns=vx.server)
+    assert one_line_error(r) == upper_rule("attach or replace")
+    assert [d["ifname"] for d in vx.status()] == [vx.sv]  # nothing of the failed attach left
+    assert "xdp" not in json.loads(run("ip", "-j", "link", "show", vx.su, ns=vx.server).stdout)[0]
+
+    vx.srv("guard", "detach", vx.sv)
+    vx.attach_guard(vx.su)  # underlay first, then the tunnel
+    vx.attach_guard(vx.sv)
+    (before,) = [d["prog"]["id"] for d in vx.status() if d["ifname"] == vx.su]
+    r = netoken("guard", "attach", vx.su, "-c", str(vx.cfg), ns=vx.server)
+    assert one_line_error(r) == upper_rule("attach or replace")
+    r = netoken("guard", "detach", vx.su, ns=vx.server)
+    assert one_line_error(r) == upper_rule("detach")
+    assert [(d["ifname"], d["prog"]["id"] if d["ifname"] == vx.su else 0, d["state"])
+            for d in vx.status()] == [(vx.su, before, "attached"), (vx.sv, 0, "attached")]
+    vx.srv("apply", vx.su, "-c", str(vx.cfg))
+    vx.srv("guard", "detach", vx.sv)
+    vx.srv("guard", "detach", vx.su)
