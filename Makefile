@@ -10,8 +10,9 @@ BPF_OBJ     := $(patsubst bpf/%.bpf.c,netoken/bpf/%.bpf.o,$(BPF_SRC))
 BPF_HDR     := $(wildcard bpf/*.h)
 VENV        := .venv
 PYTEST_ARGS ?=
+KERNELS_ARGS ?=
 
-.PHONY: all build bpf deps test demo bench lint clean
+.PHONY: all build bpf deps test test-kernels demo bench lint clean
 
 all: build
 
@@ -32,6 +33,11 @@ netoken/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HDR)
 test: build
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The kernel-facing suites on Debian's 6.1 and 6.12 under QEMU and on the
+# running kernel; table and JSON in build/test-kernels/ (scripts/test-kernels).
+test-kernels: build
+	scripts/test-kernels $(KERNELS_ARGS)
+
 demo: build
 	$(VENV)/bin/netoken demo
 
@@ -41,7 +47,7 @@ bench: build
 	$(VENV)/bin/netoken bench -o bench/latest.json > bench/latest.txt; rc=$$?; cat bench/latest.txt; exit $$rc
 
 lint: deps
-	$(VENV)/bin/ruff check netoken tests
+	$(VENV)/bin/ruff check netoken tests scripts/test-kernels
 
 clean:
 	rm -rf netoken/bpf/*.o build *.egg-info

@@ -80,6 +80,7 @@ __all__ = [
     "num_possible_cpus",
     "obj_get",
     "obj_pin",
+    "probe_helper",
     "run_time_stats",
     "tc_attach",
     "tc_detach",
@@ -373,6 +374,7 @@ _prog_get_fd_by_id = _proto("bpf_prog_get_fd_by_id", c_int, c_uint32)
 _obj_get_info_by_fd = _proto("bpf_obj_get_info_by_fd", c_int, c_int, c_void_p, POINTER(c_uint32))
 _prog_test_run_opts = _proto("bpf_prog_test_run_opts", c_int, c_int, POINTER(_bpf_test_run_opts))
 _enable_stats = _proto("bpf_enable_stats", c_int, c_int)
+_probe_bpf_helper = _proto("libbpf_probe_bpf_helper", c_int, c_int, c_int, c_void_p)
 
 _tc_hook_create = _proto("bpf_tc_hook_create", c_int, POINTER(_bpf_tc_hook))
 _tc_hook_destroy = _proto("bpf_tc_hook_destroy", c_int, POINTER(_bpf_tc_hook))
@@ -610,6 +612,13 @@ def _close_fd(fd: int) -> None:
 def num_possible_cpus() -> int:
     """Number of possible CPUs (sizes per-CPU map values)."""
     return _call("get number of possible CPUs", _num_possible_cpus)
+
+
+def probe_helper(prog_type: int, helper_id: int) -> bool:
+    """Whether this kernel lets programs of PROG_TYPE call BPF helper
+    HELPER_ID (libbpf loads a two-instruction program and reads the verifier's
+    answer), so that features are found, not inferred from version strings."""
+    return bool(_call(f"probe BPF helper #{helper_id}", _probe_bpf_helper, prog_type, helper_id, None))
 
 
 BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type

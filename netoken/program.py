@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-from . import layout, state
+from . import kernel, layout, state
 from .config import Config, iso
 from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
@@ -108,6 +108,7 @@ class PinnedProgram:
     ) -> Self:
         """Open the ELF object, size the maps in MAX_ENTRIES, share those in
         REUSE instead of creating them, and load it."""
+        kernel.require(cls.Error)
         obj = BpfObject.open(str(object_path(cls.OBJECT)))
         try:
             for name, n in (max_entries or {}).items():
