@@ -54,10 +54,12 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import functools
 import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -80,10 +82,6 @@ IDLE_TIMER = 86400.0
 
 ROLES = ("guard", "marker")  # the order config changes are applied in
 MANAGED_BY = "agent"
-
-
-class AgentError(NetokenError):
-    """The agent cannot start (one line)."""
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +125,9 @@ IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
+IN_IGNORED = 0x8000  # the watch is gone (its directory was deleted)
 IN_ONLYDIR = 0x01000000
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; name follows
 _DIR_EVENTS = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
                | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
 
@@ -164,11 +164,20 @@ class DirWatch:
         seen = False
         while True:
             try:
-                if not os.read(self.fd, 65536):
-                    return seen
-                seen = True
+                buf = os.read(self.fd, 65536)
             except BlockingIOError:
                 return seen
+            if not buf:
+                return seen
+            seen = True
+            off = 0
+            while off + _EVENT.size <= len(buf):
+                wd, mask, _, length = _EVENT.unpack_from(buf, off)
+                off += _EVENT.size + length
+                if mask & IN_IGNORED:
+                    # Forget it, so that a directory of the same name made
+                    # later (a config directory replaced whole) is watched anew.
+                    self.wds = {d: w for d, w in self.wds.items() if w != wd}
 
     def close(self) -> None:
         os.close(self.fd)
@@ -420,8 +429,10 @@ class Agent:
                  protect=len(new.guard.protect) if new.guard else 0,
                  next_switch=self._next_switch())
         want = self._selected()
+        now = time.time()
         for pair in _order(self.managed & want):
-            self._apply(pair, "config")
+            self._apply(pair, "config", now)
+        self.in_use = new.marking_keys(now)  # what the markers now use: no switch to log
         self._reconcile(want)
         self._serve_metrics()
         self._arm()
@@ -653,15 +664,16 @@ class Agent:
                 deadline = next_tick if self.reload_at is None else min(next_tick,
                                                                         self.reload_at)
                 for fd, _ in poller.poll(max(0.0, deadline - now) * 1000):
-                    handlers[fd]()
+                    self._guarded(handlers[fd])
                 if self.stop_signal is not None:
                     break
                 now = time.monotonic()
                 if self.reload_at is not None and now >= self.reload_at:
-                    self.reload("signal" if self.reload_at == 0.0 else "file")
+                    self._guarded(functools.partial(
+                        self.reload, "signal" if self.reload_at == 0.0 else "file"))
                 if now >= next_tick:
                     next_tick = now + TICK
-                    self._tick()
+                    self._guarded(self._tick)
             self.log("stopping", signal=signal.Signals(self.stop_signal).name,
                      detach=self.detach_on_exit)
             if self.detach_on_exit:
@@ -670,6 +682,15 @@ class Agent:
             else:
                 self.log("programs stay attached", attached=len(self.managed))
         return 0
+
+    def _guarded(self, step: Any) -> None:
+        """Run one step of the loop; a bug in it is logged, not fatal: the
+        programs keep running either way, and the next event or tick retries."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001
+            self.reload_at = None
+            self.log("internal error", level="error", error=f"{type(e).__name__}: {e}")
 
     def _links(self) -> None:
         if self.links is not None and self.links.drain():
