@@ -105,6 +105,10 @@ FAMILIES: tuple[Family, ...] = (
            "1 if netoken's program for this role runs on the interface; 0 if its state "
            "is pinned but the kernel no longer runs it there (filter or XDP program "
            "removed behind netoken's back)."),
+    Family("netoken_key_info", "gauge", ("interface", "role", "key_id", "fingerprint"),
+           "Always 1 per key the program holds; fingerprint is a non-secret hash of the "
+           "key bytes the kernel really has, so hosts with different keys under one id "
+           "show different values."),
     Family("netoken_info", "gauge", ("version",),
            "Always 1; the netoken version of this exporter."),
 )
@@ -228,6 +232,10 @@ class NetokenCollector:
                 continue
             s.add("netoken_attached", (st.ifname, st.role),
                   1 if status.get("attached", True) else 0)
+            for k in status.get("keys") or []:
+                if isinstance(k, dict) and k.get("fingerprint"):
+                    s.add("netoken_key_info", (st.ifname, st.role, str(k["id"]),
+                                               k["fingerprint"]), 1)
             export = ROLE_EXPORTS.get(st.role)
             if export is not None:
                 export(s, st.ifname, counters, extra)

@@ -374,6 +374,7 @@ LABELS = {
     "netoken_guard_key_syns_total": {"interface", "key_id", "result"},
     "netoken_guard_dropped_total": {"interface"},
     "netoken_attached": {"interface", "role"},
+    "netoken_key_info": {"interface", "role", "key_id", "fingerprint"},
     "netoken_info": {"version"},
 }
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
@@ -437,7 +438,8 @@ def test_metrics_file_is_the_label_contract():
     names = metric_names()
     assert len(names) == len(set(names)) and set(names) == set(LABELS)
     assert all(re.fullmatch(r"netoken_[a-z0-9_]+", n) for n in names)
-    counters = [n for n in names if n not in ("netoken_attached", "netoken_info")]
+    counters = [n for n in names if n not in ("netoken_attached", "netoken_key_info",
+                                              "netoken_info")]
     assert all(n.endswith("_total") for n in counters)
 
 
