@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import __version__, state
-from .config import generate_key
+from .config import generate_key, key_file_bytes
 from .config import load as load_config
 from .errors import BPFError, NetokenError
 from .state import RoleState
@@ -187,9 +187,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
             for line in schedule_lines(res["schedule"]):
                 print(f"  {line}")
         elif res["role"] == "guard":
-            src = " (--mode)" if res["action_override"] else ""
             print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
-                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}{src}")
+                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}")
+            if res["action_override"]:
+                print(_override_line(res))
             for what in ("added", "removed"):
                 if res[f"keys_{what}"]:
                     print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
@@ -235,12 +236,20 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
         "resized": f"new replay cache of {cache['entries']} entries "
                    f"({cache['copied']} live entries copied)",
     }[cache["state"]]
-    src = " (--mode)" if res["action_override"] else ""
     print(f"guard attached to {res['ifname']} (XDP {res['xdp_mode']}): prog {res['prog_id']} "
           f"tag {res['tag']} ({how})")
-    print(f"  action {res['action']}{src}, skew {res['skew']}, {cache_text}; "
+    print(f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
           f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
+    if res["action_override"]:
+        print(_override_line(res))
     return 0
+
+
+def _override_line(res: dict[str, Any]) -> str:
+    """The one line that says a sticky --mode decides, not the config."""
+    return (f"  action {res['action']} is a --mode override (the config says "
+            f"{res['config_action']}); it stays until `netoken guard attach {res['ifname']} "
+            f"-c FILE --mode config`")
 
 
 def cmd_guard_detach(args: argparse.Namespace) -> int:
@@ -594,11 +603,17 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
+    from .token import key_fingerprint
+
     generate_key(args.file)
+    # Read back as every other command will read it: the fingerprint is of
+    # the key the file really holds.
+    fp = key_fingerprint(key_file_bytes(args.file))
     if args.json:
-        _emit_json({"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16}, args.pretty)
+        _emit_json({"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16,
+                    "fingerprint": fp}, args.pretty)
     else:
-        print(f"wrote a new 16-byte key to {args.file} (mode 0600)")
+        print(f"wrote a new 16-byte key to {args.file} (mode 0600, fingerprint {fp})")
     return 0
 
 
@@ -750,12 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
               "that still let traffic in without a guard (tunnels, other NICs, pod veths)",
               "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
               "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
+              "  netoken guard attach eth0 -c netoken.toml --mode config    # back to [guard] action\n"
               "  netoken -n server guard attach veth0 -c lab.toml --xdp-mode generic\n",
               cmd_guard_attach)
     p.add_argument("iface", metavar="IFACE")
     _config_arg(p)
-    p.add_argument("--mode", choices=("drop", "monitor"),
-                   help="override the action of every protect entry (kept by `apply`)")
+    p.add_argument("--mode", choices=("drop", "monitor", "config"),
+                   help="drop or monitor: override the action of every protect entry; the "
+                        "override is sticky (`apply` and a later attach keep it); config: "
+                        "clear it and use the config's actions")
     p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
                    help="XDP attach mode (default: native if the driver supports it)")
     p = _verb(gsub, "detach", "remove netoken's guard and its pins from IFACE (an XDP "

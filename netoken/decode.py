@@ -20,7 +20,12 @@ that moment).  Decisions where DESIGN is silent:
 - ``replay``: a mac token that verified and was already accepted earlier in
   the capture, per capture interface (pcapng interface, or the ifindex of a
   Linux "any" SLL2 capture), because ``tcpdump -i any`` on a router sees every
-  forwarded SYN twice and the guard keeps one cache per interface anyway.
+  forwarded SYN twice.  (The guard's cache is one per network namespace, so
+  a token replayed on another interface of that host is a replay there.)
+- ``action`` is what the config's ``[guard]`` says for the entry; a live
+  guard attached with ``--mode`` overrides it, which only ``netoken status``
+  knows.  The summary says so, and names each key's fingerprint, so a capture
+  can be matched against ``status`` on the hosts without showing a key.
 - Fragments carrying a SYN are listed with verdict ``fragment``: the guard
   passes them unverified.
 """
@@ -61,7 +66,7 @@ PROG = "netoken"
 # values are None so `--json` consumers see the same shape for every SYN.
 FIELDS = (
     "packet", "time", "family", "src", "sport", "dst", "dport",
-    "kind", "exid", "mode", "key_id", "epoch_low", "nonce", "tag", "token",
+    "kind", "exid", "mode", "key_id", "key_fingerprint", "epoch_low", "nonce", "tag", "token",
     "epoch", "epoch_offset", "protect", "verdict", "action", "problem",
 )
 
@@ -427,6 +432,7 @@ class _Judge:
         self.seen: set[tuple[object, int, int, bytes, bytes]] = set()
         self.all_keys = {k.id: (k.secret, k.window, k.bind_mask) for k in cfg.keys.values()}
         self.all_tokens = frozenset(p.token for p in cfg.policies if p.token is not None)
+        self.fingerprints = {k.id: token.key_fingerprint(k.secret) for k in cfg.keys.values()}
 
     def judge(self, rec: dict[str, Any], syn: _Syn, scope: object, ts: float) -> None:
         cfg = self.cfg
@@ -460,6 +466,8 @@ class _Judge:
                 exid=cfg.option.exid, static_tokens=tokens,
             )
         kid = rec["key_id"]
+        if rec["mode"] == "mac":
+            rec["key_fingerprint"] = self.fingerprints.get(kid)
         if rec["mode"] == "mac" and kid in cfg.keys:
             window = cfg.keys[kid].window
             current = token.epoch_now(window, at)
@@ -640,6 +648,18 @@ def summary(records: list[dict[str, Any]], packets: int | None = None) -> str:
     return f"{what}: {detail}" if detail else what
 
 
+def config_line(cfg: Config) -> str:
+    """Where keys and actions come from: the config's key fingerprints (to
+    compare with `netoken status` on each host) and the action's source."""
+    fps = ", ".join(f"{k.id} fp {token.key_fingerprint(k.secret)}"
+                    for k in sorted(cfg.keys.values(), key=lambda k: k.id)) or "none"
+    line = f"keys in {cfg.path}: {fps}"
+    if cfg.guard is not None:
+        line += (f"; ACTION is what [guard] in {cfg.path} says, not what a live guard does "
+                 f"(a --mode override shows in `netoken status`)")
+    return line
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `netoken decode`: PCAP, -c/--config, --now, -j/--json, -p/--pretty.
 
@@ -692,6 +712,8 @@ def run(args: argparse.Namespace) -> int:
         if records:
             print("\n".join(format_table(records, cfg)))
         print(summary(records, packets), flush=True)
+        if cfg is not None:
+            print(config_line(cfg), flush=True)
     if error:
         _note(error)
         return 1

@@ -116,6 +116,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("netoken_exporter_read_errors_total", "counter", (),
            "Attachments this process could not read while collecting metrics (their "
            "series are missing from that scrape); detaches during a scrape do not count."),
+    Family("netoken_key_info", "gauge", ("interface", "role", "key_id", "fingerprint"),
+           "Always 1 per key the program holds; fingerprint is a non-secret hash of the "
+           "key bytes the kernel really has, so hosts with different keys under one id "
+           "show different values."),
     Family("netoken_info", "gauge", ("version",),
            "Always 1; the netoken version of this exporter."),
 )
@@ -261,6 +265,10 @@ class NetokenCollector:
                 continue
             s.add("netoken_attached", (st.ifname, st.role),
                   1 if status.get("attached", True) else 0)
+            for k in status.get("keys") or []:
+                if isinstance(k, dict) and k.get("fingerprint"):
+                    s.add("netoken_key_info", (st.ifname, st.role, str(k["id"]),
+                                               k["fingerprint"]), 1)
             export = ROLE_EXPORTS.get(st.role)
             if export is not None:
                 export(s, st.ifname, counters, extra)

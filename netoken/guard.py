@@ -567,8 +567,10 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 #
 # Decisions:
 # - `--mode` is part of the attachment, not of the config: it is kept in the
-#   metadata and `apply` keeps it; attaching again without it goes back to
-#   the config's actions.
+#   metadata and is sticky, like the XDP mode: `apply` and attaching again
+#   without `--mode` keep it (and say so), only `--mode config` clears it.
+#   An operator who put a guard into monitor mode by hand must not see it
+#   switch to drop because a unit or the agent re-attached it.
 # - The replay cache's size is fixed when a program is loaded.  Attaching
 #   again with a different `replay_cache` gives the new program a new cache,
 #   filled with the tokens of the old one, each at its slot for the new size
@@ -677,11 +679,23 @@ def _restore_xdp(idx: int, new_id: int, prev: tuple[int, str] | None) -> None:
             xdp_attach(idx, prev_prog, _MODE_FLAGS[prev[1]] | XDP_FLAGS_UPDATE_IF_NOEXIST)
 
 
+Mode = Literal["drop", "monitor", "config"]
+
+
+def override_after(mode: Mode | None, current: str | None) -> str | None:
+    """The --mode override once MODE is given (None: keep CURRENT)."""
+    if mode is None:
+        return current
+    if mode not in ("drop", "monitor", "config"):
+        raise GuardError(f"--mode must be 'drop', 'monitor' or 'config', got {mode!r}")
+    return None if mode == "config" else mode
+
+
 def attach_pinned(
     ifname: str,
     cfg: Config,
     *,
-    action: Literal["drop", "monitor"] | None = None,
+    action: Mode | None = None,
     xdp_mode: XdpMode | None = None,
 ) -> dict[str, Any]:
     """Load, configure, pin and attach the guard on IFNAME's XDP hook.
@@ -696,8 +710,7 @@ def attach_pinned(
     check(cfg)
     g = cfg.guard
     assert g is not None
-    if action not in (None, "drop", "monitor"):
-        raise GuardError(f"action must be 'drop' or 'monitor', got {action!r}")
+    override_after(action, None)  # a bad value fails before anything is touched
     if xdp_mode is not None and xdp_mode not in _MODE_FLAGS:
         raise GuardError(f"XDP mode must be 'native' or 'generic', got {xdp_mode!r}")
     idx = ifindex(ifname)
@@ -713,6 +726,7 @@ def attach_pinned(
         copied: int | None = None
         with Replacement(Guard, ifname, st) as r:
             old = r.old
+            override = override_after(action, live_override(old) if old is not None else None)
             if old is not None:
                 snap = _snapshot(old)
                 r.restore_old = lambda o: _restore(o, snap)
@@ -726,7 +740,7 @@ def attach_pinned(
                     _restore_xdp(idx, new.prog.id, prev)
 
             r.on_failure(unattach)
-            new.configure(cfg, action=action)
+            new.configure(cfg, action=override)  # type: ignore[arg-type]
             done: set[int] = set()
             if old is not None and "nt_replay" not in reuse:
                 copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
@@ -735,7 +749,7 @@ def attach_pinned(
             if copied is not None and old is not None:
                 copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
             new.commit_pin(st)
-            attachment = {"xdp_mode": xdp_mode, "action_override": action}
+            attachment = {"xdp_mode": xdp_mode, "action_override": override}
             st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
             prog_id, tag = new.prog.id, new.prog.tag
     return {
@@ -748,8 +762,9 @@ def attach_pinned(
         "replaced_prog_id": prev[0] if prev else None,
         "mode_switched": bool(prev and prev[1] != att.mode),
         "pinned": str(st.pin_dir),
-        "action": action or g.action,
-        "action_override": action is not None,
+        "action": override or g.action,
+        "action_override": override is not None,
+        "config_action": g.action,
         "skew": g.skew,
         "replay_cache": {
             "entries": replay_slots(g.replay_cache),
@@ -767,8 +782,8 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
     assert cfg.guard is not None
     with Guard.updating(ifname) as (gd, meta):
         before = _live_key_ids(gd.maps["nt_keys"])
-        override = meta.get("action_override")
-        gd.configure(cfg, action=override)
+        override = live_override(gd)
+        gd.configure(cfg, action=override)  # type: ignore[arg-type]
         prog_id, cache = gd.prog.id, gd.replay_cache
         meta.update(_config_meta(cfg))
     notes = []
@@ -787,9 +802,17 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
         "keys_removed": sorted(before - set(cfg.keys)),
         "action": override or cfg.guard.action,
         "action_override": override is not None,
+        "config_action": cfg.guard.action,
         "replay_cache": cache,
         "notes": notes,
     }
+
+
+def live_override(gd: Guard) -> str | None:
+    """The --mode override the kernel runs with (None: the entries' actions)."""
+    a = gd._config().action
+    name = layout.GUARD_ACTIONS[a] if a < len(layout.GUARD_ACTIONS) else "entry"
+    return None if name == "entry" else name
 
 
 def _live_key_ids(m: Map) -> set[int]:

@@ -26,6 +26,7 @@ from .config import Config, iso
 from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
 from .state import PROG_PIN, PROG_PIN_NEW, RoleState
+from .token import key_fingerprint_int
 
 
 def ifindex(ifname: str, error: type[Exception]) -> int:
@@ -374,7 +375,8 @@ def endpoint(addr: str, port: int) -> str:
 
 def live_keys(st: RoleState, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """The keys in ST's pinned nt_keys (never their bytes), with the files
-    the metadata names for them."""
+    the metadata names for them and the fingerprint of what the kernel
+    really holds (a key file changed since does not show here)."""
     files = {k.get("id"): k.get("file") for k in meta.get("keys", [])}
     keys = []
     with Map.from_pinned(st.pin("nt_keys")) as m:
@@ -384,7 +386,7 @@ def live_keys(st: RoleState, meta: dict[str, Any]) -> list[dict[str, Any]]:
             if k is not None and k.window:
                 keys.append(
                     {"id": kid, "window": k.window, "bind": bind_names(k.bind),
-                     "file": files.get(kid)}
+                     "file": files.get(kid), "fingerprint": key_fingerprint_int(k.k0, k.k1)}
                 )
     return keys
 
@@ -393,7 +395,7 @@ def keys_line(keys: list[dict[str, Any]]) -> str:
     ks = []
     for k in keys:
         extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
-        ks.append(f"{k['id']} (window {k['window']}s{extra})")
+        ks.append(f"{k['id']} (fp {k['fingerprint']}, window {k['window']}s{extra})")
     return "keys     " + (", ".join(ks) or "none")
 
 

@@ -56,6 +56,8 @@ __all__ = [
     "epoch_now",
     "expand_epoch",
     "find_options",
+    "key_fingerprint",
+    "key_fingerprint_int",
     "mac_message",
     "siphash24",
     "siphash24_int",
@@ -156,6 +158,24 @@ def siphash24(key: bytes, msg: bytes | bytearray | memoryview) -> bytes:
     k0 = int.from_bytes(key[:8], "little")
     k1 = int.from_bytes(key[8:], "little")
     return siphash24_int(k0, k1, msg).to_bytes(8, "little")
+
+
+# A key's fingerprint: SipHash-2-4 under the key of this fixed label, first 8
+# output bytes in hex.  SipHash is a PRF, so the value says nothing about the
+# key beyond "same or different", which is what an operator comparing hosts
+# needs.  The label is 26 bytes, a length no MAC message has (19, 21, 23, 25,
+# 31, 33, 35, 37, 47 or 49 bytes), so a fingerprint can never be a tag.
+FINGERPRINT_LABEL = b"netoken key fingerprint v1"
+
+
+def key_fingerprint_int(k0: int, k1: int) -> str:
+    """Fingerprint of the key (k0, k1) as the BPF maps hold it (two LE u64)."""
+    return siphash24_int(k0, k1, FINGERPRINT_LABEL).to_bytes(8, "little").hex()
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Fingerprint of a 16-byte key: 16 hex digits, safe to print and compare."""
+    return siphash24(key, FINGERPRINT_LABEL).hex()
 
 
 # ---------------------------------------------------------------------------- epochs

@@ -429,10 +429,28 @@ def test_monitor_mode_passes_and_counts(g: G):
     assert (d["action"], d["action_override"]) == ("monitor", "monitor")
     assert {p["action"] for p in d["protect"]} == {"monitor"}
     assert "action   monitor (--mode)" in g.srv("status")
-    g.srv("apply", t.server_if, "-c", str(g.cfg("g.toml")))  # --mode outlives apply
+    # the override is sticky: apply and a plain re-attach keep it, and say so
+    out = g.srv("apply", t.server_if, "-c", str(g.cfg("g.toml")))
+    assert "action monitor is a --mode override (the config says drop)" in out
+    assert "--mode config" in out
     assert g.status()["action"] == "monitor"
-    g.attach(g.cfg("g.toml"))  # attaching without --mode goes back to the config
-    assert g.status()["action"] == "drop"
+    res = g.attach(g.cfg("g.toml"))
+    assert (res["action"], res["action_override"], res["config_action"]) == (
+        "monitor", True, "drop")
+    with server(t.server, PORT):
+        assert refused(t) is False
+        # --mode config clears it: back to the config's drop, and drops again
+        res = g.attach(g.cfg("g.toml"), "--mode", "config")
+        assert (res["action"], res["action_override"]) == ("drop", False)
+        assert (g.status()["action"], g.status()["action_override"]) == ("drop", None)
+        assert "override" not in g.srv("apply", t.server_if, "-c", str(g.cfg("g.toml")))
+        assert refused(t) is True
+        # the round trip by override alone: monitor, then drop
+        g.attach(g.cfg("g.toml"), "--mode", "monitor")
+        assert refused(t) is False
+        g.attach(g.cfg("g.toml"), "--mode", "drop")
+        assert g.status()["action_override"] == "drop"
+        assert refused(t) is True
 
 
 def test_generic_xdp_mode_shows_in_status(g: G):

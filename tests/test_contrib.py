@@ -509,6 +509,7 @@ LABELS = {
     "netoken_events_total": {"interface", "role", "result"},
     "netoken_attached": {"interface", "role"},
     "netoken_exporter_read_errors_total": set(),
+    "netoken_key_info": {"interface", "role", "key_id", "fingerprint"},
     "netoken_info": {"version"},
     "netoken_agent_config_errors_total": set(),
     "netoken_agent_applies_total": {"cause"},
@@ -585,7 +586,8 @@ def test_metrics_file_is_the_label_contract():
     for f in exporter.FAMILIES + exporter.AGENT_FAMILIES:
         assert set(f.labels) == LABELS[f.name], f.name
     assert all(re.fullmatch(r"netoken_[a-z0-9_]+", n) for n in names)
-    counters = [n for n in names if n not in ("netoken_attached", "netoken_info")]
+    counters = [n for n in names if n not in ("netoken_attached", "netoken_key_info",
+                                              "netoken_info")]
     assert all(n.endswith("_total") for n in counters)
 
 

@@ -340,7 +340,8 @@ def test_truncated_pcap_keeps_what_was_read(tmp_path, cfg, where, capsys):
                                        pretty=False, now=False))
     out, err = capsys.readouterr()
     assert rc == 1
-    assert len(out.splitlines()) == 4  # header, two SYNs, summary
+    assert len(out.splitlines()) == 5  # header, two SYNs, summary, keys and action source
+    assert out.splitlines()[-1].startswith(f"keys in {cfg.path}: 1 fp ")
     assert err.count("\n") == 1 and err.startswith("netoken: ") and "Traceback" not in err
 
 
@@ -427,13 +428,16 @@ def test_table_columns_line_up_and_json_matches(tmp_path, cfg, capsys):
                               now=False)
     assert decode.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    header, rows, summary = lines[0], lines[1:-1], lines[-1]
+    header, rows, summary, source = lines[0], lines[1:-2], lines[-2], lines[-1]
     assert len(rows) == 4
     for col in ("SOURCE", "DESTINATION", "MODE", "VERDICT", "ACTION"):
         at = header.index(col)
         assert all(r[at - 1] == " " and r[at] != " " for r in rows), col
     assert [r[header.index("VERDICT"):].split()[0] for r in rows] == ["ok", "ok", "missing", "ok"]
     assert summary == "4 SYN(s) in 4 packet(s): ok 3, missing 1"
+    # where the verdicts' keys and actions come from, without a key byte
+    assert source.startswith(f"keys in {cfg.path}: 1 fp {token.key_fingerprint(TEST_KEY)}")
+    assert "ACTION is what [guard]" in source and TEST_KEY.hex() not in source
 
     args.json = True
     assert decode.run(args) == 0

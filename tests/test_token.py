@@ -751,3 +751,20 @@ def test_verdict_values_are_the_documented_set() -> None:
         "stale",
         "bad_tag",
     }
+
+
+def test_key_fingerprint_is_stable_and_never_a_tag() -> None:
+    key = bytes(range(16))
+    # Pinned: a fingerprint printed by one netoken version must match another's.
+    assert nt.key_fingerprint(key) == "581598fb373e7d6e"
+    assert nt.key_fingerprint(key) == nt.siphash24(key, b"netoken key fingerprint v1").hex()
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    assert nt.key_fingerprint_int(k0, k1) == nt.key_fingerprint(key)
+    assert nt.key_fingerprint(bytes(16)) != nt.key_fingerprint(key)
+    # No MAC message has the label's length, so no fingerprint is a valid tag.
+    lengths = {
+        len(nt.mac_message(0x6E74, 1, 0, bytes(6), d, 1, s, 1, bind))
+        for d, s in (("192.0.2.1", "192.0.2.2"), ("2001:db8::1", "2001:db8::2"))
+        for bind in range(4)
+    }
+    assert len(nt.FINGERPRINT_LABEL) not in lengths
