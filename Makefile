@@ -6,7 +6,13 @@ CLANG       ?= $(shell command -v clang-19 || command -v clang)
 BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
                -I/usr/include/$(ARCH)-linux-gnu -Ibpf
 BPF_SRC     := $(wildcard bpf/*.bpf.c)
-BPF_OBJ     := $(patsubst bpf/%.bpf.c,netoken/bpf/%.bpf.o,$(BPF_SRC))
+# One source, several objects: the guard for each hook and link layer, the
+# marker for devices without an Ethernet header (bpf/hook.h, parse_l2() in
+# bpf/parsing.h).  The loader picks one when it attaches (netoken/guard.py,
+# netoken/marker.py).
+BPF_VARIANTS := guard_tc guard_tc_l3 marker_l3
+BPF_OBJ     := $(patsubst bpf/%.bpf.c,netoken/bpf/%.bpf.o,$(BPF_SRC)) \
+               $(patsubst %,netoken/bpf/%.bpf.o,$(BPF_VARIANTS))
 BPF_HDR     := $(wildcard bpf/*.h)
 VENV        := .venv
 PYTEST_ARGS ?=
@@ -23,12 +29,26 @@ build: deps bpf
 
 bpf: $(BPF_OBJ)
 
-netoken/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HDR)
+define compile_bpf
 	@test -n "$(CLANG)" || { echo "netoken: clang not found; install it with: apt-get install clang-19" >&2; exit 1; }
 	@test -f /usr/include/bpf/bpf_helpers.h || { echo "netoken: libbpf headers not found (bpf/bpf_helpers.h); install them with: apt-get install libbpf-dev" >&2; exit 1; }
 	@test -f /usr/include/$(ARCH)-linux-gnu/asm/types.h || { echo "netoken: asm/types.h not found; install it with: apt-get install linux-libc-dev" >&2; exit 1; }
 	@mkdir -p netoken/bpf
-	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+	$(CLANG) $(BPF_CFLAGS) $(VARIANT_FLAGS) -c $< -o $@
+endef
+
+netoken/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HDR)
+	$(compile_bpf)
+
+netoken/bpf/guard_tc.bpf.o: VARIANT_FLAGS := -DNT_HOOK_TC
+netoken/bpf/guard_tc_l3.bpf.o: VARIANT_FLAGS := -DNT_HOOK_TC -DNT_L3
+netoken/bpf/marker_l3.bpf.o: VARIANT_FLAGS := -DNT_L3
+
+netoken/bpf/guard_%.bpf.o: bpf/guard.bpf.c $(BPF_HDR)
+	$(compile_bpf)
+
+netoken/bpf/marker_%.bpf.o: bpf/marker.bpf.c $(BPF_HDR)
+	$(compile_bpf)
 
 test: build
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

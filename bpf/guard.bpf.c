@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * netoken guard: XDP.  Every SYN to a protected destination must carry
+ * netoken guard: XDP, or TC ingress (bpf/hook.h: one source, an object per
+ * hook).  Every SYN to a protected destination must carry
  * exactly one valid token option (DESIGN §2); the others are dropped, or in
  * monitor mode counted and passed, before the kernel allocates anything for
  * them.  All other traffic passes untouched after a look at its headers.
@@ -20,6 +21,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "hook.h"
 #include "netoken.h"
 #include "parsing.h"
 #include "token.h"
@@ -167,19 +169,18 @@ static __always_inline void count_key(__u8 key_id, __u32 bad)
 
 /* Returns NT_CANDIDATE with *p filled for a SYN && !ACK, or the pass reason.
  * Non-SYN traffic leaves after the flags byte, with nothing copied. */
-static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
+static __always_inline int parse(NT_CTX *ctx, struct nt_gpkt *p)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct hdr_cursor nh = { .pos = data };
-	struct ethhdr *eth;
 	struct iphdr *iph = NULL;
 	struct ipv6hdr *ip6h = NULL;
 	struct tcphdr *tcph = NULL;
 	__u32 l3_off;
 	int proto;
 
-	proto = parse_ethhdr(&nh, data_end, &eth);
+	proto = parse_l2(&nh, data_end);
 	if (proto < 0)
 		return NT_GUARD_BAD_HEADER;
 	l3_off = nh.pos - data;
@@ -227,6 +228,35 @@ static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
 	}
 	return NT_CANDIDATE;
 }
+
+#ifdef NT_HOOK_TC
+/* Bytes pulled at most: past every header layout parse() reads. */
+#define NT_TC_PULL_MAX 16384
+
+/*
+ * At TC the skb may be non-linear and direct access reaches only its linear
+ * part.  Whether parse() (or nt_check(), reading the options) ran out of it
+ * before the headers ended: then they are pulled in and parsed again, so a
+ * SYN is never judged on where the driver split it.  Only then: data
+ * packets, whose headers are linear, never pay for a pull.
+ */
+static __always_inline int nt_cut_short(struct __sk_buff *skb, int verdict,
+					const struct nt_gpkt *p)
+{
+	__u32 linear = skb->data_end - skb->data;
+
+	if (linear >= skb->len)
+		return 0;
+	return verdict == NT_GUARD_BAD_HEADER ||
+	       (verdict == NT_CANDIDATE && p->l4_off + p->tcp_len > linear);
+}
+
+static __always_inline void nt_pull(struct __sk_buff *skb)
+{
+	/* On failure (ENOMEM) the second parse fails closed as the first. */
+	bpf_skb_pull_data(skb, skb->len < NT_TC_PULL_MAX ? skb->len : NT_TC_PULL_MAX);
+}
+#endif
 
 /*
  * Walks the option list the way a receiver must (netoken.token.find_options
@@ -330,7 +360,7 @@ static __always_inline int nt_replay_check(const __u8 *opt)
  * The verdict on one SYN to protect entry c->protect.
  * Global: verified once for all the header layouts that lead here.
  */
-__noinline int nt_check(struct xdp_md *ctx, const struct nt_gpkt *p,
+__noinline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 			const struct nt_guard_config *cfg, const struct nt_protect *prot,
 			struct nt_check *c)
 {
@@ -362,8 +392,9 @@ __noinline int nt_check(struct xdp_md *ctx, const struct nt_gpkt *p,
 		return NT_GUARD_MALFORMED;
 	opts = data + opt_off;
 	/* Direct reads, a word at a time (optlen is a multiple of 4): a third
-	 * of the cost of bpf_xdp_load_bytes().  The program is not xdp.frags,
-	 * so the whole frame is linear. */
+	 * of the cost of bpf_xdp_load_bytes().  The XDP program is not
+	 * xdp.frags, so the whole frame is linear; at TC the entry point has
+	 * pulled the headers in (nt_cut_short()). */
 #pragma unroll
 	for (int i = 0; i < NT_MAX_TCP_OPTS / 4; i++) {
 		if (i * 4 >= optlen)
@@ -453,7 +484,7 @@ static __always_inline int event_allowed(const struct nt_guard_config *cfg)
 	return 1;
 }
 
-static __always_inline void emit_event(struct xdp_md *ctx, const struct nt_gpkt *p,
+static __always_inline void emit_event(NT_CTX *ctx, const struct nt_gpkt *p,
 				       const struct nt_protect *prot,
 				       const struct nt_check *c, __u32 verdict, __u8 action)
 {
@@ -488,8 +519,8 @@ static __always_inline void emit_event(struct xdp_md *ctx, const struct nt_gpkt 
 	count(NT_GUARD_EVENTS);
 }
 
-SEC("xdp")
-int netoken_guard(struct xdp_md *ctx)
+SEC(NT_SEC)
+int netoken_guard(NT_CTX *ctx)
 {
 	struct nt_guard_config *cfg;
 	struct nt_protect *prot;
@@ -500,19 +531,25 @@ int netoken_guard(struct xdp_md *ctx)
 	int verdict;
 
 	verdict = parse(ctx, &p);
+#ifdef NT_HOOK_TC
+	if (nt_cut_short(ctx, verdict, &p)) {
+		nt_pull(ctx);
+		verdict = parse(ctx, &p);
+	}
+#endif
 	if (verdict != NT_CANDIDATE) {
 		count(verdict);
-		return XDP_PASS;
+		return NT_PASS;
 	}
 	if (!nt_lookup_dest(&p.flow, &idx)) {
 		count(NT_GUARD_UNPROTECTED);
-		return XDP_PASS;
+		return NT_PASS;
 	}
 	cfg = bpf_map_lookup_elem(&nt_guard_config, &zero);
 	prot = bpf_map_lookup_elem(&nt_protect, &idx);
 	if (!cfg || !prot) {
 		count(NT_GUARD_ERROR);
-		return XDP_PASS;
+		return NT_PASS;
 	}
 
 	__builtin_memset(&c, 0, sizeof(c));
@@ -522,7 +559,7 @@ int netoken_guard(struct xdp_md *ctx)
 	if (c.mode == NT_MODE_MAC)
 		count_key(c.key_id, verdict == NT_GUARD_OK ? NT_KEY_STAT_OK : NT_KEY_STAT_BAD);
 	if (verdict == NT_GUARD_OK)
-		return XDP_PASS;
+		return NT_PASS;
 
 	action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
 	/* Anything but an explicit monitor drops: a zeroed entry must not
@@ -534,7 +571,7 @@ int netoken_guard(struct xdp_md *ctx)
 		emit_event(ctx, &p, prot, &c, verdict, action);
 	else
 		count(NT_GUARD_EVENTS_SUPPRESSED);
-	return action == NT_ACTION_DROP ? XDP_DROP : XDP_PASS;
+	return action == NT_ACTION_DROP ? NT_DROP : NT_PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -152,7 +152,6 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct hdr_cursor nh = { .pos = data };
-	struct ethhdr *eth;
 	struct iphdr *iph;
 	struct ipv6hdr *ip6h;
 	struct tcphdr *tcph;
@@ -160,7 +159,7 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 
 	if (!p)
 		return NT_MARK_ERROR;
-	proto = parse_ethhdr(&nh, data_end, &eth);
+	proto = parse_l2(&nh, data_end);
 	if (proto < 0)
 		goto short_or_bad;
 	p->l3_off = nh.pos - data;

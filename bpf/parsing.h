@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
- * Header parsers shared by the marker (TC) and the guard (XDP), in the style
+ * Header parsers shared by the marker (TC) and the guard (XDP or TC), in the style
  * of xdp-tutorial's parsing_helpers.h: a cursor, and one tiny parser per
  * header that bounds-checks before it reads and advances the cursor.
  * Every parser returns < 0 when the packet is too short or malformed.
@@ -60,6 +60,35 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end,
 		nh->pos = vlh + 1;
 	}
 	return h_proto;
+}
+
+/*
+ * The link layer: returns the network-order ethertype of what follows, with
+ * the cursor on it.  Ethernet (and up to NT_MAX_VLAN tags) by default; with
+ * NT_L3, for devices without a link-layer header (ARPHRD_NONE: TUN,
+ * WireGuard; ipip, sit, gre), the packet starts at the IP header and the
+ * version nibble says which.  Which one is fixed when the object is
+ * compiled and chosen by the device type at attach: no per-packet guess.
+ */
+static __always_inline int parse_l2(struct hdr_cursor *nh, void *data_end)
+{
+#ifdef NT_L3
+	__u8 *first = nh->pos;
+
+	if ((void *)(first + 1) > data_end)
+		return NT_PARSE_SHORT;
+	switch (*first >> 4) {
+	case 4:
+		return bpf_htons(ETH_P_IP);
+	case 6:
+		return bpf_htons(ETH_P_IPV6);
+	}
+	return 0;   /* not IP: passes as not_ipv4_or_6 */
+#else
+	struct ethhdr *eth;
+
+	return parse_ethhdr(nh, data_end, &eth);
+#endif
 }
 
 /* Any IHL; returns the L4 protocol. */

@@ -473,7 +473,11 @@ class Agent:
         ifname, role = pair
         assert self.cfg is not None
         try:
-            res = _module(role).attach_pinned(ifname, self.cfg)
+            # Guards where they cost least: TC on veths (pods) and L3
+            # devices, XDP on NICs (design.md §2 "Hooks").  The agent owns
+            # what it manages, so auto also undoes a hook forced by hand.
+            kw = {"hook": "auto"} if role == "guard" else {}
+            res = _module(role).attach_pinned(ifname, self.cfg, **kw)
             st = _module(role).state_of(ifname)
             with state.locked():
                 meta = st.read_meta() or {}
@@ -484,8 +488,9 @@ class Agent:
             return
         self.failing.pop(pair, None)
         self.managed.add(pair)
+        extra = {"hook": res["hook"]} if role == "guard" else {}
         self.log("attached", iface=ifname, role=role, prog=res["prog_id"],
-                 replaced=res["replaced_prog_id"], keys=_ids(res["keys"]))
+                 replaced=res["replaced_prog_id"], keys=_ids(res["keys"]), **extra)
 
     def _detach(self, pair: tuple[str, str], reason: str) -> None:
         ifname, role = pair

@@ -211,7 +211,8 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
     state.require_privileges()
     cfg = load_config(args.config)
     guard.check(cfg)
-    res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode)
+    res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode,
+                              hook=args.hook)
     try:
         doors = guard.side_doors()
     except OSError as e:  # the guard is attached: say what could not be checked
@@ -227,7 +228,9 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
         how = "new"
     else:
         how = f"replaced prog {res['replaced_prog_id']}"
-        if res["mode_switched"]:
+        if res["hook_switched"]:
+            how += f", hook switched {res['hook_switched']}: new one attached, then old removed"
+        elif res["mode_switched"]:
             how += ", XDP mode switched: detach + attach"
     cache = res["replay_cache"]
     cache_text = {
@@ -235,9 +238,11 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
         "kept": f"replay cache kept ({cache['entries']} entries)",
         "resized": f"new replay cache of {cache['entries']} entries "
                    f"({cache['copied']} live entries copied)",
+        "moved": f"replay cache moved to the new hook ({cache['copied']} live entries copied)",
     }[cache["state"]]
-    print(f"guard attached to {res['ifname']} (XDP {res['xdp_mode']}): prog {res['prog_id']} "
-          f"tag {res['tag']} ({how})")
+    where = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
+    print(f"guard attached to {res['ifname']} ({where}; hook {res['hook_reason']}): "
+          f"prog {res['prog_id']} tag {res['tag']} ({how})")
     print(f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
           f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
     if res["action_override"]:
@@ -262,12 +267,15 @@ def cmd_guard_detach(args: argparse.Namespace) -> int:
         return 0
     f = res["foreign_prog"]
     if res["removed_prog_id"] is not None:
+        where = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
+        qdisc = f", clsact qdisc {res['clsact']}" if res.get("clsact") else ""
         print(f"guard detached from {res['ifname']}: removed prog {res['removed_prog_id']} "
-              f"(XDP {res['xdp_mode']}); pins removed")
+              f"({where}{qdisc}); pins removed")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its XDP program went with it); pins removed")
+        print(f"{res['ifname']} is gone (its guard program went with it); pins removed")
     elif f is not None:
-        print(f"XDP program {f['name']!r} (id {f['id']}) on {res['ifname']} was not installed "
+        what = "XDP program" if f["hook"] == "xdp" else "tc ingress filter's program"
+        print(f"{what} {f['name']!r} (id {f['id']}) on {res['ifname']} was not installed "
               f"by netoken and stays attached; netoken's guard pins removed")
     else:
         print(f"no guard was attached to {res['ifname']}; pins removed")
@@ -722,7 +730,7 @@ def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Keyed TCP-option watermarks for SYNs: a TC eBPF marker and an XDP guard.",
+        description="Keyed TCP-option watermarks for SYNs: a TC eBPF marker and an XDP or TC guard.",
         epilog=_MAIN_EPILOG,
         formatter_class=_Formatter,
     )
@@ -753,20 +761,23 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken mark detach eth0\n", cmd_mark_detach)
     p.add_argument("iface", metavar="IFACE")
 
-    guard = sub.add_parser("guard", help="attach/detach the XDP guard",
+    guard = sub.add_parser("guard", help="attach/detach the guard (XDP or TC ingress)",
                            description="The guard: verifies tokens on ingress SYNs.",
                            epilog="examples:\n  netoken guard attach eth0 -c netoken.toml "
                                   "--mode monitor\n  netoken guard detach eth0\n",
                            formatter_class=_Formatter)
     gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
-    p = _verb(gsub, "attach", "load the guard and attach it to IFACE's XDP hook (replaces "
-              "netoken's own guard atomically, keeps counters and the replay cache; never "
-              "replaces an XDP program netoken did not install); then name the devices "
-              "that still let traffic in without a guard (tunnels, other NICs, pod veths)",
+    p = _verb(gsub, "attach", "load the guard and attach it to IFACE at XDP or TC ingress "
+              "(--hook auto: TC on veths and L3 devices such as tun and WireGuard, XDP "
+              "otherwise); replaces netoken's own guard atomically, keeps counters and the "
+              "replay cache; never replaces an XDP program or tc filter netoken did not "
+              "install; then name the devices that still let traffic in without a guard "
+              "(tunnels, other NICs, pod veths)",
               "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
               "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
               "  netoken guard attach eth0 -c netoken.toml --mode config    # back to [guard] action\n"
-              "  netoken -n server guard attach veth0 -c lab.toml --xdp-mode generic\n",
+              "  netoken guard attach wg0 -c netoken.toml                   # L3: TC ingress\n"
+              "  netoken -n server guard attach veth0 -c lab.toml --hook xdp --xdp-mode generic\n",
               cmd_guard_attach)
     p.add_argument("iface", metavar="IFACE")
     _config_arg(p)
@@ -774,10 +785,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop or monitor: override the action of every protect entry; the "
                         "override is sticky (`apply` and a later attach keep it); config: "
                         "clear it and use the config's actions")
+    p.add_argument("--hook", choices=("auto", "xdp", "tc"), default=None,
+                   help="where the guard runs: auto picks tc (clsact ingress) for veths and L3 "
+                        "devices and xdp otherwise (default: auto, or the hook forced at the "
+                        "last attach, which is sticky like --mode); switching hooks attaches "
+                        "the new one before removing the old")
     p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
-                   help="XDP attach mode (default: native if the driver supports it)")
-    p = _verb(gsub, "detach", "remove netoken's guard and its pins from IFACE (an XDP "
-              "program netoken did not install stays)",
+                   help="XDP attach mode (default: native if the driver supports it); "
+                        "implies --hook xdp")
+    p = _verb(gsub, "detach", "remove netoken's guard and its pins from IFACE, at either "
+              "hook (other XDP programs and tc filters stay; the clsact qdisc goes only if "
+              "netoken created it and nothing else uses it)",
               "  netoken guard detach eth0\n", cmd_guard_detach)
     p.add_argument("iface", metavar="IFACE")
 

@@ -1,4 +1,4 @@
-"""Library API of the guard: load the XDP program, fill its maps, attach it.
+"""Library API of the guard: load the XDP or TC program, fill its maps, attach it.
 
 Everything the CLI's `guard` verbs do goes through here, so tests and other
 programs get the same behaviour as operators.
@@ -22,6 +22,14 @@ Map design (bpf/guard.bpf.c, structs in bpf/netoken.h):
   ``nt_key_stats``: per-CPU ok/bad counters per key id.
 - ``nt_guard_events``: ring buffer of rejected SYNs, rate-limited per CPU
   by a token bucket (``nt_ev_bucket``, rate and burst in the config map).
+
+Hooks (design.md §2 "Hooks", "L3 devices"): one C source, one object per
+hook and link layer (OBJECTS; bpf/hook.h).  XDP on Ethernet devices, where it
+drops earliest; TC ingress (clsact, direct-action, at netoken's handle and
+priority, netoken/tc.py) on veths, where XDP would switch off TSO on the
+peer, and on L3 devices (tun, WireGuard, ipip, sit, gre), whose packets
+start at the IP header.  Both hooks use the same maps, so counters, keys,
+entries and the replay cache are one whatever the hook.
 
 Decisions where DESIGN is silent:
 
@@ -54,16 +62,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from . import layout, links, program, state
+from . import layout, links, program, state, tc
 from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
 from .datapath import event_addr, key_value, realtime_minus_tai_ns, sync_keys, sync_map, u32
 from .errors import NetokenError
 from .libbpf import (
     BPF_ANY,
+    BPF_PROG_TYPE_SCHED_CLS,
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_SKB_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -117,6 +128,20 @@ CONFIG_MAPS = ("nt_guard_config", "nt_keys", "nt_protect", "nt_static", "nt_dst_
 
 XdpMode = Literal["native", "generic"]
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+
+Hook = Literal["xdp", "tc"]
+HookRequest = Literal["auto", "xdp", "tc"]
+HOOKS = ("auto", "xdp", "tc")
+# The object for each (hook, link layer); there is no XDP object for L3
+# devices: auto picks TC there.
+OBJECTS = {("xdp", "ethernet"): "guard", ("tc", "ethernet"): "guard_tc",
+           ("tc", "l3"): "guard_tc_l3"}
+# What the program returns for a packet it lets through or drops (TC:
+# TC_ACT_UNSPEC, as the u32 BPF_PROG_TEST_RUN reports, and TC_ACT_SHOT).
+RETVALS: dict[str, dict[str, int]] = {
+    "xdp": {"pass": 2, "drop": 1},
+    "tc": {"pass": 0xFFFFFFFF, "drop": 2},
+}
 
 
 class GuardError(NetokenError):
@@ -274,6 +299,18 @@ class XdpAttachment:
     mode: XdpMode
 
 
+@dataclass(frozen=True)
+class TcAttachment:
+    """A guard program at TC ingress, at netoken's handle and priority."""
+
+    ifindex: int
+    prog_id: int
+    created_clsact: bool  # this attach created the clsact qdisc
+    handle: int = tc.HANDLE
+    priority: int = tc.PRIORITY
+    mode: None = None  # no XDP mode
+
+
 def _attached(idx: int) -> tuple[int, str] | None:
     """(prog id, "native" | "generic" | "offload") of IDX's XDP program, or None."""
     info = xdp_query(idx)
@@ -308,6 +345,37 @@ def _ours_or_fail(ifname: str, prog_id: int, mode: str, verb: str = "replace") -
     return prog
 
 
+def _tc_ours_or_fail(ifname: str, prog_id: int, verb: str = "replace") -> None:
+    """GuardError unless the filter at netoken's place on IFNAME's ingress
+    runs a netoken guard (someone else may have used the handle)."""
+    try:
+        with Program.from_id(prog_id) as prog:
+            name, tag = prog.name, prog.tag
+    except BPFError as e:
+        raise GuardError(
+            f"{ifname}: cannot inspect the tc ingress filter's program (id {prog_id}): {e.strerror}"
+        ) from None
+    if name != PROG_NAME:
+        raise GuardError(
+            f"{ifname}: the tc ingress filter at netoken's handle 0x{tc.HANDLE:x} prio "
+            f"{tc.PRIORITY} runs {name or '?'!r} (id {prog_id}, tag {tag}), not netoken's guard; "
+            f"refusing to {verb} it"
+        )
+
+
+def attached_tc(ifname: str) -> TcAttachment | None:
+    """netoken's guard at IFNAME's TC ingress, or None."""
+    idx = ifindex(ifname)
+    prog_id = tc.query(idx, "ingress")
+    if prog_id is None:
+        return None
+    try:
+        _tc_ours_or_fail(ifname, prog_id)
+    except GuardError:
+        return None
+    return TcAttachment(idx, prog_id, False)
+
+
 def attached(ifname: str) -> XdpAttachment | None:
     """netoken's guard on IFNAME, or None (also when a foreign program is there)."""
     idx = ifindex(ifname)
@@ -324,10 +392,17 @@ def attached(ifname: str) -> XdpAttachment | None:
 
 
 def detach(ifname: str) -> bool:
-    """Remove netoken's guard from IFNAME; False if none was attached.
+    """Remove netoken's guard from IFNAME, at either hook; False if none was
+    attached.
 
-    Raises GuardError if the XDP program there is not netoken's."""
+    Raises GuardError if there is no guard at TC and the XDP program there
+    is not netoken's."""
     idx = ifindex(ifname)
+    prog_id = tc.query(idx, "ingress")
+    if prog_id is not None:
+        _tc_ours_or_fail(ifname, prog_id, "detach")
+        tc.detach(idx, "ingress")
+        return True
     cur = _attached(idx)
     if cur is None:
         return False
@@ -342,7 +417,7 @@ def detach(ifname: str) -> bool:
 
 
 class Guard(PinnedProgram):
-    """The guard: netoken_guard on an XDP hook, and its maps (see PinnedProgram)."""
+    """The guard: netoken_guard at XDP or TC ingress, and its maps (see PinnedProgram)."""
 
     ROLE = ROLE_NAME
     OBJECT = "guard"
@@ -360,18 +435,41 @@ class Guard(PinnedProgram):
     STAGED_MAPS: ClassVar[Mapping[str, str]] = {"nt_replay": REPLAY_PIN_NEW}
 
     config: Config | None = None  # what configure() last wrote
+    framing = "ethernet"  # the link layer the loaded object parses
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # A fact of the program, so a guard reopened from its pins knows it too.
+        self.hook: Hook = "tc" if self.prog.type == BPF_PROG_TYPE_SCHED_CLS else "xdp"
 
     @classmethod
     def load(
-        cls, replay_cache: int = DEFAULT_REPLAY_CACHE, reuse: Mapping[str, Map] | None = None
+        cls,
+        replay_cache: int = DEFAULT_REPLAY_CACHE,
+        reuse: Mapping[str, Map] | None = None,
+        hook: Hook = "xdp",
+        framing: str = "ethernet",
     ) -> Guard:
-        """Load the guard with a replay cache of REPLAY_CACHE entries.
+        """Load the guard for HOOK ("xdp" or "tc") and a device of FRAMING
+        ("ethernet", or "l3": packets start at the IP header; TC only) with a
+        replay cache of REPLAY_CACHE entries.
 
         Maps named in REUSE are shared instead of created, which is how a
         replacement program keeps the live entries, counters and replay cache
-        of the one it replaces.  The cache size is fixed at load: configure()
-        cannot change it."""
-        return cls._load_object(reuse, max_entries={"nt_replay": replay_slots(replay_cache)})
+        of the one it replaces, at either hook.  The cache size is fixed at
+        load: configure() cannot change it."""
+        name = OBJECTS.get((hook, framing))
+        if name is None:
+            raise GuardError(f"no guard for hook {hook!r} on {framing!r} devices "
+                             f"(there are: {', '.join(f'{h}/{f}' for h, f in OBJECTS)})")
+        g = cls._load_object(reuse, max_entries={"nt_replay": replay_slots(replay_cache)},
+                             object_name=name)
+        g.framing = framing
+        return g
+
+    def retval(self, outcome: Literal["pass", "drop"]) -> int:
+        """What this program returns for a packet it lets through or drops."""
+        return RETVALS[self.hook][outcome]
 
     @property
     def replay_cache(self) -> int:
@@ -430,17 +528,40 @@ class Guard(PinnedProgram):
         sync_keys(keys, cfg.keys)
         self.config = cfg
 
-    def attach(self, ifname: str, mode: XdpMode | None = None) -> XdpAttachment:
-        """Attach to IFNAME's XDP hook.
+    def attach(self, ifname: str, mode: XdpMode | None = None) -> XdpAttachment | TcAttachment:
+        """Attach to IFNAME's hook: XDP or TC ingress, as loaded.
 
-        MODE None lets the kernel choose: native when the driver supports
-        XDP, generic otherwise.  A netoken guard already there is replaced
-        (atomically when the mode stays); any other XDP program is left alone
-        and GuardError is raised.
+        At XDP, MODE None lets the kernel choose: native when the driver
+        supports XDP, generic otherwise.  A netoken guard already there is
+        replaced (atomically when the mode stays); any other XDP program is
+        left alone and GuardError is raised.  At TC the guard takes netoken's
+        place on the clsact ingress hook (created if missing) in one atomic
+        replace; other filters there keep running, after it.
         """
+        idx = ifindex(ifname)
+        framing = framing_of(ifname, idx)
+        if self.hook == "xdp" and framing == "l3":
+            raise GuardError(_no_xdp_on_l3(ifname))
+        if framing != self.framing:
+            raise GuardError(f"{ifname} is an {framing} device; this guard was loaded for "
+                             f"{self.framing} (Guard.load(framing={framing!r}))")
+        if self.hook == "tc":
+            if mode is not None:
+                raise GuardError(f"{ifname}: an XDP mode ({mode}) applies to the XDP hook only")
+            prev = tc.query(idx, "ingress")
+            if prev is not None:
+                _tc_ours_or_fail(ifname, prev)
+            created = tc.ensure_clsact(idx)
+            try:
+                filt = tc.attach(idx, "ingress", self.prog.fd)
+            except BPFError as e:
+                if created:
+                    tc.destroy_clsact_if_empty(ifname, idx)
+                raise GuardError(f"{ifname}: cannot attach the guard at tc ingress: "
+                                 f"{e.strerror}") from None
+            return TcAttachment(idx, filt.prog_id, created)
         if mode is not None and mode not in _MODE_FLAGS:
             raise GuardError(f"XDP mode must be 'native' or 'generic', got {mode!r}")
-        idx = ifindex(ifname)
         cur = _attached(idx)
         flags = _MODE_FLAGS[mode] if mode else 0
         try:
@@ -480,41 +601,68 @@ class Guard(PinnedProgram):
         return super().events(callback)
 
 
-def check_hook(ifname: str, idx: int) -> None:
-    """Refuse a device whose packets the XDP guard cannot parse.
-
-    XDP runs on every device: natively where the driver supports it, as
-    generic XDP otherwise (vxlan, geneve, tap, ...; attach() lets the kernel
-    choose).  But the guard reads an Ethernet header first, so on an L3
-    device (tun, WireGuard, ipip/sit/gre: packets start at the IP header)
-    it would pass every SYN unchecked.  This is where the TC-ingress guard
-    (DESIGN §2 Hooks, `--hook auto|xdp|tc`) plugs in: `auto` will pick tc for
-    such devices (and for veths) instead of refusing."""
-    link = next((d for d in links.links() if d.ifindex == idx), None)
-    if link is not None and not link.ethernet:
-        raise GuardError(
-            f"{ifname} ({link.kind or 'device'}) has no Ethernet header: the XDP guard would "
-            f"pass its SYNs unchecked, so netoken does not guard it yet"
-        )
+def framing_of(ifname: str, idx: int) -> str:
+    """IFNAME's link layer ("ethernet" or "l3"), or a one-line GuardError for
+    a link type no guard object parses (it would pass every SYN unchecked)."""
+    try:
+        return links.framing_of(ifname, links.link(idx))
+    except ValueError as e:
+        raise GuardError(str(e)) from None
 
 
-def pinned_prog_ids() -> set[int]:
-    """Ids of netoken's guard programs pinned for this network namespace."""
-    ids = set()
+def _no_xdp_on_l3(ifname: str) -> str:
+    return (f"{ifname} is an L3 device (packets start at the IP header), which the XDP guard "
+            f"cannot parse; use --hook tc (what --hook auto picks there)")
+
+
+def choose_hook(ifname: str, requested: HookRequest, dev: links.Link) -> tuple[Hook, str]:
+    """(the hook, why) for REQUESTED on device DEV (design.md §2 "Hooks")."""
+    if requested == "xdp":
+        if dev.l3:
+            raise GuardError(_no_xdp_on_l3(ifname))
+        return "xdp", "forced (--hook xdp)"
+    if requested == "tc":
+        return "tc", "forced (--hook tc)"
+    if dev.l3:
+        return "tc", "auto: L3 device, packets start at the IP header"
+    if dev.kind == "veth":
+        return "tc", "auto: veth, where XDP would switch off TSO on its peer"
+    if dev.kind in links.TC_KINDS:
+        return "tc", f"auto: {dev.kind}, which has no native XDP"
+    return "xdp", "auto: Ethernet device, XDP drops earliest"
+
+
+def _pinned() -> list[tuple[RoleState, int]]:
+    """(state, prog id) of netoken's guards pinned for this network namespace."""
+    out = []
     for st in state.all_states():
         if st.role == ROLE_NAME and state.in_this_netns(st):
             # Detached meanwhile: then it guards nothing.
             with contextlib.suppress(OSError), Program.from_pinned(
                 st.pin(PROG_PIN)
             ) as p:
-                ids.add(p.id)
-    return ids
+                out.append((st, p.id))
+    return out
+
+
+def pinned_prog_ids() -> set[int]:
+    """Ids of netoken's guard programs pinned for this network namespace."""
+    return {prog_id for _, prog_id in _pinned()}
 
 
 def side_doors() -> list[links.SideDoor]:
     """The devices of this network namespace that let traffic in without
     passing a guard (see netoken/links.py); none without any guard here."""
-    return links.side_doors(pinned_prog_ids())
+    pinned = _pinned()
+    ids = {prog_id for _, prog_id in pinned}
+    # Guards at TC: where the kernel runs one of them at netoken's place.
+    at_tc = set()
+    for st, prog_id in pinned:
+        with contextlib.suppress(OSError):
+            idx = socket.if_nametoindex(st.ifname)
+            if tc.query(idx, "ingress") == prog_id:
+                at_tc.add(idx)
+    return links.side_doors(ids, tc_guarded=frozenset(at_tc))
 
 
 # The kernel keeps a device's XDP program fixed while a device stacked on it
@@ -580,6 +728,17 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 # - Switching between native and generic XDP needs a detach first (the
 #   kernel keeps one mode per device), so that replace has a short window
 #   without a guard; every other replace is atomic.
+# - The hook is sticky like --mode when forced: attaching again without
+#   --hook keeps a forced `xdp` or `tc`; `auto` (also the default for a
+#   first attach) decides from the device every time.  --xdp-mode implies
+#   --hook xdp.
+# - Switching hooks (xdp <-> tc) attaches the new program first and removes
+#   the old one after, so there is no moment without a guard.  For that
+#   moment both run, and a SYN the first accepted would be a replay to the
+#   second if they shared a replay cache: the new program gets its own,
+#   filled with the old one's tokens before the switch and again after the
+#   old program is gone (as for a resize).  A SYN that arrives in that
+#   moment may be counted twice.
 
 
 def state_of(ifname: str, create: bool = False) -> RoleState:
@@ -650,14 +809,14 @@ def _copy_replay(src: Map, dst: Map, done: set[int]) -> int:
     longer be a replay (stale epoch, removed key) is rejected before the cache
     is consulted and only takes a slot a fresh token will claim anyway."""
     copied = 0
-    for i in range(src.max_entries):
-        raw = src.lookup(u32(i))
-        entry = int.from_bytes(raw, "little") if raw else 0
-        if not entry or entry in done:
-            continue
-        dst.update(u32(layout.replay_index(entry, dst.max_entries)), raw, BPF_ANY)
-        done.add(entry)
-        copied += 1
+    for _, values, _n in src.batches():
+        for entry in memoryview(values).cast("Q"):  # the slots, u64 in host order
+            if not entry or entry in done:
+                continue
+            dst.update(u32(layout.replay_index(entry, dst.max_entries)),
+                       entry.to_bytes(8, sys.byteorder), BPF_ANY)
+            done.add(entry)
+            copied += 1
     return copied
 
 
@@ -691,39 +850,87 @@ def override_after(mode: Mode | None, current: str | None) -> str | None:
     return None if mode == "config" else mode
 
 
+def _requested_hook(
+    hook: HookRequest | None, xdp_mode: XdpMode | None, old_meta: dict[str, Any] | None, idx: int
+) -> HookRequest:
+    """What the caller asks for: HOOK, else the hook forced at the last
+    attach (sticky), else auto; --xdp-mode means XDP."""
+    if hook is not None and hook not in HOOKS:
+        raise GuardError(f"hook must be 'auto', 'xdp' or 'tc', got {hook!r}")
+    if xdp_mode is not None:
+        if xdp_mode not in _MODE_FLAGS:
+            raise GuardError(f"XDP mode must be 'native' or 'generic', got {xdp_mode!r}")
+        if hook == "tc":
+            raise GuardError("--xdp-mode applies to the XDP hook, not to --hook tc")
+        return "xdp"
+    if hook is not None:
+        return hook
+    sticky = (old_meta or {}).get("hook_requested")
+    if sticky in ("xdp", "tc") and (old_meta or {}).get("ifindex") == idx:
+        return sticky
+    return "auto"
+
+
 def attach_pinned(
     ifname: str,
     cfg: Config,
     *,
     action: Mode | None = None,
     xdp_mode: XdpMode | None = None,
+    hook: HookRequest | None = None,
 ) -> dict[str, Any]:
-    """Load, configure, pin and attach the guard on IFNAME's XDP hook.
+    """Load, configure, pin and attach the guard on IFNAME at HOOK.
 
+    HOOK "auto" picks TC ingress for veths and L3 devices and XDP otherwise
+    (choose_hook); None keeps a hook forced at an earlier attach, else auto.
     With a guard already pinned there, this is an atomic replace: the new
     program reuses the pinned maps (counters, replay cache), the maps get the
-    new config while the old program still runs, and one XDP replace swaps
-    the programs.  An XDP program netoken did not install is never replaced.
-    On any failure the previous program and map contents are put back and
-    whatever this call created is removed.
+    new config while the old program still runs, and one XDP or tc replace
+    swaps the programs.  A switch between hooks attaches the new one before
+    it removes the old (see the notes above).  An XDP program or tc filter
+    netoken did not install is never replaced.  On any failure the previous
+    program and map contents are put back and whatever this call created is
+    removed.
     """
     check(cfg)
     g = cfg.guard
     assert g is not None
     override_after(action, None)  # a bad value fails before anything is touched
-    if xdp_mode is not None and xdp_mode not in _MODE_FLAGS:
-        raise GuardError(f"XDP mode must be 'native' or 'generic', got {xdp_mode!r}")
+    _requested_hook(hook, xdp_mode, None, 0)
     idx = ifindex(ifname)
-    check_hook(ifname, idx)
+    framing = framing_of(ifname, idx)
+    dev = links.link(idx)
+    assert dev is not None
     st = state_of(ifname, create=True)
     with state.locked():
         old_meta = st.read_meta()
         st.check_netns(old_meta)
-        prev = _attached(idx)
-        if prev is not None:
-            # Before anything is loaded or a shared map is touched.
-            _ours_or_fail(ifname, *prev).close()
+        requested = _requested_hook(hook, xdp_mode, old_meta, idx)
+        chosen, why = choose_hook(ifname, requested, dev)
+        prev_xdp = _attached(idx)
+        prev_tc = tc.query(idx, "ingress")
+        # Before anything is loaded or a shared map is touched: what runs at
+        # the hook we take must be ours; elsewhere only ours is touched.
+        if prev_tc is not None:
+            try:
+                _tc_ours_or_fail(ifname, prev_tc)
+            except GuardError:
+                if chosen == "tc":
+                    raise
+                prev_tc = None
+        if prev_xdp is not None:
+            try:
+                _ours_or_fail(ifname, *prev_xdp).close()
+            except GuardError:
+                if chosen == "xdp":
+                    raise
+                prev_xdp = None
+        switch_from: Hook | None = (
+            "xdp" if chosen == "tc" and prev_xdp else "tc" if chosen == "xdp" and prev_tc else None
+        )
         copied: int | None = None
+        created_clsact = False
+        clsact = None
         with Replacement(Guard, ifname, st) as r:
             old = r.old
             override = override_after(action, live_override(old) if old is not None else None)
@@ -731,36 +938,81 @@ def attach_pinned(
                 snap = _snapshot(old)
                 r.restore_old = lambda o: _restore(o, snap)
             reuse = dict(old.maps) if old is not None else {}
-            if old is not None and old.replay_cache != replay_slots(g.replay_cache):
+            if old is not None and (
+                old.replay_cache != replay_slots(g.replay_cache) or switch_from
+            ):
                 del reuse["nt_replay"]
-            r.new = new = Guard.load(g.replay_cache, reuse=reuse)
-
-            def unattach() -> None:
-                with contextlib.suppress(Exception):
-                    _restore_xdp(idx, new.prog.id, prev)
-
-            r.on_failure(unattach)
+            r.new = new = Guard.load(g.replay_cache, reuse=reuse, hook=chosen, framing=framing)
             new.configure(cfg, action=override)  # type: ignore[arg-type]
             done: set[int] = set()
             if old is not None and "nt_replay" not in reuse:
                 copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
             new.pin(st)
-            att = new.attach(ifname, xdp_mode)
+            if chosen == "xdp":
+
+                def unattach() -> None:
+                    with contextlib.suppress(Exception):
+                        _restore_xdp(idx, new.prog.id, prev_xdp)
+
+                r.on_failure(unattach)
+                att: XdpAttachment | TcAttachment = new.attach(ifname, xdp_mode)
+            else:
+                owned = tc.netoken_created_clsact(ifname, idx, old_meta)
+                att = new.attach(ifname)
+                created_clsact = att.created_clsact  # type: ignore[union-attr]
+                if created_clsact:
+                    r.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
+                r.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
+                created_clsact = created_clsact or owned
+            # The new guard runs: now the old hook's goes.
+            if switch_from == "xdp":
+                assert prev_xdp is not None
+                with Program.from_id(prev_xdp[0]) as oldp:
+                    try:
+                        xdp_detach(idx, _MODE_FLAGS[prev_xdp[1]], old_prog_fd=oldp)
+                    except BPFError as e:
+                        raise GuardError(_detach_problem(ifname, idx, e)) from None
+                r.on_failure(lambda: _restore_xdp(idx, 0, prev_xdp))
+            elif switch_from == "tc":
+                tc.detach(idx, "ingress")
+                r.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
+                if tc.netoken_created_clsact(ifname, idx, old_meta):
+                    clsact = tc.destroy_clsact_if_empty(ifname, idx)
             if copied is not None and old is not None:
                 copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
             new.commit_pin(st)
-            attachment = {"xdp_mode": xdp_mode, "action_override": override}
+            attachment = {
+                "hook": chosen,
+                "hook_requested": requested,
+                "hook_reason": why,
+                "link": framing,
+                "xdp_mode": xdp_mode,
+                "created_clsact": created_clsact,
+                "action_override": override,
+            }
             st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
             prog_id, tag = new.prog.id, new.prog.tag
+    # The guard this one took the place of: at the same hook, else the one
+    # it switched from.
+    prev_same = prev_tc if chosen == "tc" else prev_xdp[0] if prev_xdp else None
+    prev_other = prev_xdp[0] if chosen == "tc" and prev_xdp else prev_tc
     return {
         "ifname": ifname,
         "ifindex": idx,
         "role": ROLE_NAME,
         "prog_id": prog_id,
         "tag": tag,
+        "hook": chosen,
+        "hook_requested": requested,
+        "hook_reason": why,
+        "link": framing,
         "xdp_mode": att.mode,
-        "replaced_prog_id": prev[0] if prev else None,
-        "mode_switched": bool(prev and prev[1] != att.mode),
+        "tc": {"hook": "ingress", "handle": tc.HANDLE, "priority": tc.PRIORITY,
+               "created_clsact": created_clsact} if chosen == "tc" else None,
+        "replaced_prog_id": prev_same if prev_same is not None else prev_other,
+        "hook_switched": f"{switch_from}->{chosen}" if switch_from else None,
+        "clsact": clsact,
+        "mode_switched": bool(chosen == "xdp" and prev_xdp and prev_xdp[1] != att.mode),
         "pinned": str(st.pin_dir),
         "action": override or g.action,
         "action_override": override is not None,
@@ -768,7 +1020,8 @@ def attach_pinned(
         "skew": g.skew,
         "replay_cache": {
             "entries": replay_slots(g.replay_cache),
-            "state": "new" if old is None else "kept" if copied is None else "resized",
+            "state": ("new" if old is None else "kept" if copied is None
+                      else "moved" if switch_from else "resized"),
             "copied": copied or 0,
         },
         "protect": len(g.protect),
@@ -833,19 +1086,36 @@ def _prog_desc(prog_id: int) -> dict[str, Any]:
 
 
 def detach_pinned(ifname: str) -> dict[str, Any]:
-    """Remove netoken's guard and its pins from IFNAME.
+    """Remove netoken's guard and its pins from IFNAME, at whichever hook it runs.
 
     An XDP program netoken did not install stays attached: without netoken
-    state on IFNAME that is an error, with it only the pins go.  An interface
-    that is gone has taken its program with it; its pins are still removed.
+    state on IFNAME that is an error, with it only the pins go.  The clsact
+    qdisc goes only if netoken created it and no filter is left on it.  An
+    interface that is gone has taken its program with it; its pins are still
+    removed.
     """
     with Guard.removing(ifname) as r:
         idx = r.idx
         removed: dict[str, Any] | None = None
         foreign: dict[str, Any] | None = None
+        clsact = None
         if idx is not None:
-            cur = _attached(idx)
-            if cur is None and not r.has_state:
+            cur_tc = tc.query(idx, "ingress")
+            if cur_tc is not None:
+                try:
+                    _tc_ours_or_fail(ifname, cur_tc, "detach")
+                except GuardError:
+                    if not r.has_state:
+                        raise
+                    foreign = {**_prog_desc(cur_tc), "hook": "tc"}
+                else:
+                    tc.detach(idx, "ingress")
+                    removed = {"id": cur_tc, "hook": "tc", "mode": None}
+                    clsact = "kept"
+                    if tc.netoken_created_clsact(ifname, idx, r.meta):
+                        clsact = tc.destroy_clsact_if_empty(ifname, idx)
+            cur = _attached(idx) if removed is None else None
+            if cur is None and removed is None and foreign is None and not r.has_state:
                 raise GuardError(f"no netoken guard on {ifname}")
             if cur is not None:
                 try:
@@ -853,7 +1123,7 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                 except GuardError:
                     if not r.has_state:
                         raise
-                    foreign = {**_prog_desc(cur[0]), "mode": cur[1]}
+                    foreign = {**_prog_desc(cur[0]), "mode": cur[1], "hook": "xdp"}
                 else:
                     with prog:
                         try:
@@ -862,12 +1132,14 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                             raise GuardError(
                                 _detach_problem(ifname, idx, e)
                             ) from None
-                    removed = {"id": cur[0], "mode": cur[1]}
+                    removed = {"id": cur[0], "hook": "xdp", "mode": cur[1]}
     return {
         "ifname": ifname,
         "role": ROLE_NAME,
         "removed_prog_id": removed["id"] if removed else None,
+        "hook": removed["hook"] if removed else None,
         "xdp_mode": removed["mode"] if removed else None,
+        "clsact": clsact,
         "interface_present": idx is not None,
         "foreign_prog": foreign,
     }
@@ -896,7 +1168,7 @@ class GuardRole(ProgramRole):
 
     name = ROLE_NAME
     PROGRAM = Guard
-    RUNS = "XDP"
+    RUNS = "XDP"  # "filter" for a guard at TC (see attachment())
 
     def check(self, cfg: Config) -> None:
         if cfg.guard is None:
@@ -910,11 +1182,25 @@ class GuardRole(ProgramRole):
         return apply(ifname, cfg)
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+        why = {"selected": "auto" if meta.get("hook_requested", "auto") == "auto" else "forced",
+               "reason": meta.get("hook_reason"), "link": meta.get("link", "ethernet")}
+        if meta.get("hook") == "tc":
+            return tc.query(idx, "ingress") if idx is not None else None, {
+                "type": "tc",
+                "qdisc": "clsact",
+                "hook": "ingress",
+                "handle": tc.HANDLE,
+                "priority": tc.PRIORITY,
+                "mode": "direct-action",
+                "runs": "filter",
+                **why,
+            }
         live = _attached(idx) if idx is not None else None
         return live[0] if live else None, {
             "type": "xdp",
             "mode": live[1] if live else None,
             "requested": meta.get("xdp_mode") or "auto",
+            **why,
         }
 
     def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
@@ -963,8 +1249,15 @@ class GuardRole(ProgramRole):
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
-        how = "kernel's choice" if a["requested"] == "auto" else "forced"
-        lines = self.status_head(d, f"xdp      {a['mode'] or '-'} ({how})")
+        if a["type"] == "tc":
+            where = (f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
+                     f"prio {a['priority']}, {a['mode']}")
+        else:
+            how = "kernel's choice" if a["requested"] == "auto" else "forced"
+            where = f"xdp      {a['mode'] or '-'} ({how})"
+        if a.get("reason"):
+            where += f"; hook {a['reason']}"
+        lines = self.status_head(d, where)
         src = "--mode" if d["action_override"] else "config"
         ev = d["events"]
         lines.append(

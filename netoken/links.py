@@ -14,7 +14,8 @@ What counts (see docs/operations.md, "Where to attach the guard"):
 - Only namespaces that run at least one netoken guard get the list: on a
   client-only host nothing is protected, so nothing is missing.
 - A device is guarded when one of netoken's pinned guard programs runs on
-  its XDP hook (any mode; a bond's slaves run the bond's program).
+  its XDP hook (any mode; a bond's slaves run the bond's program) or at
+  its TC ingress.
 - Loopback is not a way in from outside, nor is a veth pair with both ends
   in this namespace.  Devices stacked on another one
   (VLAN, macvlan, ipvlan) and masters (bridge, bond, team, VRF) receive
@@ -53,6 +54,14 @@ IFLA_XDP_PROG_IDS = (4, 5, 6, 7)
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 IFF_LOOPBACK = 0x8
 ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772  # an all-zero Ethernet header (eth_header_ops)
+# Devices whose packets start at the IP header, at TC and at XDP alike:
+# ARPHRD_NONE (tun, WireGuard), ipip, ip6tnl, sit, gre, ip6gre.
+ARPHRD_NONE = 0xFFFE
+L3_TYPES = frozenset({ARPHRD_NONE, 768, 769, 776, 778, 823})
+# What `auto` guards at TC: attaching XDP to a veth turns off TSO on its
+# peer (and netkit has no native XDP), which costs more than the guard does.
+TC_KINDS = frozenset({"veth", "netkit"})
 
 _NLMSG = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
@@ -92,7 +101,17 @@ class Link:
 
     @property
     def ethernet(self) -> bool:
-        return self.arphrd == ARPHRD_ETHER
+        return self.arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+
+    @property
+    def l3(self) -> bool:
+        """No link-layer header: packets start at the IP header."""
+        return self.arphrd in L3_TYPES
+
+    @property
+    def framing(self) -> str | None:
+        """"ethernet", "l3", or None for a link type netoken cannot parse."""
+        return "ethernet" if self.ethernet else "l3" if self.l3 else None
 
 
 def _attrs(data: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
@@ -175,6 +194,27 @@ def links() -> list[Link]:
     out = [_link(p) for t, p in _dump(NETLINK_ROUTE, RTM_GETLINK, body)
            if t == RTM_NEWLINK]
     return sorted(out, key=lambda link: link.ifindex)
+
+
+def link(idx: int) -> Link | None:
+    """Device IDX of the calling thread's network namespace, or None.
+
+    From rtnetlink, not /sys/class/net: sysfs shows the namespace it was
+    mounted in, not the one `netoken -n NS` switched this thread to."""
+    return next((d for d in links() if d.ifindex == idx), None)
+
+
+def framing_of(ifname: str, d: Link | None) -> str:
+    """D's framing ("ethernet" or "l3"), or ValueError with the one line
+    that says why netoken cannot parse IFNAME's packets."""
+    if d is None:
+        raise ValueError(f"interface {ifname!r} does not exist")
+    if d.framing is None:
+        raise ValueError(
+            f"{ifname} ({d.kind or 'device'}) has link type {d.arphrd}, neither Ethernet nor "
+            f"IP without a link-layer header: netoken cannot parse its packets"
+        )
+    return d.framing
 
 
 # --------------------------------------------------------------------------
@@ -261,7 +301,8 @@ class SideDoor:
 
     @classmethod
     def of_link(cls, link: Link, why: str) -> SideDoor:
-        return cls(link.ifname, link.ifindex, link.kind or "physical", why, link.ethernet)
+        return cls(link.ifname, link.ifindex, link.kind or "physical", why,
+                   link.framing is not None)
 
     @classmethod
     def of_fou(cls, fou: FouPort) -> SideDoor:
@@ -274,7 +315,8 @@ class SideDoor:
             return (f"{self.name} ({self.kind}) hands decapsulated packets straight to this "
                     f"host's stack, past every device: no guard can run there; remove it "
                     f"(ip fou del port {port}) unless it is needed")
-        fix = "attach one" if self.guardable else "netoken cannot guard it yet (no Ethernet header)"
+        fix = ("attach one" if self.guardable
+               else "netoken cannot guard it (neither Ethernet nor IP without a link layer)")
         return f"{self.name} ({self.kind}) {_WHAT[self.why]} and has no guard: {fix}"
 
     def to_json(self) -> dict[str, object]:
@@ -298,16 +340,22 @@ def way_in(link: Link) -> str | None:
 
 
 def side_doors(guard_prog_ids: set[int], devices: list[Link] | None = None,
-               fou: list[FouPort] | None = None) -> list[SideDoor]:
+               fou: list[FouPort] | None = None,
+               tc_guarded: frozenset[int] = frozenset()) -> list[SideDoor]:
     """The ways into this namespace that bypass every guard, given the ids
-    of netoken's guard programs; none when no device here runs one."""
+    of netoken's guard programs and the devices (TC_GUARDED, ifindexes)
+    where one of them runs at TC ingress; none when no device here runs one."""
     devices = links() if devices is None else devices
-    if not any(link.xdp_prog_ids & guard_prog_ids for link in devices):
+
+    def guarded(link: Link) -> bool:
+        return bool(link.xdp_prog_ids & guard_prog_ids) or link.ifindex in tc_guarded
+
+    if not any(guarded(link) for link in devices):
         return []
     out = []
     for link in devices:
         why = way_in(link)
-        if why is not None and not link.xdp_prog_ids & guard_prog_ids:
+        if why is not None and not guarded(link):
             out.append(SideDoor.of_link(link, why))
     fou = fou_ports() if fou is None else fou
     out += [SideDoor.of_fou(f) for f in fou if f.to_stack]

@@ -6,43 +6,27 @@ programs get the same behaviour as operators.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import json
 import math
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import config as nconfig
-from . import layout, program, state
+from . import layout, links, program, state, tc
 from .config import Config, ConfigError, Policy
 from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
 from .errors import NetokenError
-from .libbpf import (
-    BPF_TC_EGRESS,
-    BPF_TC_INGRESS,
-    Map,
-    Program,
-    RingBuffer,
-    TcFilter,
-    tc_attach,
-    tc_detach,
-    tc_hook_create,
-    tc_hook_destroy,
-    tc_query,
-)
+from .libbpf import Map, RingBuffer, TcFilter
 from .program import PinnedProgram, ProgramRole, Replacement
 from .rules import RuleError, compile_lpm, expand
 from .state import RoleState
 
-# netoken's own filter on the egress hook: a fixed handle and priority, so
-# attach replaces only ours and detach removes only ours.  Priority 1 runs
-# before filters added with tc's defaults (49152 and up).
-TC_HANDLE = 0x6E74
-TC_PRIORITY = 1
+# netoken's own filter on the egress hook (netoken/tc.py): attach replaces
+# only ours and detach removes only ours.
+TC_HANDLE = tc.HANDLE
+TC_PRIORITY = tc.PRIORITY
 
 # The policy array is used in two halves.  `apply` writes the new policies to
 # the idle half and then repoints the LPM entries one atomic update at a time,
@@ -54,6 +38,9 @@ LPM_MAX_ENTRIES = 65536
 
 ROLE_NAME = "marker"
 PROG_NAME = "netoken_mark"
+# The object for each link layer (links.Link.framing): one source, compiled
+# with -DNT_L3 for devices whose packets start at the IP header (Makefile).
+OBJECTS = {"ethernet": "marker", "l3": "marker_l3"}
 MAPS = (
     "nt_config",
     "nt_keys",
@@ -145,13 +132,20 @@ class Marker(PinnedProgram):
     EVENT = MarkEvent
 
     policies: tuple[Policy, ...] = ()  # what configure() last wrote
+    framing = "ethernet"  # what the loaded object parses: see load()
 
     @classmethod
-    def load(cls, reuse: Mapping[str, Map] | None = None) -> Marker:
+    def load(cls, reuse: Mapping[str, Map] | None = None, framing: str = "ethernet") -> Marker:
         """Load a new program.  Maps named in REUSE are shared instead of
         created, which is how a replacement program keeps the live policies
-        and counters of the one it replaces."""
-        return cls._load_object(reuse)
+        and counters of the one it replaces.  FRAMING is the link layer of
+        the device it will run on (links.Link.framing): "l3" loads the
+        object whose packets start at the IP header."""
+        if framing not in OBJECTS:
+            raise MarkerError(f"framing must be 'ethernet' or 'l3', got {framing!r}")
+        m = cls._load_object(reuse, object_name=OBJECTS[framing])
+        m.framing = framing
+        return m
 
     def configure(self, cfg: Config, now: float | None = None) -> None:
         """Make the maps hold exactly CFG: keys, policies, prefixes, option,
@@ -185,8 +179,12 @@ class Marker(PinnedProgram):
     def attach(self, ifname: str) -> TcFilter:
         """Attach on IFNAME's egress, replacing only netoken's own filter."""
         idx = ifindex(ifname)
-        tc_hook_create(idx, BPF_TC_EGRESS)
-        return tc_attach(idx, BPF_TC_EGRESS, self.prog.fd, TC_HANDLE, TC_PRIORITY, replace=True)
+        framing = framing_of(ifname, idx)
+        if framing != self.framing:
+            raise MarkerError(f"{ifname} is an {framing} device; this marker was loaded for "
+                              f"{self.framing} (Marker.load(framing={framing!r}))")
+        tc.ensure_clsact(idx)
+        return tc.attach(idx, "egress", self.prog.fd)
 
     def events(self, callback: Callable[[MarkEvent], object]) -> RingBuffer:
         """A ring buffer that calls CALLBACK(MarkEvent) per marked SYN."""
@@ -196,10 +194,20 @@ class Marker(PinnedProgram):
 def detach(ifname: str) -> bool:
     """Remove netoken's marker filter from IFNAME's egress; False if none was there."""
     idx = ifindex(ifname)
-    if tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY) is None:
+    if tc.query(idx, "egress") is None:
         return False
-    tc_detach(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
+    tc.detach(idx, "egress")
     return True
+
+
+def framing_of(ifname: str, idx: int) -> str:
+    """IFNAME's link layer as the marker objects know it (OBJECTS), or a
+    one-line MarkerError: a marker that cannot parse a device's packets
+    would attach and mark nothing."""
+    try:
+        return links.framing_of(ifname, links.link(idx))
+    except ValueError as e:
+        raise MarkerError(str(e)) from None
 
 
 
@@ -273,55 +281,6 @@ def schedule(cfg: Config, now: float) -> dict[str, Any]:
     return {"in_use": in_use, "next_switch": nxt}
 
 
-def tc_filter_count(ifname: str, hook: str) -> int | None:
-    """Filters on IFNAME's clsact HOOK ("ingress"/"egress") as `tc` lists
-    them, or None if that cannot be told.
-
-    libbpf can only query a filter whose handle and priority are known, so
-    "is anything else installed here" needs a dump, which iproute2 does.
-    """
-    try:
-        r = subprocess.run(
-            ["tc", "-j", "filter", "show", "dev", ifname, hook],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0:
-        return None
-    try:
-        entries = json.loads(r.stdout or "[]")
-    except ValueError:
-        return None
-    return len(entries) if isinstance(entries, list) else None
-
-
-def _restore_filter(idx: int, prev_prog_id: int | None) -> None:
-    if prev_prog_id is None:
-        with contextlib.suppress(Exception):
-            tc_detach(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
-        return
-    with contextlib.suppress(Exception), Program.from_id(prev_prog_id) as prev:
-        tc_attach(idx, BPF_TC_EGRESS, prev.fd, TC_HANDLE, TC_PRIORITY, replace=True)
-
-
-def _destroy_clsact_if_empty(ifname: str, idx: int) -> str:
-    counts = [tc_filter_count(ifname, hook) for hook in ("ingress", "egress")]
-    if None in counts:
-        return "kept (could not list its filters)"
-    others = sum(c for c in counts if c is not None)
-    if others:
-        return f"kept ({others} other filter entries)"
-    try:
-        tc_hook_destroy(idx, BPF_TC_INGRESS | BPF_TC_EGRESS)
-    except OSError as e:
-        return f"kept (removing it failed: {e.strerror})"
-    return "removed"
-
-
 def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     """Load, configure, pin and attach the marker on IFNAME's egress.
 
@@ -334,33 +293,31 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     """
     check(cfg)
     idx = ifindex(ifname)
+    framing = framing_of(ifname, idx)
     st = state_of(ifname, create=True)
     with state.locked():
         old_meta = st.read_meta()
         st.check_netns(old_meta)
-        prev_prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
+        prev_prog_id = tc.query(idx, "egress")
         with Replacement(Marker, ifname, st) as r:
             if old_meta and old_meta.get("config"):
                 # The shared maps already hold the new config: give the old
                 # program its own back if that config still loads.
                 r.restore_old = lambda old: old.configure(nconfig.load(old_meta["config"]))
-            r.new = new = Marker.load(reuse=r.old.maps if r.old else None)
+            r.new = new = Marker.load(reuse=r.old.maps if r.old else None, framing=framing)
             new.configure(cfg)
             new.pin(st)
-            created_clsact = tc_hook_create(idx, BPF_TC_EGRESS)
+            owned = tc.netoken_created_clsact(ifname, idx, old_meta)
+            created_clsact = tc.ensure_clsact(idx)
             if created_clsact:
-                r.on_failure(lambda: _destroy_clsact_if_empty(ifname, idx))
-            filt = tc_attach(
-                idx, BPF_TC_EGRESS, new.prog.fd, TC_HANDLE, TC_PRIORITY, replace=True
-            )
-            r.on_failure(lambda: _restore_filter(idx, prev_prog_id))
+                r.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
+            filt = tc.attach(idx, "egress", new.prog.fd)
+            r.on_failure(lambda: tc.restore(idx, "egress", prev_prog_id))
             new.commit_pin(st)
-            kept = bool(
-                old_meta and old_meta.get("created_clsact") and old_meta.get("ifindex") == idx
-            )
             attachment = {
                 "tc": {"hook": "egress", "handle": TC_HANDLE, "priority": TC_PRIORITY},
-                "created_clsact": created_clsact or kept,
+                "created_clsact": created_clsact or owned,
+                "link": framing,
             }
             st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
             prog_id, tag = new.prog.id, new.prog.tag
@@ -374,6 +331,7 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
         "priority": filt.priority,
         "replaced_prog_id": prev_prog_id,
         "created_clsact": created_clsact,
+        "link": framing,
         "pinned": str(st.pin_dir),
         "policies": len(cfg.policies),
         "keys": sorted(cfg.keys),
@@ -414,19 +372,14 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
         idx, meta = r.idx, r.meta
         prog_id = None
         if idx is not None:
-            prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
+            prog_id = tc.query(idx, "egress")
             if prog_id is None and not r.has_state:
                 raise MarkerError(f"no netoken marker on {ifname}")
             if prog_id is not None:
-                tc_detach(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
+                tc.detach(idx, "egress")
         clsact = "kept"
-        if (
-            idx is not None
-            and meta
-            and meta.get("created_clsact")
-            and meta.get("ifindex") == idx
-        ):
-            clsact = _destroy_clsact_if_empty(ifname, idx)
+        if idx is not None and tc.netoken_created_clsact(ifname, idx, meta):
+            clsact = tc.destroy_clsact_if_empty(ifname, idx)
     return {
         "ifname": ifname,
         "role": ROLE_NAME,
@@ -454,7 +407,7 @@ class MarkerRole(ProgramRole):
         return apply(ifname, cfg)
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
-        live = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY) if idx is not None else None
+        live = tc.query(idx, "egress") if idx is not None else None
         return live, {
             "type": "tc",
             "qdisc": "clsact",
@@ -466,6 +419,7 @@ class MarkerRole(ProgramRole):
 
     def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
         d["created_clsact"] = meta.get("created_clsact")
+        d["link"] = meta.get("link", "ethernet")
         cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid, "make_room": bool(cfgv.make_room)}
         d["keys"] = program.live_keys(st, meta)
@@ -486,7 +440,8 @@ class MarkerRole(ProgramRole):
         lines = self.status_head(
             d,
             f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-            + f"prio {a['priority']}, {a['mode']}",
+            + f"prio {a['priority']}, {a['mode']}"
+            + (", L3 device (packets start at the IP header)" if d.get("link") == "l3" else ""),
         )
         lines.append(program.keys_line(d["keys"]))
         if not d["policies"]:

@@ -54,7 +54,7 @@ class PinnedProgram:
     """
 
     ROLE: ClassVar[str]  # role name: pin directory, metadata file, messages
-    OBJECT: ClassVar[str]  # netoken/bpf/OBJECT.bpf.o
+    OBJECT: ClassVar[str]  # netoken/bpf/OBJECT.bpf.o (subclasses may load variants)
     PROG_NAME: ClassVar[str]
     MAPS: ClassVar[tuple[str, ...]]
     Error: ClassVar[type[Exception]]  # one-line errors the user can act on
@@ -106,11 +106,13 @@ class PinnedProgram:
         cls,
         reuse: Mapping[str, Map] | None = None,
         max_entries: Mapping[str, int] | None = None,
+        object_name: str | None = None,
     ) -> Self:
-        """Open the ELF object, size the maps in MAX_ENTRIES, share those in
-        REUSE instead of creating them, and load it."""
+        """Open the ELF object (OBJECT_NAME, default OBJECT), size the maps
+        in MAX_ENTRIES, share those in REUSE instead of creating them, and
+        load it."""
         kernel.require(cls.Error)
-        obj = BpfObject.open(str(object_path(cls.OBJECT)))
+        obj = BpfObject.open(str(object_path(object_name or cls.OBJECT)))
         try:
             for name, n in (max_entries or {}).items():
                 obj.set_map_max_entries(name, n)
@@ -409,7 +411,9 @@ class ProgramRole:
 
     name: str
     PROGRAM: ClassVar[type[PinnedProgram]]
-    RUNS: ClassVar[str]  # what runs another program: "filter" (tc), "XDP"
+    # What runs another program: "filter" (tc), "XDP"; an attachment may
+    # say otherwise ("runs" in its status section).
+    RUNS: ClassVar[str]
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         """(id of the program on IDX's hook or None, the status "attach" section)."""
@@ -442,7 +446,7 @@ class ProgramRole:
         elif live is None:
             d["state"] = "not attached"
         elif live != d["prog"]["id"]:
-            d["state"] = f"{self.RUNS} runs prog {live}, not the pinned one"
+            d["state"] = f"{attach.get('runs') or self.RUNS} runs prog {live}, not the pinned one"
         else:
             d["state"] = "attached"
         d["attached"] = d["state"] == "attached"

@@ -25,6 +25,7 @@ import pytest
 
 from netoken import config as nconfig
 from netoken import marker, token
+from netoken import tc as nt_tc
 from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
 from netoken.state import BPFFS, RUN_DIR, encode_ifname
@@ -537,7 +538,7 @@ def _failing_tc_attach(*args, **kw):
 
 def test_failed_first_attach_leaves_nothing(setup: Setup, monkeypatch):
     s, t = setup, setup.t
-    monkeypatch.setattr(marker, "tc_attach", _failing_tc_attach)
+    monkeypatch.setattr(nt_tc, "tc_attach", _failing_tc_attach)
     with netns(t.client), pytest.raises(BPFError):
         marker.attach_pinned(t.client_if, nconfig.load(s.cfg))
     assert_nothing_left(t.client, t.client_if)
@@ -548,7 +549,7 @@ def test_failed_replace_keeps_the_running_marker(setup: Setup, tmp_path, monkeyp
     first = s.attach()
     other = write_config(tmp_path, {2: OTHER_KEY}, policy(f"{t.server_ip}/32", key=2),
                          name="other.toml")
-    monkeypatch.setattr(marker, "tc_attach", _failing_tc_attach)
+    monkeypatch.setattr(nt_tc, "tc_attach", _failing_tc_attach)
     with netns(t.client), pytest.raises(BPFError):
         marker.attach_pinned(t.client_if, nconfig.load(other))
     d = s.status()

@@ -2,9 +2,11 @@
 run as operators run them: a subprocess per call, `netoken -n NS`.
 
 The client namespace runs the marker on its egress, the server namespace the
-guard on its ingress (XDP).  Pins are global, so the fixture removes the pins
-and metadata of both interfaces whatever happens; deleting the namespaces
-takes the XDP programs and tc filters with them.
+guard on its ingress: at TC on these veths by default (`--hook auto`), at XDP
+or TC where a test asks for one (`@pytest.mark.parametrize("g", [...],
+indirect=True)`).  Pins are global, so the fixture removes the pins and
+metadata of both interfaces whatever happens; deleting the namespaces takes
+the XDP programs and tc filters with them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 from netoken import config as nconfig
 from netoken import guard as nguard
 from netoken import layout, token
+from netoken import tc as nt_tc
 from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
 from netoken.state import RUN_DIR, encode_ifname
@@ -44,7 +47,6 @@ from .test_cli import (
     write_config,
 )
 
-XDP_DROP, XDP_PASS = 1, 2
 BAD_VERDICTS = tuple(v for v in layout.GUARD_VERDICTS if v != "ok")
 GUARD_PINS = sorted(["prog", *nguard.MAPS])
 WINDOW = 30
@@ -72,6 +74,7 @@ keys = {list(guard_keys)}
 class G:
     t: Topology
     dir: Path
+    hook: str | None = None  # --hook for attach(); None: the default (auto)
 
     def cfg(self, name: str, keys: dict[int, bytes] | None = None, **kw) -> Path:
         keys = keys if keys is not None else {1: TEST_KEY}
@@ -84,6 +87,8 @@ class G:
         return ok(*args, ns=self.t.client)
 
     def attach(self, cfg: Path, *extra: str) -> dict:
+        if self.hook and not {"--hook", "--xdp-mode"} & set(extra):
+            extra = ("--hook", self.hook, *extra)
         return json.loads(self.srv("guard", "attach", self.t.server_if, "-c", str(cfg),
                                    *extra, "--json"))
 
@@ -103,14 +108,34 @@ class G:
                                  ns=self.t.server).stdout)
         return link.get("xdp", {})
 
+    def tc_ingress(self) -> dict[tuple[int, str], int]:
+        """{(pref, handle): prog id} of the server interface's ingress filters."""
+        out = run("tc", "-j", "filter", "show", "dev", self.t.server_if, "ingress",
+                  ns=self.t.server, check=False).stdout
+        return {(f["pref"], f["options"]["handle"]): f["options"]["prog"]["id"]
+                for f in json.loads(out or "[]") if "prog" in f.get("options", {})}
+
+    def running(self) -> int | None:
+        """The program at netoken's place on either hook, as the kernel reports it."""
+        ours = self.tc_ingress().get((nt_tc.PRIORITY, f"0x{nt_tc.HANDLE:x}"))
+        return ours or self.xdp().get("prog", {}).get("id")
+
+    def retval(self, outcome: str) -> int:
+        """What the attached guard's program returns for OUTCOME ("pass"/"drop")."""
+        return nguard.RETVALS[self.status()["attach"]["type"]][outcome]
+
 
 @pytest.fixture
-def g(lab: Lab, tmp_path: Path) -> Iterator[G]:
+def g(request, lab: Lab, tmp_path: Path) -> Iterator[G]:
     t = build_topology(lab)
     try:
-        yield G(t, tmp_path)
+        yield G(t, tmp_path, getattr(request, "param", None))
     finally:
         forget(t.client_if, t.server_if)
+
+
+BOTH_HOOKS = pytest.mark.parametrize("g", ["xdp", "tc"], indirect=True)
+XDP_ONLY = pytest.mark.parametrize("g", ["xdp"], indirect=True)
 
 
 def follow(ns: str, *args: str) -> subprocess.Popen:
@@ -160,6 +185,7 @@ def valid_syn(t: Topology, key: bytes = TEST_KEY, key_id: int = 1) -> bytes:
 # the whole lifecycle
 
 
+@BOTH_HOOKS
 def test_guard_attach_status_stats_monitor_detach(g: G):
     t = g.t
     cfg = g.cfg("g.toml", extra="""
@@ -169,7 +195,9 @@ keys = [1]
 action = "monitor"
 """)
     res = g.attach(cfg)
-    assert (res["ifname"], res["xdp_mode"], res["replaced_prog_id"]) == (t.server_if, "native", None)
+    xdp_mode = "native" if g.hook == "xdp" else None
+    assert (res["ifname"], res["hook"], res["xdp_mode"], res["replaced_prog_id"]) == (
+        t.server_if, g.hook, xdp_mode, None)
     assert res["replay_cache"] == {"entries": 4096, "state": "new", "copied": 0}
     assert sorted(os.listdir(pin_dir(t.server_if) / "guard")) == GUARD_PINS
     meta = RUN_DIR / encode_ifname(t.server_if) / "guard.json"
@@ -177,10 +205,13 @@ action = "monitor"
 
     # status from a fresh process agrees with what the kernel reports
     d = g.status()
-    assert d["prog"]["id"] == res["prog_id"] == g.xdp()["prog"]["id"]
+    assert d["prog"]["id"] == res["prog_id"] == g.running()
     assert d["prog"]["name"] == "netoken_guard"
-    assert (d["state"], d["attached"], d["attach"]) == (
-        "attached", True, {"type": "xdp", "mode": "native", "requested": "auto"})
+    why = {"selected": "forced", "reason": f"forced (--hook {g.hook})", "link": "ethernet"}
+    attach = {"type": "xdp", "mode": "native", "requested": "auto", **why} if g.hook == "xdp" \
+        else {"type": "tc", "qdisc": "clsact", "hook": "ingress", "handle": 0x6E74, "priority": 1,
+              "mode": "direct-action", "runs": "filter", **why}
+    assert (d["state"], d["attached"], d["attach"]) == ("attached", True, attach)
     assert (d["action"], d["action_override"], d["skew"]) == ("per entry", None, 1)
     assert d["replay_cache"] == {"entries": 4096}
     assert d["option"] == {"kind": 253, "exid": 0x6E74}
@@ -192,7 +223,8 @@ action = "monitor"
          "tokens": 0, "action": "monitor"},
     ]
     human = g.srv("status")
-    for text in (t.server_if, f"prog {res['prog_id']}", "xdp      native", "skew ±1",
+    where = "xdp      native" if g.hook == "xdp" else "tc       ingress (clsact) handle 0x6e74"
+    for text in (t.server_if, f"prog {res['prog_id']}", where, "skew ±1",
                  "replay cache 4096", "#1   drop    keys 1", f"{t.server_ip}/32", "monitor"):
         assert text in human, (text, human)
     for out in (human, json.dumps(d), meta.read_text()):
@@ -227,9 +259,11 @@ action = "monitor"
     assert f"{t.server_if}  guard" in human and "key1_ok" in human and "dropped" in human
 
     out = g.srv("guard", "detach", t.server_if)
-    assert f"removed prog {res['prog_id']} (XDP native)" in out
+    where = "XDP native" if g.hook == "xdp" else "tc ingress, clsact qdisc removed"
+    assert f"removed prog {res['prog_id']} ({where})" in out
     assert not pin_dir(t.server_if).exists() and not meta.exists()
-    assert not g.xdp()
+    assert g.running() is None and "clsact" not in run(
+        "tc", "qdisc", "show", "dev", t.server_if, ns=t.server).stdout
     assert "nothing attached" in g.srv("status")
 
 
@@ -260,8 +294,9 @@ def test_monitor_reports_suppressed_events(g: G):
         # bucket (burst 200 per CPU) lets only the first ones become events.
         frame = syn(dst=t.server_ip, dport=PORT, src=t.client_ip)
         with Program.from_pinned(str(pin_dir(t.server_if) / "guard" / "prog")) as prog:
+            drop = g.retval("drop")
             for _ in range(1000):
-                assert prog.test_run(frame).retval == XDP_DROP
+                assert prog.test_run(frame).retval == drop
         time.sleep(1.5)  # the monitor reads the counters every second
         mon.send_signal(signal.SIGINT)
         out, err = mon.communicate(timeout=10)
@@ -281,6 +316,7 @@ def test_monitor_reports_suppressed_events(g: G):
 # attach again, apply, rotation
 
 
+@BOTH_HOOKS
 def test_attach_again_replaces_atomically_and_keeps_counters(g: G):
     t = g.t
     cfg = g.cfg("g.toml")
@@ -300,22 +336,23 @@ def test_attach_again_replaces_atomically_and_keeps_counters(g: G):
     c = s["counters"]
     assert c["ok"] >= made and c["dropped"] == 0  # counted across both programs
     assert sum(c[v] for v in BAD_VERDICTS) == 0
-    assert g.status()["prog"]["id"] == second["prog_id"] == g.xdp()["prog"]["id"]
+    assert g.status()["prog"]["id"] == second["prog_id"] == g.running()
 
 
+@BOTH_HOOKS
 def test_resized_replay_cache_still_knows_what_it_saw(g: G):
     t = g.t
     g.attach(g.cfg("small.toml", cache=2048))
     frame = valid_syn(t)
     prog_pin = str(pin_dir(t.server_if) / "guard" / "prog")
     with Program.from_pinned(prog_pin) as prog:
-        assert prog.test_run(frame).retval == XDP_PASS
-        assert prog.test_run(frame).retval == XDP_DROP  # replay
+        assert prog.test_run(frame).retval == g.retval("pass")
+        assert prog.test_run(frame).retval == g.retval("drop")  # replay
     res = g.attach(g.cfg("big.toml", cache=8192))
     assert res["replay_cache"] == {"entries": 8192, "state": "resized", "copied": 1}
     assert g.status()["replay_cache"] == {"entries": 8192}
     with Program.from_pinned(prog_pin) as prog:
-        assert prog.test_run(frame).retval == XDP_DROP  # the new cache knows it
+        assert prog.test_run(frame).retval == g.retval("drop")  # the new cache knows it
     c = g.stats()["counters"]
     assert (c["ok"], c["replay"]) == (1, 2)
     assert sorted(os.listdir(pin_dir(t.server_if) / "guard")) == GUARD_PINS
@@ -408,7 +445,7 @@ def test_key_rotation_under_a_connection_loop(g: G):
     assert [k["id"] for k in d["keys"]] == [2] and d["protect"][0]["keys"] == [2]
     # and key 1 is really retired: its tokens are unknown_key now
     with Program.from_pinned(str(pin_dir(t.server_if) / "guard" / "prog")) as prog:
-        assert prog.test_run(valid_syn(t, TEST_KEY, 1)).retval == XDP_DROP
+        assert prog.test_run(valid_syn(t, TEST_KEY, 1)).retval == g.retval("drop")
     assert g.stats()["counters"]["unknown_key"] == 1
 
 
@@ -416,6 +453,7 @@ def test_key_rotation_under_a_connection_loop(g: G):
 # modes
 
 
+@BOTH_HOOKS
 def test_monitor_mode_passes_and_counts(g: G):
     t = g.t
     res = g.attach(g.cfg("g.toml"), "--mode", "monitor")
@@ -456,9 +494,11 @@ def test_monitor_mode_passes_and_counts(g: G):
 def test_generic_xdp_mode_shows_in_status(g: G):
     t = g.t
     res = g.attach(g.cfg("g.toml"), "--xdp-mode", "generic")
-    assert res["xdp_mode"] == "generic"
+    assert (res["hook"], res["xdp_mode"]) == ("xdp", "generic")  # --xdp-mode means XDP
     d = g.status()
-    assert d["attach"] == {"type": "xdp", "mode": "generic", "requested": "generic"}
+    assert d["attach"] == {"type": "xdp", "mode": "generic", "requested": "generic",
+                           "selected": "forced", "reason": "forced (--hook xdp)",
+                           "link": "ethernet"}
     assert g.xdp()["mode"] == 2  # XDP_ATTACHED_SKB
     assert "xdp      generic (forced)" in g.srv("status", t.server_if)
     res = g.attach(g.cfg("g.toml"))  # the mode it runs in is kept by a plain replace
@@ -472,12 +512,14 @@ def test_generic_xdp_mode_shows_in_status(g: G):
 # other people's XDP, errors, failures
 
 
+@XDP_ONLY
 def test_foreign_xdp_program_is_refused_and_left_alone(g: G):
     t = g.t
     run("ip", "link", "set", "dev", t.server_if, "xdpgeneric", "obj", str(EMPTY_OBJ), "sec",
         "xdp", ns=t.server)
     foreign = g.xdp()["prog"]["id"]
-    r = netoken("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")), ns=t.server)
+    r = netoken("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")), "--hook", "xdp",
+                ns=t.server)
     line = one_line_error(r)
     assert f"'netoken_empty_x' (id {foreign}" in line and "not installed by netoken" in line
     assert "refusing to replace" in line
@@ -486,8 +528,15 @@ def test_foreign_xdp_program_is_refused_and_left_alone(g: G):
     line = one_line_error(netoken("guard", "detach", t.server_if, ns=t.server))
     assert f"id {foreign}" in line and "refusing to detach" in line
     assert g.xdp()["prog"]["id"] == foreign
+    # The guard at TC leaves it alone and runs next to it.
+    res = json.loads(g.srv("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")),
+                           "--hook", "tc", "--json"))
+    assert g.running() == res["prog_id"] and g.xdp()["prog"]["id"] == foreign
+    g.srv("guard", "detach", t.server_if)
+    assert g.xdp()["prog"]["id"] == foreign
 
 
+@XDP_ONLY
 def test_foreign_program_over_ours_keeps_it_and_detach_only_removes_pins(g: G):
     t = g.t
     g.attach(g.cfg("g.toml"))
@@ -521,7 +570,7 @@ def test_bad_config_is_one_line_and_nothing_is_pinned(g: G, case):
     assert line.startswith(f"netoken: {cfg}: ") and problem in line, line
     assert not pin_dir(t.server_if).exists()
     assert not (RUN_DIR / encode_ifname(t.server_if)).exists()
-    assert not g.xdp()
+    assert g.running() is None
 
 
 def test_apply_without_guard_section_leaves_the_guard_alone(g: G):
@@ -553,30 +602,41 @@ def _failing_xdp_attach(*args, **kw):
     raise BPFError(16, "attach xdp (injected)")  # EBUSY
 
 
+def _fail_attach(g: G, monkeypatch) -> None:
+    """Make the next attach at G's hook fail as the kernel would (EBUSY)."""
+    if g.hook == "xdp":
+        monkeypatch.setattr(nguard, "xdp_attach", _failing_xdp_attach)
+    else:
+        monkeypatch.setattr(nt_tc, "tc_attach", _failing_xdp_attach)
+
+
+@BOTH_HOOKS
 def test_failed_first_attach_leaves_nothing(g: G, monkeypatch):
     t = g.t
-    monkeypatch.setattr(nguard, "xdp_attach", _failing_xdp_attach)
+    _fail_attach(g, monkeypatch)
     with netns(t.server), pytest.raises(nguard.GuardError):
-        nguard.attach_pinned(t.server_if, nconfig.load(g.cfg("g.toml")))
+        nguard.attach_pinned(t.server_if, nconfig.load(g.cfg("g.toml")), hook=g.hook)
     assert not pin_dir(t.server_if).exists()
     assert not (RUN_DIR / encode_ifname(t.server_if)).exists()
-    assert not g.xdp()
+    assert g.running() is None
+    assert "clsact" not in run("tc", "qdisc", "show", "dev", t.server_if, ns=t.server).stdout
 
 
+@BOTH_HOOKS
 def test_failed_replace_keeps_the_running_guard_and_its_config(g: G, monkeypatch):
     t = g.t
     first = g.attach(g.cfg("g.toml"))
     other = g.cfg("other.toml", keys={2: OTHER_KEY}, policy_key=2, guard_keys=(2,), skew=3)
-    monkeypatch.setattr(nguard, "xdp_attach", _failing_xdp_attach)
+    _fail_attach(g, monkeypatch)
     with netns(t.server), pytest.raises(nguard.GuardError):
-        nguard.attach_pinned(t.server_if, nconfig.load(other))
+        nguard.attach_pinned(t.server_if, nconfig.load(other), hook=g.hook)
     d = g.status()
     assert (d["prog"]["id"], d["state"]) == (first["prog_id"], "attached")
     assert [k["id"] for k in d["keys"]] == [1] and d["skew"] == 1  # the maps were put back
     assert d["protect"][0]["keys"] == [1]
     assert sorted(os.listdir(pin_dir(t.server_if) / "guard")) == GUARD_PINS
     with Program.from_pinned(str(pin_dir(t.server_if) / "guard" / "prog")) as prog:
-        assert prog.test_run(valid_syn(t)).retval == XDP_PASS
+        assert prog.test_run(valid_syn(t)).retval == g.retval("pass")
 
 
 def test_detach_after_the_interface_vanished_cleans_pins(g: G):

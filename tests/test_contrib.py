@@ -29,6 +29,7 @@ from netoken.marker import Marker
 
 from .conftest import Lab, uid, write_key
 from .pkt import LINUX_SYN_OPTS, options_of_len, parse, rebuild_with_option, syn
+from .test_cli import forget
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -317,12 +318,22 @@ assert detach(sys.argv[2])
 
 
 def test_guard_unit_capabilities_are_enough(tmp_path, veth_ns):
-    # Through the library until the guard verbs are wired in the CLI.
     ns, iface = veth_ns
     marker_config(tmp_path)
-    r = with_caps(bounding_set("netoken-guard@.service"), ns, sys.executable, "-c",
-                  GUARD_SCRIPT, str(tmp_path / "netoken.toml"), iface)
+    cfg = str(tmp_path / "netoken.toml")
+    caps = bounding_set("netoken-guard@.service")
+    r = with_caps(caps, ns, sys.executable, "-c", GUARD_SCRIPT, cfg, iface)
     assert r.returncode == 0, r.stderr
+    # The unit's own command line: --hook auto puts it at TC ingress on a veth.
+    try:
+        for verb in (("guard", "attach", iface, "-c", cfg, "--hook", "auto"),
+                     ("guard", "attach", iface, "-c", cfg, "--hook", "auto"),
+                     ("guard", "detach", iface)):
+            r = with_caps(caps, ns, str(NETOKEN), *verb)
+            assert r.returncode == 0, r.stderr
+        assert "tc ingress" in r.stdout
+    finally:
+        forget(iface)
 
 
 # ---------------------------------------------------------------- Kubernetes

@@ -32,6 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from netoken import __version__, exporter, layout, marker, token
+from netoken.guard import RETVALS
 from netoken.libbpf import Program
 from netoken.netns import netns
 from netoken.state import RoleState
@@ -204,7 +205,8 @@ def topo(tmp_path_factory) -> Iterator[Topology]:
             for frame in (syn(dst=t.server_ip, dport=PORT),
                           forged_syn(t.server_ip, OTHER_KEY, 1),
                           forged_syn(t.server_ip, TEST_KEY, UNKNOWN_KEY_ID)):
-                assert prog.test_run(frame).retval == 1  # XDP_DROP
+                # a veth: the guard runs at TC (TC_ACT_SHOT)
+                assert prog.test_run(frame).retval == RETVALS["tc"]["drop"]
         yield t
     finally:
         if t is not None:

@@ -1,4 +1,6 @@
-"""The guard program under BPF_PROG_TEST_RUN, verdict by verdict.
+"""The guard program under BPF_PROG_TEST_RUN, verdict by verdict, at both
+hooks: every test runs against the XDP object and the TC one (one C source,
+bpf/hook.h), which must agree on every verdict, counter and event.
 
 Valid tokens come from two independent sources: the real marker program run
 through test_run (so marker and guard are proven to agree) and the Python
@@ -42,7 +44,8 @@ from .verdicts import (
     write_config,
 )
 
-XDP_DROP, XDP_PASS = 1, 2
+# Outcomes; guard.retval() says what each hook's program returns for them.
+DROP, PASS = "drop", "pass"
 
 GUARD = """
 [[policy]]
@@ -63,9 +66,14 @@ def cfg(tmp_path_factory) -> nconfig.Config:
     return write_config(tmp_path_factory.mktemp("cfg"), GUARD)
 
 
+@pytest.fixture(scope="module", params=["xdp", "tc"])
+def hook(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def guard(cfg):
-    g = Guard.load(replay_cache=cfg.guard.replay_cache)
+def guard(cfg, hook):
+    g = Guard.load(replay_cache=cfg.guard.replay_cache, hook=hook)
     g.configure(cfg)
     yield g
     g.close()
@@ -85,13 +93,13 @@ def with_options(raw: bytes, dst=V4, dport=443, src=None, sport=40000, vlans=0) 
     return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans), raw)
 
 
-def assert_verdict(guard: Guard, data: bytes, want: str, retval: int | None = None) -> dict:
+def assert_verdict(guard: Guard, data: bytes, want: str, outcome: str | None = None) -> dict:
     ret, counted = run(guard, data)
     assert want in counted, counted
-    if retval is None:
-        retval = XDP_PASS if want == "ok" or want in layout.GUARD_PASS_REASONS else XDP_DROP
-    assert ret == retval, (want, ret)
-    if retval == XDP_DROP:
+    if outcome is None:
+        outcome = PASS if want == "ok" or want in layout.GUARD_PASS_REASONS else DROP
+    assert ret == guard.retval(outcome), (want, ret)
+    if outcome == DROP:
         assert counted.get("dropped") == 1
     return counted
 
@@ -241,7 +249,7 @@ def test_static_token_rules(guard):
     assert_verdict(guard, with_options(good), "ok")
     assert_verdict(guard, with_options(token.encode_static(253, 0x6E74, STATIC + 1)), "bad_tag")
     # the monitor entry accepts no static token
-    assert_verdict(guard, with_options(good, dst=MON), "bad_tag", XDP_PASS)
+    assert_verdict(guard, with_options(good, dst=MON), "bad_tag", PASS)
 
 
 def test_replay_of_the_same_syn(guard):
@@ -258,10 +266,10 @@ def test_saddr_bound_key(guard):
     assert_verdict(guard, with_options(opt6, dst=V6, src="2001:db8:1::50"), "ok")
 
 
-def test_sport_bound_key(tmp_path):
+def test_sport_bound_key(tmp_path, hook):
     cfg = write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]"),
                        keys={1: (TEST_KEY, ("saddr", "sport"))})
-    with Guard.load() as g:
+    with Guard.load(hook=hook) as g:
         g.configure(cfg)
         opt = mac_option(src="192.0.2.9", sport=5555, bind=token.BIND_SADDR | token.BIND_SPORT)
         assert verdict(g, with_options(opt, src="192.0.2.9", sport=5556)) == "bad_tag"
@@ -272,34 +280,34 @@ def test_sport_bound_key(tmp_path):
 
 
 def test_monitor_entry_counts_and_passes(guard):
-    counted = assert_verdict(guard, syn(dst=MON, dport=22), "missing", XDP_PASS)
+    counted = assert_verdict(guard, syn(dst=MON, dport=22), "missing", PASS)
     assert counted.get("monitored") == 1 and "dropped" not in counted
-    assert_verdict(guard, syn(dst=MON, dport=22, options=LINUX_SYN_OPTS), "missing", XDP_PASS)
+    assert_verdict(guard, syn(dst=MON, dport=22, options=LINUX_SYN_OPTS), "missing", PASS)
     assert_verdict(guard, marked(MON, 22), "ok")
 
 
-def test_global_override(tmp_path):
+def test_global_override(tmp_path, hook):
     cfg = write_config(tmp_path, GUARD)
-    with Guard.load() as g:
+    with Guard.load(hook=hook) as g:
         g.configure(cfg, action="monitor")
-        assert_verdict(g, syn(), "missing", XDP_PASS)
+        assert_verdict(g, syn(), "missing", PASS)
         g.configure(cfg, action="drop")
-        assert_verdict(g, syn(dst=MON), "missing", XDP_DROP)
+        assert_verdict(g, syn(dst=MON), "missing", DROP)
         g.configure(cfg)
-        assert_verdict(g, syn(), "missing", XDP_DROP)
-        assert_verdict(g, syn(dst=MON), "missing", XDP_PASS)
+        assert_verdict(g, syn(), "missing", DROP)
+        assert_verdict(g, syn(dst=MON), "missing", PASS)
 
 
-def test_config_action_monitor_with_drop_entry(tmp_path):
+def test_config_action_monitor_with_drop_entry(tmp_path, hook):
     body = GUARD.replace('action = "drop"\nskew', 'action = "monitor"\nskew')
     body = body.replace('tokens = ["0x1122334455667788"]', 'tokens = ["0x1122334455667788"]\naction = "drop"')
     cfg = write_config(tmp_path, body)
-    with Guard.load() as g:
+    with Guard.load(hook=hook) as g:
         g.configure(cfg)
-        assert_verdict(g, syn(), "missing", XDP_DROP)
+        assert_verdict(g, syn(), "missing", DROP)
         cfg2 = write_config(tmp_path, GUARD.replace('action = "monitor"', ""))
         g.configure(cfg2)
-        assert_verdict(g, syn(dst=MON), "missing", XDP_DROP)
+        assert_verdict(g, syn(dst=MON), "missing", DROP)
 
 
 # ---------------------------------------------------------------- pass-through
@@ -332,7 +340,7 @@ def test_config_action_monitor_with_drop_entry(tmp_path):
          "v6-fragment", "v6-ah"],
 )
 def test_non_targets_pass(guard, data, reason):
-    assert_verdict(guard, data, reason, XDP_PASS)
+    assert_verdict(guard, data, reason, PASS)
 
 
 def test_truncated_frames_never_break_the_guard(guard):
@@ -344,9 +352,9 @@ def test_truncated_frames_never_break_the_guard(guard):
         except OSError:
             continue   # test_run refuses an IP ethertype without an IP header
         if cut < p.l4 + 20:
-            assert ret == XDP_PASS and "bad_header" in counted, cut
+            assert ret == guard.retval(PASS) and "bad_header" in counted, cut
         else:   # a SYN to a protected port with its options cut off
-            assert ret == XDP_DROP and "malformed" in counted, cut
+            assert ret == guard.retval(DROP) and "malformed" in counted, cut
 
 
 # ---------------------------------------------------------------- attacks
@@ -367,7 +375,7 @@ def test_forged_tags_never_pass(guard):
         # outlasts the skew, and every frame must fail on its tag, not go stale.
         template[off - 1] = token.epoch_now(WINDOW) & 0xFF
         template[off:off + 10] = rng.randbytes(10)
-        if guard.prog.test_run(bytes(template)).retval != XDP_DROP:
+        if guard.prog.test_run(bytes(template)).retval != guard.retval(DROP):
             passed += 1
     elapsed = time.monotonic() - t0
     after = guard.stats()
@@ -380,7 +388,7 @@ def test_forged_tags_never_pass(guard):
 def test_captured_syn_replayed_1000_times_passes_at_most_once(guard, marker):
     captured = marker.prog.test_run(syn(options=options_of_len(20))).data_out
     before = guard.stats()
-    passes = sum(guard.prog.test_run(captured).retval == XDP_PASS for _ in range(1000))
+    passes = sum(guard.prog.test_run(captured).retval == guard.retval(PASS) for _ in range(1000))
     after = guard.stats()
     assert passes == 1
     assert after["ok"] - before["ok"] == 1
@@ -388,13 +396,13 @@ def test_captured_syn_replayed_1000_times_passes_at_most_once(guard, marker):
     # in one test_run call, too (the guard keeps no per-packet state)
     again = marker.prog.test_run(syn(options=options_of_len(20))).data_out
     r = guard.prog.test_run(again, repeat=1000)
-    assert r.retval == XDP_DROP
+    assert r.retval == guard.retval(DROP)
     assert guard.stats()["replay"] - after["replay"] == 999
 
 
-def test_removed_key_makes_its_tokens_unknown_key(tmp_path):
+def test_removed_key_makes_its_tokens_unknown_key(tmp_path, hook):
     cfg = write_config(tmp_path, GUARD)
-    with Guard.load() as g:
+    with Guard.load(hook=hook) as g:
         g.configure(cfg)
         opt = mac_option(key=KEY3, key_id=3)
         assert verdict(g, with_options(opt)) == "unknown_key"
@@ -414,9 +422,9 @@ def test_removed_key_makes_its_tokens_unknown_key(tmp_path):
         assert verdict(g, marked()) == "ok"
 
 
-def test_reconfigure_keeps_one_generation_of_entries(tmp_path):
+def test_reconfigure_keeps_one_generation_of_entries(tmp_path, hook):
     cfg = write_config(tmp_path, GUARD)
-    with Guard.load() as g:
+    with Guard.load(hook=hook) as g:
         for _ in range(3):
             g.configure(cfg)
             assert verdict(g, with_options(token.encode_static(253, 0x6E74, STATIC))) == "ok"
@@ -427,8 +435,8 @@ def test_reconfigure_keeps_one_generation_of_entries(tmp_path):
 # ---------------------------------------------------------------- counters, events
 
 
-def test_key_stats(tmp_path):
-    with Guard.load() as g:
+def test_key_stats(tmp_path, hook):
+    with Guard.load(hook=hook) as g:
         g.configure(write_config(tmp_path, GUARD))
         verdict(g, marked())
         pkt = marked()
@@ -439,8 +447,8 @@ def test_key_stats(tmp_path):
         assert g.key_stats() == {1: {"ok": 2, "bad": 1}, 3: {"ok": 0, "bad": 1}}
 
 
-def test_event_describes_the_dropped_syn(tmp_path):
-    with Guard.load() as g:
+def test_event_describes_the_dropped_syn(tmp_path, hook):
+    with Guard.load(hook=hook) as g:
         g.configure(write_config(tmp_path, GUARD))
         events: list[GuardEvent] = []
         e = steady_epoch()
@@ -461,8 +469,8 @@ def test_event_describes_the_dropped_syn(tmp_path):
             ("missing", "monitor", 1, "", None)
 
 
-def test_events_are_rate_limited_and_accounted(tmp_path):
-    with Guard.load() as g:
+def test_events_are_rate_limited_and_accounted(tmp_path, hook):
+    with Guard.load(hook=hook) as g:
         g.configure(write_config(tmp_path, GUARD), event_rate=10, event_burst=5)
         events: list[GuardEvent] = []
         with g.events(events.append) as rb:
@@ -472,7 +480,7 @@ def test_events_are_rate_limited_and_accounted(tmp_path):
                 g.prog.test_run(syn(dst=V6))
             elapsed = time.monotonic() - t0
             rb.consume()
-        assert r.retval == XDP_DROP
+        assert r.retval == g.retval(DROP)
         s = g.stats()
         assert s["dropped"] == 1200 and s["missing"] == 1200
         assert s["events"] == len(events)
@@ -482,8 +490,8 @@ def test_events_are_rate_limited_and_accounted(tmp_path):
         assert s["events_suppressed"] >= 1200 - len(events)
 
 
-def test_events_disabled_with_rate_zero(tmp_path):
-    with Guard.load() as g:
+def test_events_disabled_with_rate_zero(tmp_path, hook):
+    with Guard.load(hook=hook) as g:
         g.configure(write_config(tmp_path, GUARD), event_rate=0, event_burst=0)
         g.prog.test_run(syn(), repeat=100)
         s = g.stats()

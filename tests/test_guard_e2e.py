@@ -3,11 +3,13 @@
 Topology: client, attacker and server namespaces on one bridge (a switch
 namespace), all in 198.18.5.0/24.  The server's default route points at the
 switch, so SYN-ACKs to spoofed sources really leave (backscatter).  The
-client runs the marker; the server runs the guard on its only interface.
+client runs the marker; the server runs the guard on its only interface, at
+XDP and at TC ingress (the hook `--hook auto` picks on a veth).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -94,13 +96,20 @@ def legit_connections(ns: str, n: int, deadline_s: float) -> tuple[int, int]:
     return ok, n
 
 
+def ingress_drops(ns: str, dev: str) -> int:
+    """Packets the clsact qdisc of DEV dropped (TC_ACT_SHOT at ingress); 0 without one."""
+    qdiscs = json.loads(run("tc", "-s", "-j", "qdisc", "show", "dev", dev, ns=ns).stdout or "[]")
+    return sum(q["drops"] for q in qdiscs if q["kind"] == "clsact")
+
+
 def settled(srv_ns: str, srv_if: str, guard: Guard | None) -> tuple[dict, dict]:
     """The link's counters and the guard's, read until two reads in a row
     agree: a stray packet (IPv6 ND, a late ACK) landing between the two
     reads would otherwise be counted by one side only."""
     last = None
     for _ in range(50):
-        now = (link_stats(srv_ns, srv_if), guard.stats() if guard else {})
+        link = {**link_stats(srv_ns, srv_if), "tc_drops": ingress_drops(srv_ns, srv_if)}
+        now = (link, guard.stats() if guard else {})
         if now == last:
             return now
         last = now
@@ -127,8 +136,8 @@ def run_flood_round(hosts, guard: Guard | None = None) -> dict:
     return {"sent": sent["sent"], "tcp": d_tcp, "link": d_link, "guard": d_guard, **results}
 
 
-@pytest.mark.parametrize("xdp_mode", ["native"])
-def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, xdp_mode):
+@pytest.mark.parametrize("hook,xdp_mode", [("xdp", "native"), ("tc", None)])
+def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, hook, xdp_mode):
     hosts = switched_lab(lab)
     cfg = make_config(tmp_path, CONFIG)
     with Marker.load() as marker:
@@ -137,7 +146,7 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, xdp_mode):
             marker.attach(hosts["client_if"])
         # Baseline without the guard: the same flood reaches TCP.
         without = run_flood_round(hosts)
-        with Guard.load() as guard:
+        with Guard.load(hook=hook) as guard:
             with netns(hosts["server"]):
                 guard.configure(cfg)
                 guard.attach(hosts["server_if"], xdp_mode)
@@ -156,16 +165,20 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, xdp_mode):
     # ... the guard saw every packet the interface received, dropped exactly
     # the SYNs without a token, and passed the clients' ...
     seen = sum(gd[k] for k in layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)
-    assert seen == with_guard["link"]["rx_queue_0_xdp_packets"]
+    link = with_guard["link"]
+    received, dropped = ((link["rx_queue_0_xdp_packets"], link["rx_queue_0_xdp_drops"])
+                         if hook == "xdp" else (link["rx_packets"], link["tc_drops"]))
+    assert seen == received
     assert gd["missing"] > 10_000
-    assert gd["dropped"] == gd["missing"] == with_guard["link"]["rx_queue_0_xdp_drops"]
+    assert gd["dropped"] == gd["missing"] == dropped
     assert gd["ok"] >= LEGIT_CONNECTIONS
     # ... and nothing but the clients reached TCP.
     tcp = with_guard["tcp"]
     assert tcp["Tcp.PassiveOpens"] == gd["ok"]
     assert tcp["TcpExt.SyncookiesSent"] == 0
     assert tcp["TcpExt.ListenOverflows"] == 0 and tcp["TcpExt.ListenDrops"] == 0
-    print(f"\nflood figures: offered {with_guard['sent']} SYNs in {FLOOD_SECONDS}s "
+    print(f"\nflood figures, guard at {hook}: offered {with_guard['sent']} SYNs "
+          f"in {FLOOD_SECONDS}s "
           f"({with_guard['sent'] / FLOOD_SECONDS:.0f}/s), guard dropped {gd['missing']}, "
           f"clients {ok}/{total}; without guard: syncookies "
           f"{without['tcp']['TcpExt.SyncookiesSent']}, server tx {without['link']['tx_packets']}")

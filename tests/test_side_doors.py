@@ -76,8 +76,8 @@ class Vx:
     def srv(self, *args: str) -> str:
         return ok(*args, ns=self.server)
 
-    def attach_guard(self, dev: str) -> subprocess.CompletedProcess:
-        r = netoken("guard", "attach", dev, "-c", str(self.cfg), "--json", ns=self.server)
+    def attach_guard(self, dev: str, *extra: str) -> subprocess.CompletedProcess:
+        r = netoken("guard", "attach", dev, "-c", str(self.cfg), "--json", *extra, ns=self.server)
         assert r.returncode == 0, r.stderr
         return r
 
@@ -162,7 +162,7 @@ def test_vxlan_side_door_is_named_and_closed_by_guarding_the_tunnel(vx: Vx):
     r = vx.attach_guard(vx.su)
     assert r.stderr.splitlines() == [f"netoken: {tunnel_warning(vx.sv)}"]
     res = json.loads(r.stdout)
-    assert res["xdp_mode"] == "native"
+    assert (res["hook"], res["xdp_mode"]) == ("tc", None)  # a veth: TC ingress
     assert [(d["ifname"], d["kind"], d["path"], d["message"]) for d in res["unguarded"]] == [
         (vx.sv, "vxlan", "tunnel", tunnel_warning(vx.sv))]
     text = vx.srv("status")
@@ -186,12 +186,12 @@ def test_vxlan_side_door_is_named_and_closed_by_guarding_the_tunnel(vx: Vx):
         reached_nic_only = tcp_in_segs(vx.server) - before
         assert reached_nic_only == SPOOFED
 
-        # 2. Guard on the tunnel device too (generic XDP: vxlan has no
+        # 2. Guard on the tunnel device too (XDP, generic: vxlan has no
         # native XDP): nothing is named any more, and nothing gets through.
         r = vx.attach_guard(vx.sv)
         assert r.stderr == ""
         res = json.loads(r.stdout)
-        assert res["xdp_mode"] == "generic" and res["unguarded"] == []
+        assert (res["hook"], res["xdp_mode"], res["unguarded"]) == ("xdp", "generic", [])
         assert "not guarded" not in vx.srv("status")
         assert [d["unguarded"] for d in vx.status()] == [[], []]
 
@@ -236,12 +236,11 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
     """What counts as a way in, next to a guarded NIC: tunnels, veths from
     other namespaces, tun/tap of local programs.  Loopback, a veth pair with
     both ends here, and devices stacked on or enslaving others do not.  An
-    L3 device cannot be guarded yet, and attach says so instead of running
-    a guard that would see nothing."""
+    L3 device (tun) is guarded at TC ingress, and then no longer named."""
     s, pod = lab.ns("sv"), lab.ns("po")
     nic, _ = lab.link(s, pod)
     pod_host, _ = lab.link(s, pod)
-    pair_a, pair_b = lab.link(s, s)
+    lab.link(s, s)  # a veth pair with both ends here: not a way in
     tun, tap, mv, br = uid("ntun"), uid("ntap"), uid("nmv"), uid("nbr")
     run("ip", "tuntap", "add", tun, "mode", "tun", ns=s)
     run("ip", "tuntap", "add", tap, "mode", "tap", ns=s)
@@ -258,21 +257,16 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
         assert r.stderr.splitlines() == [
             (f"netoken: {pod_host} (veth) delivers traffic from another network namespace "
             "into this host and has no guard: attach one"),
-            (f"netoken: {tun} (tun) {local} and has no guard: netoken cannot guard it yet "
-            "(no Ethernet header)"),
+            f"netoken: {tun} (tun) {local} and has no guard: attach one",
             f"netoken: {tap} (tun) {local} and has no guard: attach one",
         ]
-        r = netoken("guard", "attach", tun, "-c", str(cfg), ns=s)
-        assert one_line_error(r) == (
-            f"netoken: {tun} (tun) has no Ethernet header: the XDP guard would pass its SYNs "
-            f"unchecked, so netoken does not guard it yet")
-        assert "xdp" not in json.loads(run("ip", "-j", "link", "show", tun, ns=s).stdout)[0]
-        ok("guard", "attach", pod_host, "-c", str(cfg), ns=s)
-        ok("guard", "attach", tap, "-c", str(cfg), ns=s)
-        (named,) = {tuple(d["ifname"] for d in item["unguarded"])
-                    for item in json.loads(ok("status", "--json", ns=s)) if item["ifname"] in mine}
-        assert named == (tun,)
-        assert pair_a not in named and pair_b not in named
+        # the L3 tun at TC ingress, the veth at TC, the tap (Ethernet) at XDP
+        for dev, hook in ((tun, "tc"), (pod_host, "tc"), (tap, "xdp")):
+            res = json.loads(ok("guard", "attach", dev, "-c", str(cfg), "--json", ns=s))
+            assert res["hook"] == hook, dev
+        named = {tuple(d["ifname"] for d in item["unguarded"])
+                 for item in json.loads(ok("status", "--json", ns=s)) if item["ifname"] in mine}
+        assert named == {()}
     finally:
         forget(nic, pod_host, tun, tap)
 
@@ -322,8 +316,9 @@ def test_fou_answers_are_parsed_as_the_kernel_writes_them():
 def test_underlay_guard_changes_only_while_the_tunnel_has_none(vx: Vx):
     """The kernel keeps a device's XDP program fixed while a device stacked
     on it has one (vxlan over its underlay): attach, replace and detach of
-    the underlay's guard say so in one line and change nothing; `apply`
-    still updates it."""
+    the underlay's guard at XDP say so in one line and change nothing;
+    `apply` still updates it.  (At TC, the default on this veth underlay,
+    the rule does not apply.)"""
     def upper_rule(doing: str) -> str:
         return (f"netoken: {vx.su}: cannot {doing} the guard while {vx.sv} (on top of "
                 f"{vx.su}) has an XDP program, a kernel rule: detach the guard from {vx.sv} "
@@ -331,13 +326,13 @@ def test_underlay_guard_changes_only_while_the_tunnel_has_none(vx: Vx):
                 f"without reattaching)")
 
     vx.attach_guard(vx.sv)
-    r = netoken("guard", "attach", vx.su, "-c", str(vx.cfg), ns=vx.server)
+    r = netoken("guard", "attach", vx.su, "-c", str(vx.cfg), "--hook", "xdp", ns=vx.server)
     assert one_line_error(r) == upper_rule("attach or replace")
     assert [d["ifname"] for d in vx.status()] == [vx.sv]  # nothing of the failed attach left
     assert "xdp" not in json.loads(run("ip", "-j", "link", "show", vx.su, ns=vx.server).stdout)[0]
 
     vx.srv("guard", "detach", vx.sv)
-    vx.attach_guard(vx.su)  # underlay first, then the tunnel
+    vx.attach_guard(vx.su, "--hook", "xdp")  # underlay first, then the tunnel
     vx.attach_guard(vx.sv)
     (before,) = [d["prog"]["id"] for d in vx.status() if d["ifname"] == vx.su]
     r = netoken("guard", "attach", vx.su, "-c", str(vx.cfg), ns=vx.server)

@@ -92,8 +92,8 @@ class Box:
         (link,) = json.loads(run("ip", "-j", "link", "show", "dev", dev, ns=self.ns).stdout)
         return link.get("xdp", {})
 
-    def tc_filters(self, dev: str) -> list:
-        out = run("tc", "-j", "filter", "show", "dev", dev, "egress", ns=self.ns,
+    def tc_filters(self, dev: str, hook: str = "egress") -> list:
+        out = run("tc", "-j", "filter", "show", "dev", dev, hook, ns=self.ns,
                   check=False).stdout
         return json.loads(out or "[]")
 
@@ -137,7 +137,7 @@ def refused_by_every_verb(box: Box, iface: str, want: str) -> None:
 
 def assert_nothing_attached(box: Box, iface: str) -> None:
     assert box.xdp(iface) == {}
-    assert box.tc_filters(iface) == []
+    assert box.tc_filters(iface) == [] and box.tc_filters(iface, "ingress") == []
 
 
 def test_planted_directory_is_refused_by_every_verb(box: Box):
@@ -200,7 +200,7 @@ def test_plants_at_the_interface_level_are_refused(box: Box):
     assert_nothing_attached(box, box.b)
     box.sh(f"rm -r {run_dir}")
     box.ok("guard", "attach", box.b, "-c", str(box.cfg))
-    assert box.xdp(box.b) != {}
+    assert box.tc_filters(box.b, "ingress") != []  # a veth: the guard runs at TC
 
 
 def test_group_or_other_writable_directories_are_refused(box: Box):
@@ -233,7 +233,7 @@ def test_clean_first_attach_creates_private_directories(box: Box):
     status = json.loads(box.ok("status", "--json"))
     assert sorted((d["ifname"], d["role"], d["state"]) for d in status) == [
         (box.a, "guard", "attached"), (box.b, "marker", "attached")]
-    assert box.xdp(box.a) != {} and box.tc_filters(box.b) != []
+    assert box.tc_filters(box.a, "ingress") != [] and box.tc_filters(box.b) != []
     box.ok("guard", "detach", box.a)
     box.ok("mark", "detach", box.b)
     assert_nothing_attached(box, box.a)
