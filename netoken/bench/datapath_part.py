@@ -9,7 +9,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,21 @@ def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Progr
     ]
 
 
+def at_tc(contenders: list[Contender], guard_xdp: Program, guard_tc: Program,
+          empty_xdp: Program, empty_tc: Program) -> list[Contender]:
+    """CONTENDERS (the XDP guard's) with the TC ingress guard in its place,
+    next to the empty TC program: the same packets and paths at the other
+    hook.  The reference verifier is an XDP program and stays out."""
+    out = []
+    for c in contenders:
+        if c.prog is empty_xdp:
+            out.append(replace(c, name="empty tc", prog=empty_tc))
+        elif c.prog is guard_xdp:
+            out.append(replace(c, name=f"tc {c.name}", prog=guard_tc, floor="empty tc",
+                               ref=None))
+    return out
+
+
 def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
                                  marker_prog: Program, n: int,
                                  drain: Callable[[], None],
@@ -414,6 +429,9 @@ def datapath(quick: bool = False, samples: int | None = None,
         marker.configure(cfg)
         guard = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache))
         guard.configure(cfg)
+        # The TC ingress build of the same source, on the same maps.
+        guard_tc = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache,
+                                                  reuse=guard.maps, hook="tc"))
         # Events are read (and thrown away) only where a contender says so:
         # how full the ring is decides the marker's path (see marker_contenders).
         mark_ring = stack.enter_context(RingBuffer(marker.maps["nt_mark_events"], lambda _b: None))
@@ -457,6 +475,9 @@ def datapath(quick: bool = False, samples: int | None = None,
 
         spend_event_budget()
         group(f"guard (XDP), {XDP_REPEAT} runs per sample", gc, nx, guard.stats)
+        spend_event_budget()
+        group(f"guard (TC ingress), {XDP_REPEAT} runs per sample",
+              at_tc(gc, guard.prog, guard_tc.prog, empty_xdp, empty_tc), nr, guard.stats)
         first, repeats = guard_first_sight_contenders(guard.prog, empty_xdp, marker.prog, n1,
                                                       mark_ring.consume, refs)
         spend_event_budget()

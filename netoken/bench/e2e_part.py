@@ -179,7 +179,8 @@ ports = [{PORT}, {IPERF_PORT}]
 keys = [1]
 """
 
-# Configuration name -> (marker on the client, XDP program on the server).
+# Configuration name -> (marker on the client, program on the server's
+# ingress: None, "empty" / "guard" at XDP, "empty tc" / "guard tc" at TC).
 # "none, again" is the baseline measured twice: its ratio to "none" is what
 # the rounds' noise alone makes of nothing.
 CONFIGS: dict[str, tuple[bool, str | None]] = {
@@ -188,16 +189,21 @@ CONFIGS: dict[str, tuple[bool, str | None]] = {
     "marker": (True, None),
     "marker + empty xdp": (True, "empty"),
     "marker + guard": (True, "guard"),
+    "marker + empty tc": (True, "empty tc"),
+    "marker + tc guard": (True, "guard tc"),
 }
 # The order within a round (rotated every round): the repeated baseline sits
 # as far from "none" as the other configurations do, so its ratio carries the
 # same drift.
-ROUND_CYCLE = ("none", "marker", "none, again", "marker + empty xdp", "marker + guard")
+ROUND_CYCLE = ("none", "marker", "marker + empty xdp", "marker + guard", "none, again",
+               "marker + empty tc", "marker + tc guard")
 # The flood runs with the marker on, for the legitimate client.
 FLOOD_CONFIGS: dict[str, tuple[bool, str | None]] = {
     "no XDP": (True, None),
     "empty XDP": (True, "empty"),
     "guard": (True, "guard"),
+    "empty TC": (True, "empty tc"),
+    "tc guard": (True, "guard tc"),
 }
 
 
@@ -205,8 +211,9 @@ class E2E:
     """The lab for the end-to-end figures, and its switchable configurations.
 
         client ──veth── server ──veth── attacker
-        marker on the client's egress; guard (or an empty XDP program, the
-        floor) on both of the server's interfaces, native mode.
+        marker on the client's egress; guard (or an empty program of its
+        type, the floor) on both of the server's interfaces, at native XDP
+        or at TC ingress (the hook `--hook auto` picks on a veth).
     """
 
     def __init__(self, stack: ExitStack, tmp: Path) -> None:
@@ -232,25 +239,44 @@ class E2E:
         self.marker.configure(self.cfg)
         self.guard = stack.enter_context(Guard.load(replay_cache=self.cfg.guard.replay_cache))
         self.guard.configure(self.cfg)
+        # The TC ingress build, on the same maps: one config, one set of counters.
+        self.guard_tc = stack.enter_context(Guard.load(replay_cache=self.cfg.guard.replay_cache,
+                                                       reuse=self.guard.maps, hook="tc"))
         empty = stack.enter_context(BpfObject.open(object_path("empty")))
         empty.load()
         self.empty_xdp = empty.program("netoken_empty_xdp")
+        self.empty_tc = empty.program("netoken_empty_tc")
         self.current: tuple[bool, str | None] = (False, None)  # a fresh lab
         self.servers: list[subprocess.Popen] = []
 
     # -- configurations ---------------------------------------------------
 
-    def _xdp(self, what: str | None) -> None:
+    def _server(self, what: str | None) -> None:
+        from .. import tc
+
         with netns(self.sv):
             for dev in (self.sv_c, self.sv_a):
                 idx = socket.if_nametoindex(dev)
                 with contextlib.suppress(OSError):
                     xdp_detach(idx, XDP_FLAGS_DRV_MODE)
+                # No clsact qdisc left behind: an empty one still costs
+                # every packet a classify call.
+                with contextlib.suppress(OSError):
+                    tc_hook_destroy(idx, BPF_TC_INGRESS | BPF_TC_EGRESS)
                 if what == "guard":
                     self.guard.attach(dev, "native")
                 elif what == "empty":
                     xdp_attach(idx, self.empty_xdp,
                                XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                elif what == "guard tc":
+                    self.guard_tc.attach(dev)
+                elif what == "empty tc":
+                    tc.ensure_clsact(idx)
+                    tc.attach(idx, "ingress", self.empty_tc.fd)
+
+    def guard_prog(self) -> Any:
+        """The guard program the current configuration runs (XDP or TC)."""
+        return self.guard_tc.prog if self.current[1] == "guard tc" else self.guard.prog
 
     def _marker(self, on: bool) -> None:
         from .. import marker as marker_mod
@@ -266,13 +292,14 @@ class E2E:
                 tc_hook_destroy(socket.if_nametoindex(self.cl_if),
                                 BPF_TC_INGRESS | BPF_TC_EGRESS)
 
-    def use(self, marker: bool, xdp: str | None) -> None:
-        """Marker on the client or not; XDP on the server: None, "empty", "guard"."""
+    def use(self, marker: bool, server: str | None) -> None:
+        """Marker on the client or not; on the server's ingress: None,
+        "empty", "guard" (XDP), "empty tc", "guard tc"."""
         if self.current[0] != marker:
             self._marker(marker)
-        if self.current[1] != xdp:
-            self._xdp(xdp)
-        self.current = (marker, xdp)
+        if self.current[1] != server:
+            self._server(server)
+        self.current = (marker, server)
 
     # -- servers and workers ----------------------------------------------
 
@@ -334,21 +361,22 @@ def e2e_connections(e: E2E, rounds: int, seconds: float, progress: Progress) -> 
             "guard_verdicts": {k: g1[k] - g0[k] for k in layout.GUARD_VERDICTS
                                if g1[k] != g0[k]},
             "guard_rejected": g1["dropped"] - g0["dropped"],
-            "in_situ": _in_situ(e, clients, max(1.0, seconds * 2))}
+            "in_situ": _in_situ(e, clients, max(1.0, seconds * 2), "guard"),
+            "in_situ_tc": _in_situ(e, clients, max(1.0, seconds * 2), "guard tc")}
 
 
-def _in_situ(e: E2E, clients: Clients, seconds: float) -> dict[str, Any]:
+def _in_situ(e: E2E, clients: Clients, seconds: float, server: str) -> dict[str, Any]:
     """What the programs cost on the real path, per run and per connection,
     from the kernel's run-time stats (a separate burst: the stats add two
-    clock reads to every run, which the rounds above should not carry)."""
-    e.use(True, "guard")
+    clock reads to every run, which the rounds above should not carry), with
+    the guard at SERVER ("guard": XDP, "guard tc": TC ingress)."""
+    e.use(True, server)
+    progs = (("marker", e.marker.prog), ("guard", e.guard_prog()))
     with run_time_stats():
-        before = {n: p.run_stats() for n, p in (("marker", e.marker.prog),
-                                                 ("guard", e.guard.prog))}
+        before = {n: p.run_stats() for n, p in progs}
         res = clients.burst(seconds)
-        after = {n: p.run_stats() for n, p in (("marker", e.marker.prog),
-                                                ("guard", e.guard.prog))}
-    out: dict[str, Any] = {"connections": res["ok"], "seconds": seconds}
+        after = {n: p.run_stats() for n, p in progs}
+    out: dict[str, Any] = {"connections": res["ok"], "seconds": seconds, "hook": server}
     for n, b in before.items():
         runs = after[n].run_cnt - b.run_cnt
         ns = after[n].run_time_ns - b.run_time_ns
@@ -502,8 +530,10 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     cmd = _flood_cmd(e, tool, seconds, cfg_file)
     snmp0, link0, peer0 = _snmp(e.sv), _link(e.sv, e.sv_a), _link(e.at, e.at_if)
     g0 = e.guard.stats()
+    guard_prog = e.guard_prog()
+    guarded = cfg in ("guard", "tc guard")
     with run_time_stats():
-        r0 = e.guard.prog.run_stats()
+        r0 = guard_prog.run_stats()
         cpu0, t0 = _cpu_ticks(), time.monotonic()
         flood = e.lab.spawn(e.at, *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -518,7 +548,7 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
             os.killpg(flood.pid, signal.SIGKILL)
             raise
         elapsed, cpu1 = time.monotonic() - t0, _cpu_ticks()
-        r1 = e.guard.prog.run_stats()
+        r1 = guard_prog.run_stats()
     legit = legit_clients.collect(legit_s)
     g1 = e.guard.stats()
     snmp1, link1, peer1 = _snmp(e.sv), _link(e.sv, e.sv_a), _link(e.at, e.at_if)
@@ -543,13 +573,13 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
         "received": rx, "received_pps": rx / elapsed,
         "sender_dropped": peer1["tx_dropped"] - peer0["tx_dropped"],
         "server_tx_packets": link1["tx_packets"] - link0["tx_packets"],
-        "guard_ok": gd["ok"] if cfg == "guard" else None,
-        "guard_dropped": gd["dropped"] if cfg == "guard" else None,
+        "guard_ok": gd["ok"] if guarded else None,
+        "guard_dropped": gd["dropped"] if guarded else None,
         # Of what the attacker link delivered (the flood; the marked client
         # comes in on the other link and is counted in guard_ok).
-        "guard_drop_fraction": gd["dropped"] / rx if cfg == "guard" and rx else None,
+        "guard_drop_fraction": gd["dropped"] / rx if guarded and rx else None,
         "guard_ns_per_packet": (r1.run_time_ns - r0.run_time_ns) / runs
-        if runs and cfg == "guard" else None,
+        if runs and guarded else None,
         "cpu": {k: round(v, 3) for k, v in dcpu.items()},
         "cpus": ncpu,
         "softirq_ns_per_received": dcpu["softirq"] * 1e9 / (rx / elapsed) if rx else None,

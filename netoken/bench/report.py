@@ -64,12 +64,14 @@ def _e2e_lines(d: dict[str, Any]) -> list[str]:
         verdicts = ", ".join(f"{k} {v:,}" for k, v in c["guard_verdicts"].items())
         out.append(f"  marker marked {c['marker_marked']:,} SYNs; guard verdicts: {verdicts}; "
                    f"dropped {c['guard_rejected']:,}")
-        ins = c.get("in_situ", {})
-        if all(k in ins for k in ("marker", "guard")):
-            out.append("  on the real path (BPF run-time stats, marker + guard): " + "; ".join(
-                f"{n} {ins[n]['ns_per_run']:,.0f} ns/run x {ins[n]['runs_per_connection']:.1f} "
-                f"runs = {ins[n]['ns_per_connection']:,.0f} ns per connection"
-                for n in ("marker", "guard")))
+        for key, what in (("in_situ", "marker + guard"), ("in_situ_tc", "marker + tc guard")):
+            ins = c.get(key, {})
+            if all(ins.get(k, {}).get("ns_per_run") is not None for k in ("marker", "guard")):
+                out.append(f"  on the real path (BPF run-time stats, {what}): " + "; ".join(
+                    f"{n} {ins[n]['ns_per_run']:,.0f} ns/run x "
+                    f"{ins[n]['runs_per_connection']:.1f} runs = "
+                    f"{ins[n]['ns_per_connection']:,.0f} ns per connection"
+                    for n in ("marker", "guard")))
     elif c:
         out.append(f"  connections/s: error: {c['error']}")
     ip = d.get("iperf3")
