@@ -58,9 +58,9 @@ def bench_config(directory: Path, body: str, window: int = 30) -> nconfig.Config
 
 
 def _frame(dst: str, flags: str = "S", payload: bytes = b"", dport: int = 443,
-           udp: bool = False, ip_len: int | None = None) -> bytes:
+           udp: bool = False, ip_len: int | None = None, cookie: bytes = b"") -> bytes:
     """An Ethernet frame as Linux would send it; IP_LEN pads the payload to
-    that IP total length."""
+    that IP total length; COOKIE makes the SYN a TCP Fast Open SYN."""
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
@@ -72,6 +72,8 @@ def _frame(dst: str, flags: str = "S", payload: bytes = b"", dport: int = 443,
         opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None),
                 ("WScale", 7)] if flags == "S" else [("NOP", None), ("NOP", None),
                                                        ("Timestamp", (1, 1))]
+        if cookie:
+            opts += [(34, cookie), ("NOP", None), ("NOP", None)]
         l4 = TCP(sport=40000, dport=dport, flags=flags, options=opts)
     if ip_len is not None:
         payload = b"x" * (ip_len - len(l3 / l4))
