@@ -71,6 +71,7 @@ from . import config as nconfig
 from . import state
 from .config import Config
 from .errors import NetokenError
+from .schedule import iso
 
 # Coalesce a burst of file events (a `..data` swap is several) into one load.
 DEBOUNCE = 0.1
@@ -533,7 +534,7 @@ class Agent:
 
     def _next_switch(self) -> str | None:
         at = self.cfg.next_switch(time.time()) if self.cfg is not None else None
-        return None if at is None else nconfig.iso(at)
+        return None if at is None else iso(at)
 
     def _schedule(self, cause: str) -> None:
         """Switch marker keys whose mark_from has come."""
@@ -630,6 +631,10 @@ class Agent:
         cfg = nconfig.load(self.path)
         self._check(cfg)
         self.cfg = cfg
+        for role in ROLES:
+            # libbpf and the role modules load now, not on the first interface
+            # that appears (whose attach must take well under 2 s).
+            _module(role)
         with contextlib.ExitStack() as stack, self._signals() as wake:
             self.links = links = LinkEvents()
             stack.callback(links.close)

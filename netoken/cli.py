@@ -179,12 +179,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
             for what in ("added", "removed"):
                 if res[what]:
                     print(f"  {what}: {', '.join(res[what])}")
-            from .marker import schedule_lines
+            from .schedule import lines
 
             in_use = res["schedule"]["in_use"]
             if any(len(p.keys) > 1 for p in cfg.policies):
                 print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
-            for line in schedule_lines(res["schedule"]):
+            for line in lines(res["schedule"]):
                 print(f"  {line}")
         elif res["role"] == "guard":
             print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
@@ -623,15 +623,30 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Everything `attach` would refuse, without touching the kernel."""
+    from .schedule import lines, plan
+
     cfg = load_config(args.file)
     protects = len(cfg.guard.protect) if cfg.guard else 0
+    sched = plan(cfg, time.time())
+    agent = cfg.agent
     if args.json:
         _emit_json({"file": os.path.abspath(args.file), "valid": True,
                     "keys": sorted(cfg.keys), "policies": len(cfg.policies),
-                    "protect": protects}, args.pretty)
+                    "protect": protects, "schedule": sched,
+                    "agent": None if agent is None else {
+                        "mark": list(agent.mark), "guard": list(agent.guard),
+                        "metrics": agent.metrics}}, args.pretty)
     else:
         print(f"{args.file}: valid: {_keys(sorted(cfg.keys))}, {_policies(len(cfg.policies))}, "
               f"{_protects(protects)}")
+        if any(len(p.keys) > 1 for p in cfg.policies):
+            print("  keys in use now: " + ", ".join(f"{n} key {k}"
+                                                    for n, k in sched["in_use"].items()))
+        for line in lines(sched):
+            print(f"  {line}")
+        if agent is not None:
+            print(f"  agent: marker on {' '.join(agent.mark) or 'nothing'}, guard on "
+                  f"{' '.join(agent.guard) or 'nothing'}, metrics {agent.metrics or 'off'}")
     return 0
 
 

@@ -80,12 +80,13 @@ import re
 import secrets
 import stat
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from .errors import NetokenError
+from .schedule import iso, next_switch, scheduled_key
 
 __all__ = [
     "BIND_SADDR",
@@ -290,39 +291,6 @@ class Config:
     def next_switch(self, now: float) -> float | None:
         """The first Unix time after NOW at which a policy changes keys."""
         return next_switch([p.keys for p in self.policies if p.mode == "mac"], self.starts, now)
-
-
-def scheduled_key(ids: Sequence[int], starts: Mapping[int, float], now: float) -> int:
-    """The key of IDS that marks at NOW (DESIGN §4), given each key's start
-    (Unix time, -inf: always): the latest start that has passed, a tie to the
-    key listed last; if none has passed (the clock went back), the key that
-    starts first."""
-    started = [(starts[k], i, k) for i, k in enumerate(ids) if starts[k] <= now]
-    if started:
-        return max(started)[2]
-    return min((starts[k], i, k) for i, k in enumerate(ids))[2]
-
-
-def next_switch(
-    schedules: Iterable[Sequence[int]], starts: Mapping[int, float], now: float
-) -> float | None:
-    """The first instant after NOW at which one of SCHEDULES (key id lists)
-    changes its key, or None.  A start that changes nothing (a later key
-    already marks) is no switch."""
-    schedules = [tuple(s) for s in schedules]
-    later = sorted({starts[k] for s in schedules for k in s if starts[k] > now})
-    before = [scheduled_key(s, starts, now) for s in schedules]
-    for t in later:
-        if [scheduled_key(s, starts, t) for s in schedules] != before:
-            return t
-    return None
-
-
-def iso(t: float | _dt.datetime) -> str:
-    """A Unix time or aware datetime as RFC 3339 UTC, e.g. 2026-12-02T00:00:00Z."""
-    d = t if isinstance(t, _dt.datetime) else _dt.datetime.fromtimestamp(t, _dt.UTC)
-    text = d.astimezone(_dt.UTC).isoformat()
-    return text.replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------

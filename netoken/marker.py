@@ -7,9 +7,7 @@ programs get the same behaviour as operators.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import math
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config as nconfig
-from . import layout, program, state
+from . import layout, program, schedule, state
 from .config import Config, ConfigError, Policy
 from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
 from .errors import NetokenError
@@ -261,18 +259,6 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
     return {**program.config_meta(cfg), "policies": [_policy_meta(p) for p in cfg.policies]}
 
 
-def schedule(cfg: Config, now: float) -> dict[str, Any]:
-    """The key schedule of CFG as of NOW: the key each mac policy marks with,
-    and the next switch (None if no key is scheduled to start)."""
-    in_use = cfg.marking_keys(now)
-    at = cfg.next_switch(now)
-    nxt = None
-    if at is not None:
-        nxt = {"at": nconfig.iso(at),
-               "policies": {n: k for n, k in cfg.marking_keys(at).items() if k != in_use[n]}}
-    return {"in_use": in_use, "next_switch": nxt}
-
-
 def tc_filter_count(ifname: str, hook: str) -> int | None:
     """Filters on IFNAME's clsact HOOK ("ingress"/"egress") as `tc` lists
     them, or None if that cannot be told.
@@ -399,7 +385,7 @@ def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
         "keys": sorted(cfg.keys),
         "added": sorted(after - before),
         "removed": sorted(before - after),
-        "schedule": schedule(cfg, now),
+        "schedule": schedule.plan(cfg, now),
     }
 
 
@@ -479,7 +465,7 @@ class MarkerRole(ProgramRole):
                 raw = m.lookup(u32(base + i))
                 if p.get("mode") == "mac" and raw:
                     p["key"] = layout.NtPolicy.from_bytes(raw).key_id
-        d["schedule"] = _schedule_status(meta, d["policies"], time.time())
+        d["schedule"] = schedule.from_meta(meta, d["policies"], time.time())
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
@@ -503,7 +489,7 @@ class MarkerRole(ProgramRole):
                 f"policy   {p.get('name')!s:<{width}}  {how:<10} ports {ports:<14} "
                 + " ".join(p.get("destinations", []))
             )
-        lines.extend(schedule_lines(d.get("schedule") or {}))
+        lines.extend(schedule.lines(d.get("schedule") or {}))
         return lines
 
     def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
@@ -545,52 +531,6 @@ class MarkerRole(ProgramRole):
             f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
             f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
         )
-
-
-def _starts(meta: dict[str, Any]) -> dict[int, float]:
-    out = {}
-    for k in meta.get("keys", []):
-        t = k.get("mark_from")
-        out[k.get("id")] = -math.inf if t is None else _dt.datetime.fromisoformat(t).timestamp()
-    return out
-
-
-def _schedule_status(meta: dict[str, Any], policies: list[dict[str, Any]],
-                     now: float) -> dict[str, Any]:
-    """What the key schedule in the metadata says as of NOW, next to the keys
-    the policies really use: the next switch, and switches that are overdue
-    (their instant passed and nobody applied them)."""
-    starts = _starts(meta)
-    mac = [p for p in policies if p.get("mode") == "mac" and p.get("keys")]
-    try:
-        due = {p["name"]: nconfig.scheduled_key(p["keys"], starts, now) for p in mac}
-        at = nconfig.next_switch([p["keys"] for p in mac], starts, now)
-        then = {p["name"]: nconfig.scheduled_key(p["keys"], starts, at) for p in mac} if at else {}
-    except (KeyError, TypeError):
-        return {"next_switch": None, "overdue": []}  # metadata from an older netoken
-    overdue = [
-        {"policy": p["name"], "key": due[p["name"]], "since": nconfig.iso(starts[due[p["name"]]])}
-        for p in mac if "key" in p and p["key"] != due[p["name"]]
-    ]
-    nxt = None
-    if at is not None:
-        nxt = {"at": nconfig.iso(at),
-               "policies": {n: k for n, k in then.items() if k != due[n]}}
-    return {"next_switch": nxt, "overdue": overdue}
-
-
-def schedule_lines(sched: dict[str, Any]) -> list[str]:
-    """The schedule part of `status` and `apply` for humans."""
-    lines = []
-    for o in sched.get("overdue", []):
-        lines.append(f"schedule {o['policy']} should mark with key {o['key']} since {o['since']}; "
-                     "only `netoken agent` switches on time (or run `netoken apply`)")
-    nxt = sched.get("next_switch")
-    if nxt:
-        to = ", ".join(f"{n} -> key {k}" for n, k in nxt["policies"].items())
-        lines.append(f"schedule next switch {nxt['at']}: {to} (performed by `netoken agent`; "
-                     "without it, run `netoken apply` then)")
-    return lines
 
 
 class _PolicyNames:

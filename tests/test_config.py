@@ -1236,7 +1236,7 @@ def test_key_schedule(tmp_path: Path, keydir: Path) -> None:
 
 
 def test_schedule_ties_go_to_the_key_listed_last() -> None:
-    from netoken.config import next_switch, scheduled_key
+    from netoken.schedule import next_switch, scheduled_key
 
     inf = float("-inf")
     assert scheduled_key([1, 2], {1: inf, 2: inf}, 0) == 2
