@@ -69,10 +69,10 @@ struct {
 
 /* State of nt_make_room's walk.  It lives in the scratch map, not in
  * registers: the verifier does not track map contents, so the paths through
- * the unrolled walk merge at every byte instead of multiplying.  (With the
- * state in registers the walk costs 23k more instructions to verify; with
- * the write position, which must be exact as an index, the program no
- * longer verifies at all.) */
+ * the unrolled walk merge at every byte instead of multiplying.  (With only
+ * the write position here the walk costs 23k more instructions to verify;
+ * with that in a register too, where as an index it must be exact, the
+ * program exceeds the verifier's 1M-instruction limit.) */
 struct nt_room {
 	__u32 w;                 /* bytes written to opts_new */
 	__u32 skip;              /* bytes left in the current option */
