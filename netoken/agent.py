@@ -370,7 +370,8 @@ class Agent:
         self.cfg: Config | None = None
         self.managed: set[tuple[str, str]] = set()
         self.failing: dict[tuple[str, str], str] = {}  # pair -> error last logged
-        self.in_use: dict[str, int] = {}  # policy -> key, as the markers were last set
+        # pair -> (the config, the keys in use) its maps were last given
+        self.applied: dict[tuple[str, str], tuple[Config, dict[str, int] | None]] = {}
         self.config_errors = 0
         self.applies: dict[str, int] = {"config": 0, "schedule": 0}
         self.stop_signal: int | None = None
@@ -430,10 +431,7 @@ class Agent:
                  protect=len(new.guard.protect) if new.guard else 0,
                  next_switch=self._next_switch())
         want = self._selected()
-        now = time.time()
-        for pair in _order(self.managed & want):
-            self._apply(pair, "config", now)
-        self.in_use = new.marking_keys(now)  # what the markers now use: no switch to log
+        self._update(want, "file")
         self._reconcile(want)
         self._serve_metrics()
         self._arm()
@@ -452,27 +450,48 @@ class Agent:
             self.failing[pair] = msg
             self.log(f"{action} failed", level="error", iface=pair[0], role=pair[1], error=msg)
 
-    def _apply(self, pair: tuple[str, str], cause: str, now: float | None = None) -> bool:
-        ifname, role = pair
+    def _desired(self, pair: tuple[str, str], now: float) -> tuple[Config, dict[str, int] | None]:
         assert self.cfg is not None
-        try:
-            if role == "marker":
-                res = _module(role).apply(ifname, self.cfg, now)
+        return self.cfg, self.cfg.marking_keys(now) if pair[1] == "marker" else None
+
+    def _update(self, want: set[tuple[str, str]], cause: str) -> None:
+        """Bring the maps of every attached pair to the config and, for
+        markers, the keys in use now; a pair whose update failed is retried
+        at the next call (every TICK at the latest)."""
+        now = time.time()
+        for pair in _order(self.managed & want):
+            cfg, in_use = desired = self._desired(pair, now)
+            old_cfg, old_in_use = self.applied.get(pair, (None, None))
+            if old_cfg is cfg and old_in_use == in_use:
+                continue
+            ifname, role = pair
+            try:
+                if role == "marker":
+                    res = _module(role).apply(ifname, cfg, now)
+                else:
+                    res = _module(role).apply(ifname, cfg)
+            except Exception as e:  # noqa: BLE001 - one interface must not stop the others
+                self._fail(pair, "apply", e)
+                continue
+            self.failing.pop(pair, None)
+            self.applied[pair] = desired
+            if old_cfg is not cfg:
+                self.applies["config"] += 1
+                self.log("applied", iface=ifname, role=role, prog=res["prog_id"],
+                         keys=_ids(res["keys"]), cause=cause)
             else:
-                res = _module(role).apply(ifname, self.cfg)
-        except Exception as e:  # noqa: BLE001 - one interface must not stop the others
-            self._fail(pair, "apply", e)
-            return False
-        self.failing.pop(pair, None)
-        self.applies[cause] += 1
-        if cause == "config":
-            self.log("applied", iface=ifname, role=role, prog=res["prog_id"],
-                     keys=_ids(res["keys"]), cause=cause)
-        return True
+                self.applies["schedule"] += 1
+                assert in_use is not None and old_in_use is not None
+                self.log("key switched", iface=ifname, role=role, cause=cause,
+                         policies=" ".join(f"{n}:{old_in_use.get(n)}->{k}"
+                                           for n, k in in_use.items() if old_in_use.get(n) != k))
 
     def _attach(self, pair: tuple[str, str]) -> None:
         ifname, role = pair
         assert self.cfg is not None
+        # Taken before: a mark_from passing during the attach is caught by
+        # the next _update, not recorded as done.
+        desired = self._desired(pair, time.time())
         try:
             res = _module(role).attach_pinned(ifname, self.cfg)
             st = _module(role).state_of(ifname)
@@ -485,6 +504,7 @@ class Agent:
             return
         self.failing.pop(pair, None)
         self.managed.add(pair)
+        self.applied[pair] = desired
         self.log("attached", iface=ifname, role=role, prog=res["prog_id"],
                  replaced=res["replaced_prog_id"], keys=_ids(res["keys"]))
 
@@ -497,6 +517,7 @@ class Agent:
             return
         self.managed.discard(pair)
         self.failing.pop(pair, None)
+        self.applied.pop(pair, None)
         self.log("detached", iface=ifname, role=role, prog=res["removed_prog_id"], reason=reason)
 
     def _reconcile(self, want: set[tuple[str, str]] | None = None, fresh: bool = False) -> None:
@@ -537,19 +558,9 @@ class Agent:
         return None if at is None else iso(at)
 
     def _schedule(self, cause: str) -> None:
-        """Switch marker keys whose mark_from has come."""
-        if self.cfg is None:
-            return
-        now = time.time()
-        in_use = self.cfg.marking_keys(now)
-        if in_use != self.in_use:
-            changes = {n: (self.in_use.get(n), k) for n, k in in_use.items()
-                       if self.in_use.get(n) != k}
-            for pair in _order(p for p in self.managed if p[1] == "marker"):
-                if self._apply(pair, "schedule", now):
-                    self.log("key switched", iface=pair[0], role="marker", cause=cause,
-                             policies=" ".join(f"{n}:{a}->{b}" for n, (a, b) in changes.items()))
-        self.in_use = in_use
+        """Switch marker keys whose mark_from has come, and re-arm the timer."""
+        if self.cfg is not None:
+            self._update(self._selected(), cause)
         self._arm()
 
     def _clock(self, cause: str) -> None:
@@ -653,7 +664,6 @@ class Agent:
                          level="warn")
             self._serve_metrics(fatal=True)
             self._adopt()
-            self.in_use = cfg.marking_keys(time.time())
             self._reconcile(fresh=True)
             self._arm()  # before the offsets are read: a clock set from now on is seen
             self._clock("start")
