@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from netoken import bench
+from netoken import bench, layout
 
 SAMPLES = 20
 
@@ -53,7 +53,9 @@ def test_the_contenders_the_issue_asks_for_are_there(datapath):
         "marker: SYN, no policy", "marker: ACK, no payload", "marker: 1500-byte ACK",
         "marker: UDP", "guard: valid SYN, first sight", "guard: valid SYN, seen before (replay)",
         "guard: SYN without token", "guard: SYN with bad tag", "guard: ACK to protected port",
-        "guard: SYN, unprotected destination",
+        "guard: SYN, unprotected destination", "guard: TCP fragment to protected address",
+        f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT} extension headers",
+        f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT + 1} (fails closed)",
     ):
         assert want in names
 

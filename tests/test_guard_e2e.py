@@ -92,10 +92,24 @@ def legit_connections(ns: str, n: int, deadline_s: float) -> tuple[int, int]:
     return ok, n
 
 
-def run_flood_round(hosts) -> dict:
+def quiet_reading(srv_ns: str, srv_if: str, guard: Guard | None) -> tuple[dict, dict]:
+    """(link stats, guard counters) at one moment: read until no packet
+    arrived while the guard's counters were read (stragglers of the flood,
+    a retransmitted SYN-ACK's RST, neighbour discovery)."""
+    for _ in range(100):
+        link = link_stats(srv_ns, srv_if)
+        g = guard.stats() if guard is not None else {}
+        if link_stats(srv_ns, srv_if) == link:
+            return link, g
+        time.sleep(0.1)
+    raise AssertionError(f"{srv_if} kept receiving for 10 s after the round")
+
+
+def run_flood_round(hosts, guard: Guard | None = None) -> dict:
     """One flood with concurrent legit connections; returns the figures."""
     srv_ns, srv_if = hosts["server"], hosts["server_if"]
-    before_tcp, before_link = counters(srv_ns), link_stats(srv_ns, srv_if)
+    before_tcp = counters(srv_ns)
+    before_link, g0 = quiet_reading(srv_ns, srv_if, guard)
     results = {}
     # A fresh listener per round: half-open requests of an earlier flood
     # belong to the old one and cannot spill cookies into this round.
@@ -103,10 +117,12 @@ def run_flood_round(hosts) -> dict:
         srv.sock.listen(128)
         time.sleep(0.5)  # let the flood reach full rate first
         results["legit"] = legit_connections(hosts["client"], LEGIT_CONNECTIONS, FLOOD_SECONDS * 3)
-    after_tcp, after_link = counters(srv_ns), link_stats(srv_ns, srv_if)
+    after_tcp = counters(srv_ns)
+    after_link, g1 = quiet_reading(srv_ns, srv_if, guard)
     d_tcp = {k: after_tcp[k] - before_tcp.get(k, 0) for k in after_tcp}
     d_link = {k: after_link[k] - before_link.get(k, 0) for k in after_link}
-    return {"sent": sent["sent"], "tcp": d_tcp, "link": d_link, **results}
+    d_guard = {k: g1[k] - g0[k] for k in g1}
+    return {"sent": sent["sent"], "tcp": d_tcp, "link": d_link, "guard": d_guard, **results}
 
 
 @pytest.mark.parametrize("xdp_mode", ["native"])
@@ -123,10 +139,8 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, xdp_mode):
             with netns(hosts["server"]):
                 guard.configure(cfg)
                 guard.attach(hosts["server_if"], xdp_mode)
-            g0 = guard.stats()
-            with_guard = run_flood_round(hosts)
-            g1 = guard.stats()
-    gd = {k: g1[k] - g0[k] for k in g1}
+            with_guard = run_flood_round(hosts, guard)
+    gd = with_guard["guard"]
 
     # Without the guard the flood reaches TCP: the SYN queue overflows into
     # cookies and SYN-ACKs go out to the spoofed sources.
