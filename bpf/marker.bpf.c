@@ -179,7 +179,7 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 		p->l3_len = bpf_ntohs(iph->tot_len);
 		p->ip_end = p->l3_off + p->l3_len;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		proto = parse_ip6_upper(&nh, data_end, &ip6h);
+		proto = parse_ip6_upper(&nh, data_end, &ip6h, NT_IP6_STOP_AT_AH);
 		if (proto < 0)
 			goto short_or_bad;
 		if (proto == IPPROTO_FRAGMENT)

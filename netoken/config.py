@@ -252,6 +252,8 @@ class GuardConfig:
     skew: int = DEFAULT_SKEW
     replay_cache: int = DEFAULT_REPLAY_CACHE
     protect: tuple[Protect, ...] = ()
+    # TCP fragments to protected addresses (DESIGN §2 "Fragments").
+    fragments: Literal["drop", "pass"] = "drop"
 
     def action_for(self, entry: Protect) -> str:
         """The action that applies to ``entry`` (its override, else the default)."""
@@ -435,9 +437,10 @@ _OPTION_KEYS = ("kind", "exid", "make_room")
 _KEY_KEYS = ("id", "file", "window", "bind", "mark_from")
 _POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "keys", "token")
 _AGENT_KEYS = ("mark", "guard", "metrics")
-_GUARD_KEYS = ("action", "skew", "replay_cache", "protect")
+_GUARD_KEYS = ("action", "skew", "replay_cache", "fragments", "protect")
 _PROTECT_KEYS = ("destinations", "ports", "keys", "tokens", "action")
 _ACTIONS = ("drop", "monitor")
+_FRAGMENTS = ("drop", "pass")
 
 
 def _show(value: Any) -> str:
@@ -931,6 +934,7 @@ class _Parser:
             MIN_REPLAY_CACHE,
             MAX_REPLAY_CACHE,
         )
+        fragments = self.choice(entry, t, "fragments", "drop", _FRAGMENTS)
         protects: list[Protect] = []
         entries: list[str] = []
         items = self.tables("guard.protect", t.get("protect", []), "[[guard.protect]]")
@@ -974,5 +978,9 @@ class _Parser:
             ]
         )
         return GuardConfig(
-            action=action, skew=skew, replay_cache=cache, protect=tuple(protects)
+            action=action,
+            skew=skew,
+            replay_cache=cache,
+            protect=tuple(protects),
+            fragments=fragments,
         )

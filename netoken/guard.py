@@ -42,12 +42,22 @@ Decisions where DESIGN is silent:
 - The global ``action`` argument of configure() overrides every entry (the
   CLI's ``--mode``); without it each entry's own action, else ``[guard]
   action``, applies.
-- IPv6 Hop-by-Hop, Routing and Destination Options headers (up to 4) are
-  skipped to reach TCP, so they cannot carry a SYN past the guard; IPv4 and
-  IPv6 fragments pass untouched (counted ``fragment``), as DESIGN requires.
+- IPv6 Hop-by-Hop, Routing and Destination Options headers and AH (up to
+  layout.MAX_IP6_EXT of them, bpf/parsing.h) are walked to reach TCP, so they
+  cannot carry a SYN past the guard.
+- Packets whose TCP header the guard cannot check (DESIGN §2 "Fragments",
+  "Fail closed"): TCP fragments (``fragment``), IPv6 chains longer than the
+  walk or with a header it cannot walk (``ipv6_ext``), chains or TCP headers
+  cut short (``bad_header``).  They have no port the guard can trust, so the
+  destination address decides: if any protect entry covers it they are
+  verdicts, dropped or monitored like rejected SYNs under the first covering
+  entry that drops (else the first, all monitoring; ``--mode`` overrides as
+  for SYNs), with an event whose ports are 0.  Otherwise, and for fragments
+  with ``[guard] fragments = "pass"``, they pass as ``*_passed``.  Non-TCP
+  fragments and ESP pass (``fragment_passed``, ``not_tcp``); so does a frame
+  without a readable IP header, which the kernel drops itself.
 - A SYN to a protected destination whose TCP header is broken (doff < 5,
-  options past the IP length or the frame) is ``malformed``; a frame too
-  short to show the TCP flags passes as ``bad_header``.
+  options past the IP length or the frame) is ``malformed``.
 """
 
 from __future__ import annotations
@@ -211,6 +221,7 @@ def guard_config_value(
             event_rate=event_rate,
             event_burst=event_burst,
             action=_action(action or "entry"),
+            fragments=layout.GUARD_FRAGMENTS[cfg.guard.fragments],
         )
     )
 
@@ -924,6 +935,8 @@ class GuardRole(ProgramRole):
         d["action"] = None  # filled in below, from the entries
         d["action_override"] = override if override != "entry" else None
         d["skew"] = cfgv.skew
+        d["fragments"] = layout.GUARD_FRAGMENTS_MODES[cfgv.fragments] \
+            if cfgv.fragments < len(layout.GUARD_FRAGMENTS_MODES) else "drop"
         with Map.from_pinned(st.pin("nt_replay")) as m:
             d["replay_cache"] = {"entries": m.max_entries}
         d["events"] = {"rate": cfgv.event_rate, "burst": cfgv.event_burst, "per": "cpu"}
@@ -968,7 +981,7 @@ class GuardRole(ProgramRole):
         src = "--mode" if d["action_override"] else "config"
         ev = d["events"]
         lines.append(
-            f"action   {d['action']} ({src})  skew ±{d['skew']}  "
+            f"action   {d['action']} ({src})  fragments {d['fragments']}  skew ±{d['skew']}  "
             f"replay cache {d['replay_cache']['entries']} entries  "
             f"events ≤{ev['rate']}/s burst {ev['burst']} per CPU"
         )

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from netoken import bench
+from netoken import bench, layout
 
 SAMPLES = 20
 
@@ -54,7 +54,9 @@ def test_the_contenders_the_issue_asks_for_are_there(datapath):
         "marker: UDP", "guard: valid SYN, first sight", "guard: valid SYN, seen before (replay)",
         "guard: SYN without token", "guard: SYN with bad tag (forged)", "guard: ACK to protected port",
         "reference: static appender (seed)", "reference: bare SipHash verifier",
-        "guard: SYN, unprotected destination",
+        "guard: SYN, unprotected destination", "guard: TCP fragment to protected address",
+        f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT} extension headers",
+        f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT + 1} (fails closed)",
     ):
         assert want in names
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..datapath import object_path
+from ..layout import MAX_IP6_EXT
 from ..libbpf import (
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -248,6 +249,12 @@ def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Progr
         Contender("guard: SYN, unprotected destination", guard_prog, _frame(V4_OTHER), repeat,
                   f, expect="unprotected"),
         Contender("guard: UDP", guard_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
+        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT} extension headers", guard_prog,
+                  _frame(V6, ext=MAX_IP6_EXT), repeat, f, expect="missing"),
+        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT + 1} (fails closed)", guard_prog,
+                  _frame(V6, ext=MAX_IP6_EXT + 1), repeat, f, expect="ipv6_ext"),
+        Contender("guard: TCP fragment to protected address", guard_prog,
+                  _frame(V4, fragment=True), repeat, f, expect="fragment"),
     ]
 
 
