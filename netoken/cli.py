@@ -70,22 +70,40 @@ def _keys(ids: list[int]) -> str:
 
 
 def _states(ifname: str | None) -> list[RoleState]:
-    """Role states visible from this network namespace (all roles)."""
+    """Role states of this network namespace (all roles), of one interface
+    with IFNAME (found by the name it was attached under after a rename)."""
     states = state.all_states(ifname)
     if ifname is not None:
-        for st in states:
-            st.check_netns()
+        renamed = {st.ifname for st in states if st.present and st.ifname != ifname}
+        if renamed and not _noted[0]:
+            _noted[0] = f"{ifname} is called {', '.join(sorted(renamed))} now"
+            _note(f"{_noted[0]} (ifindex {states[0].ifindex}; netoken follows interfaces "
+                  f"by index)")
         return states
-    here = [st for st in states if state.in_this_netns(st)]
-    others = len(states) - len(here)
-    if others and others != _noted_others[0]:
-        # once per count: `stats --watch` calls this every interval
-        _noted_others[0] = others
-        _note(f"{others} attachment(s) in other network namespaces not shown (use -n NAME)")
-    return here
+    if not _noted[0]:
+        # once: `stats --watch` calls this every interval
+        _noted[0] = _others_text(state.other_netns()) or "-"
+        if _noted[0] != "-":
+            _note(_noted[0])
+    return states
 
 
-_noted_others = [0]
+_noted = [""]
+
+
+def _others_text(others: list[state.OtherNetns], limit: int = 4) -> str:
+    """One line naming the other namespaces with netoken state, and what is there."""
+    others = [o for o in others if o.roles]
+    if not others:
+        return ""
+    parts = []
+    for o in others[:limit]:
+        what = ", ".join(f"{ifname} {role}" for ifname, role in o.roles)
+        parts.append(f"{state.netns_label(o.netns)} ({what})")
+    more = f" and {len(others) - limit} more" if len(others) > limit else ""
+    n = sum(len(o.roles) for o in others)
+    return (f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
+            f"(netoken -n NAME ..., or status --all-netns)")
 
 
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
@@ -137,14 +155,25 @@ def cmd_mark_detach(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(res, args.pretty)
         return 0
+    where = _where(res)
     if res["removed_prog_id"] is not None:
-        print(f"marker detached from {res['ifname']}: removed prog {res['removed_prog_id']}, "
+        print(f"marker detached from {where}: removed prog {res['removed_prog_id']}, "
               f"clsact {res['clsact']}")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its filter went with it); pins removed")
+        print(f"{where} is gone from this network namespace (its filter went with it); "
+              f"pins removed")
     else:
-        print(f"no marker filter was attached to {res['ifname']}; pins removed")
+        print(f"no marker filter was attached to {where}; pins removed")
     return 0
+
+
+def _where(res: dict[str, Any]) -> str:
+    """The interface a detach acted on, and the name it was attached under
+    if that differs (renamed since)."""
+    was = res.get("attached_as")
+    if was and was != res["ifname"] and res["interface_present"]:
+        return f"{res['ifname']} (attached as {was}, ifindex {res['ifindex']})"
+    return res["ifname"]
 
 
 def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
@@ -191,6 +220,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
                   f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}")
             if res["action_override"]:
                 print(_override_line(res))
+            if res["shared_by"] > 1:
+                print(_shared_line(res))
             for what in ("added", "removed"):
                 if res[f"keys_{what}"]:
                     print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
@@ -242,7 +273,18 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
           f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
     if res["action_override"]:
         print(_override_line(res))
+    if res["shared_by"] > 1:
+        print(_shared_line(res))
+    for note in res["notes"]:
+        _note(note)
     return 0
+
+
+def _shared_line(res: dict[str, Any]) -> str:
+    n = res["shared_by"] - 1
+    others = f"the {n} other guards here run" if n > 1 else "the other guard here runs"
+    return (f"  config, keys and replay cache are per network namespace: {others} this "
+            f"config too")
 
 
 def _override_line(res: dict[str, Any]) -> str:
@@ -261,16 +303,22 @@ def cmd_guard_detach(args: argparse.Namespace) -> int:
         _emit_json(res, args.pretty)
         return 0
     f = res["foreign_prog"]
+    where = _where(res)
     if res["removed_prog_id"] is not None:
-        print(f"guard detached from {res['ifname']}: removed prog {res['removed_prog_id']} "
+        print(f"guard detached from {where}: removed prog {res['removed_prog_id']} "
               f"(XDP {res['xdp_mode']}); pins removed")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its XDP program went with it); pins removed")
+        print(f"{where} is gone from this network namespace (its XDP program went with it); "
+              f"pins removed")
     elif f is not None:
-        print(f"XDP program {f['name']!r} (id {f['id']}) on {res['ifname']} was not installed "
+        print(f"XDP program {f['name']!r} (id {f['id']}) on {where} was not installed "
               f"by netoken and stays attached; netoken's guard pins removed")
     else:
-        print(f"no guard was attached to {res['ifname']}; pins removed")
+        print(f"no guard was attached to {where}; pins removed")
+    left = res["guards_left"]
+    if left:
+        print(f"  the shared guard state stays for the {left} other guard{'s' if left > 1 else ''} "
+              f"of this network namespace")
     return 0
 
 
@@ -293,15 +341,33 @@ def _generic_status(st: RoleState) -> dict[str, Any]:
     return d
 
 
-def status(ifname: str | None = None) -> list[dict[str, Any]]:
-    """What netoken has attached (in this network namespace), role by role."""
-    states = _states(ifname)
-    _require_iface_or_state(ifname, states)
+def status(ifname: str | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+    """What netoken has attached in this network namespace, role by role,
+    and netoken programs attached without pinned state (ghosts)."""
+    states = state.all_states(ifname) if quiet else _states(ifname)
     out = []
     for st in states:
         r = state.role(st.role)
         out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
-    guards = [d for d in out if d["role"] == "guard"]
+    target = states[0].ifindex if states else None
+    if ifname is not None and target is None:
+        target = _ifindex_or_none(ifname)
+    if ifname is None or target is not None:
+        for name in state.ROLE_MODULES:
+            r = state.role(name)
+            find = getattr(r, "ghosts", None)
+            if find is None:
+                continue
+            pinned = {st.ifindex for st in states if st.role == name}
+            out += [g for g in find(pinned) if ifname is None or g["ifindex"] == target]
+    if ifname is not None and not out:
+        _require_iface_or_state(ifname, states)
+    if out:
+        ns = state.this_netns()
+        label = {**ns.as_meta(), "name": state.netns_name(ns)}
+        for d in out:
+            d.setdefault("netns", label)
+    guards = [d for d in out if d.get("role") == "guard" and not d.get("ghost")]
     if guards:
         from . import guard
 
@@ -313,28 +379,126 @@ def status(ifname: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def _ifindex_or_none(ifname: str) -> int | None:
+    import socket
+
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+
+
+def status_all_netns() -> list[dict[str, Any]]:
+    """status() of every network namespace netoken keeps state for, entered
+    one after the other; state whose namespace cannot be found is listed
+    from its metadata, with how to remove it."""
+    from .netns import entered
+
+    items = status(quiet=True)
+    root = state.bpffs(create=False)
+    for other in state.other_netns(root):
+        found = state.find_netns(other.netns)
+        if found is not None:
+            try:
+                with entered(found[0]):
+                    items += status(quiet=True)
+                continue
+            except (OSError, NetokenError, BPFError) as e:
+                # It went away, or its state changed while being read.
+                why = f"cannot read: {_error_line(e)}"
+        else:
+            why = "network namespace not found (gone?)"
+        run = state.RUN_DIR / other.netns.dirname
+        for ifname, role in other.roles:
+            items.append({
+                "ifname": ifname, "ifindex": None, "role": role, "attached": False,
+                "state": why, "pinned": str(other.path),
+                "netns": {**other.netns.as_meta(), "name": None},
+                "remove": f"rm -r {other.path} {run}",
+            })
+    if root is not None:
+        for entry in state.old_layout_entries(root):
+            path = root / state.ROOT_NAME / entry
+            items.append({
+                "ifname": state.decode_ifname(entry), "ifindex": None, "role": None,
+                "attached": False, "pinned": str(path), "netns": None,
+                "state": "left by an older netoken in a namespace it has not run in since "
+                         "(moves to this layout when netoken runs there)",
+            })
+    return items
+
+
+def _netns_header(ns: dict[str, Any] | None) -> str:
+    if ns is None:
+        return "state of an older netoken"
+    name = f"{ns['name']} " if ns.get("name") else ""
+    return f"network namespace {name}(net:[{ns['inode']}], cookie {ns['cookie']})"
+
+
+def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
+    last: tuple[Any, Any] | None = None
+    ns_last: Any = ()
+    for d in items:
+        ns = d.get("netns")
+        key = ns.get("cookie") if isinstance(ns, dict) else None
+        if all_netns and key != ns_last:
+            print(_netns_header(ns))
+            ns_last, last = key, None
+        indent = "  " if all_netns else ""
+        if (d["ifname"], key) != last:
+            idx = d.get("ifindex")
+            was = d.get("attached_as")
+            extra = f" (ifindex {idx}" + (f", attached as {was})" if was else ")") if idx else ""
+            print(f"{indent}{d['ifname']}{extra}")
+            last = (d["ifname"], key)
+        r = state.role(d["role"]) if d.get("role") else None
+        if d.get("ghost"):
+            head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
+                    f"program runs here without pinned state")
+            lines = [head, f"remove it with: {d['remove']}"]
+        elif r is not None and "attach" in d:
+            lines = r.status_lines(d)
+        else:
+            lines = [f"{d['state']}", f"pinned   {d['pinned']}"]
+            if d.get("prog"):
+                lines[0] = f"prog {d['prog']['id']}  {d['state']}"
+            if d.get("remove"):
+                lines.append(f"remove   {d['remove']}")
+        role = d.get("role") or "?"
+        print(f"{indent}  {role:<7} {lines[0]}")
+        for line in lines[1:]:
+            print(f"{indent}  {'':<7} {line}")
+
+
+def _memory_line(items: list[dict[str, Any]]) -> str | None:
+    """Total kernel memory of netoken's maps in this namespace, shared state once."""
+    mems = [d["memory"] for d in items if isinstance(d.get("memory"), dict)]
+    if not mems:
+        return None
+    own = sum(m["own"] for m in mems)
+    shared = max((m.get("shared", 0) for m in mems if m.get("shared_by")), default=0)
+    from .program import fmt_bytes
+
+    text = f"memory: {fmt_bytes(own + shared)} in netoken's maps here"
+    if shared:
+        text += f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
+    return text
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
-    items = status(args.iface)
+    items = status_all_netns() if args.all_netns else status(args.iface)
     if args.json:
         _emit_json(items, args.pretty)
         return 0
     if not items:
         print(f"nothing attached{' to ' + args.iface if args.iface else ''}")
         return 0
-    last = None
-    for d in items:
-        if d["ifname"] != last:
-            idx = d.get("ifindex")
-            print(f"{d['ifname']}" + (f" (ifindex {idx})" if idx else ""))
-            last = d["ifname"]
-        r = state.role(d["role"])
-        lines = r.status_lines(d) if r is not None and "attach" in d else [
-            f"prog {d.get('prog', {}).get('id', '?')}  {d['state']}", f"pinned   {d['pinned']}"
-        ]
-        print(f"  {d['role']:<7} {lines[0]}")
-        for line in lines[1:]:
-            print(f"  {'':<7} {line}")
+    _print_status(items, args.all_netns)
+    if not args.all_netns and args.iface is None:
+        line = _memory_line(items)
+        if line:
+            print(line)
     doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
     if doors:
         print("\nnot guarded (traffic enters this host past every guard):")
@@ -481,9 +645,17 @@ def monitor(
     class _Done(Exception):
         pass
 
+    # Guards of one namespace share one ring: it is read once, and the
+    # events of the namespace's other guards are left out when only some
+    # interfaces are asked for.
+    others = set()
+    if ifname is not None:
+        chosen = {(st.role, st.ifindex) for st, _ in roles}
+        others = {(st.role, st.ifindex) for st in state.all_states()} - chosen
+
     def on_event(e: dict[str, Any]) -> None:
         nonlocal seen
-        if skipping:
+        if skipping or (e["role"], e.get("ifindex")) in others:
             return
         emit(e)
         seen += 1
@@ -517,7 +689,14 @@ def monitor(
             missed[key] = n
 
     try:
+        rings: set[tuple[str, int]] = set()
         for st, r in roles:
+            ring = getattr(r, "events_id", None)
+            if ring is not None:
+                key = (r.name, ring(st))
+                if key in rings:
+                    continue
+                rings.add(key)
             rbs.append(r.open_events(st, on_event))
         # Records queued while nobody listened may be hours old: skip them
         # unless asked, so the stream shows what happens now.
@@ -701,9 +880,9 @@ examples:
   netoken guard detach eth1
   netoken -n blue status           # interfaces of network namespace "blue"
 
-State is pinned under /sys/fs/bpf/netoken/IFACE/ROLE/; attached programs keep
-running after netoken exits.  Use -n NAME rather than `ip netns exec NAME`,
-which hides /sys/fs/bpf.
+State is pinned per network namespace and interface under /sys/fs/bpf/netoken/;
+attached programs keep running after netoken exits.  Use -n NAME rather than
+`ip netns exec NAME`, which hides /sys/fs/bpf.
 """
 
 
@@ -797,10 +976,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", metavar="IFACE")
 
     p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
-              "XDP mode, policies, protect entries, key ids) and, where a guard runs, the "
-              "devices that let traffic in without one",
-              "  netoken status\n  netoken status eth0 --json --pretty\n", cmd_status)
+              "XDP mode, policies, protect entries, key ids and fingerprints, memory), "
+              "netoken programs that lost their pins and, where a guard runs, the devices "
+              "that let traffic in without one",
+              "  netoken status\n  netoken status eth0 --json --pretty\n"
+              "  netoken status --all-netns      # every network namespace\n", cmd_status)
     p.add_argument("iface", metavar="IFACE", nargs="?")
+    p.add_argument("--all-netns", action="store_true",
+                   help="every network namespace netoken keeps state for, each under its "
+                        "`ip netns` name where it has one")
 
     p = _verb(sub, "apply", "update keys, policies and protect entries of the live marker "
               "and/or guard on IFACE (no reattach; removed entries disappear)",

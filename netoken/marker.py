@@ -319,11 +319,10 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     any, is put back.
     """
     check(cfg)
-    idx = ifindex(ifname)
-    st = state_of(ifname, create=True)
+    idx = program.existing(ifname, MarkerError)
     with state.locked():
+        st = state_of(ifname, create=True)
         old_meta = st.read_meta()
-        st.check_netns(old_meta)
         prev_prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
         with Replacement(Marker, ifname, st) as r:
             if old_meta and old_meta.get("config"):
@@ -371,14 +370,14 @@ def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
     schedule as of NOW (default: the current time); no reattach."""
     check(cfg)
     now = time.time() if now is None else now
-    with Marker.updating(ifname) as (m, meta):
+    with Marker.updating(ifname) as (m, meta, st):
         m.configure(cfg, now)
         prog_id = m.prog.id
         before = {p.get("name") for p in meta.get("policies", [])}
         meta.update(_config_meta(cfg))
     after = {p.name for p in cfg.policies}
     return {
-        "ifname": ifname,
+        "ifname": st.ifname,
         "role": ROLE_NAME,
         "prog_id": prog_id,
         "policies": len(cfg.policies),
@@ -393,16 +392,18 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
     """Remove netoken's marker filter and pins from IFNAME.
 
     The clsact qdisc goes only if netoken created it and no other filter is
-    left on either of its hooks.  An interface that is gone has taken its
-    filters with it; its pins are still cleaned up.
+    left on either of its hooks.  IFNAME may be the name the marker was
+    attached under: the state is found by ifindex, whatever the interface
+    is called now.  An interface that is gone has taken its filters with it;
+    its pins are still cleaned up.
     """
     with Marker.removing(ifname) as r:
-        idx, meta = r.idx, r.meta
+        idx, meta, name = r.idx, r.meta, r.ifname
         prog_id = None
         if idx is not None:
             prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
             if prog_id is None and not r.has_state:
-                raise MarkerError(f"no netoken marker on {ifname}")
+                raise MarkerError(f"no netoken marker on {name}")
             if prog_id is not None:
                 tc_detach(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
         clsact = "kept"
@@ -412,9 +413,11 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
             and meta.get("created_clsact")
             and meta.get("ifindex") == idx
         ):
-            clsact = _destroy_clsact_if_empty(ifname, idx)
+            clsact = _destroy_clsact_if_empty(name, idx)
     return {
-        "ifname": ifname,
+        "ifname": name,
+        "ifindex": r.st.ifindex,
+        "attached_as": (meta or {}).get("ifname"),
         "role": ROLE_NAME,
         "removed_prog_id": prog_id,
         "interface_present": idx is not None,
@@ -454,13 +457,13 @@ class MarkerRole(ProgramRole):
         d["created_clsact"] = meta.get("created_clsact")
         cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid, "make_room": bool(cfgv.make_room)}
-        d["keys"] = program.live_keys(st, meta)
+        d["keys"] = program.live_keys(self.map_path(st, "nt_keys"), meta)
         d["policies"] = [dict(p) for p in meta.get("policies", [])]
         # The key each policy marks with is a fact of the live half of
         # nt_policies; the schedule that says what it should be comes from
         # the metadata.
         base = cfgv.generation * POLICY_HALF
-        with Map.from_pinned(st.pin("nt_policies")) as m:
+        with Map.from_pinned(self.map_path(st, "nt_policies")) as m:
             for i, p in enumerate(d["policies"]):
                 raw = m.lookup(u32(base + i))
                 if p.get("mode") == "mac" and raw:
