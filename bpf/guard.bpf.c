@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
  * netoken guard: XDP.  Every SYN to a protected destination must carry
- * exactly one valid token option (DESIGN §2); the others are dropped, or in
+ * exactly one valid token option (design.md §2); the others are dropped, or in
  * monitor mode counted and passed, before the kernel allocates anything for
  * them.  All other traffic passes untouched after a look at its headers.
  *

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * netoken marker: TC egress.  Appends a keyed token option (DESIGN §2) to
+ * netoken marker: TC egress.  Appends a keyed token option (design.md §2) to
  * outgoing SYNs that a policy selects, after the existing options and before
  * any payload.  It never drops: every path returns TC_ACT_UNSPEC, and any
  * failure before the first write leaves the packet untouched.
@@ -8,7 +8,7 @@
  * Packet edit (see docs/architecture.md for the checksum reasoning):
  *   1. copy the options (and SYN payload, if any) into a per-CPU scratch area
  *   2. only if the option does not fit: make room by removing the Timestamps
- *      option (DESIGN §3), which shrinks the option area to be rewritten
+ *      option (design.md §3), which shrinks the option area to be rewritten
  *   3. bpf_skb_change_tail() grows the packet by the net growth of the TCP
  *      header, so the TCP header does not move (csum_start stays valid under
  *      offload)
@@ -273,7 +273,7 @@ __noinline int nt_copy_options(struct nt_scratch *s, __u32 optlen)
 }
 
 /* Make room for an option of OPT_LEN bytes in options that have none
- * (DESIGN §3): drop the Timestamps option wherever it sits (after NOP,NOP or
+ * (design.md §3): drop the Timestamps option wherever it sits (after NOP,NOP or
  * SACK-permitted alike), drop the NOP/EOL padding, keep every other option
  * byte for byte and in order, and re-pad with NOPs to a multiple of 4.  The
  * result goes to opts_new; the new option follows it.  It is never shorter
@@ -534,7 +534,7 @@ static __always_inline int mark(struct __sk_buff *skb)
 
 		if (!key || !key->window)
 			return NT_MARK_NO_KEY;
-		/* Wall clock as DESIGN §2 defines it: CLOCK_REALTIME, derived from
+		/* Wall clock as design.md §2 defines it: CLOCK_REALTIME, derived from
 		 * CLOCK_TAI plus the offset user space keeps in nt_config. */
 		now = bpf_ktime_get_tai_ns() + cfg->realtime_minus_tai_ns;
 		epoch = now / 1000000000ULL / key->window;

@@ -15,7 +15,7 @@
 #include <linux/types.h>
 #endif
 
-/* Wire format (DESIGN §2). */
+/* Wire format (design.md §2). */
 #define NT_MAC_OPT_LEN     16
 #define NT_STATIC_OPT_LEN  12
 #define NT_TAG_LEN         4
@@ -59,7 +59,7 @@ enum nt_mark_reason {
 	NT_MARK_EVENTS_LOST,      /* not a packet reason: ring buffer was full */
 	NT_MARK_ROOM_FROM_TS,     /* not a packet reason: a marked SYN (counted as
 				   * marked or marked_payload) whose Timestamps
-				   * option was removed to make room (DESIGN §3) */
+				   * option was removed to make room (design.md §3) */
 	NT_MARK_REASON_MAX,
 };
 
@@ -148,7 +148,7 @@ struct nt_mark_event {
 
 /* Guard counters.  Every packet the guard sees bumps exactly one of the
  * verdicts (a SYN to a protected destination, or a packet to a protected
- * address it cannot check: DESIGN §2 "Fragments", "Fail closed") or one of
+ * address it cannot check: design.md §2 "Fragments", "Fail closed") or one of
  * the pass reasons (anything else, passed without a look at its options).
  * The outcomes after them are counted on top of a verdict. */
 enum nt_guard_reason {

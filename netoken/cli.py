@@ -1,4 +1,4 @@
-"""The `netoken` command (DESIGN §5): object-verb, bpftool-style.
+"""The `netoken` command (design.md §5): object-verb, bpftool-style.
 
 Every verb is a small function over a library call (netoken.marker, netoken.guard,
 netoken.state, netoken.config), so tests and other programs get exactly what

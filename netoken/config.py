@@ -1,4 +1,4 @@
-"""TOML configuration -> typed, validated objects (DESIGN §4).
+"""TOML configuration -> typed, validated objects (design.md §4).
 
 Everything a config can get wrong is caught here, before any BPF object is loaded
 or any map is touched, and reported as a single :class:`ConfigError` whose text is
@@ -14,7 +14,7 @@ that concern a whole file (unreadable config, key file read on its own) have no
 ENTRY: ``FILE: PROBLEM``. Validation stops at the first problem, in document
 order: top level, ``[option]``, every ``[[key]]``, every ``[[policy]]``, ``[guard]``.
 
-Decisions where DESIGN §4 is silent (they are part of the contract from now on):
+Decisions where design.md §4 is silent (they are part of the contract from now on):
 
 - Every top-level table is optional: ``[option]`` defaults to kind 253 /
   ExID 0x6E74; a guard-only host has no ``[[policy]]``, a static-only marker
@@ -252,7 +252,7 @@ class GuardConfig:
     skew: int = DEFAULT_SKEW
     replay_cache: int = DEFAULT_REPLAY_CACHE
     protect: tuple[Protect, ...] = ()
-    # TCP fragments to protected addresses (DESIGN §2 "Fragments").
+    # TCP fragments to protected addresses (design.md §2 "Fragments").
     fragments: Literal["drop", "pass"] = "drop"
 
     def action_for(self, entry: Protect) -> str:

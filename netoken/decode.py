@@ -9,7 +9,7 @@ exception.
 
 Given a :class:`~netoken.config.Config` with keys, each SYN gets the verdict
 the guard would give at the moment the packet was captured (``now`` moves
-that moment).  Decisions where DESIGN is silent:
+that moment).  Decisions where docs/design.md is silent:
 
 - With a ``[guard]`` section, a SYN is judged by the ``[[guard.protect]]``
   entry the guard would pick (most specific prefix with a matching port, as

@@ -27,7 +27,7 @@ Every guard of a network namespace shares one set of these maps (SHARED_MAPS,
 pinned once in the namespace's state directory); only the counters
 (``nt_guard_stats``, ``nt_key_stats``) and the program are per interface.
 
-Decisions where DESIGN is silent:
+Decisions where docs/design.md is silent:
 
 - The guard config is per network namespace, not per interface: attaching
   or applying a config on one interface applies it to every guard of the
@@ -62,7 +62,7 @@ Decisions where DESIGN is silent:
 - IPv6 Hop-by-Hop, Routing and Destination Options headers and AH (up to
   layout.MAX_IP6_EXT of them, bpf/parsing.h) are walked to reach TCP, so they
   cannot carry a SYN past the guard.
-- Packets whose TCP header the guard cannot check (DESIGN §2 "Fragments",
+- Packets whose TCP header the guard cannot check (design.md §2 "Fragments",
   "Fail closed"): TCP fragments (``fragment``), IPv6 chains longer than the
   walk or with a header it cannot walk (``ipv6_ext``), chains or TCP headers
   cut short (``bad_header``).  They have no port the guard can trust, so the
@@ -536,7 +536,7 @@ def check_hook(ifname: str, idx: int) -> None:
     choose).  But the guard reads an Ethernet header first, so on an L3
     device (tun, WireGuard, ipip/sit/gre: packets start at the IP header)
     it would pass every SYN unchecked.  This is where the TC-ingress guard
-    (DESIGN §2 Hooks, `--hook auto|xdp|tc`) plugs in: `auto` will pick tc for
+    (design.md §2 Hooks, `--hook auto|xdp|tc`) plugs in: `auto` will pick tc for
     such devices (and for veths) instead of refusing."""
     link = next((d for d in links.links() if d.ifindex == idx), None)
     if link is not None and not link.ethernet:

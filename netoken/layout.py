@@ -59,7 +59,7 @@ MAX_EVENT_RATE = 1_000_000
 KEY_STAT_OK = 0
 KEY_STAT_BAD = 1
 
-# enum nt_guard_reason, in order: the verdicts of DESIGN §2 (the last three
+# enum nt_guard_reason, in order: the verdicts of design.md §2 (the last three
 # for packets to a protected address the guard cannot check), then why a
 # packet was passed without a verdict, then outcomes counted on top of a
 # verdict.

@@ -215,7 +215,7 @@ def expected_marked(before: bytes, after: bytes, key: bytes, *, exid=token.DEFAU
 
 
 def made_room(options: bytes, need: int) -> bytes | None:
-    """DESIGN §3's make-room, built independently of the BPF code: OPTIONS
+    """design.md §3's make-room, built independently of the BPF code: OPTIONS
     without the Timestamps option and without NOP/EOL padding (nothing after
     EOL is an option), every other option byte for byte and in order,
     re-padded with NOPs to a multiple of 4 and to no less than

@@ -1,4 +1,4 @@
-"""netoken.config: the DESIGN §4 schema, and one-line errors for every bad case."""
+"""netoken.config: the design.md §4 schema, and one-line errors for every bad case."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from netoken.config import (
 K1_HEX = "000102030405060708090a0b0c0d0e0f"
 K2_HEX = "F0E1D2C3B4A5968778695A4B3C2D1E0F"
 
-# The DESIGN §4 example, with the key path made a placeholder.
+# The design.md §4 example, with the key path made a placeholder.
 EXAMPLE = """
 [option]
 kind = 253

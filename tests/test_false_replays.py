@@ -1,4 +1,4 @@
-"""False replays at a busy destination (DESIGN §2, "Why 48/32").
+"""False replays at a busy destination (design.md §2, "Why 48/32").
 
 With the default bind = [], tokens to one destination and port in one epoch
 differ only by their nonces, so the replay cache takes a legitimate SYN for

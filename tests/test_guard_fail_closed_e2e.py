@@ -1,6 +1,6 @@
 """Spoofed SYNs the guard cannot verify in one piece, from a real sender into
 a real server's TCP: IPv4 and IPv6 fragments, and IPv6 SYNs behind long
-extension-header chains (DESIGN §2 "Fragments", "Fail closed").
+extension-header chains (design.md §2 "Fragments", "Fail closed").
 
 The client namespace writes raw frames onto its veth (what scapy or any
 flood tool would put on the wire); the server runs the guard, attached with

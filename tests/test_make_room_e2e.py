@@ -3,7 +3,7 @@ the marker on the client and a dropping guard on the server.
 
 A Linux SYN with a Fast Open cookie or an MPTCP MP_JOIN has 32 bytes of
 options: the token only fits once the marker drops the Timestamps option
-(DESIGN §3).  Each scenario runs with make_room off ("before": what a user
+(design.md §3).  Each scenario runs with make_room off ("before": what a user
 had until now) and on ("after"); the figures are printed (pytest -s shows
 them), the assertions are about correctness only.
 
