@@ -538,12 +538,7 @@ def check_hook(ifname: str, idx: int) -> None:
     it would pass every SYN unchecked.  This is where the TC-ingress guard
     (design.md §2 Hooks, `--hook auto|xdp|tc`) plugs in: `auto` will pick tc for
     such devices (and for veths) instead of refusing."""
-    link = next((d for d in links.links() if d.ifindex == idx), None)
-    if link is not None and not link.ethernet:
-        raise GuardError(
-            f"{ifname} ({link.kind or 'device'}) has no Ethernet header: the XDP guard would "
-            f"pass its SYNs unchecked, so netoken does not guard it yet"
-        )
+    links.require_ethernet(ifname, idx, GuardError, "the XDP guard would pass its SYNs unchecked")
 
 
 def pinned_prog_ids() -> set[int]:

@@ -312,3 +312,13 @@ def side_doors(guard_prog_ids: set[int], devices: list[Link] | None = None,
     fou = fou_ports() if fou is None else fou
     out += [SideDoor.of_fou(f) for f in fou if f.to_stack]
     return out
+
+
+def require_ethernet(ifname: str, idx: int, error: type[Exception], consequence: str) -> None:
+    """Refuse, as ERROR, a device without an Ethernet header (tun, WireGuard,
+    ipip/sit/gre: packets start at the IP header), which netoken's programs
+    cannot parse yet: CONSEQUENCE says what attaching anyway would do."""
+    link = next((d for d in links() if d.ifindex == idx), None)
+    if link is not None and not link.ethernet:
+        raise error(f"{ifname} ({link.kind or 'device'}) has no Ethernet header: {consequence}, "
+                    f"so netoken does not attach to it yet")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config as nconfig
-from . import layout, program, schedule, state
+from . import layout, links, program, schedule, state
 from .config import Config, ConfigError, Policy
 from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
 from .errors import NetokenError
@@ -320,6 +320,9 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     """
     check(cfg)
     idx = program.existing(ifname, MarkerError)
+    # The marker reads an Ethernet header first: on an L3 device it would
+    # attach and mark nothing (design.md Status: the L3 variant is to come).
+    links.require_ethernet(ifname, idx, MarkerError, "the marker would leave its SYNs unmarked")
     with state.locked():
         st = state_of(ifname, create=True)
         old_meta = st.read_meta()

@@ -265,7 +265,13 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
         r = netoken("guard", "attach", tun, "-c", str(cfg), ns=s)
         assert one_line_error(r) == (
             f"netoken: {tun} (tun) has no Ethernet header: the XDP guard would pass its SYNs "
-            f"unchecked, so netoken does not guard it yet")
+            f"unchecked, so netoken does not attach to it yet")
+        # Nor the marker, which would attach and mark nothing there.
+        r = netoken("mark", "attach", tun, "-c", str(cfg), ns=s)
+        assert one_line_error(r) == (
+            f"netoken: {tun} (tun) has no Ethernet header: the marker would leave its SYNs "
+            f"unmarked, so netoken does not attach to it yet")
+        assert "clsact" not in run("tc", "qdisc", "show", "dev", tun, ns=s).stdout
         assert "xdp" not in json.loads(run("ip", "-j", "link", "show", tun, ns=s).stdout)[0]
         ok("guard", "attach", pod_host, "-c", str(cfg), ns=s)
         ok("guard", "attach", tap, "-c", str(cfg), ns=s)
