@@ -125,9 +125,9 @@ static __always_inline int parse_tcphdr(struct hdr_cursor *nh, void *data_end,
  * IPv6 extension headers walked to reach the upper layer.  Anything deeper
  * is not walked: the marker leaves such a SYN unmarked and the guard, for a
  * protected destination, drops it (design.md §2 "Fail closed").  Legitimate
- * traffic carries one to three; each header walked costs ~1.5 ns (measured
- * with BPF_PROG_TEST_RUN, see docs/architecture.md), and the bound only
- * costs anything for packets that have that many.
+ * traffic carries one to three.  Each header walked costs ~3 ns (measured
+ * with BPF_PROG_TEST_RUN, see docs/architecture.md); the bound costs nothing
+ * for packets with fewer headers.
  */
 #define NT_MAX_IP6_EXT 16
 /* Bytes of extension headers walked at most: far past any real chain (and

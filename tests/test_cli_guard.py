@@ -516,6 +516,9 @@ BAD = [
     ("unknown-key-in-protect",
      '[guard]\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1, 7]\n',
      "guard.protect #1: keys refers to key 7"),
+    ("bad-fragments",
+     '[guard]\nfragments = "maybe"\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1]\n',
+     'guard: fragments must be "drop" or "pass", got string "maybe"'),
 ]
 
 

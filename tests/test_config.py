@@ -186,6 +186,14 @@ action = "drop"
         protect=(Protect((ipaddress.ip_network("2001:db8::/48"),), (), (2,), "drop"),),
     )
     assert cfg.guard.action_for(cfg.guard.protect[0]) == "drop"
+    assert cfg.guard.fragments == "drop"
+
+
+def test_guard_fragments_setting(tmp_path: Path, keydir: Path) -> None:
+    for value in ("pass", "drop"):
+        text = guard(PROT, f'fragments = "{value}"\n').format(k1=keydir / "1.key")
+        cfg = load_text(tmp_path, text)
+        assert cfg.guard is not None and cfg.guard.fragments == value
 
 
 def test_make_room_is_on_unless_turned_off() -> None:
@@ -848,6 +856,27 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         guard(PROT, 'action = "reject"\n'),
         "guard",
         'action must be "drop" or "monitor", got string "reject"',
+        None,
+    ),
+    (
+        "guard-fragments",
+        guard(PROT, 'fragments = "reassemble"\n'),
+        "guard",
+        'fragments must be "drop" or "pass", got string "reassemble"',
+        None,
+    ),
+    (
+        "guard-fragments-bool",
+        guard(PROT, "fragments = false\n"),
+        "guard",
+        'fragments must be "drop" or "pass", got boolean false',
+        None,
+    ),
+    (
+        "protect-fragments",
+        guard(PROT + 'fragments = "pass"\n'),
+        "guard.protect #1",
+        'unknown key "fragments"',
         None,
     ),
     (
