@@ -301,7 +301,11 @@ def _sync_clock(st: state.RoleState, role: str, want: int) -> int | None:
     from .libbpf import Map
 
     prog = _role(role).PROGRAM
-    with Map.from_pinned(st.pin(prog.CONFIG_MAP)) as m:
+    # A guard's config map is the namespace's, shared by all its guards.
+    path = prog.map_pin(st, prog.CONFIG_MAP)
+    if path is None:
+        return None
+    with Map.from_pinned(path) as m:
         if prog.read_config(m).realtime_minus_tai_ns == want:
             return None
         # Read again under the lock: an `apply` may be flipping the generation.

@@ -105,11 +105,8 @@ def test_a_million_fresh_tokens_to_one_service_are_never_replays(progs):
           f"replay {d['replay']}, other rejections {rejected - d['replay']} ({elapsed:.1f} s)")
     assert m.stats()["marked"] == N
     assert (d["ok"], d["replay"], rejected) == (N, 0, 0)
-    # The cache still holds the first tokens: none of the million was evicted
-    # before its turn, so a collision could not have gone unseen.
-    guard = g.prog.test_runner()
-    assert all(guard(first)[0] != XDP_PASS for _, first in results)
-    assert g.stats()["replay"] == g1["replay"] + THREADS
+    # That the cache does catch a token it holds, and when a direct-mapped
+    # slot forgets one, is tests/test_replay_cache.py's and the test below.
 
 
 def test_a_captured_token_replayed_1000_times_passes_once(progs):
