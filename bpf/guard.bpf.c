@@ -2,7 +2,7 @@
 /*
  * netoken guard: XDP, or TC ingress (bpf/hook.h: one source, an object per
  * hook).  Every SYN to a protected destination must carry
- * exactly one valid token option (DESIGN §2); the others are dropped, or in
+ * exactly one valid token option (design.md §2); the others are dropped, or in
  * monitor mode counted and passed, before the kernel allocates anything for
  * them.  All other traffic passes untouched after a look at its headers.
  *
@@ -115,9 +115,6 @@ struct {
 	__type(value, struct nt_bucket);
 } nt_ev_bucket SEC(".maps");
 
-/* Stop clang from folding a bound check away before the verifier sees it. */
-#define NT_BARRIER_VAR(x) asm volatile("" : "+r"(x))
-
 /* A SYN to look at: offsets only, the packet stays where it is. */
 struct nt_gpkt {
 	struct nt_flow flow;
@@ -167,8 +164,42 @@ static __always_inline void count_key(__u8 key_id, __u32 bad)
 
 #define NT_CANDIDATE -1
 
-/* Returns NT_CANDIDATE with *p filled for a SYN && !ACK, or the pass reason.
- * Non-SYN traffic leaves after the flags byte, with nothing copied. */
+/* Fills in the addresses of a packet parse() could not take to a SYN, for the
+ * address look-up and the event; the ports stay 0. */
+static __always_inline int unparsed(struct nt_gpkt *p, struct iphdr *iph,
+				    struct ipv6hdr *ip6h, int verdict)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	if (iph) {
+		p->flow.family = 4;
+		__builtin_memcpy(p->flow.saddr, &iph->saddr, 4);
+		__builtin_memcpy(p->flow.daddr, &iph->daddr, 4);
+	} else if (ip6h) {
+		p->flow.family = 6;
+		__builtin_memcpy(p->flow.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p->flow.daddr, &ip6h->daddr, 16);
+	}
+	return verdict;
+}
+
+/* Whether an IPv6 fragment whose Fragment header names NEXTHDR may, once
+ * reassembled, be a TCP segment: TCP itself, or an extension header TCP
+ * could follow.  (The kernel takes the next header from the first fragment;
+ * every fragment that names TCP is dropped, so no reassembly that needs the
+ * first one can complete.)  ESP is IPsec's to check, as unfragmented. */
+static __always_inline int ip6_frag_may_be_tcp(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_TCP || (ip6_is_ext(nexthdr) && nexthdr != IPPROTO_ESP);
+}
+
+/*
+ * Returns NT_CANDIDATE with *p filled for a SYN && !ACK, or a reason.
+ * NT_GUARD_FRAGMENT, NT_GUARD_IPV6_EXT and NT_GUARD_BAD_HEADER come with
+ * p->flow's family and addresses set when the IP header was readable: they
+ * become verdicts if a protect entry covers the destination address (the
+ * caller decides).  Non-SYN traffic leaves after the flags byte, with
+ * nothing copied.
+ */
 static __always_inline int parse(NT_CTX *ctx, struct nt_gpkt *p)
 {
 	void *data = (void *)(long)ctx->data;
@@ -182,31 +213,50 @@ static __always_inline int parse(NT_CTX *ctx, struct nt_gpkt *p)
 
 	proto = parse_l2(&nh, data_end);
 	if (proto < 0)
-		return NT_GUARD_BAD_HEADER;
+		return NT_GUARD_BAD_HEADER_PASSED;
 	l3_off = nh.pos - data;
 	if (proto == bpf_htons(ETH_P_IP)) {
+		/* Without a valid IPv4 header the kernel drops the packet itself. */
 		proto = parse_iphdr(&nh, data_end, &iph);
 		if (proto < 0)
-			return NT_GUARD_BAD_HEADER;
+			return NT_GUARD_BAD_HEADER_PASSED;
+		/* Every fragment carries the protocol: drop them all and no
+		 * TCP segment reassembles. */
 		if (ipv4_is_fragment(iph))
-			return NT_GUARD_FRAGMENT;
+			return proto == IPPROTO_TCP ? unparsed(p, iph, NULL, NT_GUARD_FRAGMENT)
+						    : NT_GUARD_FRAGMENT_PASSED;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		/* Extension headers skipped, not passed: otherwise a Hop-by-Hop
-		 * header in front of a SYN would walk it past the guard. */
-		proto = parse_ip6_upper(&nh, data_end, &ip6h);
+		/* Extension headers are walked, not passed: otherwise a
+		 * Hop-by-Hop header in front of a SYN would walk it past the
+		 * guard.  What the walk cannot get through fails closed for
+		 * protected addresses. */
+		proto = parse_ip6_upper(&nh, data_end, &ip6h, NT_IP6_WALK_AH);
+		if (!ip6h)
+			return NT_GUARD_BAD_HEADER_PASSED;
 		if (proto < 0)
-			return NT_GUARD_BAD_HEADER;
-		if (proto == IPPROTO_FRAGMENT)
-			return NT_GUARD_FRAGMENT;
+			return unparsed(p, NULL, ip6h, NT_GUARD_BAD_HEADER);
+		if (proto == IPPROTO_FRAGMENT) {
+			__u8 *frag = nh.pos;
+
+			if ((void *)(frag + 8) > data_end)
+				return unparsed(p, NULL, ip6h, NT_GUARD_BAD_HEADER);
+			return ip6_frag_may_be_tcp(frag[0])
+				? unparsed(p, NULL, ip6h, NT_GUARD_FRAGMENT)
+				: NT_GUARD_FRAGMENT_PASSED;
+		}
+		/* ESP: only the kernel's IPsec can look inside, and it delivers
+		 * nothing it did not authenticate. */
+		if (proto == IPPROTO_ESP)
+			return NT_GUARD_NOT_TCP;
 		if (ip6_is_ext(proto))
-			return NT_GUARD_IPV6_EXT;
+			return unparsed(p, NULL, ip6h, NT_GUARD_IPV6_EXT);
 	} else {
 		return NT_GUARD_NOT_IPV4_OR_6;
 	}
 	if (proto != IPPROTO_TCP)
 		return NT_GUARD_NOT_TCP;
 	if (parse_tcphdr(&nh, data_end, &tcph) == NT_PARSE_SHORT || !tcph)
-		return NT_GUARD_BAD_HEADER;
+		return unparsed(p, iph, ip6h, NT_GUARD_BAD_HEADER);
 	if ((((__u8 *)tcph)[13] & (NT_TCP_FLAG_SYN | NT_TCP_FLAG_ACK)) != NT_TCP_FLAG_SYN)
 		return NT_GUARD_NOT_SYN;
 
@@ -237,8 +287,9 @@ static __always_inline int parse(NT_CTX *ctx, struct nt_gpkt *p)
  * At TC the skb may be non-linear and direct access reaches only its linear
  * part.  Whether parse() (or nt_check(), reading the options) ran out of it
  * before the headers ended: then they are pulled in and parsed again, so a
- * SYN is never judged on where the driver split it.  Only then: data
- * packets, whose headers are linear, never pay for a pull.
+ * SYN is never judged (or dropped as bad_header) on where the driver split
+ * it.  Only then: data packets, whose headers are linear, never pay for a
+ * pull.
  */
 static __always_inline int nt_cut_short(struct __sk_buff *skb, int verdict,
 					const struct nt_gpkt *p)
@@ -247,7 +298,7 @@ static __always_inline int nt_cut_short(struct __sk_buff *skb, int verdict,
 
 	if (linear >= skb->len)
 		return 0;
-	return verdict == NT_GUARD_BAD_HEADER ||
+	return verdict == NT_GUARD_BAD_HEADER || verdict == NT_GUARD_BAD_HEADER_PASSED ||
 	       (verdict == NT_CANDIDATE && p->l4_off + p->tcp_len > linear);
 }
 
@@ -519,6 +570,94 @@ static __always_inline void emit_event(NT_CTX *ctx, const struct nt_gpkt *p,
 	count(NT_GUARD_EVENTS);
 }
 
+/* The action for a rejected packet under entry PROT: the --mode override,
+ * else the entry's own.  Anything but an explicit monitor drops: a zeroed
+ * entry must not open the door. */
+static __always_inline __u8 action_of(const struct nt_guard_config *cfg,
+				      const struct nt_protect *prot)
+{
+	__u8 action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
+
+	return action == NT_ACTION_MONITOR ? NT_ACTION_MONITOR : NT_ACTION_DROP;
+}
+
+/* Outcome of a verdict other than ok: dropped or monitored, and an event. */
+static __always_inline int reject(NT_CTX *ctx, const struct nt_gpkt *p,
+				  const struct nt_guard_config *cfg,
+				  const struct nt_protect *prot, const struct nt_check *c,
+				  __u32 verdict)
+{
+	__u8 action = action_of(cfg, prot);
+
+	count(action == NT_ACTION_DROP ? NT_GUARD_DROPPED : NT_GUARD_MONITORED);
+	if (event_allowed(cfg))
+		emit_event(ctx, p, prot, c, verdict, action);
+	else
+		count(NT_GUARD_EVENTS_SUPPRESSED);
+	return action == NT_ACTION_DROP ? NT_DROP : NT_PASS;
+}
+
+/* The pass reason of a verdict that needs a protected address. */
+static __always_inline __u32 passed(__u32 verdict)
+{
+	if (verdict == NT_GUARD_FRAGMENT)
+		return NT_GUARD_FRAGMENT_PASSED;
+	if (verdict == NT_GUARD_IPV6_EXT)
+		return NT_GUARD_IPV6_EXT_PASSED;
+	return NT_GUARD_BAD_HEADER_PASSED;
+}
+
+/*
+ * A fragment, or a packet to an address whose TCP header the guard cannot
+ * reach (VERDICT, from parse()).  Without a port, the address decides: if
+ * any protect entry covers it, the packet gets VERDICT under the entry that
+ * drops (the first in LPM order, so the most specific), or under the first
+ * one if they all monitor; the --mode override applies as for SYNs.
+ * Otherwise it passes as before.  Rare, so it may cost a loop.
+ */
+static __noinline int check_unparsed(NT_CTX *ctx, struct nt_gpkt *p, __u32 verdict)
+{
+	struct nt_guard_config *cfg;
+	struct nt_protect *prot = NULL, *e;
+	struct nt_port_rules *r;
+	struct nt_check c;
+	__u32 zero = 0, idx, prot_idx = 0;
+
+	cfg = bpf_map_lookup_elem(&nt_guard_config, &zero);
+	if (!cfg) {
+		count(NT_GUARD_ERROR);
+		return NT_PASS;
+	}
+	if (verdict == NT_GUARD_FRAGMENT && cfg->fragments == NT_FRAGMENTS_PASS)
+		goto pass;
+	r = p->flow.family ? nt_lookup_addr(&p->flow) : NULL;
+	if (!r)
+		goto pass;
+	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {
+		if (i >= r->count)
+			break;
+		idx = r->rules[i].policy;
+		e = bpf_map_lookup_elem(&nt_protect, &idx);
+		if (!e)
+			continue;
+		if (!prot || action_of(cfg, e) == NT_ACTION_DROP) {
+			prot = e;
+			prot_idx = idx;
+		}
+		if (action_of(cfg, prot) == NT_ACTION_DROP)
+			break;
+	}
+	if (!prot)
+		goto pass;
+	count(verdict);
+	__builtin_memset(&c, 0, sizeof(c));
+	c.protect = prot_idx;
+	return reject(ctx, p, cfg, prot, &c, verdict);
+pass:
+	count(passed(verdict));
+	return NT_PASS;
+}
+
 SEC(NT_SEC)
 int netoken_guard(NT_CTX *ctx)
 {
@@ -527,7 +666,6 @@ int netoken_guard(NT_CTX *ctx)
 	struct nt_gpkt p;
 	struct nt_check c;
 	__u32 zero = 0, idx;
-	__u8 action;
 	int verdict;
 
 	verdict = parse(ctx, &p);
@@ -537,6 +675,9 @@ int netoken_guard(NT_CTX *ctx)
 		verdict = parse(ctx, &p);
 	}
 #endif
+	if (verdict == NT_GUARD_FRAGMENT || verdict == NT_GUARD_IPV6_EXT ||
+	    verdict == NT_GUARD_BAD_HEADER)
+		return check_unparsed(ctx, &p, verdict);
 	if (verdict != NT_CANDIDATE) {
 		count(verdict);
 		return NT_PASS;
@@ -560,18 +701,7 @@ int netoken_guard(NT_CTX *ctx)
 		count_key(c.key_id, verdict == NT_GUARD_OK ? NT_KEY_STAT_OK : NT_KEY_STAT_BAD);
 	if (verdict == NT_GUARD_OK)
 		return NT_PASS;
-
-	action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
-	/* Anything but an explicit monitor drops: a zeroed entry must not
-	 * open the door. */
-	if (action != NT_ACTION_MONITOR)
-		action = NT_ACTION_DROP;
-	count(action == NT_ACTION_DROP ? NT_GUARD_DROPPED : NT_GUARD_MONITORED);
-	if (event_allowed(cfg))
-		emit_event(ctx, &p, prot, &c, verdict, action);
-	else
-		count(NT_GUARD_EVENTS_SUPPRESSED);
-	return action == NT_ACTION_DROP ? NT_DROP : NT_PASS;
+	return reject(ctx, &p, cfg, prot, &c, verdict);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

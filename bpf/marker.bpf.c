@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * netoken marker: TC egress.  Appends a keyed token option (DESIGN §2) to
+ * netoken marker: TC egress.  Appends a keyed token option (design.md §2) to
  * outgoing SYNs that a policy selects, after the existing options and before
  * any payload.  It never drops: every path returns TC_ACT_UNSPEC, and any
  * failure before the first write leaves the packet untouched.
@@ -8,7 +8,7 @@
  * Packet edit (see docs/architecture.md for the checksum reasoning):
  *   1. copy the options (and SYN payload, if any) into a per-CPU scratch area
  *   2. only if the option does not fit: make room by removing the Timestamps
- *      option (DESIGN §3), which shrinks the option area to be rewritten
+ *      option (design.md §3), which shrinks the option area to be rewritten
  *   3. bpf_skb_change_tail() grows the packet by the net growth of the TCP
  *      header, so the TCP header does not move (csum_start stays valid under
  *      offload)
@@ -69,10 +69,10 @@ struct {
 
 /* State of nt_make_room's walk.  It lives in the scratch map, not in
  * registers: the verifier does not track map contents, so the paths through
- * the unrolled walk merge at every byte instead of multiplying.  (With the
- * state in registers the walk costs 23k more instructions to verify; with
- * the write position, which must be exact as an index, the program no
- * longer verifies at all.) */
+ * the unrolled walk merge at every byte instead of multiplying.  (With only
+ * the write position here the walk costs 23k more instructions to verify;
+ * with that in a register too, where as an index it must be exact, the
+ * program exceeds the verifier's 1M-instruction limit.) */
 struct nt_room {
 	__u32 w;                 /* bytes written to opts_new */
 	__u32 skip;              /* bytes left in the current option */
@@ -178,7 +178,7 @@ __noinline int nt_parse(struct __sk_buff *skb, struct nt_pkt *p)
 		p->l3_len = bpf_ntohs(iph->tot_len);
 		p->ip_end = p->l3_off + p->l3_len;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		proto = parse_ip6_upper(&nh, data_end, &ip6h);
+		proto = parse_ip6_upper(&nh, data_end, &ip6h, NT_IP6_STOP_AT_AH);
 		if (proto < 0)
 			goto short_or_bad;
 		if (proto == IPPROTO_FRAGMENT)
@@ -272,7 +272,7 @@ __noinline int nt_copy_options(struct nt_scratch *s, __u32 optlen)
 }
 
 /* Make room for an option of OPT_LEN bytes in options that have none
- * (DESIGN §3): drop the Timestamps option wherever it sits (after NOP,NOP or
+ * (design.md §3): drop the Timestamps option wherever it sits (after NOP,NOP or
  * SACK-permitted alike), drop the NOP/EOL padding, keep every other option
  * byte for byte and in order, and re-pad with NOPs to a multiple of 4.  The
  * result goes to opts_new; the new option follows it.  It is never shorter
@@ -533,7 +533,7 @@ static __always_inline int mark(struct __sk_buff *skb)
 
 		if (!key || !key->window)
 			return NT_MARK_NO_KEY;
-		/* Wall clock as DESIGN §2 defines it: CLOCK_REALTIME, derived from
+		/* Wall clock as design.md §2 defines it: CLOCK_REALTIME, derived from
 		 * CLOCK_TAI plus the offset user space keeps in nt_config. */
 		now = bpf_ktime_get_tai_ns() + cfg->realtime_minus_tai_ns;
 		epoch = now / 1000000000ULL / key->window;

@@ -15,7 +15,7 @@
 #include <linux/types.h>
 #endif
 
-/* Wire format (DESIGN §2). */
+/* Wire format (design.md §2). */
 #define NT_MAC_OPT_LEN     16
 #define NT_STATIC_OPT_LEN  12
 #define NT_TAG_LEN         4
@@ -59,7 +59,7 @@ enum nt_mark_reason {
 	NT_MARK_EVENTS_LOST,      /* not a packet reason: ring buffer was full */
 	NT_MARK_ROOM_FROM_TS,     /* not a packet reason: a marked SYN (counted as
 				   * marked or marked_payload) whose Timestamps
-				   * option was removed to make room (DESIGN §3) */
+				   * option was removed to make room (design.md §3) */
 	NT_MARK_REASON_MAX,
 };
 
@@ -147,9 +147,10 @@ struct nt_mark_event {
 #define NT_KEY_STAT_BAD    1
 
 /* Guard counters.  Every packet the guard sees bumps exactly one of the
- * verdicts (a SYN to a protected destination) or one of the pass reasons
- * (anything else, passed without a look at its options).  The outcomes
- * after them are counted on top of a verdict. */
+ * verdicts (a SYN to a protected destination, or a packet to a protected
+ * address it cannot check: design.md §2 "Fragments", "Fail closed") or one of
+ * the pass reasons (anything else, passed without a look at its options).
+ * The outcomes after them are counted on top of a verdict. */
 enum nt_guard_reason {
 	NT_GUARD_OK = 0,
 	NT_GUARD_MISSING,         /* no option with our kind and ExID */
@@ -159,13 +160,20 @@ enum nt_guard_reason {
 	NT_GUARD_STALE,           /* epoch more than skew away from ours */
 	NT_GUARD_BAD_TAG,         /* MAC or static token does not match */
 	NT_GUARD_REPLAY,          /* (key id, epoch, nonce, tag) seen before */
+	NT_GUARD_FRAGMENT,        /* TCP fragment to a protected address */
+	NT_GUARD_IPV6_EXT,        /* to a protected address: IPv6 extension chain
+				   * longer than the walk, or a header it cannot walk */
+	NT_GUARD_BAD_HEADER,      /* to a protected address: extension chain or TCP
+				   * header cut short */
 	NT_GUARD_NOT_SYN,         /* TCP but not SYN && !ACK */
 	NT_GUARD_UNPROTECTED,     /* SYN to a destination/port no entry protects */
-	NT_GUARD_NOT_TCP,
+	NT_GUARD_NOT_TCP,         /* includes ESP (see docs/operations.md) */
 	NT_GUARD_NOT_IPV4_OR_6,
-	NT_GUARD_FRAGMENT,
-	NT_GUARD_IPV6_EXT,        /* extension header the guard does not skip */
-	NT_GUARD_BAD_HEADER,      /* truncated or inconsistent before the TCP flags */
+	NT_GUARD_FRAGMENT_PASSED, /* fragment: not TCP, address not protected, or
+				   * [guard] fragments = "pass" */
+	NT_GUARD_IPV6_EXT_PASSED, /* as ipv6_ext, address not protected */
+	NT_GUARD_BAD_HEADER_PASSED, /* as bad_header, address not protected, or no
+				   * readable IP header (the kernel drops those) */
 	NT_GUARD_DROPPED,         /* outcome: a rejected SYN was dropped */
 	NT_GUARD_MONITORED,       /* outcome: a rejected SYN was passed (monitor) */
 	NT_GUARD_EVENTS,          /* outcome: event written to the ring buffer */
@@ -182,6 +190,13 @@ enum nt_guard_action {
 	NT_ACTION_MONITOR,        /* count, event, XDP_PASS */
 };
 
+/* [guard] fragments: what happens to TCP fragments to protected addresses.
+ * Zero (a config never written) drops. */
+enum nt_guard_fragments {
+	NT_FRAGMENTS_DROP = 0,
+	NT_FRAGMENTS_PASS,
+};
+
 struct nt_guard_config {
 	__u8  kind;
 	__u8  skew;              /* epochs of tolerance either side */
@@ -191,7 +206,8 @@ struct nt_guard_config {
 	__u32 event_rate;        /* events per second, per CPU */
 	__u32 event_burst;       /* bucket depth, per CPU */
 	__u8  action;            /* NT_ACTION_*: override for every entry, or ENTRY */
-	__u8  pad[7];
+	__u8  fragments;         /* enum nt_guard_fragments */
+	__u8  pad[6];
 };
 
 /* One [[guard.protect]] entry; the LPM rules point here. */

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
- * The MAC of DESIGN §2, shared by the marker (which computes tags) and the
+ * The MAC of design.md §2, shared by the marker (which computes tags) and the
  * guard (which recomputes them).  The message is
  *   ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(6) ‖ daddr(4|16) ‖ dport(2)
  *   [‖ saddr(4|16)] [‖ sport(2)]

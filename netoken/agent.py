@@ -71,6 +71,7 @@ from . import config as nconfig
 from . import state
 from .config import Config
 from .errors import NetokenError
+from .schedule import iso
 
 # Coalesce a burst of file events (a `..data` swap is several) into one load.
 DEBOUNCE = 0.1
@@ -300,7 +301,11 @@ def _sync_clock(st: state.RoleState, role: str, want: int) -> int | None:
     from .libbpf import Map
 
     prog = _role(role).PROGRAM
-    with Map.from_pinned(st.pin(prog.CONFIG_MAP)) as m:
+    # A guard's config map is the namespace's, shared by all its guards.
+    path = prog.map_pin(st, prog.CONFIG_MAP)
+    if path is None:
+        return None
+    with Map.from_pinned(path) as m:
         if prog.read_config(m).realtime_minus_tai_ns == want:
             return None
         # Read again under the lock: an `apply` may be flipping the generation.
@@ -369,7 +374,8 @@ class Agent:
         self.cfg: Config | None = None
         self.managed: set[tuple[str, str]] = set()
         self.failing: dict[tuple[str, str], str] = {}  # pair -> error last logged
-        self.in_use: dict[str, int] = {}  # policy -> key, as the markers were last set
+        # pair -> (the config, the keys in use) its maps were last given
+        self.applied: dict[tuple[str, str], tuple[Config, dict[str, int] | None]] = {}
         self.config_errors = 0
         self.applies: dict[str, int] = {"config": 0, "schedule": 0}
         self.stop_signal: int | None = None
@@ -429,10 +435,7 @@ class Agent:
                  protect=len(new.guard.protect) if new.guard else 0,
                  next_switch=self._next_switch())
         want = self._selected()
-        now = time.time()
-        for pair in _order(self.managed & want):
-            self._apply(pair, "config", now)
-        self.in_use = new.marking_keys(now)  # what the markers now use: no switch to log
+        self._update(want, "file")
         self._reconcile(want)
         self._serve_metrics()
         self._arm()
@@ -451,27 +454,48 @@ class Agent:
             self.failing[pair] = msg
             self.log(f"{action} failed", level="error", iface=pair[0], role=pair[1], error=msg)
 
-    def _apply(self, pair: tuple[str, str], cause: str, now: float | None = None) -> bool:
-        ifname, role = pair
+    def _desired(self, pair: tuple[str, str], now: float) -> tuple[Config, dict[str, int] | None]:
         assert self.cfg is not None
-        try:
-            if role == "marker":
-                res = _module(role).apply(ifname, self.cfg, now)
+        return self.cfg, self.cfg.marking_keys(now) if pair[1] == "marker" else None
+
+    def _update(self, want: set[tuple[str, str]], cause: str) -> None:
+        """Bring the maps of every attached pair to the config and, for
+        markers, the keys in use now; a pair whose update failed is retried
+        at the next call (every TICK at the latest)."""
+        now = time.time()
+        for pair in _order(self.managed & want):
+            cfg, in_use = desired = self._desired(pair, now)
+            old_cfg, old_in_use = self.applied.get(pair, (None, None))
+            if old_cfg is cfg and old_in_use == in_use:
+                continue
+            ifname, role = pair
+            try:
+                if role == "marker":
+                    res = _module(role).apply(ifname, cfg, now)
+                else:
+                    res = _module(role).apply(ifname, cfg)
+            except Exception as e:  # noqa: BLE001 - one interface must not stop the others
+                self._fail(pair, "apply", e)
+                continue
+            self.failing.pop(pair, None)
+            self.applied[pair] = desired
+            if old_cfg is not cfg:
+                self.applies["config"] += 1
+                self.log("applied", iface=ifname, role=role, prog=res["prog_id"],
+                         keys=_ids(res["keys"]), cause=cause)
             else:
-                res = _module(role).apply(ifname, self.cfg)
-        except Exception as e:  # noqa: BLE001 - one interface must not stop the others
-            self._fail(pair, "apply", e)
-            return False
-        self.failing.pop(pair, None)
-        self.applies[cause] += 1
-        if cause == "config":
-            self.log("applied", iface=ifname, role=role, prog=res["prog_id"],
-                     keys=_ids(res["keys"]), cause=cause)
-        return True
+                self.applies["schedule"] += 1
+                assert in_use is not None and old_in_use is not None
+                self.log("key switched", iface=ifname, role=role, cause=cause,
+                         policies=" ".join(f"{n}:{old_in_use.get(n)}->{k}"
+                                           for n, k in in_use.items() if old_in_use.get(n) != k))
 
     def _attach(self, pair: tuple[str, str]) -> None:
         ifname, role = pair
         assert self.cfg is not None
+        # Taken before: a mark_from passing during the attach is caught by
+        # the next _update, not recorded as done.
+        desired = self._desired(pair, time.time())
         try:
             # Guards where they cost least: TC on veths (pods) and L3
             # devices, XDP on NICs (design.md §2 "Hooks").  The agent owns
@@ -488,6 +512,7 @@ class Agent:
             return
         self.failing.pop(pair, None)
         self.managed.add(pair)
+        self.applied[pair] = desired
         extra = {"hook": res["hook"]} if role == "guard" else {}
         self.log("attached", iface=ifname, role=role, prog=res["prog_id"],
                  replaced=res["replaced_prog_id"], keys=_ids(res["keys"]), **extra)
@@ -501,6 +526,7 @@ class Agent:
             return
         self.managed.discard(pair)
         self.failing.pop(pair, None)
+        self.applied.pop(pair, None)
         self.log("detached", iface=ifname, role=role, prog=res["removed_prog_id"], reason=reason)
 
     def _reconcile(self, want: set[tuple[str, str]] | None = None, fresh: bool = False) -> None:
@@ -538,22 +564,12 @@ class Agent:
 
     def _next_switch(self) -> str | None:
         at = self.cfg.next_switch(time.time()) if self.cfg is not None else None
-        return None if at is None else nconfig.iso(at)
+        return None if at is None else iso(at)
 
     def _schedule(self, cause: str) -> None:
-        """Switch marker keys whose mark_from has come."""
-        if self.cfg is None:
-            return
-        now = time.time()
-        in_use = self.cfg.marking_keys(now)
-        if in_use != self.in_use:
-            changes = {n: (self.in_use.get(n), k) for n, k in in_use.items()
-                       if self.in_use.get(n) != k}
-            for pair in _order(p for p in self.managed if p[1] == "marker"):
-                if self._apply(pair, "schedule", now):
-                    self.log("key switched", iface=pair[0], role="marker", cause=cause,
-                             policies=" ".join(f"{n}:{a}->{b}" for n, (a, b) in changes.items()))
-        self.in_use = in_use
+        """Switch marker keys whose mark_from has come, and re-arm the timer."""
+        if self.cfg is not None:
+            self._update(self._selected(), cause)
         self._arm()
 
     def _clock(self, cause: str) -> None:
@@ -635,6 +651,10 @@ class Agent:
         cfg = nconfig.load(self.path)
         self._check(cfg)
         self.cfg = cfg
+        for role in ROLES:
+            # libbpf and the role modules load now, not on the first interface
+            # that appears (whose attach must take well under 2 s).
+            _module(role)
         with contextlib.ExitStack() as stack, self._signals() as wake:
             self.links = links = LinkEvents()
             stack.callback(links.close)
@@ -653,7 +673,6 @@ class Agent:
                          level="warn")
             self._serve_metrics(fatal=True)
             self._adopt()
-            self.in_use = cfg.marking_keys(time.time())
             self._reconcile(fresh=True)
             self._arm()  # before the offsets are read: a clock set from now on is seen
             self._clock("start")

@@ -1,4 +1,4 @@
-"""The `netoken` command (DESIGN §5): object-verb, bpftool-style.
+"""The `netoken` command (design.md §5): object-verb, bpftool-style.
 
 Every verb is a small function over a library call (netoken.marker, netoken.guard,
 netoken.state, netoken.config), so tests and other programs get exactly what
@@ -70,22 +70,40 @@ def _keys(ids: list[int]) -> str:
 
 
 def _states(ifname: str | None) -> list[RoleState]:
-    """Role states visible from this network namespace (all roles)."""
+    """Role states of this network namespace (all roles), of one interface
+    with IFNAME (found by the name it was attached under after a rename)."""
     states = state.all_states(ifname)
     if ifname is not None:
-        for st in states:
-            st.check_netns()
+        renamed = {st.ifname for st in states if st.present and st.ifname != ifname}
+        if renamed and not _noted[0]:
+            _noted[0] = f"{ifname} is called {', '.join(sorted(renamed))} now"
+            _note(f"{_noted[0]} (ifindex {states[0].ifindex}; netoken follows interfaces "
+                  f"by index)")
         return states
-    here = [st for st in states if state.in_this_netns(st)]
-    others = len(states) - len(here)
-    if others and others != _noted_others[0]:
-        # once per count: `stats --watch` calls this every interval
-        _noted_others[0] = others
-        _note(f"{others} attachment(s) in other network namespaces not shown (use -n NAME)")
-    return here
+    if not _noted[0]:
+        # once: `stats --watch` calls this every interval
+        _noted[0] = _others_text(state.other_netns()) or "-"
+        if _noted[0] != "-":
+            _note(_noted[0])
+    return states
 
 
-_noted_others = [0]
+_noted = [""]
+
+
+def _others_text(others: list[state.OtherNetns], limit: int = 4) -> str:
+    """One line naming the other namespaces with netoken state, and what is there."""
+    others = [o for o in others if o.roles]
+    if not others:
+        return ""
+    parts = []
+    for o in others[:limit]:
+        what = ", ".join(f"{ifname} {role}" for ifname, role in o.roles)
+        parts.append(f"{state.netns_label(o.netns)} ({what})")
+    more = f" and {len(others) - limit} more" if len(others) > limit else ""
+    n = sum(len(o.roles) for o in others)
+    return (f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
+            f"(netoken -n NAME ..., or status --all-netns)")
 
 
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
@@ -137,14 +155,25 @@ def cmd_mark_detach(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(res, args.pretty)
         return 0
+    where = _where(res)
     if res["removed_prog_id"] is not None:
-        print(f"marker detached from {res['ifname']}: removed prog {res['removed_prog_id']}, "
+        print(f"marker detached from {where}: removed prog {res['removed_prog_id']}, "
               f"clsact {res['clsact']}")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its filter went with it); pins removed")
+        print(f"{where} is gone from this network namespace (its filter went with it); "
+              f"pins removed")
     else:
-        print(f"no marker filter was attached to {res['ifname']}; pins removed")
+        print(f"no marker filter was attached to {where}; pins removed")
     return 0
+
+
+def _where(res: dict[str, Any]) -> str:
+    """The interface a detach acted on, and the name it was attached under
+    if that differs (renamed since)."""
+    was = res.get("attached_as")
+    if was and was != res["ifname"] and res["interface_present"]:
+        return f"{res['ifname']} (attached as {was}, ifindex {res['ifindex']})"
+    return res["ifname"]
 
 
 def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
@@ -179,18 +208,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
             for what in ("added", "removed"):
                 if res[what]:
                     print(f"  {what}: {', '.join(res[what])}")
-            from .marker import schedule_lines
+            from .schedule import lines
 
             in_use = res["schedule"]["in_use"]
             if any(len(p.keys) > 1 for p in cfg.policies):
                 print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
-            for line in schedule_lines(res["schedule"]):
+            for line in lines(res["schedule"]):
                 print(f"  {line}")
         elif res["role"] == "guard":
             print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
                   f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}")
             if res["action_override"]:
                 print(_override_line(res))
+            if res["shared_by"] > 1:
+                print(_shared_line(res))
             for what in ("added", "removed"):
                 if res[f"keys_{what}"]:
                     print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
@@ -238,7 +269,6 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
         "kept": f"replay cache kept ({cache['entries']} entries)",
         "resized": f"new replay cache of {cache['entries']} entries "
                    f"({cache['copied']} live entries copied)",
-        "moved": f"replay cache moved to the new hook ({cache['copied']} live entries copied)",
     }[cache["state"]]
     where = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
     print(f"guard attached to {res['ifname']} ({where}; hook {res['hook_reason']}): "
@@ -247,7 +277,18 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
           f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
     if res["action_override"]:
         print(_override_line(res))
+    if res["shared_by"] > 1:
+        print(_shared_line(res))
+    for note in res["notes"]:
+        _note(note)
     return 0
+
+
+def _shared_line(res: dict[str, Any]) -> str:
+    n = res["shared_by"] - 1
+    others = f"the {n} other guards here run" if n > 1 else "the other guard here runs"
+    return (f"  config, keys and replay cache are per network namespace: {others} this "
+            f"config too")
 
 
 def _override_line(res: dict[str, Any]) -> str:
@@ -266,19 +307,25 @@ def cmd_guard_detach(args: argparse.Namespace) -> int:
         _emit_json(res, args.pretty)
         return 0
     f = res["foreign_prog"]
+    where = _where(res)
     if res["removed_prog_id"] is not None:
-        where = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
+        how = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
         qdisc = f", clsact qdisc {res['clsact']}" if res.get("clsact") else ""
-        print(f"guard detached from {res['ifname']}: removed prog {res['removed_prog_id']} "
-              f"({where}{qdisc}); pins removed")
+        print(f"guard detached from {where}: removed prog {res['removed_prog_id']} "
+              f"({how}{qdisc}); pins removed")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its guard program went with it); pins removed")
+        print(f"{where} is gone from this network namespace (its guard program went with it); "
+              f"pins removed")
     elif f is not None:
         what = "XDP program" if f["hook"] == "xdp" else "tc ingress filter's program"
-        print(f"{what} {f['name']!r} (id {f['id']}) on {res['ifname']} was not installed "
+        print(f"{what} {f['name']!r} (id {f['id']}) on {where} was not installed "
               f"by netoken and stays attached; netoken's guard pins removed")
     else:
-        print(f"no guard was attached to {res['ifname']}; pins removed")
+        print(f"no guard was attached to {where}; pins removed")
+    left = res["guards_left"]
+    if left:
+        print(f"  the shared guard state stays for the {left} other guard{'s' if left > 1 else ''} "
+              f"of this network namespace")
     return 0
 
 
@@ -301,15 +348,33 @@ def _generic_status(st: RoleState) -> dict[str, Any]:
     return d
 
 
-def status(ifname: str | None = None) -> list[dict[str, Any]]:
-    """What netoken has attached (in this network namespace), role by role."""
-    states = _states(ifname)
-    _require_iface_or_state(ifname, states)
+def status(ifname: str | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+    """What netoken has attached in this network namespace, role by role,
+    and netoken programs attached without pinned state (ghosts)."""
+    states = state.all_states(ifname) if quiet else _states(ifname)
     out = []
     for st in states:
         r = state.role(st.role)
         out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
-    guards = [d for d in out if d["role"] == "guard"]
+    target = states[0].ifindex if states else None
+    if ifname is not None and target is None:
+        target = _ifindex_or_none(ifname)
+    if ifname is None or target is not None:
+        for name in state.ROLE_MODULES:
+            r = state.role(name)
+            find = getattr(r, "ghosts", None)
+            if find is None:
+                continue
+            pinned = {st.ifindex for st in states if st.role == name}
+            out += [g for g in find(pinned) if ifname is None or g["ifindex"] == target]
+    if ifname is not None and not out:
+        _require_iface_or_state(ifname, states)
+    if out:
+        ns = state.this_netns()
+        label = {**ns.as_meta(), "name": state.netns_name(ns)}
+        for d in out:
+            d.setdefault("netns", label)
+    guards = [d for d in out if d.get("role") == "guard" and not d.get("ghost")]
     if guards:
         from . import guard
 
@@ -321,28 +386,126 @@ def status(ifname: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def _ifindex_or_none(ifname: str) -> int | None:
+    import socket
+
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+
+
+def status_all_netns() -> list[dict[str, Any]]:
+    """status() of every network namespace netoken keeps state for, entered
+    one after the other; state whose namespace cannot be found is listed
+    from its metadata, with how to remove it."""
+    from .netns import entered
+
+    items = status(quiet=True)
+    root = state.bpffs(create=False)
+    for other in state.other_netns(root):
+        found = state.find_netns(other.netns)
+        if found is not None:
+            try:
+                with entered(found[0]):
+                    items += status(quiet=True)
+                continue
+            except (OSError, NetokenError, BPFError) as e:
+                # It went away, or its state changed while being read.
+                why = f"cannot read: {_error_line(e)}"
+        else:
+            why = "network namespace not found (gone?)"
+        run = state.RUN_DIR / other.netns.dirname
+        for ifname, role in other.roles:
+            items.append({
+                "ifname": ifname, "ifindex": None, "role": role, "attached": False,
+                "state": why, "pinned": str(other.path),
+                "netns": {**other.netns.as_meta(), "name": None},
+                "remove": f"rm -r {other.path} {run}",
+            })
+    if root is not None:
+        for entry in state.old_layout_entries(root):
+            path = root / state.ROOT_NAME / entry
+            items.append({
+                "ifname": state.decode_ifname(entry), "ifindex": None, "role": None,
+                "attached": False, "pinned": str(path), "netns": None,
+                "state": "left by an older netoken in a namespace it has not run in since "
+                         "(moves to this layout when netoken runs there)",
+            })
+    return items
+
+
+def _netns_header(ns: dict[str, Any] | None) -> str:
+    if ns is None:
+        return "state of an older netoken"
+    name = f"{ns['name']} " if ns.get("name") else ""
+    return f"network namespace {name}(net:[{ns['inode']}], cookie {ns['cookie']})"
+
+
+def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
+    last: tuple[Any, Any] | None = None
+    ns_last: Any = ()
+    for d in items:
+        ns = d.get("netns")
+        key = ns.get("cookie") if isinstance(ns, dict) else None
+        if all_netns and key != ns_last:
+            print(_netns_header(ns))
+            ns_last, last = key, None
+        indent = "  " if all_netns else ""
+        if (d["ifname"], key) != last:
+            idx = d.get("ifindex")
+            was = d.get("attached_as")
+            extra = f" (ifindex {idx}" + (f", attached as {was})" if was else ")") if idx else ""
+            print(f"{indent}{d['ifname']}{extra}")
+            last = (d["ifname"], key)
+        r = state.role(d["role"]) if d.get("role") else None
+        if d.get("ghost"):
+            head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
+                    f"program runs here without pinned state")
+            lines = [head, f"remove it with: {d['remove']}"]
+        elif r is not None and "attach" in d:
+            lines = r.status_lines(d)
+        else:
+            lines = [f"{d['state']}", f"pinned   {d['pinned']}"]
+            if d.get("prog"):
+                lines[0] = f"prog {d['prog']['id']}  {d['state']}"
+            if d.get("remove"):
+                lines.append(f"remove   {d['remove']}")
+        role = d.get("role") or "?"
+        print(f"{indent}  {role:<7} {lines[0]}")
+        for line in lines[1:]:
+            print(f"{indent}  {'':<7} {line}")
+
+
+def _memory_line(items: list[dict[str, Any]]) -> str | None:
+    """Total kernel memory of netoken's maps in this namespace, shared state once."""
+    mems = [d["memory"] for d in items if isinstance(d.get("memory"), dict)]
+    if not mems:
+        return None
+    own = sum(m["own"] for m in mems)
+    shared = max((m.get("shared", 0) for m in mems if m.get("shared_by")), default=0)
+    from .program import fmt_bytes
+
+    text = f"memory: {fmt_bytes(own + shared)} in netoken's maps here"
+    if shared:
+        text += f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
+    return text
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
-    items = status(args.iface)
+    items = status_all_netns() if args.all_netns else status(args.iface)
     if args.json:
         _emit_json(items, args.pretty)
         return 0
     if not items:
         print(f"nothing attached{' to ' + args.iface if args.iface else ''}")
         return 0
-    last = None
-    for d in items:
-        if d["ifname"] != last:
-            idx = d.get("ifindex")
-            print(f"{d['ifname']}" + (f" (ifindex {idx})" if idx else ""))
-            last = d["ifname"]
-        r = state.role(d["role"])
-        lines = r.status_lines(d) if r is not None and "attach" in d else [
-            f"prog {d.get('prog', {}).get('id', '?')}  {d['state']}", f"pinned   {d['pinned']}"
-        ]
-        print(f"  {d['role']:<7} {lines[0]}")
-        for line in lines[1:]:
-            print(f"  {'':<7} {line}")
+    _print_status(items, args.all_netns)
+    if not args.all_netns and args.iface is None:
+        line = _memory_line(items)
+        if line:
+            print(line)
     doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
     if doors:
         print("\nnot guarded (traffic enters this host past every guard):")
@@ -489,9 +652,17 @@ def monitor(
     class _Done(Exception):
         pass
 
+    # Guards of one namespace share one ring: it is read once, and the
+    # events of the namespace's other guards are left out when only some
+    # interfaces are asked for.
+    others = set()
+    if ifname is not None:
+        chosen = {(st.role, st.ifindex) for st, _ in roles}
+        others = {(st.role, st.ifindex) for st in state.all_states()} - chosen
+
     def on_event(e: dict[str, Any]) -> None:
         nonlocal seen
-        if skipping:
+        if skipping or (e["role"], e.get("ifindex")) in others:
             return
         emit(e)
         seen += 1
@@ -525,7 +696,14 @@ def monitor(
             missed[key] = n
 
     try:
+        rings: set[tuple[str, int]] = set()
         for st, r in roles:
+            ring = getattr(r, "events_id", None)
+            if ring is not None:
+                key = (r.name, ring(st))
+                if key in rings:
+                    continue
+                rings.add(key)
             rbs.append(r.open_events(st, on_event))
         # Records queued while nobody listened may be hours old: skip them
         # unless asked, so the stream shows what happens now.
@@ -631,15 +809,30 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Everything `attach` would refuse, without touching the kernel."""
+    from .schedule import lines, plan
+
     cfg = load_config(args.file)
     protects = len(cfg.guard.protect) if cfg.guard else 0
+    sched = plan(cfg, time.time())
+    agent = cfg.agent
     if args.json:
         _emit_json({"file": os.path.abspath(args.file), "valid": True,
                     "keys": sorted(cfg.keys), "policies": len(cfg.policies),
-                    "protect": protects}, args.pretty)
+                    "protect": protects, "schedule": sched,
+                    "agent": None if agent is None else {
+                        "mark": list(agent.mark), "guard": list(agent.guard),
+                        "metrics": agent.metrics}}, args.pretty)
     else:
         print(f"{args.file}: valid: {_keys(sorted(cfg.keys))}, {_policies(len(cfg.policies))}, "
               f"{_protects(protects)}")
+        if any(len(p.keys) > 1 for p in cfg.policies):
+            print("  keys in use now: " + ", ".join(f"{n} key {k}"
+                                                    for n, k in sched["in_use"].items()))
+        for line in lines(sched):
+            print(f"  {line}")
+        if agent is not None:
+            print(f"  agent: marker on {' '.join(agent.mark) or 'nothing'}, guard on "
+                  f"{' '.join(agent.guard) or 'nothing'}, metrics {agent.metrics or 'off'}")
     return 0
 
 
@@ -694,9 +887,9 @@ examples:
   netoken guard detach eth1
   netoken -n blue status           # interfaces of network namespace "blue"
 
-State is pinned under /sys/fs/bpf/netoken/IFACE/ROLE/; attached programs keep
-running after netoken exits.  Use -n NAME rather than `ip netns exec NAME`,
-which hides /sys/fs/bpf.
+State is pinned per network namespace and interface under /sys/fs/bpf/netoken/;
+attached programs keep running after netoken exits.  Use -n NAME rather than
+`ip netns exec NAME`, which hides /sys/fs/bpf.
 """
 
 
@@ -800,10 +993,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", metavar="IFACE")
 
     p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
-              "XDP mode, policies, protect entries, key ids) and, where a guard runs, the "
-              "devices that let traffic in without one",
-              "  netoken status\n  netoken status eth0 --json --pretty\n", cmd_status)
+              "XDP mode, policies, protect entries, key ids and fingerprints, memory), "
+              "netoken programs that lost their pins and, where a guard runs, the devices "
+              "that let traffic in without one",
+              "  netoken status\n  netoken status eth0 --json --pretty\n"
+              "  netoken status --all-netns      # every network namespace\n", cmd_status)
     p.add_argument("iface", metavar="IFACE", nargs="?")
+    p.add_argument("--all-netns", action="store_true",
+                   help="every network namespace netoken keeps state for, each under its "
+                        "`ip netns` name where it has one")
 
     p = _verb(sub, "apply", "update keys, policies and protect entries of the live marker "
               "and/or guard on IFACE (no reattach; removed entries disappear)",

@@ -1,4 +1,4 @@
-"""TOML configuration -> typed, validated objects (DESIGN §4).
+"""TOML configuration -> typed, validated objects (design.md §4).
 
 Everything a config can get wrong is caught here, before any BPF object is loaded
 or any map is touched, and reported as a single :class:`ConfigError` whose text is
@@ -14,7 +14,7 @@ that concern a whole file (unreadable config, key file read on its own) have no
 ENTRY: ``FILE: PROBLEM``. Validation stops at the first problem, in document
 order: top level, ``[option]``, every ``[[key]]``, every ``[[policy]]``, ``[guard]``.
 
-Decisions where DESIGN §4 is silent (they are part of the contract from now on):
+Decisions where design.md §4 is silent (they are part of the contract from now on):
 
 - Every top-level table is optional: ``[option]`` defaults to kind 253 /
   ExID 0x6E74; a guard-only host has no ``[[policy]]``, a static-only marker
@@ -80,12 +80,13 @@ import re
 import secrets
 import stat
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from .errors import NetokenError
+from .schedule import iso, next_switch, scheduled_key
 
 __all__ = [
     "BIND_SADDR",
@@ -251,6 +252,8 @@ class GuardConfig:
     skew: int = DEFAULT_SKEW
     replay_cache: int = DEFAULT_REPLAY_CACHE
     protect: tuple[Protect, ...] = ()
+    # TCP fragments to protected addresses (design.md §2 "Fragments").
+    fragments: Literal["drop", "pass"] = "drop"
 
     def action_for(self, entry: Protect) -> str:
         """The action that applies to ``entry`` (its override, else the default)."""
@@ -290,39 +293,6 @@ class Config:
     def next_switch(self, now: float) -> float | None:
         """The first Unix time after NOW at which a policy changes keys."""
         return next_switch([p.keys for p in self.policies if p.mode == "mac"], self.starts, now)
-
-
-def scheduled_key(ids: Sequence[int], starts: Mapping[int, float], now: float) -> int:
-    """The key of IDS that marks at NOW (DESIGN §4), given each key's start
-    (Unix time, -inf: always): the latest start that has passed, a tie to the
-    key listed last; if none has passed (the clock went back), the key that
-    starts first."""
-    started = [(starts[k], i, k) for i, k in enumerate(ids) if starts[k] <= now]
-    if started:
-        return max(started)[2]
-    return min((starts[k], i, k) for i, k in enumerate(ids))[2]
-
-
-def next_switch(
-    schedules: Iterable[Sequence[int]], starts: Mapping[int, float], now: float
-) -> float | None:
-    """The first instant after NOW at which one of SCHEDULES (key id lists)
-    changes its key, or None.  A start that changes nothing (a later key
-    already marks) is no switch."""
-    schedules = [tuple(s) for s in schedules]
-    later = sorted({starts[k] for s in schedules for k in s if starts[k] > now})
-    before = [scheduled_key(s, starts, now) for s in schedules]
-    for t in later:
-        if [scheduled_key(s, starts, t) for s in schedules] != before:
-            return t
-    return None
-
-
-def iso(t: float | _dt.datetime) -> str:
-    """A Unix time or aware datetime as RFC 3339 UTC, e.g. 2026-12-02T00:00:00Z."""
-    d = t if isinstance(t, _dt.datetime) else _dt.datetime.fromtimestamp(t, _dt.UTC)
-    text = d.astimezone(_dt.UTC).isoformat()
-    return text.replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------
@@ -467,9 +437,10 @@ _OPTION_KEYS = ("kind", "exid", "make_room")
 _KEY_KEYS = ("id", "file", "window", "bind", "mark_from")
 _POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "keys", "token")
 _AGENT_KEYS = ("mark", "guard", "metrics")
-_GUARD_KEYS = ("action", "skew", "replay_cache", "protect")
+_GUARD_KEYS = ("action", "skew", "replay_cache", "fragments", "protect")
 _PROTECT_KEYS = ("destinations", "ports", "keys", "tokens", "action")
 _ACTIONS = ("drop", "monitor")
+_FRAGMENTS = ("drop", "pass")
 
 
 def _show(value: Any) -> str:
@@ -963,6 +934,7 @@ class _Parser:
             MIN_REPLAY_CACHE,
             MAX_REPLAY_CACHE,
         )
+        fragments = self.choice(entry, t, "fragments", "drop", _FRAGMENTS)
         protects: list[Protect] = []
         entries: list[str] = []
         items = self.tables("guard.protect", t.get("protect", []), "[[guard.protect]]")
@@ -1006,5 +978,9 @@ class _Parser:
             ]
         )
         return GuardConfig(
-            action=action, skew=skew, replay_cache=cache, protect=tuple(protects)
+            action=action,
+            skew=skew,
+            replay_cache=cache,
+            protect=tuple(protects),
+            fragments=fragments,
         )

@@ -229,9 +229,8 @@ class NetokenCollector:
             states = state.all_states()
         else:
             states = [st for name in self.interfaces for st in state.all_states(name)]
-        # Pins are global, interface names are per namespace: an eth0 of
-        # another namespace is not ours to report.
-        return [st for st in states if state.in_this_netns(st)]
+        # State is kept per network namespace: only this one's is listed.
+        return states
 
     def samples(self) -> _Samples:
         """Read everything once; a role that cannot be read is left out."""

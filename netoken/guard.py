@@ -28,10 +28,27 @@ hook and link layer (OBJECTS; bpf/hook.h).  XDP on Ethernet devices, where it
 drops earliest; TC ingress (clsact, direct-action, at netoken's handle and
 priority, netoken/tc.py) on veths, where XDP would switch off TSO on the
 peer, and on L3 devices (tun, WireGuard, ipip, sit, gre), whose packets
-start at the IP header.  Both hooks use the same maps, so counters, keys,
-entries and the replay cache are one whatever the hook.
+start at the IP header.  Every object has the same maps, so the hook changes
+nothing of what the guard shares or counts.
 
-Decisions where DESIGN is silent:
+Every guard of a network namespace shares one set of these maps (SHARED_MAPS,
+pinned once in the namespace's state directory); only the counters
+(``nt_guard_stats``, ``nt_key_stats``) and the program are per interface.
+
+Decisions where docs/design.md is silent:
+
+- The guard config is per network namespace, not per interface: attaching
+  or applying a config on one interface applies it to every guard of the
+  namespace (the command says so), and ``--mode`` is one override for all of
+  them.  A node's interfaces protect the node's destinations, and one
+  replay cache only means something under one set of keys and skew; two
+  configs would need two caches, the memory this sharing saves.
+- The replay cache is sized by the namespace's first guard.  A later
+  attach with another ``replay_cache`` resizes it only if it is the
+  namespace's only guard (as before); with others it keeps the live size and
+  says how to resize.
+- Events of all guards come through one ring, each naming its interface;
+  ``monitor IFACE`` filters.  The event rate limit is per namespace (per CPU).
 
 - Static tokens come from ``tokens = [...]`` in ``[[guard.protect]]`` and are
   accepted only by that entry; they skip the replay cache (every SYN of a
@@ -50,19 +67,28 @@ Decisions where DESIGN is silent:
 - The global ``action`` argument of configure() overrides every entry (the
   CLI's ``--mode``); without it each entry's own action, else ``[guard]
   action``, applies.
-- IPv6 Hop-by-Hop, Routing and Destination Options headers (up to 4) are
-  skipped to reach TCP, so they cannot carry a SYN past the guard; IPv4 and
-  IPv6 fragments pass untouched (counted ``fragment``), as DESIGN requires.
+- IPv6 Hop-by-Hop, Routing and Destination Options headers and AH (up to
+  layout.MAX_IP6_EXT of them, bpf/parsing.h) are walked to reach TCP, so they
+  cannot carry a SYN past the guard.
+- Packets whose TCP header the guard cannot check (design.md §2 "Fragments",
+  "Fail closed"): TCP fragments (``fragment``), IPv6 chains longer than the
+  walk or with a header it cannot walk (``ipv6_ext``), chains or TCP headers
+  cut short (``bad_header``).  They have no port the guard can trust, so the
+  destination address decides: if any protect entry covers it they are
+  verdicts, dropped or monitored like rejected SYNs under the first covering
+  entry that drops (else the first, all monitoring; ``--mode`` overrides as
+  for SYNs), with an event whose ports are 0.  Otherwise, and for fragments
+  with ``[guard] fragments = "pass"``, they pass as ``*_passed``.  Non-TCP
+  fragments and ESP pass (``fragment_passed``, ``not_tcp``); so does a frame
+  without a readable IP header, which the kernel drops itself.
 - A SYN to a protected destination whose TCP header is broken (doff < 5,
-  options past the IP length or the frame) is ``malformed``; a frame too
-  short to show the TCP flags passes as ``bad_header``.
+  options past the IP length or the frame) is ``malformed``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,7 +128,24 @@ MAPS = (
     "nt_guard_stats",
     "nt_key_stats",
     "nt_guard_events",
+    "nt_ev_bucket",
 )
+# One set per network namespace, reused by every guard there: one replay
+# cache (a token accepted on one interface is a replay on all the others),
+# one config (keys, protect entries, static tokens, prefixes, action), one
+# event ring with one rate limit.  Only the counters are per interface.
+SHARED_MAPS = (
+    "nt_guard_config",
+    "nt_keys",
+    "nt_protect",
+    "nt_static",
+    "nt_dst_v4",
+    "nt_dst_v6",
+    "nt_replay",
+    "nt_guard_events",
+    "nt_ev_bucket",
+)
+OWN_MAPS = tuple(m for m in MAPS if m not in SHARED_MAPS)
 
 # Protect entries live in two halves of nt_protect.  configure() writes the
 # new entries (and their static tokens) into the idle half, then repoints the
@@ -236,6 +279,7 @@ def guard_config_value(
             event_rate=event_rate,
             event_burst=event_burst,
             action=_action(action or "entry"),
+            fragments=layout.GUARD_FRAGMENTS[cfg.guard.fragments],
         )
     )
 
@@ -433,6 +477,9 @@ class Guard(PinnedProgram):
     EVENT = GuardEvent
     # A resized replay cache waits as REPLAY_PIN_NEW until its program runs.
     STAGED_MAPS: ClassVar[Mapping[str, str]] = {"nt_replay": REPLAY_PIN_NEW}
+    SHARED_MAPS = SHARED_MAPS
+    # Guards pinned before the rate limit was shared have no pin for it.
+    LATE_MAPS = ("nt_ev_bucket",)
 
     config: Config | None = None  # what configure() last wrote
     framing = "ethernet"  # the link layer the loaded object parses
@@ -659,9 +706,8 @@ def side_doors() -> list[links.SideDoor]:
     at_tc = set()
     for st, prog_id in pinned:
         with contextlib.suppress(OSError):
-            idx = socket.if_nametoindex(st.ifname)
-            if tc.query(idx, "ingress") == prog_id:
-                at_tc.add(idx)
+            if tc.query(st.ifindex, "ingress") == prog_id:
+                at_tc.add(st.ifindex)
     return links.side_doors(ids, tc_guarded=frozenset(at_tc))
 
 
@@ -733,12 +779,12 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 #   first attach) decides from the device every time.  --xdp-mode implies
 #   --hook xdp.
 # - Switching hooks (xdp <-> tc) attaches the new program first and removes
-#   the old one after, so there is no moment without a guard.  For that
-#   moment both run, and a SYN the first accepted would be a replay to the
-#   second if they shared a replay cache: the new program gets its own,
-#   filled with the old one's tokens before the switch and again after the
-#   old program is gone (as for a resize).  A SYN that arrives in that
-#   moment may be counted twice.
+#   the old one after, so there is no moment without a guard.  Both use the
+#   namespace's replay cache, so it is kept; a SYN that arrives in the moment
+#   both run is checked by both, and the second sees the token the first
+#   just accepted: dropped as a replay, the client retransmits a second
+#   later with a fresh nonce.  The window is two syscalls wide; the other
+#   order would leave it unguarded instead.
 
 
 def state_of(ifname: str, create: bool = False) -> RoleState:
@@ -774,26 +820,27 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _snapshot(g: Guard) -> dict[str, dict[bytes, bytes]]:
+def _snapshot(maps: Mapping[str, Map]) -> dict[str, dict[bytes, bytes]]:
     return {
-        name: {k: v for k, v in g.maps[name].items() if isinstance(v, bytes)} for name in CONFIG_MAPS
+        name: {k: v for k, v in maps[name].items() if isinstance(v, bytes)}
+        for name in CONFIG_MAPS
     }
 
 
-def _restore(g: Guard, snap: dict[str, dict[bytes, bytes]]) -> None:
-    """Put SNAP back into G's maps, in the order configure() writes them."""
+def _restore(maps: Mapping[str, Map], snap: dict[str, dict[bytes, bytes]]) -> None:
+    """Put SNAP back into MAPS, in the order configure() writes them."""
     for name in ("nt_keys", "nt_protect"):
-        m = g.maps[name]
+        m = maps[name]
         for k, v in snap[name].items():
             if m.lookup(k) != v:
                 m.update(k, v)
     for k, v in snap["nt_static"].items():
-        g.maps["nt_static"].update(k, v)
-    sync_map(g.maps["nt_dst_v4"], snap["nt_dst_v4"])
-    sync_map(g.maps["nt_dst_v6"], snap["nt_dst_v6"])
+        maps["nt_static"].update(k, v)
+    sync_map(maps["nt_dst_v4"], snap["nt_dst_v4"])
+    sync_map(maps["nt_dst_v6"], snap["nt_dst_v6"])
     for k, v in snap["nt_guard_config"].items():
-        g.maps["nt_guard_config"].update(k, v)
-    sync_map(g.maps["nt_static"], snap["nt_static"])
+        maps["nt_guard_config"].update(k, v)
+    sync_map(maps["nt_static"], snap["nt_static"])
 
 
 def replay_slots(entries: int) -> int:
@@ -883,11 +930,13 @@ def attach_pinned(
 
     HOOK "auto" picks TC ingress for veths and L3 devices and XDP otherwise
     (choose_hook); None keeps a hook forced at an earlier attach, else auto.
-    With a guard already pinned there, this is an atomic replace: the new
-    program reuses the pinned maps (counters, replay cache), the maps get the
-    new config while the old program still runs, and one XDP or tc replace
-    swaps the programs.  A switch between hooks attaches the new one before
-    it removes the old (see the notes above).  An XDP program or tc filter
+    The new program uses the namespace's shared maps (replay cache, config,
+    events; created by the namespace's first guard) and, with a guard
+    already pinned on IFNAME, that one's counters: an atomic replace, where
+    the maps get the new config while the old program still runs and one XDP
+    or tc replace swaps the programs.  A switch between hooks attaches the
+    new one before it removes the old (see the notes above).  The config
+    applies to every guard of the namespace.  An XDP program or tc filter
     netoken did not install is never replaced.  On any failure the previous
     program and map contents are put back and whatever this call created is
     removed.
@@ -895,22 +944,21 @@ def attach_pinned(
     check(cfg)
     g = cfg.guard
     assert g is not None
-    override_after(action, None)  # a bad value fails before anything is touched
+    override_after(action, None)  # bad values fail before anything is touched
     _requested_hook(hook, xdp_mode, None, 0)
-    idx = ifindex(ifname)
+    idx = program.existing(ifname, GuardError)
     framing = framing_of(ifname, idx)
     dev = links.link(idx)
     assert dev is not None
-    st = state_of(ifname, create=True)
+    notes: list[str] = []
     with state.locked():
-        old_meta = st.read_meta()
-        st.check_netns(old_meta)
-        requested = _requested_hook(hook, xdp_mode, old_meta, idx)
+        st = state_of(ifname, create=True)
+        requested = _requested_hook(hook, xdp_mode, st.read_meta(), idx)
         chosen, why = choose_hook(ifname, requested, dev)
         prev_xdp = _attached(idx)
         prev_tc = tc.query(idx, "ingress")
         # Before anything is loaded or a shared map is touched: what runs at
-        # the hook we take must be ours; elsewhere only ours is touched.
+        # the hook we take must be ours; at the other one only ours is touched.
         if prev_tc is not None:
             try:
                 _tc_ours_or_fail(ifname, prev_tc)
@@ -928,26 +976,62 @@ def attach_pinned(
         switch_from: Hook | None = (
             "xdp" if chosen == "tc" and prev_xdp else "tc" if chosen == "xdp" and prev_tc else None
         )
+        others = [o for o in Guard.siblings(st) if o.exists()]
+        shared = Guard.open_shared(st)
         copied: int | None = None
         created_clsact = False
         clsact = None
-        with Replacement(Guard, ifname, st) as r:
+        with contextlib.ExitStack() as stack, Replacement(Guard, ifname, st) as r:
+            for m in shared.values():
+                stack.callback(m.close)
             old = r.old
-            override = override_after(action, live_override(old) if old is not None else None)
+            # What the new program shares: the namespace's maps; a guard
+            # pinned before maps were shared brings its own if there are
+            # none yet (they become the namespace's).  Its counters stay.
+            base = shared or ({n: old.maps[n] for n in SHARED_MAPS if n in old.maps}
+                              if old is not None else {})
+            reuse = dict(base)
             if old is not None:
-                snap = _snapshot(old)
-                r.restore_old = lambda o: _restore(o, snap)
-            reuse = dict(old.maps) if old is not None else {}
-            if old is not None and (
-                old.replay_cache != replay_slots(g.replay_cache) or switch_from
-            ):
-                del reuse["nt_replay"]
-            r.new = new = Guard.load(g.replay_cache, reuse=reuse, hook=chosen, framing=framing)
+                reuse.update({n: old.maps[n] for n in OWN_MAPS})
+            live = reuse.get("nt_replay")
+            cache = replay_slots(g.replay_cache)
+            if live is not None and live.max_entries != cache:
+                if others:
+                    notes.append(
+                        f"replay_cache {cache}: the replay cache is shared by the "
+                        f"{len(others) + 1} guards of this network namespace and keeps its "
+                        f"{live.max_entries} entries (detach them all, then attach, to resize)")
+                    cache = live.max_entries
+                else:
+                    del reuse["nt_replay"]
+            if "nt_guard_config" in reuse:
+                current = live_override_of(reuse["nt_guard_config"])
+                # The maps the running guards use get the new config before
+                # the swap: a failure gives them their own back, whether or
+                # not this interface had a guard.
+                snap = _snapshot(reuse)
+                r.on_failure(lambda: _restore(reuse, snap))
+            else:
+                current = None
+            override = override_after(action, current)
+            if not shared:
+                # Created here: gone again if this attach fails.
+                r.on_failure(lambda: Guard.shared_state(st).remove())
+            r.new = new = Guard.load(cache, reuse=reuse, hook=chosen, framing=framing)
             new.configure(cfg, action=override)  # type: ignore[arg-type]
+            # Tokens the old program accepted into a cache the new one does
+            # not use (resized, or its own before sharing) are still replays.
+            source = old.maps["nt_replay"] if old is not None else None
+            if source is not None and source.id == new.maps["nt_replay"].id:
+                source = None
             done: set[int] = set()
-            if old is not None and "nt_replay" not in reuse:
-                copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
+            if source is not None:
+                copied = _copy_replay(source, new.maps["nt_replay"], done)
             new.pin(st)
+            # The program a switch removes, opened now: the moment both
+            # hooks run (see the notes above) should be as short as can be.
+            oldp = stack.enter_context(Program.from_id(prev_xdp[0])) \
+                if switch_from == "xdp" and prev_xdp else None
             if chosen == "xdp":
 
                 def unattach() -> None:
@@ -957,7 +1041,7 @@ def attach_pinned(
                 r.on_failure(unattach)
                 att: XdpAttachment | TcAttachment = new.attach(ifname, xdp_mode)
             else:
-                owned = tc.netoken_created_clsact(ifname, idx, old_meta)
+                owned = tc.netoken_created_clsact(ifname, idx, st.read_meta())
                 att = new.attach(ifname)
                 created_clsact = att.created_clsact  # type: ignore[union-attr]
                 if created_clsact:
@@ -966,32 +1050,34 @@ def attach_pinned(
                 created_clsact = created_clsact or owned
             # The new guard runs: now the old hook's goes.
             if switch_from == "xdp":
-                assert prev_xdp is not None
-                with Program.from_id(prev_xdp[0]) as oldp:
-                    try:
-                        xdp_detach(idx, _MODE_FLAGS[prev_xdp[1]], old_prog_fd=oldp)
-                    except BPFError as e:
-                        raise GuardError(_detach_problem(ifname, idx, e)) from None
+                assert prev_xdp is not None and oldp is not None
+                try:
+                    xdp_detach(idx, _MODE_FLAGS[prev_xdp[1]], old_prog_fd=oldp)
+                except BPFError as e:
+                    raise GuardError(_detach_problem(ifname, idx, e)) from None
                 r.on_failure(lambda: _restore_xdp(idx, 0, prev_xdp))
             elif switch_from == "tc":
                 tc.detach(idx, "ingress")
                 r.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
-                if tc.netoken_created_clsact(ifname, idx, old_meta):
+                if tc.netoken_created_clsact(ifname, idx, st.read_meta()):
                     clsact = tc.destroy_clsact_if_empty(ifname, idx)
-            if copied is not None and old is not None:
-                copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], done)
+            if source is not None and copied is not None:
+                copied += _copy_replay(source, new.maps["nt_replay"], done)
             new.commit_pin(st)
             attachment = {
+                "xdp_mode": xdp_mode,
                 "hook": chosen,
                 "hook_requested": requested,
                 "hook_reason": why,
                 "link": framing,
-                "xdp_mode": xdp_mode,
                 "created_clsact": created_clsact,
-                "action_override": override,
             }
-            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
+            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, {}))
+            _write_shared_meta(st, cfg, override)
             prog_id, tag = new.prog.id, new.prog.tag
+            entries = new.replay_cache
+            resized = live is not None and live.id != new.maps["nt_replay"].id \
+                and live.max_entries != entries
     # The guard this one took the place of: at the same hook, else the one
     # it switched from.
     prev_same = prev_tc if chosen == "tc" else prev_xdp[0] if prev_xdp else None
@@ -1014,39 +1100,83 @@ def attach_pinned(
         "clsact": clsact,
         "mode_switched": bool(chosen == "xdp" and prev_xdp and prev_xdp[1] != att.mode),
         "pinned": str(st.pin_dir),
+        "shared": str(Guard.shared_state(st).pin_dir),
+        "shared_by": len(others) + 1,
         "action": override or g.action,
         "action_override": override is not None,
         "config_action": g.action,
         "skew": g.skew,
         "replay_cache": {
-            "entries": replay_slots(g.replay_cache),
-            "state": ("new" if old is None else "kept" if copied is None
-                      else "moved" if switch_from else "resized"),
+            "entries": entries,
+            "state": "new" if live is None else "resized" if resized else "kept",
             "copied": copied or 0,
         },
         "protect": len(g.protect),
         "keys": sorted(cfg.keys),
+        "notes": notes,
     }
 
 
+def _write_shared_meta(st: RoleState, cfg: Config, override: str | None) -> None:
+    """The namespace's guard config, described once for every guard."""
+    state.SharedState(st.netns, ROLE_NAME, st.root).write_meta({
+        "version": state.META_VERSION,
+        "role": ROLE_NAME,
+        "netns": st.netns.as_meta(),
+        "action_override": override,
+        **_config_meta(cfg),
+    })
+
+
 def apply(ifname: str, cfg: Config) -> dict[str, Any]:
-    """Make the live, pinned maps of IFNAME's guard hold CFG; no reattach."""
+    """Make the live maps of the guard on IFNAME, and so of every guard of
+    its network namespace, hold CFG; no reattach."""
     check(cfg)
     assert cfg.guard is not None
-    with Guard.updating(ifname) as (gd, meta):
-        before = _live_key_ids(gd.maps["nt_keys"])
-        override = live_override(gd)
-        gd.configure(cfg, action=override)  # type: ignore[arg-type]
-        prog_id, cache = gd.prog.id, gd.replay_cache
-        meta.update(_config_meta(cfg))
+    with state.locked():
+        st = state_of(ifname)
+        if not st.exists():
+            raise GuardError(f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` "
+                             f"first)")
+        others = [o for o in Guard.siblings(st) if o.exists()]
+        configured: set[int] = set()
+        shared_done = False
+        before: set[int] = set()
+        override: str | None = None
+        # One configure per set of maps: the shared one, and the own ones of
+        # guards pinned before maps were shared (until they are attached again).
+        for gst in [st, *others]:
+            own = gst.has_pin("nt_guard_config")
+            if gst is not st and not own and shared_done:
+                continue
+            with Guard.from_pins(gst.ifname, gst) as gd:
+                cid = gd.maps["nt_guard_config"].id
+                shared_done = shared_done or not own
+                if cid in configured:
+                    continue
+                configured.add(cid)
+                if gst is st:
+                    before = _live_key_ids(gd.maps["nt_keys"])
+                    prog_id, cache = gd.prog.id, gd.replay_cache
+                    override = live_override(gd)
+                kept = live_override(gd)
+                gd.configure(cfg, action=kept)  # type: ignore[arg-type]
+                if own:
+                    meta = gst.read_meta() or {}
+                    meta.update(_config_meta(cfg))
+                    gst.write_meta(meta)
+                else:
+                    _write_shared_meta(gst, cfg, kept)
     notes = []
     if replay_slots(cfg.guard.replay_cache) != cache:
+        how = (f"detach the namespace's {len(others) + 1} guards and attach them again" if others
+               else f"`netoken guard attach {st.ifname}`")
         notes.append(
-            f"replay_cache {cfg.guard.replay_cache} takes effect at the next "
-            f"`netoken guard attach {ifname}`; the live cache keeps {cache} entries"
+            f"replay_cache {cfg.guard.replay_cache} takes effect at the next {how}; "
+            f"the live cache keeps {cache} entries"
         )
     return {
-        "ifname": ifname,
+        "ifname": st.ifname,
         "role": ROLE_NAME,
         "prog_id": prog_id,
         "protect": len(cfg.guard.protect),
@@ -1057,15 +1187,21 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
         "action_override": override is not None,
         "config_action": cfg.guard.action,
         "replay_cache": cache,
+        "shared_by": len(others) + 1,
         "notes": notes,
     }
 
 
-def live_override(gd: Guard) -> str | None:
-    """The --mode override the kernel runs with (None: the entries' actions)."""
-    a = gd._config().action
+def live_override_of(m: Map) -> str | None:
+    """The --mode override in the nt_guard_config M (None: the entries' actions)."""
+    a = Guard.read_config(m).action
     name = layout.GUARD_ACTIONS[a] if a < len(layout.GUARD_ACTIONS) else "entry"
     return None if name == "entry" else name
+
+
+def live_override(gd: Guard) -> str | None:
+    """The --mode override the kernel runs with (None: the entries' actions)."""
+    return live_override_of(gd.maps["nt_guard_config"])
 
 
 def _live_key_ids(m: Map) -> set[int]:
@@ -1086,16 +1222,18 @@ def _prog_desc(prog_id: int) -> dict[str, Any]:
 
 
 def detach_pinned(ifname: str) -> dict[str, Any]:
-    """Remove netoken's guard and its pins from IFNAME, at whichever hook it runs.
+    """Remove netoken's guard and its pins from IFNAME (its name now, or
+    the one the guard was attached under).
 
     An XDP program netoken did not install stays attached: without netoken
-    state on IFNAME that is an error, with it only the pins go.  The clsact
-    qdisc goes only if netoken created it and no filter is left on it.  An
-    interface that is gone has taken its program with it; its pins are still
-    removed.
+    state on IFNAME that is an error, with it only the pins go.  At TC only
+    netoken's filter goes, and the clsact qdisc only if netoken created it
+    and no filter is left on it.  An interface that is gone has taken its
+    program with it; its pins are still removed.  The namespace's shared
+    guard state goes with its last guard.
     """
-    with Guard.removing(ifname) as r:
-        idx = r.idx
+    with state.locked(), Guard.removing(ifname) as r:
+        idx, name = r.idx, r.ifname
         removed: dict[str, Any] | None = None
         foreign: dict[str, Any] | None = None
         clsact = None
@@ -1103,7 +1241,7 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
             cur_tc = tc.query(idx, "ingress")
             if cur_tc is not None:
                 try:
-                    _tc_ours_or_fail(ifname, cur_tc, "detach")
+                    _tc_ours_or_fail(name, cur_tc, "detach")
                 except GuardError:
                     if not r.has_state:
                         raise
@@ -1112,14 +1250,14 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                     tc.detach(idx, "ingress")
                     removed = {"id": cur_tc, "hook": "tc", "mode": None}
                     clsact = "kept"
-                    if tc.netoken_created_clsact(ifname, idx, r.meta):
-                        clsact = tc.destroy_clsact_if_empty(ifname, idx)
+                    if tc.netoken_created_clsact(name, idx, r.meta):
+                        clsact = tc.destroy_clsact_if_empty(name, idx)
             cur = _attached(idx) if removed is None else None
             if cur is None and removed is None and foreign is None and not r.has_state:
-                raise GuardError(f"no netoken guard on {ifname}")
+                raise GuardError(f"no netoken guard on {name}")
             if cur is not None:
                 try:
-                    prog = _ours_or_fail(ifname, *cur, "detach")
+                    prog = _ours_or_fail(name, *cur, "detach")
                 except GuardError:
                     if not r.has_state:
                         raise
@@ -1130,11 +1268,16 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                             xdp_detach(idx, _MODE_FLAGS[cur[1]], old_prog_fd=prog)
                         except BPFError as e:
                             raise GuardError(
-                                _detach_problem(ifname, idx, e)
+                                _detach_problem(name, idx, e)
                             ) from None
                     removed = {"id": cur[0], "hook": "xdp", "mode": cur[1]}
+        others = Guard.siblings(r.st)
+        if not others:
+            Guard.shared_state(r.st).remove()
     return {
-        "ifname": ifname,
+        "ifname": name,
+        "ifindex": r.st.ifindex,
+        "attached_as": (r.meta or {}).get("ifname"),
         "role": ROLE_NAME,
         "removed_prog_id": removed["id"] if removed else None,
         "hook": removed["hook"] if removed else None,
@@ -1142,6 +1285,8 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
         "clsact": clsact,
         "interface_present": idx is not None,
         "foreign_prog": foreign,
+        "shared_state": "kept" if others else "removed",
+        "guards_left": len(others),
     }
 
 
@@ -1149,12 +1294,12 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
 # the guard as a role of the generic status / stats / monitor / apply views
 
 
-def _protect_ids_from_lpm(st: RoleState, base: int) -> list[int]:
-    """Entry indices the live LPM tries point at: what is protected, when
-    the metadata that names it is gone."""
+def _protect_ids_from_lpm(paths: list[str], base: int) -> list[int]:
+    """Entry indices the live LPM tries (pinned at PATHS) point at: what is
+    protected, when the metadata that names it is gone."""
     ids: set[int] = set()
-    for name in ("nt_dst_v4", "nt_dst_v6"):
-        with Map.from_pinned(st.pin(name)) as m:
+    for path in paths:
+        with Map.from_pinned(path) as m:
             for k in list(m.keys()):
                 raw = m.lookup(k)
                 if raw:
@@ -1181,10 +1326,23 @@ class GuardRole(ProgramRole):
     def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
         return apply(ifname, cfg)
 
+    def meta(self, st: RoleState) -> dict[str, Any]:
+        # The config is described once for the namespace, unless this guard
+        # still runs on maps of its own (pinned before maps were shared).
+        own = st.read_meta() or {}
+        if st.has_pin("nt_guard_config"):
+            return own
+        return {**(Guard.shared_state(st).read_meta() or {}), **own}
+
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         why = {"selected": "auto" if meta.get("hook_requested", "auto") == "auto" else "forced",
                "reason": meta.get("hook_reason"), "link": meta.get("link", "ethernet")}
-        if meta.get("hook") == "tc":
+        hook = meta.get("hook")
+        if hook is None and idx is not None:
+            # No metadata to say (a ghost, or a guard from before hooks):
+            # netoken's place at TC first, else XDP.
+            hook = "tc" if tc.query(idx, "ingress") is not None else "xdp"
+        if hook == "tc":
             return tc.query(idx, "ingress") if idx is not None else None, {
                 "type": "tc",
                 "qdisc": "clsact",
@@ -1210,24 +1368,27 @@ class GuardRole(ProgramRole):
         d["action"] = None  # filled in below, from the entries
         d["action_override"] = override if override != "entry" else None
         d["skew"] = cfgv.skew
-        with Map.from_pinned(st.pin("nt_replay")) as m:
+        d["fragments"] = layout.GUARD_FRAGMENTS_MODES[cfgv.fragments] \
+            if cfgv.fragments < len(layout.GUARD_FRAGMENTS_MODES) else "drop"
+        with Map.from_pinned(self.map_path(st, "nt_replay")) as m:
             d["replay_cache"] = {"entries": m.max_entries}
         d["events"] = {"rate": cfgv.event_rate, "burst": cfgv.event_burst, "per": "cpu"}
 
-        d["keys"] = program.live_keys(st, meta)
+        d["keys"] = program.live_keys(self.map_path(st, "nt_keys"), meta)
 
         # What each entry accepts and does comes from the live half of
         # nt_protect; only destinations and ports come from the metadata.
         base = cfgv.generation * PROTECT_HALF
         described = meta.get("guard", {}).get("protect")
-        ids = range(len(described)) if described is not None else _protect_ids_from_lpm(st, base)
+        ids = range(len(described)) if described is not None else _protect_ids_from_lpm(
+            [self.map_path(st, n) for n in ("nt_dst_v4", "nt_dst_v6")], base)
         tokens: dict[int, int] = {}
-        with Map.from_pinned(st.pin("nt_static")) as m:
+        with Map.from_pinned(self.map_path(st, "nt_static")) as m:
             for k in list(m.keys()):
                 sk = layout.NtStaticKey.from_bytes(k)
                 tokens[sk.protect - base] = tokens.get(sk.protect - base, 0) + 1
         protect = []
-        with Map.from_pinned(st.pin("nt_protect")) as m:
+        with Map.from_pinned(self.map_path(st, "nt_protect")) as m:
             for i in ids:
                 raw = m.lookup(u32(base + i))
                 p = layout.NtProtect.from_bytes(raw) if raw else layout.NtProtect()
@@ -1244,6 +1405,7 @@ class GuardRole(ProgramRole):
                     "action": act,
                 })
         d["protect"] = protect
+        d["config_action"] = meta.get("guard", {}).get("action")
         actions = {p["action"] for p in protect}
         d["action"] = d["action_override"] or (actions.pop() if len(actions) == 1 else "per entry")
 
@@ -1258,10 +1420,13 @@ class GuardRole(ProgramRole):
         if a.get("reason"):
             where += f"; hook {a['reason']}"
         lines = self.status_head(d, where)
-        src = "--mode" if d["action_override"] else "config"
+        src = "config"
+        if d["action_override"]:
+            says = d.get("config_action")
+            src = f"--mode; the config says {says}" if says else "--mode"
         ev = d["events"]
         lines.append(
-            f"action   {d['action']} ({src})  skew ±{d['skew']}  "
+            f"action   {d['action']} ({src})  fragments {d['fragments']}  skew ±{d['skew']}  "
             f"replay cache {d['replay_cache']['entries']} entries  "
             f"events ≤{ev['rate']}/s burst {ev['burst']} per CPU"
         )

@@ -16,6 +16,8 @@ NONCE_LEN = 6
 MAX_KEYS = 256
 MAX_PORT_RULES = 32
 MAX_POLICIES = 4096
+# NT_MAX_IP6_EXT in bpf/parsing.h: IPv6 extension headers walked to reach TCP.
+MAX_IP6_EXT = 16
 
 MODE_MAC = 1
 MODE_STATIC = 2
@@ -57,8 +59,10 @@ MAX_EVENT_RATE = 1_000_000
 KEY_STAT_OK = 0
 KEY_STAT_BAD = 1
 
-# enum nt_guard_reason, in order: the verdicts of DESIGN §2, then why a packet
-# was passed without a verdict, then outcomes counted on top of a verdict.
+# enum nt_guard_reason, in order: the verdicts of design.md §2 (the last three
+# for packets to a protected address the guard cannot check), then why a
+# packet was passed without a verdict, then outcomes counted on top of a
+# verdict.
 GUARD_VERDICTS: tuple[str, ...] = (
     "ok",
     "missing",
@@ -67,15 +71,18 @@ GUARD_VERDICTS: tuple[str, ...] = (
     "stale",
     "bad_tag",
     "replay",
+    "fragment",
+    "ipv6_ext",
+    "bad_header",
 )
 GUARD_PASS_REASONS: tuple[str, ...] = (
     "not_syn",
     "unprotected",
     "not_tcp",
     "not_ipv4_or_6",
-    "fragment",
-    "ipv6_ext",
-    "bad_header",
+    "fragment_passed",
+    "ipv6_ext_passed",
+    "bad_header_passed",
 )
 GUARD_OUTCOMES: tuple[str, ...] = (
     "dropped",
@@ -91,6 +98,10 @@ GUARD_ACTIONS_TAKEN: tuple[str, ...] = ("dropped", "monitored")
 GUARD_EVENTS: dict[str, str] = {"events": "written", "events_suppressed": "suppressed",
                                 "events_lost": "lost"}
 GUARD_REASON = {name: i for i, name in enumerate(GUARD_REASONS)}
+
+# enum nt_guard_fragments: [guard] fragments.
+GUARD_FRAGMENTS_MODES: tuple[str, ...] = ("drop", "pass")
+GUARD_FRAGMENTS = {name: i for i, name in enumerate(GUARD_FRAGMENTS_MODES)}
 
 # enum nt_guard_action; "entry" only appears in the global override.
 GUARD_ACTIONS: tuple[str, ...] = ("entry", "drop", "monitor")
@@ -195,7 +206,8 @@ class NtGuardConfig(Struct):
         ("event_rate", C.c_uint32),
         ("event_burst", C.c_uint32),
         ("action", C.c_uint8),
-        ("pad", C.c_uint8 * 7),
+        ("fragments", C.c_uint8),
+        ("pad", C.c_uint8 * 6),
     ]
 
 
@@ -273,4 +285,5 @@ ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nt_mark_reason": ("NT_MARK_", MARK_REASONS + ("reason_max",)),
     "nt_guard_reason": ("NT_GUARD_", GUARD_REASONS + ("reason_max",)),
     "nt_guard_action": ("NT_ACTION_", GUARD_ACTIONS),
+    "nt_guard_fragments": ("NT_FRAGMENTS_", GUARD_FRAGMENTS_MODES),
 }

@@ -1067,6 +1067,29 @@ class Program(_KernelObject):
             ctx_out=cout.raw[: opts.ctx_size_out] if cout is not None else None,
         )
 
+    def test_runner(self, max_size: int = 2048) -> Callable[[bytes], tuple[int, bytes]]:
+        """test_run(data) -> (retval, data_out) for packet after packet of at
+        most MAX_SIZE bytes, with buffers and options set up once: a quarter
+        of test_run()'s cost per call, for tests that run a million packets."""
+        din = ctypes.create_string_buffer(max_size)
+        dout = ctypes.create_string_buffer(max_size)
+        opts = _opts(_bpf_test_run_opts, repeat=1)
+        opts.data_in = ctypes.addressof(din)
+        opts.data_out = ctypes.addressof(dout)
+        ref, fd, op = ctypes.byref(opts), self.fd, f"test run {self._label()}"
+
+        def run(data: bytes) -> tuple[int, bytes]:
+            if len(data) > max_size:
+                raise ValueError(f"{len(data)}-byte packet for a {max_size}-byte test runner")
+            ctypes.memmove(din, data, len(data))
+            opts.data_size_in, opts.data_size_out = len(data), max_size
+            ret = _prog_test_run_opts(fd, ref)
+            if ret < 0:
+                raise _error(-ret, op, [])
+            return opts.retval, dout.raw[: opts.data_size_out]
+
+        return run
+
     def __repr__(self) -> str:
         try:
             return f"<Program {self.name!r} type={self.type} fd={self._fd}>"

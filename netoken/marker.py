@@ -6,15 +6,13 @@ programs get the same behaviour as operators.
 
 from __future__ import annotations
 
-import datetime as _dt
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import config as nconfig
-from . import layout, links, program, state, tc
+from . import layout, links, program, schedule, state, tc
 from .config import Config, ConfigError, Policy
 from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
 from .errors import NetokenError
@@ -269,16 +267,6 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
     return {**program.config_meta(cfg), "policies": [_policy_meta(p) for p in cfg.policies]}
 
 
-def schedule(cfg: Config, now: float) -> dict[str, Any]:
-    """The key schedule of CFG as of NOW: the key each mac policy marks with,
-    and the next switch (None if no key is scheduled to start)."""
-    in_use = cfg.marking_keys(now)
-    at = cfg.next_switch(now)
-    nxt = None
-    if at is not None:
-        nxt = {"at": nconfig.iso(at),
-               "policies": {n: k for n, k in cfg.marking_keys(at).items() if k != in_use[n]}}
-    return {"in_use": in_use, "next_switch": nxt}
 
 
 def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
@@ -292,12 +280,11 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     any, is put back.
     """
     check(cfg)
-    idx = ifindex(ifname)
+    idx = program.existing(ifname, MarkerError)
     framing = framing_of(ifname, idx)
-    st = state_of(ifname, create=True)
     with state.locked():
+        st = state_of(ifname, create=True)
         old_meta = st.read_meta()
-        st.check_netns(old_meta)
         prev_prog_id = tc.query(idx, "egress")
         with Replacement(Marker, ifname, st) as r:
             if old_meta and old_meta.get("config"):
@@ -343,21 +330,21 @@ def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
     schedule as of NOW (default: the current time); no reattach."""
     check(cfg)
     now = time.time() if now is None else now
-    with Marker.updating(ifname) as (m, meta):
+    with Marker.updating(ifname) as (m, meta, st):
         m.configure(cfg, now)
         prog_id = m.prog.id
         before = {p.get("name") for p in meta.get("policies", [])}
         meta.update(_config_meta(cfg))
     after = {p.name for p in cfg.policies}
     return {
-        "ifname": ifname,
+        "ifname": st.ifname,
         "role": ROLE_NAME,
         "prog_id": prog_id,
         "policies": len(cfg.policies),
         "keys": sorted(cfg.keys),
         "added": sorted(after - before),
         "removed": sorted(before - after),
-        "schedule": schedule(cfg, now),
+        "schedule": schedule.plan(cfg, now),
     }
 
 
@@ -365,23 +352,27 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
     """Remove netoken's marker filter and pins from IFNAME.
 
     The clsact qdisc goes only if netoken created it and no other filter is
-    left on either of its hooks.  An interface that is gone has taken its
-    filters with it; its pins are still cleaned up.
+    left on either of its hooks.  IFNAME may be the name the marker was
+    attached under: the state is found by ifindex, whatever the interface
+    is called now.  An interface that is gone has taken its filters with it;
+    its pins are still cleaned up.
     """
     with Marker.removing(ifname) as r:
-        idx, meta = r.idx, r.meta
+        idx, meta, name = r.idx, r.meta, r.ifname
         prog_id = None
         if idx is not None:
             prog_id = tc.query(idx, "egress")
             if prog_id is None and not r.has_state:
-                raise MarkerError(f"no netoken marker on {ifname}")
+                raise MarkerError(f"no netoken marker on {name}")
             if prog_id is not None:
                 tc.detach(idx, "egress")
         clsact = "kept"
-        if idx is not None and tc.netoken_created_clsact(ifname, idx, meta):
-            clsact = tc.destroy_clsact_if_empty(ifname, idx)
+        if idx is not None and tc.netoken_created_clsact(name, idx, meta):
+            clsact = tc.destroy_clsact_if_empty(name, idx)
     return {
-        "ifname": ifname,
+        "ifname": name,
+        "ifindex": r.st.ifindex,
+        "attached_as": (meta or {}).get("ifname"),
         "role": ROLE_NAME,
         "removed_prog_id": prog_id,
         "interface_present": idx is not None,
@@ -422,18 +413,18 @@ class MarkerRole(ProgramRole):
         d["link"] = meta.get("link", "ethernet")
         cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid, "make_room": bool(cfgv.make_room)}
-        d["keys"] = program.live_keys(st, meta)
+        d["keys"] = program.live_keys(self.map_path(st, "nt_keys"), meta)
         d["policies"] = [dict(p) for p in meta.get("policies", [])]
         # The key each policy marks with is a fact of the live half of
         # nt_policies; the schedule that says what it should be comes from
         # the metadata.
         base = cfgv.generation * POLICY_HALF
-        with Map.from_pinned(st.pin("nt_policies")) as m:
+        with Map.from_pinned(self.map_path(st, "nt_policies")) as m:
             for i, p in enumerate(d["policies"]):
                 raw = m.lookup(u32(base + i))
                 if p.get("mode") == "mac" and raw:
                     p["key"] = layout.NtPolicy.from_bytes(raw).key_id
-        d["schedule"] = _schedule_status(meta, d["policies"], time.time())
+        d["schedule"] = schedule.from_meta(meta, d["policies"], time.time())
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
@@ -458,7 +449,7 @@ class MarkerRole(ProgramRole):
                 f"policy   {p.get('name')!s:<{width}}  {how:<10} ports {ports:<14} "
                 + " ".join(p.get("destinations", []))
             )
-        lines.extend(schedule_lines(d.get("schedule") or {}))
+        lines.extend(schedule.lines(d.get("schedule") or {}))
         return lines
 
     def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
@@ -500,52 +491,6 @@ class MarkerRole(ProgramRole):
             f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
             f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
         )
-
-
-def _starts(meta: dict[str, Any]) -> dict[int, float]:
-    out = {}
-    for k in meta.get("keys", []):
-        t = k.get("mark_from")
-        out[k.get("id")] = -math.inf if t is None else _dt.datetime.fromisoformat(t).timestamp()
-    return out
-
-
-def _schedule_status(meta: dict[str, Any], policies: list[dict[str, Any]],
-                     now: float) -> dict[str, Any]:
-    """What the key schedule in the metadata says as of NOW, next to the keys
-    the policies really use: the next switch, and switches that are overdue
-    (their instant passed and nobody applied them)."""
-    starts = _starts(meta)
-    mac = [p for p in policies if p.get("mode") == "mac" and p.get("keys")]
-    try:
-        due = {p["name"]: nconfig.scheduled_key(p["keys"], starts, now) for p in mac}
-        at = nconfig.next_switch([p["keys"] for p in mac], starts, now)
-        then = {p["name"]: nconfig.scheduled_key(p["keys"], starts, at) for p in mac} if at else {}
-    except (KeyError, TypeError):
-        return {"next_switch": None, "overdue": []}  # metadata from an older netoken
-    overdue = [
-        {"policy": p["name"], "key": due[p["name"]], "since": nconfig.iso(starts[due[p["name"]]])}
-        for p in mac if "key" in p and p["key"] != due[p["name"]]
-    ]
-    nxt = None
-    if at is not None:
-        nxt = {"at": nconfig.iso(at),
-               "policies": {n: k for n, k in then.items() if k != due[n]}}
-    return {"next_switch": nxt, "overdue": overdue}
-
-
-def schedule_lines(sched: dict[str, Any]) -> list[str]:
-    """The schedule part of `status` and `apply` for humans."""
-    lines = []
-    for o in sched.get("overdue", []):
-        lines.append(f"schedule {o['policy']} should mark with key {o['key']} since {o['since']}; "
-                     "only `netoken agent` switches on time (or run `netoken apply`)")
-    nxt = sched.get("next_switch")
-    if nxt:
-        to = ", ".join(f"{n} -> key {k}" for n, k in nxt["policies"].items())
-        lines.append(f"schedule next switch {nxt['at']}: {to} (performed by `netoken agent`; "
-                     "without it, run `netoken apply` then)")
-    return lines
 
 
 class _PolicyNames:

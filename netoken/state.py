@@ -1,12 +1,22 @@
 """Where attached netoken programs keep their state, and how the CLI finds it.
 
-Layout (one directory per interface and role; roles are ``marker``, ``guard``)::
+Layout: a directory per network namespace, in it one per interface and role,
+and the state a role shares between the interfaces of one namespace::
 
-    /sys/fs/bpf/netoken/IFACE/marker/prog         the TC program
-    /sys/fs/bpf/netoken/IFACE/marker/nt_config    every map, under its own name
-    ...
-    /sys/fs/bpf/netoken/IFACE/guard/...
-    /run/netoken/IFACE/marker.json                what the maps cannot say
+    /sys/fs/bpf/netoken/net:COOKIE/if:IFINDEX/marker/prog       the TC program
+    /sys/fs/bpf/netoken/net:COOKIE/if:IFINDEX/marker/nt_config  every map, by name
+    /sys/fs/bpf/netoken/net:COOKIE/if:IFINDEX/guard/...         program, counters
+    /sys/fs/bpf/netoken/net:COOKIE/guard/...                    shared by all guards
+    /run/netoken/net:COOKIE/if:IFINDEX/marker.json              what the maps cannot say
+    /run/netoken/net:COOKIE/guard.json
+
+COOKIE is the namespace's cookie (SO_NETNS_COOKIE): unlike its inode it is
+never reused while the system runs, and pins do not outlive a boot.  The same
+interface name in two namespaces therefore never collides, and every command
+only looks at its own namespace's directory.  IFINDEX keys an interface
+rather than its name: a rename leaves the state where it is, and the name
+shown is always the current one (the metadata keeps the name it had when
+netoken attached, so the old name still finds it).
 
 The pins are the state: they keep the maps alive after the CLI exits (the TC
 filter or XDP link keeps the program alive), and a fresh process opens them to
@@ -22,9 +32,9 @@ the file can be read with ``cat``.  It is only a description: everything
 from the kernel, so a lost or stale file degrades names, never facts.  It never
 holds key bytes.
 
-Interface names may contain dots, which bpffs refuses in names (dots are
-reserved there), so directory names are percent-encoded: ``eth0.100`` is
-``eth0%2E100``.
+bpffs refuses dots in names (they are reserved there), which is why no
+directory is named after an interface any more and the staging pins are
+``prog_new``, ``nt_replay_new``.
 
 Roles are pluggable: a role module exposes ``ROLE``, an object with the
 methods of :class:`Role`, and is listed in :data:`ROLE_MODULES`.  ``status``,
@@ -43,10 +53,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +72,7 @@ PROG_PIN = "prog"
 # bpffs refuses dots in names, so the staging pin of a replacement program
 # cannot be "prog.new".
 PROG_PIN_NEW = "prog_new"
-META_VERSION = 1
+META_VERSION = 2  # 2: per-namespace layout, netns as {cookie, inode}
 
 # Role name -> module exposing ROLE.  Roles whose module does not exist (yet)
 # are skipped by the generic views; their pins are still listed.
@@ -335,7 +347,8 @@ def open_dirs(anchor: Path, parts: Sequence[str], create: bool = False) -> list[
 
 
 def encode_ifname(ifname: str) -> str:
-    """Interface name -> bpffs-safe directory name (reversible)."""
+    """Interface name -> bpffs-safe directory name (reversible); only the
+    layout before per-namespace state used names as directory names."""
     return ifname.replace("%", "%25").replace(".", "%2E")
 
 
@@ -344,8 +357,113 @@ def decode_ifname(name: str) -> str:
 
 
 def current_netns() -> str:
-    """Identity of our network namespace, e.g. ``net:[4026531840]``."""
+    """Our network namespace as the kernel writes it, e.g. ``net:[4026531840]``."""
     return os.readlink("/proc/thread-self/ns/net")
+
+
+# asm-generic/socket.h (Linux 5.14): the namespace's 64-bit cookie.
+SO_NETNS_COOKIE = 71
+
+
+@dataclass(frozen=True)
+class Netns:
+    """A network namespace.
+
+    Its state directory is named by its cookie, which the kernel never hands
+    out twice while the system runs; bpffs and /run start empty at every
+    boot, so a cookie names one namespace for the whole life of the state.
+    The inode (what `ip netns identify`, lsns and /proc/PID/ns/net show) is
+    recycled once a namespace is gone, so it only helps to find a namespace
+    and to name it for people."""
+
+    cookie: int
+    inode: int
+
+    @property
+    def dirname(self) -> str:
+        return f"{NETNS_PREFIX}{self.cookie}"
+
+    @property
+    def kernel_name(self) -> str:
+        return f"net:[{self.inode}]"
+
+    def as_meta(self) -> dict[str, int]:
+        return {"cookie": self.cookie, "inode": self.inode}
+
+
+# Directory names of the per-namespace layout.  Interface names cannot hold
+# ':' (the kernel refuses it), so no directory of the layout before this one
+# (one per interface name) can look like these.
+NETNS_PREFIX = "net:"
+IFACE_PREFIX = "if:"
+
+
+def this_netns() -> Netns:
+    """The network namespace this thread runs in."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    except OSError:
+        raise StateError(
+            "this kernel does not report network namespace cookies (SO_NETNS_COOKIE, "
+            "Linux 5.14 or newer), which netoken keys its state by"
+        ) from None
+    return Netns(int.from_bytes(raw, sys.byteorder), os.stat("/proc/thread-self/ns/net").st_ino)
+
+
+def _cookie_at(path: str) -> int | None:
+    """The cookie of the network namespace file PATH (entered for a moment)."""
+    from .netns import entered
+
+    try:
+        with entered(path):
+            return this_netns().cookie
+    except (OSError, StateError):
+        return None
+
+
+def _netns_files(inode: int) -> Iterator[tuple[str, str | None]]:
+    """(path, `ip netns` name or None) of namespace files with INODE: named
+    namespaces first, then those only processes hold."""
+    from .netns import NETNS_RUN_DIR
+
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(NETNS_RUN_DIR)):
+            path = os.path.join(NETNS_RUN_DIR, name)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    yield path, name
+    with contextlib.suppress(OSError):
+        for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
+            path = f"/proc/{pid}/ns/net"
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    yield path, None
+
+
+def find_netns(ns: Netns) -> tuple[str, str | None] | None:
+    """(a path that enters NS, its `ip netns` name or None), or None when no
+    named namespace or process has it (it is gone, or only something netoken
+    does not look at, such as a bind mount elsewhere, holds it)."""
+    for path, name in _netns_files(ns.inode):
+        if _cookie_at(path) == ns.cookie:
+            return path, name
+    return None
+
+
+def netns_name(ns: Netns) -> str | None:
+    """NS's `ip netns` name, if it has one."""
+    for path, name in _netns_files(ns.inode):
+        if name is None:
+            break
+        if _cookie_at(path) == ns.cookie:
+            return name
+    return None
+
+
+def netns_label(ns: Netns) -> str:
+    """How messages name NS: its `ip netns` name, else the kernel's net:[inode]."""
+    return netns_name(ns) or ns.kernel_name
 
 
 def now_iso() -> str:
@@ -357,51 +475,85 @@ def locked() -> Iterator[None]:
     """Serialize commands that change state (attach, apply, detach).
 
     One global lock: per-interface lock files could not be removed safely and
-    these commands take milliseconds.
+    these commands take milliseconds.  Reentrant within a process (the
+    migration of old state runs under it, inside commands that hold it).
     """
+    if _LOCK_DEPTH[0]:
+        _LOCK_DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _LOCK_DEPTH[0] -= 1
+        return
     run = open_dirs(RUN_ROOT, [ROOT_NAME], create=True)[-1]
     fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=run.fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _LOCK_DEPTH[0] = 1
         yield
     finally:
+        _LOCK_DEPTH[0] = 0
         os.close(fd)
 
 
+_LOCK_DEPTH = [0]
+
+
 # --------------------------------------------------------------------------
-# per-interface, per-role state
+# pinned state: one directory in bpffs, one metadata file in /run
 
 
-@dataclass(frozen=True)
-class RoleState:
-    """The pins and metadata of one role on one interface.
+def memlock(path: str) -> int:
+    """Kernel memory charged to the BPF map pinned at PATH (what `bpftool map
+    show` reports as memlock), from the fdinfo of a fresh fd on it."""
+    from .libbpf import Map
 
-    The paths (``pin_dir``, ``meta_path``) are for people; every access goes
-    through checked directory fds (see open_dirs), opened on first use and
-    kept for the life of this object."""
+    with Map.from_pinned(path) as m, open(f"/proc/self/fdinfo/{m.fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
 
-    ifname: str
-    role: str
-    root: Path = BPFFS
-    # "pin" / "run" -> the open chain of directories, anchor first
-    _dirs: dict[str, list[StateDir]] = field(default_factory=dict, compare=False, repr=False)
+
+class PinnedState:
+    """The pins of one program or shared set of maps, and their metadata.
+
+    PARTS are the directories below the namespace's one; the last is the pin
+    directory and names the metadata file (``PARTS[-1].json``) in the
+    matching /run directory.  Paths (``pin_dir``, ``meta_path``) are for
+    people; every access goes through checked directory fds (see
+    open_dirs), opened on first use and kept for the life of the object."""
+
+    def __init__(self, netns: Netns, parts: tuple[str, ...], root: Path = BPFFS) -> None:
+        self.netns = netns
+        self.parts = parts
+        self.root = root
+        # "pin" / "run" -> the open chain of directories, anchor first
+        self._dirs: dict[str, list[StateDir]] = {}
 
     @property
-    def iface_dir(self) -> Path:
-        return self.root / ROOT_NAME / encode_ifname(self.ifname)
+    def _pin_parts(self) -> list[str]:
+        return [ROOT_NAME, self.netns.dirname, *self.parts]
+
+    @property
+    def _run_parts(self) -> list[str]:
+        return [ROOT_NAME, self.netns.dirname, *self.parts[:-1]]
+
+    @property
+    def _meta_name(self) -> str:
+        return f"{self.parts[-1]}.json"
 
     @property
     def pin_dir(self) -> Path:
-        return self.iface_dir / self.role
+        return self.root.joinpath(*self._pin_parts)
 
     @property
     def meta_path(self) -> Path:
-        return RUN_DIR / encode_ifname(self.ifname) / f"{self.role}.json"
+        return RUN_ROOT.joinpath(*self._run_parts, self._meta_name)
 
     def _chain(self, which: str, create: bool = False) -> list[StateDir]:
-        parts = ([ROOT_NAME, encode_ifname(self.ifname), self.role] if which == "pin"
-                 else [ROOT_NAME, encode_ifname(self.ifname)])
+        parts = self._pin_parts if which == "pin" else self._run_parts
         chain = self._dirs.get(which)
         if chain is None:
             anchor = self.root if which == "pin" else RUN_ROOT
@@ -412,9 +564,11 @@ class RoleState:
 
     def _dir(self, which: str, create: bool = False) -> StateDir | None:
         chain = self._chain(which, create)
-        return chain[-1] if len(chain) == (4 if which == "pin" else 3) else None
+        full = len(self._pin_parts if which == "pin" else self._run_parts) + 1
+        return chain[-1] if len(chain) == full else None
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
+        """Close the directory fds (they are reopened on next use)."""
         for chain in self._dirs.values():
             for d in chain:
                 d.close()
@@ -435,9 +589,13 @@ class RoleState:
             raise FileNotFoundError(errno.ENOENT, "no pinned state", str(self.pin_dir / name))
         return d.at(name)
 
-    def exists(self) -> bool:
+    def has_pin(self, name: str) -> bool:
         d = self._dir("pin")
-        return d is not None and _lexists(d, PROG_PIN)
+        return d is not None and _lexists(d, name)
+
+    def exists(self) -> bool:
+        """Whether a program is pinned here (shared state has none)."""
+        return self.has_pin(PROG_PIN)
 
     def pins(self) -> list[str]:
         d = self._dir("pin")
@@ -449,12 +607,20 @@ class RoleState:
         assert d is not None
         return d.created
 
+    def memlock(self) -> int:
+        """Bytes of kernel memory the maps pinned here hold."""
+        total = 0
+        for name in self.pins():
+            with contextlib.suppress(OSError, ValueError):
+                total += memlock(self.pin(name))
+        return total
+
     def read_meta(self) -> dict[str, Any] | None:
         d = self._dir("run")
         if d is None:
             return None
         try:
-            fd = os.open(f"{self.role}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            fd = os.open(self._meta_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=d.fd)
             with os.fdopen(fd) as f:
                 data = json.load(f)
@@ -466,7 +632,7 @@ class RoleState:
         """When the metadata was last written (None: there is none)."""
         d = self._dir("run")
         try:
-            return os.stat(f"{self.role}.json", dir_fd=d.fd, follow_symlinks=False).st_mtime \
+            return os.stat(self._meta_name, dir_fd=d.fd, follow_symlinks=False).st_mtime \
                 if d is not None else None
         except OSError:
             return None
@@ -475,7 +641,7 @@ class RoleState:
         """Replace the metadata file atomically (readers never see half a file)."""
         d = self._dir("run", create=True)
         assert d is not None
-        name = f"{self.role}.json"
+        name = self._meta_name
         tmp = f"{name}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=d.fd)
@@ -485,46 +651,75 @@ class RoleState:
             f.write(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
-    def check_netns(self, meta: dict[str, Any] | None = None) -> None:
-        """Refuse to act on state that an interface of the same name in another
-        network namespace created: pins are global, interface names are not.
-        Metadata without pins is a leftover (a crash, pins removed by hand)
-        and claims nothing."""
-        if not self.has_pin_dir():
-            return
-        meta = self.read_meta() if meta is None else meta
-        if not meta or not meta.get("netns"):
-            return
-        here = current_netns()
-        if meta["netns"] != here:
-            raise StateError(
-                f"{self.pin_dir} belongs to {self.ifname} in another network namespace "
-                f"({meta['netns']}, this is {here}); run netoken there (netoken -n NAME ...)"
-            )
-
     def remove(self) -> None:
-        """Unpin everything of this role and drop its metadata; empty parent
-        directories go too, other roles' state stays."""
+        """Unpin everything here and drop the metadata; parent directories
+        go too once empty (the namespace's, netoken's in bpffs), everything
+        else stays."""
         pins = self._chain("pin")
         run = self._chain("run")
         self._dirs.clear()
         # Deepest first: a level goes only once what is below it has gone.
-        if len(pins) == 4:
-            shutil.rmtree(self.role, dir_fd=pins[2].fd, ignore_errors=True)
-        for i in (2, 1):  # the interface's directory, then netoken's
-            if len(pins) > i:
-                with contextlib.suppress(OSError):
-                    os.rmdir(pins[i].path.name, dir_fd=pins[i - 1].fd)
-        if len(run) == 3:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.role}.json", dir_fd=run[2].fd)
+        if len(pins) == len(self._pin_parts) + 1:
+            shutil.rmtree(pins[-1].path.name, dir_fd=pins[-2].fd, ignore_errors=True)
+        for i in range(min(len(pins), len(self._pin_parts)) - 1, 0, -1):
             with contextlib.suppress(OSError):
-                os.rmdir(run[2].path.name, dir_fd=run[1].fd)
+                os.rmdir(pins[i].path.name, dir_fd=pins[i - 1].fd)
+        if len(run) == len(self._run_parts) + 1:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._meta_name, dir_fd=run[-1].fd)
+        # /run/netoken itself stays: it holds the lock.
+        for i in range(min(len(run), len(self._run_parts) + 1) - 1, 1, -1):
+            with contextlib.suppress(OSError):
+                os.rmdir(run[i].path.name, dir_fd=run[i - 1].fd)
         for d in (*pins, *run):
             d.close()
 
     def __del__(self) -> None:
-        self._forget()
+        self.forget()
+
+
+class RoleState(PinnedState):
+    """One role (marker, guard) on one interface of a network namespace,
+    keyed by the interface's index: a rename does not move it.
+
+    ``ifname`` is the interface's name now, or, once it is gone, the name
+    it had when the role was attached (``present`` says which)."""
+
+    def __init__(self, netns: Netns, ifindex: int, role: str, root: Path = BPFFS,
+                 here: bool = True) -> None:
+        super().__init__(netns, (f"{IFACE_PREFIX}{ifindex}", role), root)
+        self.ifindex = ifindex
+        self.role = role
+        self._shared: SharedState | None = None
+        name = None
+        if here:  # interface names are only known inside the namespace
+            with contextlib.suppress(OSError):
+                name = socket.if_indextoname(ifindex)
+        self.present = name is not None
+        self.ifname: str = name or self.attached_as() or f"ifindex {ifindex}"
+
+    def shared(self) -> SharedState:
+        """What this role shares in this namespace (see SharedState)."""
+        if self._shared is None:
+            self._shared = SharedState(self.netns, self.role, self.root)
+        return self._shared
+
+    def attached_as(self) -> str | None:
+        """The interface's name when the role was attached (metadata)."""
+        name = (self.read_meta() or {}).get("ifname")
+        return name if isinstance(name, str) else None
+
+    def __repr__(self) -> str:
+        return f"<RoleState {self.role} on {self.ifname} (ifindex {self.ifindex}) in {self.netns}>"
+
+
+class SharedState(PinnedState):
+    """What every instance of a role in one network namespace shares (the
+    guard's replay cache, keys and config), pinned once beside them."""
+
+    def __init__(self, netns: Netns, role: str, root: Path = BPFFS) -> None:
+        super().__init__(netns, (role,), root)
+        self.role = role
 
 
 def _lexists(d: StateDir, name: str) -> bool:
@@ -544,37 +739,296 @@ def check_roots(root: Path | None = None) -> None:
                 d.close()
 
 
+def _ifindex_of(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def _ifindex_present(idx: int) -> bool:
+    try:
+        socket.if_indextoname(idx)
+    except OSError:
+        return False
+    return True
+
+
+def netns_states(ns: Netns, root: Path, here: bool = True,
+                 ifindex: int | None = None) -> list[RoleState]:
+    """Every per-interface role state of namespace NS (only interface
+    IFINDEX's, if given), checked level by level (StateError if a directory
+    is not safe).  HERE: NS is the namespace this thread runs in, so
+    interface names are looked up."""
+    base = open_dirs(root, [ROOT_NAME, ns.dirname])
+    out: list[RoleState] = []
+    try:
+        if len(base) < 3:
+            return []
+        top = base[-1]
+        entries = [e for e in os.listdir(top.fd)
+                   if e.startswith(IFACE_PREFIX) and e[len(IFACE_PREFIX):].isdigit()
+                   and (ifindex is None or e == f"{IFACE_PREFIX}{ifindex}")]
+        for entry in sorted(entries, key=lambda e: int(e[len(IFACE_PREFIX):])):
+            iface = _open_below(top, entry, create=False)
+            if iface is None:
+                continue
+            idx = int(entry[len(IFACE_PREFIX):])
+            for role in sorted(os.listdir(iface.fd)):
+                d = _open_below(iface, role, create=False)
+                if d is not None:
+                    d.close()
+                    out.append(RoleState(ns, idx, role, root, here))
+            iface.close()
+    finally:
+        for d in base:
+            d.close()
+    return out
+
+
+def role_count(ns: Netns, role: str, root: Path) -> int:
+    """How many interfaces of NS have ROLE pinned (cheaper than netns_states)."""
+    base = open_dirs(root, [ROOT_NAME, ns.dirname])
+    try:
+        if len(base) < 3:
+            return 0
+        top = base[-1]
+        n = 0
+        for entry in os.listdir(top.fd):
+            if entry.startswith(IFACE_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.stat(f"{entry}/{role}", dir_fd=top.fd, follow_symlinks=False)
+                    n += 1
+        return n
+    finally:
+        for d in base:
+            d.close()
+
+
 def all_states(ifname: str | None = None, root: Path | None = None) -> list[RoleState]:
-    """Every role state with pins, optionally only for IFNAME.  Every
-    directory on the way is checked (StateError if one is not safe)."""
+    """Every role state with pins in this network namespace, optionally only
+    for interface IFNAME: the interface that has that name now, or, if none
+    has, the one netoken attached to under that name (renamed or gone since).
+    Every directory on the way is checked (StateError if one is not safe);
+    state left by an older netoken is moved to this layout first."""
     root = root if root is not None else bpffs(create=False)
     check_roots(root)
     if root is None:
         return []
-    base = open_dirs(root, [ROOT_NAME])
-    if len(base) < 2:
+    ns = this_netns()
+    migrate_old_layout(root, ns)
+    if ifname is None:
+        return netns_states(ns, root)
+    idx = _ifindex_of(ifname)
+    if idx is not None:  # only its directory is opened
+        return netns_states(ns, root, ifindex=idx)
+    known = [st for st in netns_states(ns, root) if st.attached_as() == ifname]
+    return [st for st in known if st.ifindex == known[0].ifindex]
+
+
+def in_this_netns(st: PinnedState) -> bool:
+    return st.netns.cookie == this_netns().cookie
+
+
+def state_for(role: str, ifindex: int, root: Path | None = None) -> RoleState:
+    """ROLE's state on interface IFINDEX of this namespace (it may not exist)."""
+    return RoleState(this_netns(), ifindex, role, root or BPFFS)
+
+
+def shared_state(role: str, root: Path | None = None) -> SharedState:
+    """ROLE's shared state in this namespace (it may not exist)."""
+    return SharedState(this_netns(), role, root or BPFFS)
+
+
+@dataclass(frozen=True)
+class OtherNetns:
+    """Another namespace's state, as its directories and metadata tell
+    (interface names are those at attach time)."""
+
+    netns: Netns
+    roles: list[tuple[str, str]]  # (ifname, role)
+    path: Path
+
+
+def other_netns(root: Path | None = None) -> list[OtherNetns]:
+    """The state of every other network namespace netoken keeps state for."""
+    root = root if root is not None else bpffs(create=False)
+    if root is None:
         return []
-    top = base[-1]
-    names = [encode_ifname(ifname)] if ifname is not None else os.listdir(top.fd)
+    me = this_netns()
+    base = open_dirs(root, [ROOT_NAME])
+    try:
+        if len(base) < 2:
+            return []
+        names = sorted(os.listdir(base[-1].fd))
+    finally:
+        for d in base:
+            d.close()
     out = []
-    for enc in sorted(names):
-        iface = _open_below(top, enc, create=False)
-        if iface is None:
+    for entry in names:
+        cookie = entry[len(NETNS_PREFIX):]
+        if not entry.startswith(NETNS_PREFIX) or not cookie.isdigit() or int(cookie) == me.cookie:
             continue
-        for role in sorted(os.listdir(iface.fd)):
-            d = _open_below(iface, role, create=False)
-            if d is not None:
-                out.append(RoleState(decode_ifname(enc), role, root))
-                d.close()
-        iface.close()
-    for d in base:
-        d.close()
+        probe = Netns(int(cookie), 0)
+        states = netns_states(probe, root, here=False)
+        inode = 0
+        for st in states:
+            ns_meta = (st.read_meta() or {}).get("netns")
+            if isinstance(ns_meta, dict) and isinstance(ns_meta.get("inode"), int):
+                inode = ns_meta["inode"]
+                break
+        ns = Netns(int(cookie), inode)
+        out.append(OtherNetns(ns, [(st.ifname, st.role) for st in states],
+                              root / ROOT_NAME / entry))
     return out
 
 
-def in_this_netns(st: RoleState) -> bool:
-    meta = st.read_meta()
-    return not meta or not meta.get("netns") or meta["netns"] == current_netns()
+# --------------------------------------------------------------------------
+# the layout before per-namespace state
+#
+# Up to this version state lived in /sys/fs/bpf/netoken/IFNAME/ROLE and
+# /run/netoken/IFNAME/ROLE.json, IFNAME percent-encoded, with the owning
+# namespace only in the metadata ("netns": "net:[inode]").  Each namespace
+# moves its own entries when netoken first runs there: a rename of the role
+# directory within bpffs, which the running programs do not notice (pins
+# are references).  Entries of other namespaces wait for netoken to run in
+# theirs (`status --all-netns` lists them).
+
+
+def old_layout_entries(root: Path) -> list[str]:
+    """Top-level directories of the layout before per-namespace state."""
+    base = open_dirs(root, [ROOT_NAME])
+    try:
+        if len(base) < 2:
+            return []
+        return sorted(n for n in os.listdir(base[-1].fd) if not n.startswith(NETNS_PREFIX))
+    finally:
+        for d in base:
+            d.close()
+
+
+def _old_entries_here(root: Path, ns: Netns) -> bool:
+    """Whether an entry of the old layout may be this namespace's."""
+    entries = old_layout_entries(root)
+    if not entries:
+        return False
+    run = open_dirs(RUN_ROOT, [ROOT_NAME])
+    try:
+        run_top = run[-1] if len(run) == 2 else None
+        base = open_dirs(root, [ROOT_NAME])
+        try:
+            for enc in entries:
+                old = _open_below(base[-1], enc, create=False)
+                if old is None:
+                    continue
+                roles = os.listdir(old.fd)
+                old.close()
+                for role in roles:
+                    meta = _old_meta(run_top, enc, role)
+                    if meta is None and _ifindex_of(decode_ifname(enc)) is not None:
+                        return True
+                    if meta is not None and meta.get("netns") in (None, ns.kernel_name):
+                        return True
+        finally:
+            for d in base:
+                d.close()
+    finally:
+        for d in run:
+            d.close()
+    return False
+
+
+def _old_meta(run_top: StateDir | None, enc: str, role: str) -> dict[str, Any] | None:
+    if run_top is None:
+        return None
+    d = _open_below(run_top, enc, create=False)
+    if d is None:
+        return None
+    try:
+        fd = os.open(f"{role}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
+        with os.fdopen(fd) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    finally:
+        d.close()
+    return data if isinstance(data, dict) else None
+
+
+def migrate_old_layout(root: Path, ns: Netns) -> list[str]:
+    """Move this namespace's state of the old layout to the per-namespace
+    one; returns what moved ("IFNAME ROLE").  Entries of other namespaces
+    are only looked at (without the lock, which every command would
+    otherwise take while any of them is left)."""
+    if not _old_entries_here(root, ns):
+        return []
+    moved = []
+    with locked():
+        base = open_dirs(root, [ROOT_NAME])
+        run = open_dirs(RUN_ROOT, [ROOT_NAME])
+        run_top = run[-1] if len(run) == 2 else None
+        try:
+            if len(base) < 2:
+                return []
+            top = base[-1]
+            for enc in sorted(n for n in os.listdir(top.fd) if not n.startswith(NETNS_PREFIX)):
+                old = _open_below(top, enc, create=False)
+                if old is None:
+                    continue
+                try:
+                    for role in sorted(os.listdir(old.fd)):
+                        if _migrate_one(root, ns, old, run_top, enc, role):
+                            moved.append(f"{decode_ifname(enc)} {role}")
+                finally:
+                    old.close()
+                with contextlib.suppress(OSError):
+                    os.rmdir(enc, dir_fd=top.fd)
+                if run_top is not None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(enc, dir_fd=run_top.fd)
+        finally:
+            for d in (*base, *run):
+                d.close()
+    return moved
+
+
+def _migrate_one(root: Path, ns: Netns, old: StateDir, run_top: StateDir | None, enc: str,
+                 role: str) -> bool:
+    meta = _old_meta(run_top, enc, role)
+    ifname = decode_ifname(enc)
+    if meta is not None and meta.get("netns") not in (None, ns.kernel_name):
+        return False  # another namespace's: it moves when netoken runs there
+    idx = meta.get("ifindex") if meta is not None else None
+    if not isinstance(idx, int) or not _ifindex_present(idx):
+        # Without metadata the old netoken took the state for its own in
+        # any namespace; here only one with an interface of that name does.
+        by_name = _ifindex_of(ifname)
+        if by_name is None and not isinstance(idx, int):
+            return False
+        idx = by_name if by_name is not None else idx
+    assert isinstance(idx, int)
+    new = RoleState(ns, idx, role, root)
+    if new.has_pin_dir():
+        return False  # attached again meanwhile: the old entry stays for the operator
+    chain = open_dirs(root, new._pin_parts[:-1], create=True)
+    try:
+        os.rename(role, role, src_dir_fd=old.fd, dst_dir_fd=chain[-1].fd)
+    finally:
+        for d in chain:
+            d.close()
+    new.forget()
+    if meta is not None:
+        meta["netns"] = ns.as_meta()
+        meta["ifindex"] = idx
+        meta.setdefault("ifname", ifname)
+        new.write_meta(meta)
+        if run_top is not None:
+            d = _open_below(run_top, enc, create=False)
+            if d is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{role}.json", dir_fd=d.fd)
+                d.close()
+    return True
 
 
 # --------------------------------------------------------------------------

@@ -110,16 +110,15 @@ def destroy_clsact_if_empty(ifname: str, idx: int) -> str:
 
 
 def netoken_created_clsact(ifname: str, idx: int, meta: dict | None = None) -> bool:
-    """Whether netoken created IFNAME's clsact qdisc: META (the caller's own
-    metadata) or any role's metadata for this interface says so.
+    """Whether netoken created the clsact qdisc of IFNAME (ifindex IDX): META
+    (the caller's own metadata) or any role's metadata for it says so.
 
     The marker and the guard share the qdisc, and whichever attaches second
     finds it there: it inherits the first one's word, so the qdisc goes with
     the last of them, not with the first to leave."""
-    from .program import state_of
-
     metas = [meta] if meta is not None else []
+    root = state.bpffs(create=False) or state.BPFFS
     for role in state.ROLE_MODULES:
         with contextlib.suppress(state.StateError, OSError, ValueError):
-            metas.append(state_of(role, ifname).read_meta())
+            metas.append(state.RoleState(state.this_netns(), idx, role, root).read_meta())
     return any(m and m.get("created_clsact") and m.get("ifindex") == idx for m in metas)

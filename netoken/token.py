@@ -1,4 +1,4 @@
-"""Python reference implementation of the netoken TCP option (DESIGN.md §2).
+"""Python reference implementation of the netoken TCP option (design.md §2).
 
 This module is the executable form of the wire-format contract: the BPF marker and
 guard are cross-checked against it byte for byte, and the user-space tools
@@ -258,7 +258,7 @@ def mac_message(
     sport: int | None = None,
     bind: int = 0,
 ) -> bytes:
-    """The SipHash input of a mac-mode token (DESIGN §2), all fields network order.
+    """The SipHash input of a mac-mode token (design.md §2), all fields network order.
 
     ``ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(6) ‖ daddr(4|16) ‖ dport(2)``, then
     ``saddr`` if ``bind & BIND_SADDR`` and ``sport`` if ``bind & BIND_SPORT``.
@@ -561,7 +561,7 @@ def verdict(
     exid: int = DEFAULT_EXID,
     static_tokens: set[int] | frozenset[int] | None = None,
 ) -> Verdict:
-    """The guard's verdict on a SYN's raw TCP option bytes, as DESIGN §2 defines it.
+    """The guard's verdict on a SYN's raw TCP option bytes, as design.md §2 defines it.
 
     `keys` maps key id -> (key bytes, window seconds, bind bitmask), i.e. the keys
     accepted for this destination.  Checks run in the order the design lists them:

@@ -65,7 +65,31 @@ def test_config_check_valid_without_libbpf(tmp_path):
     assert r.stdout == f"{cfg}: valid: key id 1, 1 policy, 1 protect entry\n"
     r = netoken("--json", "config", "check", cfg, libbpf=False)
     assert json.loads(r.stdout) == {"file": cfg, "valid": True, "keys": [1],
-                                    "policies": 1, "protect": 1}
+                                    "policies": 1, "protect": 1,
+                                    "schedule": {"in_use": {"p": 1}, "next_switch": None},
+                                    "agent": None}
+
+
+def test_config_check_shows_the_key_schedule_and_the_agent(tmp_path):
+    """What a fleet push will do, before it is pushed."""
+    key2 = tmp_path / "2.key"
+    key2.write_text(TEST_KEY.hex() + "\n")
+    key2.chmod(0o400)
+    cfg = _config(tmp_path, f'[[key]]\nid = 2\nfile = "{key2}"\n'
+                            'mark_from = 2999-01-01T00:00:00+02:00\n'
+                            '[[policy]]\nname = "p"\ndestinations = ["198.18.0.0/15"]\n'
+                            'keys = [1, 2]\n[agent]\nmark = ["eth0", "lxc*"]\n')
+    r = netoken("config", "check", cfg, libbpf=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1:] == [
+        "  keys in use now: p key 1",
+        ("  schedule next switch 2998-12-31T22:00:00Z: p -> key 2 (performed by `netoken "
+         "agent`; without it, run `netoken apply` then)"),
+        "  agent: marker on eth0 lxc*, guard on nothing, metrics off"]
+    d = json.loads(netoken("--json", "config", "check", cfg, libbpf=False).stdout)
+    assert d["schedule"] == {"in_use": {"p": 1}, "next_switch": {
+        "at": "2998-12-31T22:00:00Z", "policies": {"p": 2}}}
+    assert d["agent"] == {"mark": ["eth0", "lxc*"], "guard": [], "metrics": None}
 
 
 def test_config_check_names_file_entry_and_problem(tmp_path):

@@ -1,4 +1,4 @@
-"""netoken.config: the DESIGN §4 schema, and one-line errors for every bad case."""
+"""netoken.config: the design.md §4 schema, and one-line errors for every bad case."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from netoken.config import (
 K1_HEX = "000102030405060708090a0b0c0d0e0f"
 K2_HEX = "F0E1D2C3B4A5968778695A4B3C2D1E0F"
 
-# The DESIGN §4 example, with the key path made a placeholder.
+# The design.md §4 example, with the key path made a placeholder.
 EXAMPLE = """
 [option]
 kind = 253
@@ -186,6 +186,14 @@ action = "drop"
         protect=(Protect((ipaddress.ip_network("2001:db8::/48"),), (), (2,), "drop"),),
     )
     assert cfg.guard.action_for(cfg.guard.protect[0]) == "drop"
+    assert cfg.guard.fragments == "drop"
+
+
+def test_guard_fragments_setting(tmp_path: Path, keydir: Path) -> None:
+    for value in ("pass", "drop"):
+        text = guard(PROT, f'fragments = "{value}"\n').format(k1=keydir / "1.key")
+        cfg = load_text(tmp_path, text)
+        assert cfg.guard is not None and cfg.guard.fragments == value
 
 
 def test_make_room_is_on_unless_turned_off() -> None:
@@ -851,6 +859,27 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         None,
     ),
     (
+        "guard-fragments",
+        guard(PROT, 'fragments = "reassemble"\n'),
+        "guard",
+        'fragments must be "drop" or "pass", got string "reassemble"',
+        None,
+    ),
+    (
+        "guard-fragments-bool",
+        guard(PROT, "fragments = false\n"),
+        "guard",
+        'fragments must be "drop" or "pass", got boolean false',
+        None,
+    ),
+    (
+        "protect-fragments",
+        guard(PROT + 'fragments = "pass"\n'),
+        "guard.protect #1",
+        'unknown key "fragments"',
+        None,
+    ),
+    (
         "protect-action",
         guard(PROT + 'action = "allow"\n'),
         "guard.protect #1",
@@ -1236,7 +1265,7 @@ def test_key_schedule(tmp_path: Path, keydir: Path) -> None:
 
 
 def test_schedule_ties_go_to_the_key_listed_last() -> None:
-    from netoken.config import next_switch, scheduled_key
+    from netoken.schedule import next_switch, scheduled_key
 
     inf = float("-inf")
     assert scheduled_key([1, 2], {1: inf, 2: inf}, 0) == 2

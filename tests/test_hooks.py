@@ -67,11 +67,12 @@ def test_auto_picks_tc_on_a_veth_and_a_forced_hook_is_sticky(g: G):
 
 
 def test_switching_hooks_keeps_the_replay_cache_and_drops_no_connection(g: G):
-    """The guard moves tc -> xdp -> tc: a token accepted before is still a
-    replay after each move.  Then it moves under a loop of marked
-    connections: the new hook runs before the old one goes, and a SYN both
-    see in that moment is not a replay to the second (each has its own cache
-    until the move is done), so no connection fails and nothing is dropped."""
+    """The guard moves tc -> xdp -> tc: the namespace's replay cache stays, so
+    a token accepted before is still a replay after each move.  Then it
+    moves under a loop of marked connections: the new hook runs before the
+    old one goes, so nothing unverified gets in and no connection fails; a
+    SYN that arrives while both run is a replay to the second (its client
+    retransmits), and nothing else is rejected."""
     from netoken.libbpf import Program
 
     from .test_cli import pin_dir
@@ -86,7 +87,7 @@ def test_switching_hooks_keeps_the_replay_cache_and_drops_no_connection(g: G):
         assert prog.test_run(frame).retval == g.retval("pass")
     for hook in ("xdp", "tc"):
         res = g.attach(cfg, "--hook", hook)
-        assert res["replay_cache"] == {"entries": 4096, "state": "moved", "copied": 1}
+        assert res["replay_cache"] == {"entries": 4096, "state": "kept", "copied": 0}
         with Program.from_pinned(prog_pin) as prog:
             assert prog.test_run(frame).retval == g.retval("drop")
     assert g.stats()["counters"]["replay"] == 2
@@ -97,11 +98,11 @@ def test_switching_hooks_keeps_the_replay_cache_and_drops_no_connection(g: G):
     assert not failures, failures[:3]
     assert [r["hook_switched"] for r in switched] == ["tc->xdp", "xdp->tc", "tc->xdp"]
     c = g.stats()["counters"]
-    assert c["ok"] >= made and c["dropped"] == c["replay"] == 2  # the two replays above
-    assert {v: c[v] for v in BAD_VERDICTS if v != "replay"} == dict.fromkeys(
-        (v for v in BAD_VERDICTS if v != "replay"), 0)
+    assert c["ok"] >= made and c["dropped"] == c["replay"]
+    others = [v for v in BAD_VERDICTS if v != "replay"]
+    assert {v: c[v] for v in others} == dict.fromkeys(others, 0)
     print(f"\nhook switches tc->xdp->tc->xdp under a connection loop: {made} connections, "
-          f"{len(failures)} failed, {c['dropped']} SYNs dropped")
+          f"{len(failures)} failed, {c['replay'] - 2} SYNs seen by both hooks and retransmitted")
 
 
 def test_tc_guard_shares_clsact_with_the_marker_and_foreign_filters(g: G):

@@ -30,6 +30,7 @@ from .pkt import (
     DST_MAC,
     SRC_MAC,
     expected_marked,
+    ext_chain,
     normalize_zero,
     options_of_len,
     parse,
@@ -226,6 +227,30 @@ def test_ipv6_syn_behind_extension_headers_is_marked(marker, ext):
                    / ext / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
     assert parse(before).l4 > parse(before).l3 + 40
     assert_marked(marker, before)
+
+
+@pytest.mark.parametrize("depth", [1, 4, 5, 8, layout.MAX_IP6_EXT])
+def test_ipv6_syn_behind_chains_within_the_walk_is_marked(marker, depth):
+    before = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst="2001:db8:100::5")
+                   / ext_chain(depth, seed=depth)
+                   / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
+    assert_marked(marker, before)
+
+
+def test_ipv6_syn_behind_longer_chains_or_ah_is_left_alone(marker):
+    def v6(ext, nh=None):
+        l3 = IPv6(src="2001:db8:1::1", dst="2001:db8:100::5") / ext
+        if nh is not None:
+            l3.lastlayer().nh = nh
+        return Ether(src=SRC_MAC, dst=DST_MAC) / l3
+
+    tcp = bytes(TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
+    longer = v6(ext_chain(layout.MAX_IP6_EXT + 1)) / TCP(sport=40000, dport=443, flags="S")
+    assert_untouched(marker, bytes(longer), "ipv6_ext")
+    # AH's integrity check covers the TCP header: editing it would break the
+    # connection, so the SYN goes out unmarked.
+    ah = bytes([6, 4, 0, 0]) + bytes(8) + b"\xaa" * 12
+    assert_untouched(marker, bytes(v6(IPv6ExtHdrHopByHop(), nh=51) / (ah + tcp)), "ipv6_ext")
 
 
 def test_eol_in_options_becomes_nops_so_the_token_is_seen(marker):

@@ -14,14 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from netoken.netns import netns
+from netoken.state import this_netns
+
 from .test_docs import doc_units
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 TOUR_NAMESPACES = ("client", "server")
-TOUR_STATE = [Path(d) / n for d in ("/sys/fs/bpf/netoken", "/run/netoken")
-              for n in ("nt-c", "nt-s")]
+STATE_TOPS = (Path("/sys/fs/bpf/netoken"), Path("/run/netoken"))
 # The tour's names are the README's, fixed: runs from other checkouts on the
 # same machine take turns instead of tearing down each other's lab.
 TOUR_LOCK = Path("/run/lock/netoken-readme-tour.lock")
@@ -30,6 +32,13 @@ MARK = "\x1e"  # separates block outputs in the one bash run
 
 def _clean() -> None:
     for ns in TOUR_NAMESPACES:
+        # netoken keeps state per namespace (by cookie): what a failed tour
+        # left goes with its namespace.
+        with contextlib.suppress(OSError):
+            with netns(ns):
+                cookie = this_netns().cookie
+            for top in STATE_TOPS:
+                shutil.rmtree(top / f"net:{cookie}", ignore_errors=True)
         # The tour starts servers and monitors in the background; they would
         # keep the namespace (and its pins' programs) alive after `del`.
         pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
@@ -38,8 +47,6 @@ def _clean() -> None:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-    for p in TOUR_STATE:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from netoken.netns import netns
+from netoken.state import this_netns
+
 from .conftest import Lab, run
 from .test_cli import one_line_error, write_config
 
@@ -91,6 +94,17 @@ class Box:
     def xdp(self, dev: str) -> dict:
         (link,) = json.loads(run("ip", "-j", "link", "show", "dev", dev, ns=self.ns).stdout)
         return link.get("xdp", {})
+
+    @property
+    def ns_dir(self) -> str:
+        """This box's network namespace level below BPF (or RUN)."""
+        with netns(self.ns):
+            return f"net:{this_netns().cookie}"
+
+    def if_dir(self, dev: str) -> str:
+        """DEV's interface level below ns_dir."""
+        (link,) = json.loads(run("ip", "-j", "link", "show", "dev", dev, ns=self.ns).stdout)
+        return f"{self.ns_dir}/if:{link['ifindex']}"
 
     def tc_filters(self, dev: str, hook: str = "egress") -> list:
         out = run("tc", "-j", "filter", "show", "dev", dev, hook, ns=self.ns,
@@ -177,15 +191,17 @@ def test_planted_run_directory_and_symlink_are_refused(box: Box):
 
 
 def test_plants_at_the_interface_level_are_refused(box: Box):
-    """Below a good top directory: what a user planted while it was open
-    (an administrator's chmod 1777, since undone) is refused level by level."""
+    """Below a good namespace directory: what a user planted while it was
+    open (an administrator's chmod 1777, since undone) is refused level by
+    level."""
     box.ok("guard", "attach", box.a, "-c", str(box.cfg))
-    box.sh(f"chmod 1777 {BPF} {RUN}")
-    box.sh(f"mkdir /sys/fs/bpf/mine; ln -s /sys/fs/bpf/mine {BPF}/{box.b}; "
-           f"mkdir {RUN}/{box.b}", nobody=True)
-    box.sh(f"chmod 0700 {BPF} {RUN}")
+    ns_dirs = f"{BPF} {RUN} {BPF}/{box.ns_dir} {RUN}/{box.ns_dir}"
+    box.sh(f"chmod 1777 {ns_dirs}")
+    box.sh(f"mkdir /sys/fs/bpf/mine; ln -s /sys/fs/bpf/mine {BPF}/{box.if_dir(box.b)}; "
+           f"mkdir {RUN}/{box.if_dir(box.b)}", nobody=True)
+    box.sh(f"chmod 0700 {ns_dirs}")
 
-    link = f"{BPF}/{box.b}"
+    link = f"{BPF}/{box.if_dir(box.b)}"
     want = f"{link} is a symbolic link (to /sys/fs/bpf/mine), not a directory: remove it (rm {link}) and retry"
     refused_by_every_verb(box, box.b, want)
     assert_nothing_attached(box, box.b)
@@ -194,7 +210,7 @@ def test_plants_at_the_interface_level_are_refused(box: Box):
     assert box.refused("status", box.a) == want
 
     box.sh(f"rm {link}")
-    run_dir = f"{RUN}/{box.b}"
+    run_dir = f"{RUN}/{box.if_dir(box.b)}"
     want = f"{run_dir} is owned by uid 65534, not root: remove it (rm -r {run_dir}) and retry"
     assert box.refused("guard", "attach", box.b, "-c", str(box.cfg)) == want
     assert_nothing_attached(box, box.b)
@@ -205,7 +221,7 @@ def test_plants_at_the_interface_level_are_refused(box: Box):
 
 def test_group_or_other_writable_directories_are_refused(box: Box):
     box.ok("guard", "attach", box.a, "-c", str(box.cfg))
-    role_dir = f"{BPF}/{box.a}/guard"
+    role_dir = f"{BPF}/{box.if_dir(box.a)}/guard"
     box.sh(f"chmod 0770 {role_dir}")
     assert box.refused("status") == (f"{role_dir} is writable by group (mode 0770): make it "
                                      f"private (chmod 0700 {role_dir}) and retry")
@@ -227,8 +243,9 @@ def test_clean_first_attach_creates_private_directories(box: Box):
     # umask 277 would make mkdir(0700) give 0500: netoken sets the mode itself.
     box.ok("guard", "attach", box.a, "-c", str(box.cfg), umask=0o277)
     box.ok("mark", "attach", box.b, "-c", str(box.cfg), umask=0o277)
-    for path in (BPF, f"{BPF}/{box.a}", f"{BPF}/{box.a}/guard", f"{BPF}/{box.b}/marker",
-                 RUN, f"{RUN}/{box.a}", f"{RUN}/{box.b}"):
+    a, b, ns = box.if_dir(box.a), box.if_dir(box.b), box.ns_dir
+    for path in (BPF, f"{BPF}/{ns}", f"{BPF}/{a}", f"{BPF}/{a}/guard", f"{BPF}/{ns}/guard",
+                 f"{BPF}/{b}/marker", RUN, f"{RUN}/{ns}", f"{RUN}/{a}", f"{RUN}/{b}"):
         assert box.mode(path) == (0, 0o700), path
     status = json.loads(box.ok("status", "--json"))
     assert sorted((d["ifname"], d["role"], d["state"]) for d in status) == [

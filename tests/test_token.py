@@ -1,4 +1,4 @@
-"""Tests for netoken.token, the Python reference of the wire format (DESIGN §2)."""
+"""Tests for netoken.token, the Python reference of the wire format (design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
--- Wireshark / tshark dissector for the netoken TCP option (DESIGN §2).
+-- Wireshark / tshark dissector for the netoken TCP option (design.md §2).
 --
 --   kind (253|254) | len 16 | ExID (2) | key id | epoch & 0xff | nonce (6) | tag (4)   mac mode
 --   kind (253|254) | len 12 | ExID (2) | token (8, big endian)                       static mode
 --
--- This is wire format 2 (DESIGN §2).  Format 1 (nonce 4, tag 6) was never
+-- This is wire format 2 (design.md §2).  Format 1 (nonce 4, tag 6) was never
 -- deployed and is not decoded.
 --
 -- Install: copy to ~/.local/lib/wireshark/plugins/ (or the "Personal Lua Plugins"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..datapath import object_path
+from ..layout import MAX_IP6_EXT
 from ..libbpf import (
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -167,6 +168,10 @@ def marker_contenders(marker_prog: Program, empty_tc: Program,
                   expect="marked", stats=stats, ref=ref),
         Contender("marker: IPv6 SYN, mac", marker_prog, _frame(V6), floor=f, expect="marked",
                   stats=stats),
+        # 32 bytes of options: the token only fits without the timestamps
+        Contender("marker: TFO cookie SYN + 100 B, make room", marker_prog,
+                  _frame(V4, payload=b"x" * 100, cookie=bytes(8)), floor=f,
+                  expect="room_from_ts", stats=stats),
         Contender("marker: SYN, no policy", marker_prog, _frame(V4_OTHER), floor=f,
                   expect="no_policy", stats=stats),
         Contender("marker: ACK, no payload", marker_prog, _frame(V4, "A"), floor=f,
@@ -244,6 +249,12 @@ def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Progr
         Contender("guard: SYN, unprotected destination", guard_prog, _frame(V4_OTHER), repeat,
                   f, expect="unprotected"),
         Contender("guard: UDP", guard_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
+        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT} extension headers", guard_prog,
+                  _frame(V6, ext=MAX_IP6_EXT), repeat, f, expect="missing"),
+        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT + 1} (fails closed)", guard_prog,
+                  _frame(V6, ext=MAX_IP6_EXT + 1), repeat, f, expect="ipv6_ext"),
+        Contender("guard: TCP fragment to protected address", guard_prog,
+                  _frame(V4, fragment=True), repeat, f, expect="fragment"),
     ]
 
 

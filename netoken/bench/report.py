@@ -117,6 +117,10 @@ def _e2e_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def _control_lines(d: dict[str, Any]) -> list[str]:
     out = ["Control plane"]
     if "error" in d:
@@ -128,6 +132,19 @@ def _control_lines(d: dict[str, Any]) -> list[str]:
             out.append(f"  {title} (library, median of {a['reps']}{extra}): "
                        f"load {a['load']:.1f} ms + configure {a['configure']:.1f} ms + "
                        f"attach {a['attach']:.1f} ms = {a['total']:.1f} ms")
+    gs = d.get("guard_scale")
+    if gs and "error" not in gs:
+        out.append(f"  guards in one network namespace (replay cache {gs['replay_cache']:,} "
+                   f"entries, LRU hash; memory = memlock of netoken's maps)")
+        rows = [[str(p["interfaces"]), f"{p['attach_ms']:.0f}", f"{p['attach_ms_median']:.0f}",
+                 _mib(p["shared_bytes"]), f"{p['per_interface_bytes'] / 1024:.1f} KiB",
+                 _mib(p["total_bytes"]), _mib(p["total_with_slots_bytes"])]
+                for p in gs["points"]]
+        out += ["  " + ln for ln in _table(
+            ["interfaces", "last attach ms", "median ms", "shared", "per interface", "total",
+             f"with {gs['slot_bytes']}-byte slots"], rows, [True] * 7)]
+    elif gs:
+        out.append(f"  guard scale: error: {gs['error']}")
     ap = d.get("apply_10k")
     if ap and "error" not in ap:
         out.append(f"  10,000 prefixes in {ap['policies']} policies: load+validate TOML "
