@@ -422,9 +422,9 @@ def _cookie_at(path: str) -> int | None:
         return None
 
 
-def _netns_files(inode: int) -> Iterator[tuple[str, str | None]]:
+def _netns_files(inode: int, processes: bool = True) -> Iterator[tuple[str, str | None]]:
     """(path, `ip netns` name or None) of namespace files with INODE: named
-    namespaces first, then those only processes hold."""
+    namespaces first, then (with PROCESSES) those only processes hold."""
     from .netns import NETNS_RUN_DIR
 
     with contextlib.suppress(OSError):
@@ -433,6 +433,8 @@ def _netns_files(inode: int) -> Iterator[tuple[str, str | None]]:
             with contextlib.suppress(OSError):
                 if os.stat(path).st_ino == inode:
                     yield path, name
+    if not processes:
+        return
     with contextlib.suppress(OSError):
         for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
             path = f"/proc/{pid}/ns/net"
@@ -453,9 +455,10 @@ def find_netns(ns: Netns) -> tuple[str, str | None] | None:
 
 def netns_name(ns: Netns) -> str | None:
     """NS's `ip netns` name, if it has one."""
-    for path, name in _netns_files(ns.inode):
-        if name is None:
-            break
+    if ns.cookie == this_netns().cookie:
+        # Ours: the inode is alive and unique, no need to enter anything.
+        return next((name for _, name in _netns_files(ns.inode, processes=False)), None)
+    for path, name in _netns_files(ns.inode, processes=False):
         if _cookie_at(path) == ns.cookie:
             return name
     return None
