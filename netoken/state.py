@@ -346,13 +346,9 @@ def open_dirs(anchor: Path, parts: Sequence[str], create: bool = False) -> list[
 # names and network namespaces
 
 
-def encode_ifname(ifname: str) -> str:
-    """Interface name -> bpffs-safe directory name (reversible); only the
-    layout before per-namespace state used names as directory names."""
-    return ifname.replace("%", "%25").replace(".", "%2E")
-
-
 def decode_ifname(name: str) -> str:
+    """Interface name of a directory of the old layout, which named them
+    after interfaces, percent-encoded (bpffs refuses dots in names)."""
     return name.replace("%2E", ".").replace("%25", "%")
 
 
@@ -830,17 +826,8 @@ def all_states(ifname: str | None = None, root: Path | None = None) -> list[Role
 
 
 def in_this_netns(st: PinnedState) -> bool:
+    """Whether ST is this namespace's (all_states lists no other)."""
     return st.netns.cookie == this_netns().cookie
-
-
-def state_for(role: str, ifindex: int, root: Path | None = None) -> RoleState:
-    """ROLE's state on interface IFINDEX of this namespace (it may not exist)."""
-    return RoleState(this_netns(), ifindex, role, root or BPFFS)
-
-
-def shared_state(role: str, root: Path | None = None) -> SharedState:
-    """ROLE's shared state in this namespace (it may not exist)."""
-    return SharedState(this_netns(), role, root or BPFFS)
 
 
 @dataclass(frozen=True)
