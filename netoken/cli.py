@@ -69,9 +69,10 @@ def _keys(ids: list[int]) -> str:
     return f"key id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" if ids else "no keys"
 
 
-def _states(ifname: str | None) -> list[RoleState]:
+def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
     """Role states of this network namespace (all roles), of one interface
-    with IFNAME (found by the name it was attached under after a rename)."""
+    with IFNAME (found by the name it was attached under after a rename).
+    OTHERS: say which other namespaces have state too (see _note_others)."""
     states = state.all_states(ifname)
     if ifname is not None:
         renamed = {st.ifname for st in states if st.present and st.ifname != ifname}
@@ -80,12 +81,17 @@ def _states(ifname: str | None) -> list[RoleState]:
             _note(f"{_noted[0]} (ifindex {states[0].ifindex}; netoken follows interfaces "
                   f"by index)")
         return states
+    if others:
+        _note_others()
+    return states
+
+
+def _note_others() -> None:
     if not _noted[0]:
         # once: `stats --watch` calls this every interval
         _noted[0] = _others_text(state.other_netns()) or "-"
         if _noted[0] != "-":
             _note(_noted[0])
-    return states
 
 
 _noted = [""]
@@ -641,7 +647,9 @@ def monitor(
 ) -> tuple[int, int]:
     """Follow ring-buffer events of every role with state until COUNT events
     (or forever); returns (events seen, events lost meanwhile)."""
-    states = _states(ifname)
+    # Other namespaces are named once the rings are open, not before: a
+    # monitor started just ahead of the traffic it is for must not miss it.
+    states = _states(ifname, others=False)
     _require_iface_or_state(ifname, states)
     roles = _with_role(states)
     if not roles:
@@ -713,6 +721,8 @@ def monitor(
         missed.update(missed_counters())
         if ready is not None:
             ready(roles)
+        if ifname is None:
+            _note_others()
         next_check = time.monotonic() + 1.0
         fds = [rb.fileno() for rb in rbs]
         try:

@@ -6,8 +6,8 @@ replaces, pinned per network namespace, interface and role with a metadata
 file in /run (netoken/state.py), reopened from those pins by any later
 process, and shown by the generic status / stats / monitor views.  Maps a
 role names in SHARED_MAPS are pinned once per namespace and reused by every
-instance of it there (the guard's replay cache and config).  What is the same for
-both lives here, once; each module specialises it with its object and program
+instance of it there (the guard's replay cache and config).  What is the
+same for both lives here, once; each module specialises it with its object and program
 name, its maps, its error class and its CLI verb, and keeps what really
 differs (the attach hook, the config maps, the entries, the events) to itself.
 """
@@ -73,11 +73,6 @@ def existing(ifname: str, error: type[Exception]) -> int:
             f"interface {ifname!r} does not exist; netoken attached to it under that name and it "
             f"is {st.ifname} now (ifindex {st.ifindex}): use {st.ifname}")
     return ifindex(ifname, error)
-
-
-def renamed(st: RoleState, ifname: str) -> str | None:
-    """What interface IFNAME is called now, if that is another name."""
-    return st.ifname if st.present and st.ifname != ifname else None
 
 
 class PinnedProgram:
@@ -237,8 +232,10 @@ class PinnedProgram:
             raise
         return cls(prog=prog, maps=maps)
 
-    def _home(self, st: RoleState, name: str) -> state.PinnedState:
-        return self.shared_state(st) if name in self.SHARED_MAPS else st
+    @classmethod
+    def _home(cls, st: RoleState, name: str) -> state.PinnedState:
+        """Where map NAME of ST's program is pinned from now on."""
+        return cls.shared_state(st) if name in cls.SHARED_MAPS else st
 
     def pin(self, st: RoleState) -> None:
         """Pin every map not pinned yet (SHARED_MAPS in the namespace's
@@ -286,7 +283,7 @@ class PinnedProgram:
             return
         unpin(st.pin(PROG_PIN_NEW))
         for name, staged in cls.STAGED_MAPS.items():
-            home = cls.shared_state(st) if name in cls.SHARED_MAPS else st
+            home = cls._home(st, name)
             if home.has_pin_dir():
                 unpin(home.pin(staged))
 

@@ -346,13 +346,9 @@ def open_dirs(anchor: Path, parts: Sequence[str], create: bool = False) -> list[
 # names and network namespaces
 
 
-def encode_ifname(ifname: str) -> str:
-    """Interface name -> bpffs-safe directory name (reversible); only the
-    layout before per-namespace state used names as directory names."""
-    return ifname.replace("%", "%25").replace(".", "%2E")
-
-
 def decode_ifname(name: str) -> str:
+    """Interface name of a directory of the old layout, which named them
+    after interfaces, percent-encoded (bpffs refuses dots in names)."""
     return name.replace("%2E", ".").replace("%25", "%")
 
 
@@ -422,9 +418,9 @@ def _cookie_at(path: str) -> int | None:
         return None
 
 
-def _netns_files(inode: int) -> Iterator[tuple[str, str | None]]:
+def _netns_files(inode: int, processes: bool = True) -> Iterator[tuple[str, str | None]]:
     """(path, `ip netns` name or None) of namespace files with INODE: named
-    namespaces first, then those only processes hold."""
+    namespaces first, then (with PROCESSES) those only processes hold."""
     from .netns import NETNS_RUN_DIR
 
     with contextlib.suppress(OSError):
@@ -433,6 +429,8 @@ def _netns_files(inode: int) -> Iterator[tuple[str, str | None]]:
             with contextlib.suppress(OSError):
                 if os.stat(path).st_ino == inode:
                     yield path, name
+    if not processes:
+        return
     with contextlib.suppress(OSError):
         for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
             path = f"/proc/{pid}/ns/net"
@@ -453,9 +451,10 @@ def find_netns(ns: Netns) -> tuple[str, str | None] | None:
 
 def netns_name(ns: Netns) -> str | None:
     """NS's `ip netns` name, if it has one."""
-    for path, name in _netns_files(ns.inode):
-        if name is None:
-            break
+    if ns.cookie == this_netns().cookie:
+        # Ours: the inode is alive and unique, no need to enter anything.
+        return next((name for _, name in _netns_files(ns.inode, processes=False)), None)
+    for path, name in _netns_files(ns.inode, processes=False):
         if _cookie_at(path) == ns.cookie:
             return name
     return None
@@ -827,17 +826,8 @@ def all_states(ifname: str | None = None, root: Path | None = None) -> list[Role
 
 
 def in_this_netns(st: PinnedState) -> bool:
+    """Whether ST is this namespace's (all_states lists no other)."""
     return st.netns.cookie == this_netns().cookie
-
-
-def state_for(role: str, ifindex: int, root: Path | None = None) -> RoleState:
-    """ROLE's state on interface IFINDEX of this namespace (it may not exist)."""
-    return RoleState(this_netns(), ifindex, role, root or BPFFS)
-
-
-def shared_state(role: str, root: Path | None = None) -> SharedState:
-    """ROLE's shared state in this namespace (it may not exist)."""
-    return SharedState(this_netns(), role, root or BPFFS)
 
 
 @dataclass(frozen=True)
