@@ -461,7 +461,10 @@ def netns_name(ns: Netns) -> str | None:
 
 
 def netns_label(ns: Netns) -> str:
-    """How messages name NS: its `ip netns` name, else the kernel's net:[inode]."""
+    """How messages name NS: its `ip netns` name, else the kernel's net:[inode];
+    one whose inode is unknown (its pins outlived it) by its cookie."""
+    if not ns.inode:
+        return f"a gone namespace ({ns.dirname})"
     return netns_name(ns) or ns.kernel_name
 
 
