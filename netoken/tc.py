@@ -91,7 +91,11 @@ def filter_count(ifname: str, hook: Hook) -> int | None:
         entries = json.loads(r.stdout or "[]")
     except ValueError:
         return None
-    return len(entries) if isinstance(entries, list) else None
+    if not isinstance(entries, list):
+        return None
+    # tc lists each priority's chain head and then its filters; only the
+    # latter (with "options") are filters.
+    return sum(1 for e in entries if isinstance(e, dict) and "options" in e)
 
 
 def destroy_clsact_if_empty(ifname: str, idx: int) -> str:
@@ -99,9 +103,9 @@ def destroy_clsact_if_empty(ifname: str, idx: int) -> str:
     counts = [filter_count(ifname, hook) for hook in ("ingress", "egress")]
     if None in counts:
         return "kept (could not list its filters)"
-    others = sum(c for c in counts if c is not None)
-    if others:
-        return f"kept ({others} other filter entries)"
+    left = [f"{c} on {hook}" for c, hook in zip(counts, ("ingress", "egress")) if c]
+    if left:
+        return f"kept (filters left: {', '.join(left)})"
     try:
         tc_hook_destroy(idx, BPF_TC_INGRESS | BPF_TC_EGRESS)
     except OSError as e:
