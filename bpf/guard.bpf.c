@@ -36,6 +36,7 @@
 #define NT_MAX_HDR_OFF     16384
 /* Caps that keep the token bucket's fixed-point products inside 64 bits. */
 #define NT_MAX_REFILL_NS   (100 * NT_NSEC)
+#define NT_NOT_FOUND       0xff   /* nt_find_option(): no option of ours yet */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -325,18 +326,25 @@ static __always_inline void nt_pull(struct __sk_buff *skb)
  * Global, so the verifier walks the loop once and the caller goes on with
  * one unknown offset, not with one state per way through the list.
  */
-__noinline int nt_find_option(NT_CTX *ctx, __u64 opt_off, __u32 optlen, __u32 kind,
-			      __u32 exid)
+static __always_inline int nt_find_option(NT_CTX *ctx, __u64 opt_off, __u32 optlen, __u32 kind,
+					  __u32 exid)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u64 off = 0, len;
-	int at = -NT_GUARD_MISSING;
+	/* Kind, any length, ExID: our option's first 4 bytes as loaded. */
+	__u32 want = kind | (__u32)bpf_htons(exid) << 16;
+	__u64 off, len, at = NT_NOT_FOUND;
 	__u8 *opts, *o;
 
 	if (opt_off > NT_MAX_HDR_OFF || optlen > NT_MAX_TCP_OPTS)
 		return -NT_GUARD_MALFORMED;
-	opts = data + opt_off;
+	opts = o = data + opt_off;
+	/* Offsets as distances of two packet pointers, from the first: the
+	 * verifier knows only their bounds, so every step through the list is
+	 * one state, whatever came before it, where exact offsets would make
+	 * one per way to get there. */
+	NT_BARRIER_VAR(o);
+	off = o - opts;
 	/* Every step moves on by at least a byte: optlen steps at most. */
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < NT_MAX_TCP_OPTS; i++) {
@@ -356,24 +364,19 @@ __noinline int nt_find_option(NT_CTX *ctx, __u64 opt_off, __u32 optlen, __u32 ki
 				return -NT_GUARD_MALFORMED;
 			/* Shorter than 4 bytes there is no ExID: under RFC
 			 * 6994 such an option is nobody's. */
-			if (o[0] == kind && len >= 4) {
-				if ((void *)(o + 4) > data_end)
+			if (len >= 4 && (void *)(o + 4) <= data_end &&
+			    (*(__u32 *)o & 0xffff00ff) == want) {
+				if (at != NT_NOT_FOUND)
 					return -NT_GUARD_MALFORMED;
-				if (o[2] == exid >> 8 && o[3] == (exid & 0xff)) {
-					if (at >= 0)
-						return -NT_GUARD_MALFORMED;
-					at = off;
-				}
+				at = off;
 			}
 		}
-		/* The next offset as the distance of two packet pointers:
-		 * the verifier knows nothing of its value, so the ways through
-		 * the list up to here are one state, not one per offset. */
 		o += len;
 		NT_BARRIER_VAR(o);
 		off = o - opts;
+		NT_BARRIER_VAR(off);
 	}
-	return at;
+	return at == NT_NOT_FOUND ? -NT_GUARD_MISSING : (int)(at & 63);
 }
 
 /*
@@ -414,7 +417,7 @@ static __always_inline int nt_replay_check(__u64 nonce, __u64 tag)
  * The verdict on one SYN to protect entry c->protect.
  * Global: verified once for all the header layouts that lead here.
  */
-__noinline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
+static __always_inline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 			const struct nt_guard_config *cfg, const struct nt_protect *prot,
 			struct nt_check *c)
 {
@@ -439,6 +442,14 @@ __noinline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 		return NT_GUARD_MALFORMED;
 	opt_off = p->l4_off + sizeof(struct tcphdr);
 	NT_BARRIER_VAR(opt_off);
+	if (opt_off > NT_MAX_HDR_OFF)
+		return NT_GUARD_MALFORMED;
+	/* The same offset as the distance of two packet pointers: the verifier
+	 * knows only its bound, so the header layouts that lead here (VLANs,
+	 * IPv4 options, IPv6 extension headers) go on as one state. */
+	o = data + opt_off;
+	NT_BARRIER_VAR(o);
+	opt_off = o - (__u8 *)data;
 	if (opt_off > NT_MAX_HDR_OFF)
 		return NT_GUARD_MALFORMED;
 	/* The XDP program is not xdp.frags, so the whole frame is linear; at

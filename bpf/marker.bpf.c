@@ -31,6 +31,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+/* Each SYN runs the marker cold: rolled SipHash loops (siphash.h). */
+#define NT_SIP_ROLLED
 #include "netoken.h"
 #include "parsing.h"
 #include "token.h"
@@ -470,10 +472,12 @@ static __always_inline int nt_csum_mode(const struct nt_scratch *s, const struct
 			ph += (__u64)((const __u32 *)p->flow.saddr)[i] +
 			      ((const __u32 *)p->flow.daddr)[i];
 	}
-#pragma unroll
-	for (int i = 0; i < 15; i++)
-		if (i * 4 < p->tcp_len)
-			seg += tcp[i];
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < 15; i++) {
+		if (i * 4 >= p->tcp_len)
+			break;
+		seg += tcp[i];
+	}
 	*pseudo = ph;
 	seed = nt_fold16(ph) == check;
 	full = nt_fold16(ph + seg) == 0xffff;
@@ -626,11 +630,14 @@ static __always_inline int nt_copy(struct __sk_buff *skb, struct nt_scratch *s, 
 		return -1;
 	src = data + start;
 	dst = s->hdr + NT_MASKED(at - lead, 128);
-	/* No early exit: a constant trip count keeps the unroll full. */
-#pragma unroll
+	/* A loop, not unrolled: this runs cold, once per connection. */
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < 16; i++) {
-		if (i < words && (void *)(src + i * 8 + 8) <= data_end)
-			*(__u64 *)(dst + i * 8) = *(__u64 *)(src + i * 8);
+		if (i >= words)
+			break;
+		if ((void *)(src + i * 8 + 8) > data_end)
+			return -1;
+		*(__u64 *)(dst + i * 8) = *(__u64 *)(src + i * 8);
 	}
 	return 0;
 }
