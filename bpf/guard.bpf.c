@@ -25,9 +25,9 @@
 #include "netoken.h"
 #include "parsing.h"
 #include "token.h"
+#include "clock.h"
 #include "dest.h"
 
-#define NT_NSEC            1000000000ULL
 #define NT_TCP_FLAG_SYN    0x02
 #define NT_TCP_FLAG_ACK    0x10
 #define NT_TAG_MASK        ((1ULL << (NT_TAG_LEN * 8)) - 1)
@@ -36,6 +36,7 @@
 #define NT_MAX_HDR_OFF     16384
 /* Caps that keep the token bucket's fixed-point products inside 64 bits. */
 #define NT_MAX_REFILL_NS   (100 * NT_NSEC)
+#define NT_NOT_FOUND       0xff   /* nt_find_option(): no option of ours yet */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -115,6 +116,18 @@ struct {
 	__type(value, struct nt_bucket);
 } nt_ev_bucket SEC(".maps");
 
+/* Per-CPU state of the program (not shared, not pinned). */
+struct nt_guard_scratch {
+	struct nt_epoch_memo memo;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nt_guard_scratch);
+} nt_guard_scratch SEC(".maps");
+
 /* A SYN to look at: offsets only, the packet stays where it is. */
 struct nt_gpkt {
 	struct nt_flow flow;
@@ -123,26 +136,17 @@ struct nt_gpkt {
 	__u32 ip_end;            /* offset one past the IP packet */
 };
 
-/* The options, zero-padded: an option starting at byte 39 can have its
- * length and ExID bytes read without leaving the buffer.  Aligned so they
- * can be copied in a word at a time (stack access must be aligned). */
-struct nt_optbuf {
-	__u8 b[64] __attribute__((aligned(8)));
-};
-
-struct nt_found {
-	__u32 off;               /* of our option, from the start of the options */
-	__u32 len;
-};
-
-/* Inputs and outputs of nt_check(), for counters and the event. */
+/* Inputs and outputs of nt_check(), for counters and the event.  The
+ * option's fields are loaded little-endian, so their bytes in memory are
+ * those on the wire. */
 struct nt_check {
 	__u32 protect;           /* in: index into nt_protect */
 	__u32 epoch;             /* reconstructed, once the key is known */
 	__u8  mode;              /* NT_MODE_* once the option's length is known */
 	__u8  key_id;
-	__u8  pad[2];
-	__u8  opt[NT_MAC_OPT_LEN];
+	__u8  pad[6];
+	__u64 nonce;             /* mac: the 6 nonce bytes */
+	__u64 tag;               /* mac: the NT_TAG_LEN tag bytes; static: the token */
 };
 
 static __always_inline void count(__u32 reason)
@@ -311,63 +315,68 @@ static __always_inline void nt_pull(struct __sk_buff *skb)
 
 /*
  * Walks the option list the way a receiver must (netoken.token.find_options
- * is the reference): EOL ends it, NOP is one byte, anything else is
- * kind/len with 2 <= len and the whole option inside the header.  Returns
- * NT_GUARD_OK with *out set when exactly one option has our kind, a length
- * of at least 4 and our ExID; NT_GUARD_MISSING when none does;
- * NT_GUARD_MALFORMED for a broken list or two of ours.
- * Global: the verifier checks the unrolled walk once, on its own.
+ * is the reference), in the packet and an option per step: EOL ends it, NOP
+ * is one byte, anything else is kind/len with 2 <= len and the whole option
+ * inside the header.  Returns the offset (in the options) of the one option
+ * with our kind, a length of at least 4 and our ExID; -NT_GUARD_MISSING
+ * when none has; -NT_GUARD_MALFORMED for a broken list or two of ours.  A
+ * Linux SYN has five options before ours: six steps, where a walk byte by
+ * byte takes forty.  The caller has checked that the OPTLEN (<= 40) bytes at
+ * OPT_OFF are in the packet; the pointer checks restate it for the verifier.
+ * Global, so the verifier walks the loop once and the caller goes on with
+ * one unknown offset, not with one state per way through the list.
  */
-__noinline int nt_find_option(const struct nt_optbuf *buf, __u32 optlen, __u32 kind,
-			      __u32 exid, struct nt_found *out)
+static __always_inline int nt_find_option(NT_CTX *ctx, __u64 opt_off, __u32 optlen, __u32 kind,
+					  __u32 exid)
 {
-	__u32 skip = 0, stop = 0, bad = 0, found = 0, off = 0, len = 0;
-	__u8 ex_hi = exid >> 8, ex_lo = exid & 0xff;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	/* Kind, any length, ExID: our option's first 4 bytes as loaded. */
+	__u32 want = kind | (__u32)bpf_htons(exid) << 16;
+	__u64 off, len, at = NT_NOT_FOUND;
+	__u8 *opts, *o;
 
-	if (!buf || !out || optlen > NT_MAX_TCP_OPTS)
-		return NT_GUARD_MALFORMED;
-
-	/* Unrolled with constant offsets; `skip` counts the bytes left in the
-	 * current option, so no index depends on packet data. */
-#pragma clang loop unroll(full)
-	for (int j = 0; j < NT_MAX_TCP_OPTS; j++) {
-		if (j >= optlen || stop)
+	if (opt_off > NT_MAX_HDR_OFF || optlen > NT_MAX_TCP_OPTS)
+		return -NT_GUARD_MALFORMED;
+	opts = o = data + opt_off;
+	/* Offsets as distances of two packet pointers, from the first: the
+	 * verifier knows only their bounds, so every step through the list is
+	 * one state, whatever came before it, where exact offsets would make
+	 * one per way to get there. */
+	NT_BARRIER_VAR(o);
+	off = o - opts;
+	/* Every step moves on by at least a byte: optlen steps at most. */
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < NT_MAX_TCP_OPTS; i++) {
+		if (off >= optlen)
 			break;
-		if (skip) {
-			skip--;
-		} else {
-			__u8 k = buf->b[j];
-
-			if (k == NT_TCPOPT_EOL) {
-				stop = 1;
-			} else if (k != NT_TCPOPT_NOP) {
-				__u8 olen = buf->b[j + 1];
-
-				if (j + 1 >= optlen || olen < 2 || j + olen > optlen) {
-					bad = stop = 1;
-				} else {
-					/* Shorter than 4 bytes there is no ExID: under
-					 * RFC 6994 such an option is nobody's. */
-					if (k == kind && olen >= 4 && buf->b[j + 2] == ex_hi &&
-					    buf->b[j + 3] == ex_lo) {
-						if (found)
-							bad = stop = 1;
-						found = 1;
-						off = j;
-						len = olen;
-					}
-					skip = olen - 1;
-				}
+		o = opts + (off & 63);   /* off < optlen <= 40 */
+		if ((void *)(o + 1) > data_end)
+			return -NT_GUARD_MALFORMED;
+		len = 1;
+		if (o[0] == NT_TCPOPT_EOL)
+			break;
+		if (o[0] != NT_TCPOPT_NOP) {
+			if (off + 1 >= optlen || (void *)(o + 2) > data_end)
+				return -NT_GUARD_MALFORMED;
+			len = o[1];
+			if (len < 2 || off + len > optlen)
+				return -NT_GUARD_MALFORMED;
+			/* Shorter than 4 bytes there is no ExID: under RFC
+			 * 6994 such an option is nobody's. */
+			if (len >= 4 && (void *)(o + 4) <= data_end &&
+			    (*(__u32 *)o & 0xffff00ff) == want) {
+				if (at != NT_NOT_FOUND)
+					return -NT_GUARD_MALFORMED;
+				at = off;
 			}
 		}
+		o += len;
+		NT_BARRIER_VAR(o);
+		off = o - opts;
+		NT_BARRIER_VAR(off);
 	}
-	if (bad)
-		return NT_GUARD_MALFORMED;
-	if (!found)
-		return NT_GUARD_MISSING;
-	out->off = off;
-	out->len = len;
-	return NT_GUARD_OK;
+	return at == NT_NOT_FOUND ? -NT_GUARD_MISSING : (int)(at & 63);
 }
 
 /*
@@ -386,14 +395,11 @@ __noinline int nt_find_option(const struct nt_optbuf *buf, __u32 optlen, __u32 k
  * A compare-and-swap makes the insert atomic: two CPUs receiving the same
  * SYN cannot both accept it.
  */
-static __always_inline int nt_replay_check(const __u8 *opt)
+static __always_inline int nt_replay_check(__u64 nonce, __u64 tag)
 {
-	__u64 nonce = 0, tag = 0, v, old, *slot;
+	__u64 v = NT_REPLAY_ENTRY(nonce, tag), old, *slot;
 	__u32 idx;
 
-	__builtin_memcpy(&nonce, opt + NT_OPT_NONCE, NT_NONCE_LEN);
-	__builtin_memcpy(&tag, opt + NT_OPT_TAG, NT_TAG_LEN);
-	v = NT_REPLAY_ENTRY(nonce, tag);
 	idx = NT_REPLAY_INDEX(v) & (((struct bpf_map___nt *)&nt_replay)->max_entries - 1);
 	slot = bpf_map_lookup_elem(&nt_replay, &idx);
 	if (!slot || !v)
@@ -411,21 +417,19 @@ static __always_inline int nt_replay_check(const __u8 *opt)
  * The verdict on one SYN to protect entry c->protect.
  * Global: verified once for all the header layouts that lead here.
  */
-__noinline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
+static __always_inline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 			const struct nt_guard_config *cfg, const struct nt_protect *prot,
 			struct nt_check *c)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct nt_optbuf buf;
-	struct nt_found f = {};
-	__u8 *opts, *o;
-	__u64 msg[NT_SIP_MAX_WORDS];
+	struct nt_guard_scratch *s;
 	struct nt_key *key;
-	__u32 optlen, opt_off, kid, cur, epoch;
-	__u64 now, mac, tag = 0;
+	__u32 optlen, kid, cur, epoch, zero = 0;
+	__u64 mac, opt_off;   /* 64-bit: no zero extension between check and use */
 	__s32 delta;
-	int r;
+	__u8 *o;
+	int at;
 
 	if (!p || !cfg || !prot || !c)
 		return NT_GUARD_MALFORMED;
@@ -436,73 +440,71 @@ __noinline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 		return NT_GUARD_MISSING;
 	if (optlen > NT_MAX_TCP_OPTS)
 		return NT_GUARD_MALFORMED;
-	__builtin_memset(&buf, 0, sizeof(buf));
 	opt_off = p->l4_off + sizeof(struct tcphdr);
 	NT_BARRIER_VAR(opt_off);
 	if (opt_off > NT_MAX_HDR_OFF)
 		return NT_GUARD_MALFORMED;
-	opts = data + opt_off;
-	/* Direct reads, a word at a time (optlen is a multiple of 4): a third
-	 * of the cost of bpf_xdp_load_bytes().  The XDP program is not
-	 * xdp.frags, so the whole frame is linear; at TC the entry point has
-	 * pulled the headers in (nt_cut_short()). */
-#pragma unroll
-	for (int i = 0; i < NT_MAX_TCP_OPTS / 4; i++) {
-		if (i * 4 >= optlen)
-			break;
-		if ((void *)(opts + i * 4 + 4) > data_end)
-			return NT_GUARD_MALFORMED;
-		*(__u32 *)(buf.b + i * 4) = *(__u32 *)(opts + i * 4);
-	}
-
-	r = nt_find_option(&buf, optlen, cfg->kind, cfg->exid, &f);
-	if (r != NT_GUARD_OK)
-		return r;
-	/* f.off + f.len <= optlen: checked by the walk, and the bytes were
-	 * just read; the mask and the check restate it for the verifier. */
-	o = opts + (f.off & 63);
-	if (f.len == NT_STATIC_OPT_LEN) {
+	/* The same offset as the distance of two packet pointers: the verifier
+	 * knows only its bound, so the header layouts that lead here (VLANs,
+	 * IPv4 options, IPv6 extension headers) go on as one state. */
+	o = data + opt_off;
+	NT_BARRIER_VAR(o);
+	opt_off = o - (__u8 *)data;
+	if (opt_off > NT_MAX_HDR_OFF)
+		return NT_GUARD_MALFORMED;
+	/* The XDP program is not xdp.frags, so the whole frame is linear; at
+	 * TC the entry point has pulled the headers in (nt_cut_short()). */
+	if (opt_off + optlen > data_end - data)
+		return NT_GUARD_MALFORMED;
+	at = nt_find_option(ctx, opt_off, optlen, cfg->kind, cfg->exid);
+	if (at < 0)
+		return -at;
+	o = data + opt_off;
+	o += (__u64)at & 63;
+	if ((void *)(o + NT_STATIC_OPT_LEN) > data_end)
+		return NT_GUARD_MALFORMED;
+	if (o[1] == NT_STATIC_OPT_LEN) {
 		struct nt_static_key sk = { .protect = c->protect };
 
-		if ((void *)(o + NT_STATIC_OPT_LEN) > data_end)
-			return NT_GUARD_MALFORMED;
 		c->mode = NT_MODE_STATIC;
-		__builtin_memcpy(sk.token, o + 4, 8);
-		__builtin_memcpy(c->opt, o, NT_STATIC_OPT_LEN);
+		c->tag = *(__u64 *)(o + 4);
+		__builtin_memcpy(sk.token, &c->tag, 8);
 		/* Every SYN of a static client carries the same token, so
 		 * there is nothing for a replay cache to tell apart. */
 		return bpf_map_lookup_elem(&nt_static, &sk) ? NT_GUARD_OK : NT_GUARD_BAD_TAG;
 	}
-	if (f.len != NT_MAC_OPT_LEN || (void *)(o + NT_MAC_OPT_LEN) > data_end)
+	if (o[1] != NT_MAC_OPT_LEN || (void *)(o + NT_MAC_OPT_LEN) > data_end)
 		return NT_GUARD_MALFORMED;
 	c->mode = NT_MODE_MAC;
-	__builtin_memcpy(c->opt, o, NT_MAC_OPT_LEN);
+	/* Bytes 6..13 and 12..15: inside the option. */
+	c->nonce = *(__u64 *)(o + NT_OPT_NONCE) & NT_NONCE_MASK;
+	c->tag = *(__u32 *)(o + NT_OPT_TAG);
 
-	kid = c->opt[4];
+	kid = o[4];
 	c->key_id = kid;
 	if (!((prot->keys[(kid >> 6) & 3] >> (kid & 63)) & 1))
 		return NT_GUARD_UNKNOWN_KEY;
 	key = bpf_map_lookup_elem(&nt_keys, &kid);
 	if (!key || !key->window)
 		return NT_GUARD_UNKNOWN_KEY;
+	s = bpf_map_lookup_elem(&nt_guard_scratch, &zero);
+	if (!s)
+		return NT_GUARD_UNKNOWN_KEY;   /* cannot happen: a per-CPU array has slot 0 */
 
-	/* The marker's clock (CLOCK_REALTIME from TAI + offset), and the full
-	 * epoch closest to ours with the option's low 8 bits: the signed 8-bit
-	 * difference, as netoken.token.expand_epoch defines it. */
-	now = bpf_ktime_get_tai_ns() + cfg->realtime_minus_tai_ns;
-	cur = now / NT_NSEC / key->window;
-	delta = (__s8)(__u8)(c->opt[5] - (__u8)cur);
+	/* The full epoch closest to ours with the option's low 8 bits: the
+	 * signed 8-bit difference, as netoken.token.expand_epoch defines it. */
+	cur = nt_epoch(&s->memo, cfg->realtime_minus_tai_ns, key->window);
+	delta = (__s8)(__u8)(o[5] - (__u8)cur);
 	epoch = cur + delta;
 	c->epoch = epoch;
 	if (delta > (__s32)cfg->skew || -delta > (__s32)cfg->skew)
 		return NT_GUARD_STALE;
 
-	mac = nt_mac(key, cfg->exid, kid, epoch, c->opt + NT_OPT_NONCE, &p->flow, msg);
-	__builtin_memcpy(&tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
-	if ((mac & NT_TAG_MASK) != tag)
+	mac = nt_mac(key, cfg->exid, kid, epoch, c->nonce, &p->flow);
+	if ((mac & NT_TAG_MASK) != c->tag)
 		return NT_GUARD_BAD_TAG;
 
-	return nt_replay_check(c->opt);
+	return nt_replay_check(c->nonce, c->tag);
 }
 
 static __always_inline int event_allowed(const struct nt_guard_config *cfg)
@@ -560,12 +562,9 @@ static __always_inline void emit_event(NT_CTX *ctx, const struct nt_gpkt *p,
 	__builtin_memcpy(e->daddr, p->flow.daddr, 16);
 	e->sport = bpf_ntohs(p->flow.sport);
 	e->dport = bpf_ntohs(p->flow.dport);
-	if (c->mode == NT_MODE_MAC) {
-		__builtin_memcpy(e->nonce, c->opt + NT_OPT_NONCE, NT_NONCE_LEN);
-		__builtin_memcpy(e->tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
-	} else if (c->mode == NT_MODE_STATIC) {
-		__builtin_memcpy(e->tag, c->opt + 4, 8);
-	}
+	if (c->mode == NT_MODE_MAC)
+		__builtin_memcpy(e->nonce, &c->nonce, NT_NONCE_LEN);
+	__builtin_memcpy(e->tag, &c->tag, 8);
 	bpf_ringbuf_submit(e, 0);
 	count(NT_GUARD_EVENTS);
 }
@@ -581,16 +580,18 @@ static __always_inline __u8 action_of(const struct nt_guard_config *cfg,
 	return action == NT_ACTION_MONITOR ? NT_ACTION_MONITOR : NT_ACTION_DROP;
 }
 
-/* Outcome of a verdict other than ok: dropped or monitored, and an event. */
+/* Outcome of a verdict other than ok: dropped or monitored, and an event if
+ * a reader listens and the rate limit lets it through.  Withheld ones are
+ * counted, so that events + suppressed + lost == dropped + monitored. */
 static __always_inline int reject(NT_CTX *ctx, const struct nt_gpkt *p,
-				  const struct nt_guard_config *cfg,
+				  struct nt_guard_config *cfg,
 				  const struct nt_protect *prot, const struct nt_check *c,
 				  __u32 verdict)
 {
 	__u8 action = action_of(cfg, prot);
 
 	count(action == NT_ACTION_DROP ? NT_GUARD_DROPPED : NT_GUARD_MONITORED);
-	if (event_allowed(cfg))
+	if (nt_listening() && event_allowed(cfg))
 		emit_event(ctx, p, prot, c, verdict, action);
 	else
 		count(NT_GUARD_EVENTS_SUPPRESSED);
@@ -682,13 +683,17 @@ int netoken_guard(NT_CTX *ctx)
 		count(verdict);
 		return NT_PASS;
 	}
-	if (!nt_lookup_dest(&p.flow, &idx)) {
+	cfg = bpf_map_lookup_elem(&nt_guard_config, &zero);
+	if (!cfg) {
+		count(NT_GUARD_ERROR);
+		return NT_PASS;
+	}
+	if (!nt_lookup_dest_cached(&p.flow, cfg->generation, &idx)) {
 		count(NT_GUARD_UNPROTECTED);
 		return NT_PASS;
 	}
-	cfg = bpf_map_lookup_elem(&nt_guard_config, &zero);
 	prot = bpf_map_lookup_elem(&nt_protect, &idx);
-	if (!cfg || !prot) {
+	if (!prot) {
 		count(NT_GUARD_ERROR);
 		return NT_PASS;
 	}

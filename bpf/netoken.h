@@ -69,8 +69,11 @@ struct nt_config {
 	__u8  kind;
 	__u8  make_room;         /* 1: remove Timestamps when the option does not fit */
 	__u16 exid;              /* host byte order */
-	__u32 generation;        /* user space only: which half of the policy
-				  * array is live (see netoken/marker.py) */
+	__u32 generation;        /* bumped by every configure (netoken/marker.py):
+				  * its low bit is the half of the policy array
+				  * that is live, and the destination cache
+				  * (bpf/dest.h) keeps what it looked up under
+				  * one generation only */
 	/* CLOCK_REALTIME - CLOCK_TAI in ns, maintained by user space.  BPF has
 	 * no realtime clock, but CLOCK_TAI (bpf_ktime_get_tai_ns) follows every
 	 * step of the realtime clock, so only the TAI-UTC offset (whole seconds,
@@ -177,7 +180,8 @@ enum nt_guard_reason {
 	NT_GUARD_DROPPED,         /* outcome: a rejected SYN was dropped */
 	NT_GUARD_MONITORED,       /* outcome: a rejected SYN was passed (monitor) */
 	NT_GUARD_EVENTS,          /* outcome: event written to the ring buffer */
-	NT_GUARD_EVENTS_SUPPRESSED, /* outcome: event withheld by the rate limit */
+	NT_GUARD_EVENTS_SUPPRESSED, /* outcome: event withheld: by the rate limit, or
+				   * because no reader listens */
 	NT_GUARD_EVENTS_LOST,     /* outcome: ring buffer full */
 	NT_GUARD_ERROR,           /* a map the guard needs was missing: SYN passed */
 	NT_GUARD_REASON_MAX,
@@ -201,7 +205,8 @@ struct nt_guard_config {
 	__u8  kind;
 	__u8  skew;              /* epochs of tolerance either side */
 	__u16 exid;              /* host byte order */
-	__u32 generation;        /* user space only: live half of nt_protect */
+	__u32 generation;        /* as in struct nt_config; the low bit is the
+				  * live half of nt_protect */
 	__s64 realtime_minus_tai_ns;   /* as in struct nt_config */
 	__u32 event_rate;        /* events per second, per CPU */
 	__u32 event_burst;       /* bucket depth, per CPU */

@@ -114,7 +114,6 @@ int netoken_ref_verify(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct hdr_cursor nh = { .pos = data };
-	__u64 msg[NT_SIP_MAX_WORDS];
 	struct nt_flow flow = { .family = 4 };
 	struct ethhdr *eth;
 	struct iphdr *iph;
@@ -122,7 +121,7 @@ int netoken_ref_verify(struct xdp_md *ctx)
 	struct nt_key *key;
 	__s64 *offset;
 	__u32 zero = 0, cur, epoch;
-	__u64 tag = 0;
+	__u64 tag, nonce;
 	__u8 *o;
 	int tcp_len;
 
@@ -143,12 +142,13 @@ int netoken_ref_verify(struct xdp_md *ctx)
 	if (o[0] != NT_REF_KIND || o[1] != NT_MAC_OPT_LEN || o[2] != (NT_REF_EXID >> 8) ||
 	    o[3] != (NT_REF_EXID & 0xff))
 		goto reject;
-	cur = (bpf_ktime_get_tai_ns() + *offset) / 1000000000ULL / key->window;
+	cur = nt_epoch_now(*offset, key->window);
 	epoch = cur + (__s8)(__u8)(o[5] - (__u8)cur);
 	__builtin_memcpy(flow.daddr, &iph->daddr, 4);
 	flow.dport = tcph->dest;
-	__builtin_memcpy(&tag, o + NT_REF_TAG_OFF, NT_TAG_LEN);
-	if ((nt_mac(key, NT_REF_EXID, o[4], epoch, o + NT_REF_NONCE_OFF, &flow, msg) &
+	tag = *(__u32 *)(o + NT_REF_TAG_OFF);
+	nonce = *(__u64 *)(o + NT_REF_NONCE_OFF) & NT_NONCE_MASK;
+	if ((nt_mac(key, NT_REF_EXID, o[4], epoch, nonce, &flow) &
 	     ((1ULL << (NT_TAG_LEN * 8)) - 1)) != tag)
 		goto reject;
 	ref_count(0);

@@ -1,8 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
  * SipHash-2-4 (Aumasson & Bernstein) for BPF, over a zero-padded message of at
- * most NT_SIP_MAX_WORDS * 8 - 1 bytes.  Fully unrolled with constant offsets,
- * so the verifier sees straight-line code and no variable stack access.
+ * most NT_SIP_MAX_WORDS * 8 - 1 bytes.
  * netoken/token.py is the reference it must agree with byte for byte.
  */
 #ifndef NETOKEN_SIPHASH_H
@@ -25,6 +24,16 @@
 		v2 += v1; v1 = NT_ROTL(v1, 17); v1 ^= v2; v2 = NT_ROTL(v2, 32); \
 	} while (0)
 
+/* The loops below unrolled, or not with NT_SIP_ROLLED: the marker runs once
+ * per connection, cold, where each instruction fetched costs more than a
+ * loop branch (ten rounds in loops are a tenth of the code); the guard runs
+ * hot under a flood, where straight-line code is the faster. */
+#ifdef NT_SIP_ROLLED
+#define NT_SIP_UNROLL _Pragma("clang loop unroll(disable)")
+#else
+#define NT_SIP_UNROLL _Pragma("unroll")
+#endif
+
 /* msg holds the message as little-endian 64-bit words, zero past len.
  * BPF is little-endian on every host netoken targets (bpfel); a big-endian
  * build would have to byte-swap each word here. */
@@ -38,23 +47,23 @@ static __always_inline __u64 nt_siphash24(__u64 k0, __u64 k1,
 	__u32 last = len / 8;   /* index of the word carrying the length byte */
 	__u64 m;
 
-#pragma unroll
+	NT_SIP_UNROLL
 	for (int i = 0; i < NT_SIP_MAX_WORDS; i++) {
 		m = msg[i];
 		if (i == last)
 			m |= (__u64)len << 56;
 		v3 ^= m;
-		NT_SIPROUND;
-		NT_SIPROUND;
+		NT_SIP_UNROLL
+		for (int r = 0; r < 2; r++)
+			NT_SIPROUND;
 		v0 ^= m;
 		if (i == last)
 			break;
 	}
 	v2 ^= 0xff;
-	NT_SIPROUND;
-	NT_SIPROUND;
-	NT_SIPROUND;
-	NT_SIPROUND;
+	NT_SIP_UNROLL
+	for (int r = 0; r < 4; r++)
+		NT_SIPROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
 }
 

@@ -704,15 +704,21 @@ def monitor(
             missed[key] = n
 
     try:
-        rings: set[tuple[str, int]] = set()
+        rings: dict[tuple[str, int], Any] = {}
         for st, r in roles:
             ring = getattr(r, "events_id", None)
             if ring is not None:
                 key = (r.name, ring(st))
                 if key in rings:
+                    # Read once, but every program writing to it is told
+                    # that someone listens.
+                    for m in r.listen_maps(st):
+                        rings[key].listen_also(m)
                     continue
-                rings.add(key)
-            rbs.append(r.open_events(st, on_event))
+                rings[key] = rb = r.open_events(st, on_event)
+            else:
+                rb = r.open_events(st, on_event)
+            rbs.append(rb)
         # Records queued while nobody listened may be hours old: skip them
         # unless asked, so the stream shows what happens now.
         for rb in rbs:

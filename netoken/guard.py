@@ -546,8 +546,11 @@ class Guard(PinnedProgram):
         check(cfg)
         g = cfg.guard
         assert g is not None
-        gen = 1 - self._config().generation
-        base = gen * PROTECT_HALF
+        # A new generation: its low bit picks the half written now, and the
+        # program's destination cache forgets what it looked up before.
+        old = self._config().generation
+        gen = old + 1 & 0xFFFFFFFF
+        base = (gen & 1) * PROTECT_HALF
         statics = _statics(g, base)
         v4, v6 = _compile(cfg, base)
 
@@ -557,7 +560,7 @@ class Guard(PinnedProgram):
         # an interrupted configure never leaves the LPM pointing at the half
         # the next one will overwrite.
         conf = self.maps["nt_guard_config"]
-        conf.update(u32(0), guard_config_value(cfg, 1 - gen, action, event_rate, event_burst))
+        conf.update(u32(0), guard_config_value(cfg, old, action, event_rate, event_burst))
         keys = self.maps["nt_keys"]
         for kid, key in cfg.keys.items():
             if keys.lookup(u32(kid)) != key_value(key):
@@ -838,8 +841,13 @@ def _restore(maps: Mapping[str, Map], snap: dict[str, dict[bytes, bytes]]) -> No
         maps["nt_static"].update(k, v)
     sync_map(maps["nt_dst_v4"], snap["nt_dst_v4"])
     sync_map(maps["nt_dst_v6"], snap["nt_dst_v6"])
+    live = Guard.read_config(maps["nt_guard_config"]).generation
     for k, v in snap["nt_guard_config"].items():
-        maps["nt_guard_config"].update(k, v)
+        # The snapshot's half, under a generation newer than any the
+        # programs cached destinations under meanwhile.
+        conf = layout.NtGuardConfig.from_bytes(v)
+        conf.generation = live + 1 + ((live + 1 - conf.generation) & 1) & 0xFFFFFFFF
+        maps["nt_guard_config"].update(k, bytes(conf))
     sync_map(maps["nt_static"], snap["nt_static"])
 
 
@@ -1378,7 +1386,7 @@ class GuardRole(ProgramRole):
 
         # What each entry accepts and does comes from the live half of
         # nt_protect; only destinations and ports come from the metadata.
-        base = cfgv.generation * PROTECT_HALF
+        base = (cfgv.generation & 1) * PROTECT_HALF
         described = meta.get("guard", {}).get("protect")
         ids = range(len(described)) if described is not None else _protect_ids_from_lpm(
             [self.map_path(st, n) for n in ("nt_dst_v4", "nt_dst_v6")], base)

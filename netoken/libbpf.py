@@ -1021,6 +1021,26 @@ class Program(_KernelObject):
         info = _get_info(self.fd, _bpf_prog_info, self._label())
         return ProgStats(info.run_cnt, info.run_time_ns)
 
+    def map_ids(self) -> list[int]:
+        """Ids of the maps the program uses."""
+        n = _get_info(self.fd, _bpf_prog_info, self._label()).nr_map_ids
+        ids = (c_uint32 * max(n, 1))()
+        info = _bpf_prog_info(nr_map_ids=n, map_ids=ctypes.addressof(ids))
+        size = c_uint32(sizeof(info))
+        _call(f"get info of {self._label()}", _obj_get_info_by_fd, self.fd,
+              ctypes.byref(info), ctypes.byref(size))
+        return list(ids[:min(n, info.nr_map_ids)])
+
+    def map(self, name: str) -> Map | None:
+        """The map called NAME (kernel names are cut to 15 chars) that the
+        program uses, opened by id; None if it uses none of that name."""
+        for map_id in self.map_ids():
+            m = Map.from_id(map_id)
+            if m.name == name[:BPF_OBJ_NAME_LEN - 1]:
+                return m
+            m.close()
+        return None
+
     def test_run(
         self,
         data: bytes,

@@ -155,8 +155,10 @@ class Marker(PinnedProgram):
         """
         check(cfg)
         in_use = cfg.marking_keys(time.time() if now is None else now)
-        gen = 1 - self._config().generation
-        base = gen * POLICY_HALF
+        # A new generation: its low bit picks the half written now, and the
+        # program's destination cache forgets what it looked up before.
+        gen = self._config().generation + 1 & 0xFFFFFFFF
+        base = (gen & 1) * POLICY_HALF
         keys = self.maps["nt_keys"]
         # New keys before the policies that name them, removed keys only after
         # no policy points at them any more: a SYN in between must find its key.
@@ -418,7 +420,7 @@ class MarkerRole(ProgramRole):
         # The key each policy marks with is a fact of the live half of
         # nt_policies; the schedule that says what it should be comes from
         # the metadata.
-        base = cfgv.generation * POLICY_HALF
+        base = (cfgv.generation & 1) * POLICY_HALF
         with Map.from_pinned(self.map_path(st, "nt_policies")) as m:
             for i, p in enumerate(d["policies"]):
                 raw = m.lookup(u32(base + i))

@@ -30,6 +30,75 @@ from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
 from .state import PROG_PIN, PROG_PIN_NEW, RoleState
 from .token import key_fingerprint_int
 
+# Events are written only while a reader listens (bpf/clock.h): each reader
+# pushes a deadline this far ahead, at least every BEAT_S while it runs, into
+# the nt_listen map of each program it follows.  A reader that dies stops
+# events within LISTEN_S; nobody listening costs the datapath nothing.  The
+# map is the programs' own, found through them (unpinned): a program from
+# before it existed writes events anyway.
+LISTEN_MAP = "nt_listen"
+LISTEN_S = 5.0
+BEAT_S = 1.0
+
+
+def listen_map(prog: Program) -> Map | None:
+    """PROG's heartbeat map, or None for a program that writes events always."""
+    return prog.map(LISTEN_MAP)
+
+
+class ListeningRing(RingBuffer):
+    """A RingBuffer that keeps the programs of LISTEN (their nt_listen maps,
+    closed with the ring) writing events while it is used: it moves their
+    deadline on when created and, once BEAT_S has passed, on every poll()
+    and consume().  poll() waits in steps of at most BEAT_S, so that a long
+    wait keeps listening."""
+
+    def __init__(self, ring: Map, callback: Callable[[bytes], object],
+                 listen: list[Map] | None = None) -> None:
+        self._listen: list[Map] = []
+        super().__init__(ring, callback)
+        self._next = 0.0
+        for m in listen or []:
+            self.listen_also(m)
+
+    def listen_also(self, m: Map) -> None:
+        """Keep M's program writing events too (another program on the same ring)."""
+        self._listen.append(m)
+        self._next = 0.0
+        self._beat()
+
+    def beat(self) -> None:
+        """Keep listening without reading (as poll() and consume() do)."""
+        self._beat()
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + BEAT_S
+        until = (time.monotonic_ns() + int(LISTEN_S * 1e9)).to_bytes(8, "little")
+        for m in self._listen:
+            m.update(u32(0), until)
+
+    def poll(self, timeout_ms: int = -1) -> int:
+        end = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        while True:
+            self._beat()
+            left = BEAT_S if end is None else min(BEAT_S, max(0.0, end - time.monotonic()))
+            n = super().poll(int(left * 1000))
+            if n or (end is not None and time.monotonic() >= end):
+                return n
+
+    def consume(self) -> int:
+        self._beat()
+        return super().consume()
+
+    def close(self) -> None:
+        super().close()
+        listen, self._listen = self._listen, []
+        for m in listen:
+            m.close()
+
 
 def ifindex(ifname: str, error: type[Exception]) -> int:
     """IFNAME's index; ERROR("interface ... does not exist") if there is none."""
@@ -320,9 +389,12 @@ class PinnedProgram:
         """Counters by REASONS, summed over CPUs."""
         return percpu_counters(self.maps[self.STATS_MAP], self.REASONS)
 
-    def events(self, callback: Callable[[Any], object]) -> RingBuffer:
-        """A ring buffer that calls CALLBACK(EVENT) per event record."""
-        return RingBuffer(self.maps[self.EVENTS_MAP], lambda b: callback(self.EVENT.from_bytes(b)))
+    def events(self, callback: Callable[[Any], object]) -> ListeningRing:
+        """A ring buffer that calls CALLBACK(EVENT) per event record; the
+        program writes events while it is in use (ListeningRing)."""
+        listen = listen_map(self.prog)
+        return ListeningRing(self.maps[self.EVENTS_MAP], lambda b: callback(self.EVENT.from_bytes(b)),
+                             [listen] if listen is not None else [])
 
     # ----------------------------------------------------------------------
     # pinned lifecycle: the shape of attach_pinned / apply / detach_pinned
@@ -636,7 +708,8 @@ class ProgramRole:
         with Map.from_pinned(self.map_path(st, self.PROGRAM.EVENTS_MAP)) as m:
             return m.id
 
-    def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> RingBuffer:
+    def open_events(self, st: RoleState,
+                    callback: Callable[[dict[str, Any]], None]) -> ListeningRing:
         """A reader of ST's event ring.  A ring of ST alone names ST's
         interface in every event; a ring the namespace's instances share
         names the interface the event happened on (by its name now)."""
@@ -664,7 +737,13 @@ class ProgramRole:
                       "ifindex": e.ifindex, "role": self.name, **fields(e)})
 
         with Map.from_pinned(self.map_path(st, self.PROGRAM.EVENTS_MAP)) as m:
-            return RingBuffer(Map.from_fd(os.dup(m.fd)), on_event)
+            return ListeningRing(Map.from_fd(os.dup(m.fd)), on_event, self.listen_maps(st))
+
+    def listen_maps(self, st: RoleState) -> list[Map]:
+        """The heartbeat map of ST's pinned program, if it has one."""
+        with Program.from_pinned(st.pin(PROG_PIN)) as prog:
+            m = listen_map(prog)
+        return [m] if m is not None else []
 
     def ghosts(self, pinned: set[int]) -> list[dict[str, Any]]:
         """netoken programs of this role attached in this namespace to an

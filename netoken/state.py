@@ -1049,6 +1049,10 @@ class Role(Protocol):
     def lost_events(self, st: RoleState) -> int:
         """How many events the BPF side could not queue."""
 
+    def listen_maps(self, st: RoleState) -> list[Any]:
+        """The maps whose heartbeat keeps ST's program writing events (a
+        reader of a ring another instance shares tells them all)."""
+
     def event_header(self) -> str:
         """Column header for :meth:`event_line`."""
 

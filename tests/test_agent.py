@@ -188,7 +188,7 @@ def live_key(ifname: str) -> int:
     with Map.from_pinned(str(d / "nt_config")) as c, \
             Map.from_pinned(str(d / "nt_policies")) as p:
         gen = layout.NtConfig.from_bytes(c.lookup(u32(0))).generation
-        return layout.NtPolicy.from_bytes(p.lookup(u32(gen * marker.POLICY_HALF))).key_id
+        return layout.NtPolicy.from_bytes(p.lookup(u32((gen & 1) * marker.POLICY_HALF))).key_id
 
 
 def wait_key(ifname: str, key: int, limit: float = 10) -> float:

@@ -672,6 +672,23 @@ def test_reconfigure_keeps_one_generation_of_entries(tmp_path, hook):
         assert len(list(g.maps["nt_static"].keys())) == 1
 
 
+def test_a_new_config_is_seen_at_once_by_a_destination_looked_up_before(tmp_path, hook):
+    """The guard keeps what it looked up per destination until the next
+    configure(): protection removed or added takes effect with the next SYN."""
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    on = write_config(tmp_path / "on", GUARD)
+    off = write_config(tmp_path / "off",
+                       GUARD.replace('ports = [443, "7000-7100"]', 'ports = ["7000-7100"]'))
+    with Guard.load(hook=hook) as g:
+        g.configure(on)
+        assert verdict(g, syn()) == "missing"
+        g.configure(off)
+        assert verdict(g, syn()) == "unprotected"
+        g.configure(on)
+        assert verdict(g, syn()) == "missing"
+
+
 # ---------------------------------------------------------------- counters, events
 
 

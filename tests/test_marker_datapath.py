@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -31,6 +32,7 @@ from .pkt import (
     SRC_MAC,
     expected_marked,
     ext_chain,
+    inet_sum,
     normalize_zero,
     options_of_len,
     parse,
@@ -383,3 +385,92 @@ def test_unknown_key_counts_no_key(tmp_path):
         m.configure(cfg)
         m.maps["nt_keys"].update((1).to_bytes(4, "little"), bytes(layout.NtKey()))
         assert_untouched(m, syn(), "no_key")
+
+
+# ------------------------------------------------- checksums the marker cannot classify
+
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _check_error(raw: bytes) -> int:
+    """How far the TCP checksum field is from right (ones' complement)."""
+    p = parse(raw)
+    pseudo = p.saddr + p.daddr + struct.pack("!HH", 6, len(p.tcp))
+    return _fold(inet_sum(pseudo + p.tcp))  # 0xFFFF when right
+
+
+def test_a_wrong_checksum_stays_exactly_as_wrong(marker):
+    """The marker edits the checksum field in place when it can tell what it
+    holds; one that is neither a checksum nor a pseudo-header seed goes to
+    the kernel's incremental update, which keeps the error as it was."""
+    data = bytearray(syn())
+    p = parse(bytes(data))
+    struct.pack_into("!H", data, p.l4 + 16, struct.unpack_from("!H", data, p.l4 + 16)[0] ^ 0x0101)
+    err = _check_error(bytes(data))
+    assert err != 0xFFFF
+    after, counted = delta(marker, lambda: run(marker, bytes(data)))
+    assert counted == {"marked": 1}
+    assert parse(after).ip_checksum_ok()
+    assert _check_error(after) == err
+
+
+def test_a_checksum_that_is_also_a_seed_is_left_to_the_kernel(marker):
+    """One SYN in 65536 has a right checksum equal to its pseudo-header sum
+    (what the field holds under CHECKSUM_PARTIAL): neither reading can be
+    ruled out, so the marker leaves the field to bpf_l4_csum_replace()."""
+    data = bytearray(syn())
+    p = parse(bytes(data))
+    pseudo = _fold(inet_sum(p.saddr + p.daddr + struct.pack("!HH", 6, len(p.tcp))))
+    struct.pack_into("!H", data, p.l4 + 16, pseudo)       # the field reads as a seed...
+    struct.pack_into("!H", data, p.l4 + 18, 0)
+    rest = _fold(inet_sum(p.saddr + p.daddr + struct.pack("!HH", 6, len(p.tcp)) +
+                          bytes(data[p.l4:p.ip_end])))
+    struct.pack_into("!H", data, p.l4 + 18, 0xFFFF - rest)  # ...and the segment verifies
+    assert _check_error(bytes(data)) == 0xFFFF
+    after = assert_marked(marker, bytes(data))
+    assert parse(after).tcp_checksum_ok()
+
+
+# ------------------------------------------------------------------- configuration
+
+
+def test_a_new_config_is_seen_at_once_by_a_destination_looked_up_before(tmp_path):
+    """The marker keeps what it looked up per destination until the next
+    configure(): a policy removed or added takes effect with the next SYN."""
+    with Marker.load() as m:
+        m.configure(make_config(tmp_path, POLICIES))
+        assert_marked(m, syn(dport=443))
+        m.configure(make_config(tmp_path, POLICIES.replace("ports = [80, 443,", "ports = [80,")))
+        assert_untouched(m, syn(dport=443), "no_policy")
+        m.configure(make_config(tmp_path, POLICIES))
+        assert_marked(m, syn(dport=443))
+
+
+# ------------------------------------------------------------------- events
+
+
+def test_events_are_written_only_while_a_reader_listens(tmp_path):
+    with Marker.load() as m:
+        m.configure(make_config(tmp_path, POLICIES))
+        run(m, syn())
+        events: list[MarkEvent] = []
+        with m.events(events.append) as rb:
+            assert rb.consume() == 0      # nothing was queued while nobody listened
+            run(m, syn())
+            assert rb.consume() == 1
+            # A reader that stopped: its deadline passed, the marker writes
+            # nothing and clears it.
+            listen = m.prog.map("nt_listen")
+            assert listen is not None
+            with listen:
+                listen.update((0).to_bytes(4, "little"),
+                              (time.monotonic_ns() - 10**9).to_bytes(8, "little"))
+                run(m, syn())
+                assert listen.lookup((0).to_bytes(4, "little")) == bytes(8)
+            assert rb.consume() == 0
+        assert len(events) == 1
+        assert m.stats()["marked"] == 3

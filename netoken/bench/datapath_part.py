@@ -20,7 +20,6 @@ from ..libbpf import (
     XDP_FLAGS_UPDATE_IF_NOEXIST,
     BpfObject,
     Program,
-    RingBuffer,
     xdp_attach,
 )
 from ..netns import netns
@@ -145,19 +144,30 @@ REF_APPEND = "reference: static appender (seed)"
 REF_VERIFY = "reference: bare SipHash verifier"
 
 
+@dataclass(frozen=True)
+class Listened:
+    """A marker whose events a reader follows (program.ListeningRing)."""
+
+    prog: Program
+    stats: Callable[[], dict[str, int]]
+    before: Callable[[], None]  # what the reader does before each sample
+
+
 def marker_contenders(marker_prog: Program, empty_tc: Program,
                       stats: Callable[[], dict[str, int]] | None = None,
-                      drain: Callable[[], None] | None = None,
-                      full_ring: tuple[Program, Callable[[], dict[str, int]]] | None = None,
+                      listened: Listened | None = None,
+                      full_ring: Listened | None = None,
                       refs: References | None = None,
                       ) -> list[Contender]:
     """The marker's paths at repeat=1, next to the empty TC program.
 
-    A marked SYN writes an event.  The kernel wakes the ring buffer's reader
-    (an irq_work) when the record lands in an empty ring, so that variant is
-    measured on its own: DRAIN empties the ring before it, and the ring holds
-    that record for the others.  FULL_RING is a second marker whose ring
-    nobody reads, the state of every marker without a `monitor` running."""
+    MARKER_PROG has no reader, the state of every marker without a `netoken
+    monitor` running: it writes no event.  LISTENED is a second marker
+    whose events a reader follows: its reader empties the ring before one of
+    its SYNs, which then wakes the reader if the ring had been empty
+    (irq_work) and lands in a ring holding records for the other one.
+    FULL_RING is a third, whose reader listens but reads nothing: its
+    events are lost."""
     f = "empty tc"
     ref = REF_APPEND if refs is not None else None
     out = [
@@ -181,14 +191,17 @@ def marker_contenders(marker_prog: Program, empty_tc: Program,
         Contender("marker: UDP", marker_prog, _frame(V4, udp=True), floor=f, expect="not_tcp",
                   stats=stats),
     ]
-    if drain is not None:
-        out.insert(4, Contender("marker: IPv4 SYN, mac, event wakes the reader", marker_prog,
-                                _frame(V4), floor=f, expect="marked", stats=stats,
-                                before=drain))
+    if listened is not None:
+        out.insert(4, Contender("marker: IPv4 SYN, mac, event to a reader", listened.prog,
+                                _frame(V4), floor=f, expect="marked", stats=listened.stats,
+                                ref=ref))
+        out.insert(5, Contender("marker: IPv4 SYN, mac, event wakes the reader", listened.prog,
+                                _frame(V4), floor=f, expect="marked", stats=listened.stats,
+                                before=listened.before))
     if full_ring is not None:
-        prog, full_stats = full_ring
-        out.insert(4, Contender("marker: IPv4 SYN, mac, event ring full", prog, _frame(V4),
-                                floor=f, expect="events_lost", stats=full_stats, ref=ref))
+        out.insert(4, Contender("marker: IPv4 SYN, mac, event ring full", full_ring.prog,
+                                _frame(V4), floor=f, expect="events_lost",
+                                stats=full_ring.stats, before=full_ring.before))
     if refs is not None:
         out.insert(1, Contender(REF_APPEND, refs.append, _frame(V4_STATIC), floor=f,
                                 expect="done", stats=refs.stats))
@@ -275,7 +288,6 @@ def at_tc(contenders: list[Contender], guard_xdp: Program, guard_tc: Program,
 
 def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
                                  marker_prog: Program, n: int,
-                                 drain: Callable[[], None],
                                  refs: References | None = None,
                                  ) -> tuple[list[Contender], int]:
     """Valid SYNs the guard has never seen, one run each (each is accepted
@@ -297,8 +309,6 @@ def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
             continue
         seen.add(pkt)
         fresh.append(pkt)
-        if len(fresh) % 1000 == 0:
-            drain()
     ref = REF_VERIFY if refs is not None else None
     reference = [Contender(REF_VERIFY, refs.verify, fresh[0], floor=f,
                            packets=tuple(fresh[1:]), expect="done", stats=refs.stats)
@@ -331,7 +341,8 @@ def _check_paths(contenders: list[Contender], stats: Callable[[], dict[str, int]
 
 
 def _fill_ring(marker: Any) -> None:
-    """Mark SYNs until MARKER's event ring is full (events_lost starts counting)."""
+    """Mark SYNs until MARKER's event ring is full (events_lost starts
+    counting); a reader must be listening, or it writes none."""
     pkt = _frame(V4)
     for _ in range(100):
         marker.prog.test_run(pkt, repeat=1)
@@ -443,13 +454,16 @@ def datapath(quick: bool = False, samples: int | None = None,
         # The TC ingress build of the same source, on the same maps.
         guard_tc = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache,
                                                   reuse=guard.maps, hook="tc"))
-        # Events are read (and thrown away) only where a contender says so:
-        # how full the ring is decides the marker's path (see marker_contenders).
-        mark_ring = stack.enter_context(RingBuffer(marker.maps["nt_mark_events"], lambda _b: None))
-        guard_ring = stack.enter_context(RingBuffer(guard.maps["nt_guard_events"],
-                                                    lambda _b: None))
+        # The marker and the guard have no reader, as on a node where no
+        # `netoken monitor` runs.  Two more markers have one: events are read
+        # (and thrown away) only where a contender says so, since how full
+        # the ring is decides the path (see marker_contenders).
+        listened = stack.enter_context(Marker.load())
+        listened.configure(cfg)
+        ring = stack.enter_context(listened.events(lambda _e: None))
         full = stack.enter_context(Marker.load())
         full.configure(cfg)
+        full_ring = stack.enter_context(full.events(lambda _e: None))
         _fill_ring(full)
 
         parked = stack.enter_context(_xdp_parking([empty_xdp, guard.prog, refs.verify]))
@@ -466,8 +480,10 @@ def datapath(quick: bool = False, samples: int | None = None,
                            "rows": [asdict(r) for r in rows]})
 
         group("marker (TC egress), one run per sample",
-              marker_contenders(marker.prog, empty_tc, marker.stats, mark_ring.consume,
-                                (full.prog, full.stats), refs), n1, marker.stats)
+              marker_contenders(marker.prog, empty_tc, marker.stats,
+                                Listened(listened.prog, listened.stats, ring.consume),
+                                Listened(full.prog, full.stats, full_ring.beat), refs),
+              n1, marker.stats)
         group(f"marker, paths that leave the packet alone, {TC_REPEAT} runs per sample",
               marker_repeat_contenders(marker.prog, empty_tc), nr, marker.stats)
 
@@ -475,23 +491,13 @@ def datapath(quick: bool = False, samples: int | None = None,
         for c in gc:
             if c.expect == "replay":
                 c.prog.test_run(c.packet)  # first sight: every later run is a replay
-
-        def spend_event_budget() -> None:
-            # Rejected SYNs write events at <= event_rate per second after a
-            # burst: spend the burst, so they take the path of a flood (event
-            # suppressed), and leave its events in the ring, so the few that
-            # get written later wake nobody (the marker group measures that).
-            guard_ring.consume()
-            guard.prog.test_run(_frame(V4), repeat=1000)
-
-        spend_event_budget()
+        # Rejected SYNs take the path of a node without a reader: no event
+        # (counted as suppressed).
         group(f"guard (XDP), {XDP_REPEAT} runs per sample", gc, nx, guard.stats)
-        spend_event_budget()
         group(f"guard (TC ingress), {XDP_REPEAT} runs per sample",
               at_tc(gc, guard.prog, guard_tc.prog, empty_xdp, empty_tc), nr, guard.stats)
         first, repeats = guard_first_sight_contenders(guard.prog, empty_xdp, marker.prog, n1,
-                                                      mark_ring.consume, refs)
-        spend_event_budget()
+                                                      refs)
         before = guard.stats()
         group("guard, valid SYNs on first sight, one run per sample", first, n1, guard.stats)
         after = guard.stats()

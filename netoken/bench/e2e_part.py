@@ -533,7 +533,7 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     guard_prog = e.guard_prog()
     guarded = cfg in ("guard", "tc guard")
     with run_time_stats():
-        r0 = guard_prog.run_stats()
+        r0, m0 = guard_prog.run_stats(), e.marker.prog.run_stats()
         cpu0, t0 = _cpu_ticks(), time.monotonic()
         flood = e.lab.spawn(e.at, *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -548,7 +548,7 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
             os.killpg(flood.pid, signal.SIGKILL)
             raise
         elapsed, cpu1 = time.monotonic() - t0, _cpu_ticks()
-        r1 = guard_prog.run_stats()
+        r1, m1 = guard_prog.run_stats(), e.marker.prog.run_stats()
     legit = legit_clients.collect(legit_s)
     g1 = e.guard.stats()
     snmp1, link1, peer1 = _snmp(e.sv), _link(e.sv, e.sv_a), _link(e.at, e.at_if)
@@ -564,6 +564,8 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     dcpu = {k: (cpu1[k] - cpu0[k]) / hz / elapsed for k in _CPU_FIELDS}
     gd = {k: g1[k] - g0[k] for k in g1}
     runs = r1.run_cnt - r0.run_cnt
+    marker_runs = m1.run_cnt - m0.run_cnt
+    drops_per_s = gd["dropped"] / elapsed if guarded else None
     tcp = {k: snmp1.get(k, 0) - snmp0.get(k, 0) for k in
            ("TcpExt.SyncookiesSent", "TcpExt.ListenOverflows", "TcpExt.ListenDrops",
             "Tcp.InSegs", "Tcp.PassiveOpens")}
@@ -580,6 +582,18 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
         "guard_drop_fraction": gd["dropped"] / rx if guarded and rx else None,
         "guard_ns_per_packet": (r1.run_time_ns - r0.run_time_ns) / runs
         if runs and guarded else None,
+        # Flood capacity: SYNs the guard drops per second of one CPU's
+        # softirq time (the whole receive path, not the program alone), and
+        # that time per dropped SYN.
+        "guard_drops_per_s": drops_per_s,
+        "guard_drops_per_cpu_s": drops_per_s / dcpu["softirq"]
+        if drops_per_s and dcpu["softirq"] else None,
+        "softirq_ns_per_drop": dcpu["softirq"] * 1e9 / drops_per_s if drops_per_s else None,
+        # The legitimate client's marker meanwhile (its SYNs and the rest of
+        # its packets), from the kernel's run-time stats.
+        "marker_runs": marker_runs,
+        "marker_ns_per_run": (m1.run_time_ns - m0.run_time_ns) / marker_runs
+        if marker_runs else None,
         "cpu": {k: round(v, 3) for k, v in dcpu.items()},
         "cpus": ncpu,
         "softirq_ns_per_received": dcpu["softirq"] * 1e9 / (rx / elapsed) if rx else None,

@@ -88,7 +88,8 @@ def _e2e_lines(d: dict[str, Any]) -> list[str]:
     fl = d.get("flood")
     if fl and "error" not in fl:
         out.append(f"  SYN flood, spoofed sources, {fl['seconds']:g}s each; CPU = busy CPUs "
-                   f"of {fl['rows'][0].get('cpus', '?')} over the whole machine")
+                   f"of {fl['rows'][0].get('cpus', '?')} over the whole machine; guard and "
+                   "marker ns from BPF run-time stats (the marker: the legitimate client's)")
         rows = []
         errors = []
         for r in fl["rows"]:
@@ -101,13 +102,15 @@ def _e2e_lines(d: dict[str, Any]) -> list[str]:
                 "-" if frac is None else f"{frac:.2%}",
                 _n(r["guard_ns_per_packet"], ".0f"),
                 f"{r['cpu']['softirq']:.2f}", _n(r["softirq_ns_per_received"]),
+                _n(r.get("guard_drops_per_cpu_s")), _n(r.get("softirq_ns_per_drop")),
+                _n(r.get("marker_ns_per_run")),
                 f"{r['legit']['ok']}/{r['legit']['ok'] + r['legit']['failed']}",
                 _n(r["legit"]["connect_us_median"]),
             ])
         out += _table(["tool", "server side", "offered/s", "received/s", "guard drops",
-                       "guard ns/pkt", "softirq CPUs", "softirq ns/pkt", "legit ok",
-                       "connect us"], rows,
-                      [False, False, True, True, True, True, True, True, True, True])
+                       "guard ns/pkt", "softirq CPUs", "softirq ns/pkt", "drops/CPU-s",
+                       "softirq ns/drop", "marker ns/run", "legit ok", "connect us"], rows,
+                      [False, False] + [True] * 11)
         out += errors
         cookies = [(r["tool"], r["config"], r["tcp"]["TcpExt.SyncookiesSent"])
                    for r in fl["rows"] if "tcp" in r]
