@@ -28,23 +28,30 @@ struct {
 	__type(value, struct nt_port_rules);
 } nt_dst_v6 SEC(".maps");
 
-/* 1 and *target set when F's destination and port match a rule, else 0. */
-static __always_inline int nt_lookup_dest(const struct nt_flow *f, __u32 *target)
+/* The port rules of the most specific prefix covering F's destination
+ * address (its own and every covering prefix's, see above), or NULL when no
+ * prefix covers it: "some rule covers this address, on some port". */
+static __always_inline struct nt_port_rules *nt_lookup_addr(const struct nt_flow *f)
 {
-	struct nt_port_rules *r;
-	__u16 dport = bpf_ntohs(f->dport);
-
 	if (f->family == 4) {
 		struct nt_lpm_v4 k = { .prefixlen = 32 };
 
 		__builtin_memcpy(k.addr, f->daddr, 4);
-		r = bpf_map_lookup_elem(&nt_dst_v4, &k);
+		return bpf_map_lookup_elem(&nt_dst_v4, &k);
 	} else {
 		struct nt_lpm_v6 k6 = { .prefixlen = 128 };
 
 		__builtin_memcpy(k6.addr, f->daddr, 16);
-		r = bpf_map_lookup_elem(&nt_dst_v6, &k6);
+		return bpf_map_lookup_elem(&nt_dst_v6, &k6);
 	}
+}
+
+/* 1 and *target set when F's destination and port match a rule, else 0. */
+static __always_inline int nt_lookup_dest(const struct nt_flow *f, __u32 *target)
+{
+	struct nt_port_rules *r = nt_lookup_addr(f);
+	__u16 dport = bpf_ntohs(f->dport);
+
 	if (!r)
 		return 0;
 	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {

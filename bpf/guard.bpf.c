@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
  * netoken guard: XDP.  Every SYN to a protected destination must carry
- * exactly one valid token option (DESIGN §2); the others are dropped, or in
+ * exactly one valid token option (design.md §2); the others are dropped, or in
  * monitor mode counted and passed, before the kernel allocates anything for
  * them.  All other traffic passes untouched after a look at its headers.
  *
@@ -10,8 +10,8 @@
  *     (missing / malformed)
  *   static token: accepted by this protect entry (ok / bad_tag)
  *   mac: key id accepted here (unknown_key), epoch within ±skew (stale),
- *     tag (bad_tag), then first sight of (key id, epoch, nonce, tag) in the
- *     LRU replay cache (replay)
+ *     tag (bad_tag), then first sight of the token in the replay cache
+ *     (replay)
  * Only SYNs whose tag verified reach the replay cache, so a flood of forged
  * tokens cannot evict the entries of real clients.
  */
@@ -63,13 +63,22 @@ struct {
 	__type(value, __u32);
 } nt_static SEC(".maps");
 
-/* Resized from the config's replay_cache before load (netoken/guard.py). */
+/* The replay cache: direct-mapped slots, one accepted token each (see
+ * nt_replay_slot()).  Sized from the config's replay_cache, rounded up to a
+ * power of two, before load (netoken/guard.py). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1 << 20);
-	__type(key, struct nt_replay_key);
+	__type(key, __u32);
 	__type(value, __u64);
 } nt_replay SEC(".maps");
+
+/* The kernel's struct bpf_map, as far as the guard reads it (CO-RE: libbpf
+ * relocates the offset against the running kernel's BTF), so the slot mask
+ * follows whatever size user space gave the map. */
+struct bpf_map___nt {
+	__u32 max_entries;
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -104,9 +113,6 @@ struct {
 	__type(value, struct nt_bucket);
 } nt_ev_bucket SEC(".maps");
 
-/* Stop clang from folding a bound check away before the verifier sees it. */
-#define NT_BARRIER_VAR(x) asm volatile("" : "+r"(x))
-
 /* A SYN to look at: offsets only, the packet stays where it is. */
 struct nt_gpkt {
 	struct nt_flow flow;
@@ -133,8 +139,7 @@ struct nt_check {
 	__u32 epoch;             /* reconstructed, once the key is known */
 	__u8  mode;              /* NT_MODE_* once the option's length is known */
 	__u8  key_id;
-	__u8  error;             /* replay cache insert failed */
-	__u8  pad;
+	__u8  pad[2];
 	__u8  opt[NT_MAC_OPT_LEN];
 };
 
@@ -157,8 +162,42 @@ static __always_inline void count_key(__u8 key_id, __u32 bad)
 
 #define NT_CANDIDATE -1
 
-/* Returns NT_CANDIDATE with *p filled for a SYN && !ACK, or the pass reason.
- * Non-SYN traffic leaves after the flags byte, with nothing copied. */
+/* Fills in the addresses of a packet parse() could not take to a SYN, for the
+ * address look-up and the event; the ports stay 0. */
+static __always_inline int unparsed(struct nt_gpkt *p, struct iphdr *iph,
+				    struct ipv6hdr *ip6h, int verdict)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	if (iph) {
+		p->flow.family = 4;
+		__builtin_memcpy(p->flow.saddr, &iph->saddr, 4);
+		__builtin_memcpy(p->flow.daddr, &iph->daddr, 4);
+	} else if (ip6h) {
+		p->flow.family = 6;
+		__builtin_memcpy(p->flow.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p->flow.daddr, &ip6h->daddr, 16);
+	}
+	return verdict;
+}
+
+/* Whether an IPv6 fragment whose Fragment header names NEXTHDR may, once
+ * reassembled, be a TCP segment: TCP itself, or an extension header TCP
+ * could follow.  (The kernel takes the next header from the first fragment;
+ * every fragment that names TCP is dropped, so no reassembly that needs the
+ * first one can complete.)  ESP is IPsec's to check, as unfragmented. */
+static __always_inline int ip6_frag_may_be_tcp(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_TCP || (ip6_is_ext(nexthdr) && nexthdr != IPPROTO_ESP);
+}
+
+/*
+ * Returns NT_CANDIDATE with *p filled for a SYN && !ACK, or a reason.
+ * NT_GUARD_FRAGMENT, NT_GUARD_IPV6_EXT and NT_GUARD_BAD_HEADER come with
+ * p->flow's family and addresses set when the IP header was readable: they
+ * become verdicts if a protect entry covers the destination address (the
+ * caller decides).  Non-SYN traffic leaves after the flags byte, with
+ * nothing copied.
+ */
 static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
 {
 	void *data = (void *)(long)ctx->data;
@@ -173,31 +212,50 @@ static __always_inline int parse(struct xdp_md *ctx, struct nt_gpkt *p)
 
 	proto = parse_ethhdr(&nh, data_end, &eth);
 	if (proto < 0)
-		return NT_GUARD_BAD_HEADER;
+		return NT_GUARD_BAD_HEADER_PASSED;
 	l3_off = nh.pos - data;
 	if (proto == bpf_htons(ETH_P_IP)) {
+		/* Without a valid IPv4 header the kernel drops the packet itself. */
 		proto = parse_iphdr(&nh, data_end, &iph);
 		if (proto < 0)
-			return NT_GUARD_BAD_HEADER;
+			return NT_GUARD_BAD_HEADER_PASSED;
+		/* Every fragment carries the protocol: drop them all and no
+		 * TCP segment reassembles. */
 		if (ipv4_is_fragment(iph))
-			return NT_GUARD_FRAGMENT;
+			return proto == IPPROTO_TCP ? unparsed(p, iph, NULL, NT_GUARD_FRAGMENT)
+						    : NT_GUARD_FRAGMENT_PASSED;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		/* Extension headers skipped, not passed: otherwise a Hop-by-Hop
-		 * header in front of a SYN would walk it past the guard. */
-		proto = parse_ip6_upper(&nh, data_end, &ip6h);
+		/* Extension headers are walked, not passed: otherwise a
+		 * Hop-by-Hop header in front of a SYN would walk it past the
+		 * guard.  What the walk cannot get through fails closed for
+		 * protected addresses. */
+		proto = parse_ip6_upper(&nh, data_end, &ip6h, NT_IP6_WALK_AH);
+		if (!ip6h)
+			return NT_GUARD_BAD_HEADER_PASSED;
 		if (proto < 0)
-			return NT_GUARD_BAD_HEADER;
-		if (proto == IPPROTO_FRAGMENT)
-			return NT_GUARD_FRAGMENT;
+			return unparsed(p, NULL, ip6h, NT_GUARD_BAD_HEADER);
+		if (proto == IPPROTO_FRAGMENT) {
+			__u8 *frag = nh.pos;
+
+			if ((void *)(frag + 8) > data_end)
+				return unparsed(p, NULL, ip6h, NT_GUARD_BAD_HEADER);
+			return ip6_frag_may_be_tcp(frag[0])
+				? unparsed(p, NULL, ip6h, NT_GUARD_FRAGMENT)
+				: NT_GUARD_FRAGMENT_PASSED;
+		}
+		/* ESP: only the kernel's IPsec can look inside, and it delivers
+		 * nothing it did not authenticate. */
+		if (proto == IPPROTO_ESP)
+			return NT_GUARD_NOT_TCP;
 		if (ip6_is_ext(proto))
-			return NT_GUARD_IPV6_EXT;
+			return unparsed(p, NULL, ip6h, NT_GUARD_IPV6_EXT);
 	} else {
 		return NT_GUARD_NOT_IPV4_OR_6;
 	}
 	if (proto != IPPROTO_TCP)
 		return NT_GUARD_NOT_TCP;
 	if (parse_tcphdr(&nh, data_end, &tcph) == NT_PARSE_SHORT || !tcph)
-		return NT_GUARD_BAD_HEADER;
+		return unparsed(p, iph, ip6h, NT_GUARD_BAD_HEADER);
 	if ((((__u8 *)tcph)[13] & (NT_TCP_FLAG_SYN | NT_TCP_FLAG_ACK)) != NT_TCP_FLAG_SYN)
 		return NT_GUARD_NOT_SYN;
 
@@ -278,6 +336,43 @@ __noinline int nt_find_option(const struct nt_optbuf *buf, __u32 optlen, __u32 k
 		return NT_GUARD_MISSING;
 	out->off = off;
 	out->len = len;
+	return NT_GUARD_OK;
+}
+
+/*
+ * First sight of a verified token, or NT_GUARD_REPLAY.
+ *
+ * One 8-byte slot per token: nonce (48 bits) and the tag's low 16 bits,
+ * NT_REPLAY_ENTRY() below.  Two different tokens share that value only if
+ * their nonces collide, which is the rate wire format 2 was sized for
+ * (docs/design.md §2), and a tag that differs in 16 more bits.  The slot
+ * index is a hash of the same value, so user space can move entries into a
+ * cache of another size.  Direct-mapped: a new token evicts whatever held its
+ * slot, so under N fresh tokens per acceptance window over S slots an
+ * accepted token stays known with probability about e^(-N/S); one captured
+ * and replayed at once passes once, and again only after a real client's
+ * token has taken its slot (docs/operations.md has the numbers).
+ * A compare-and-swap makes the insert atomic: two CPUs receiving the same
+ * SYN cannot both accept it.
+ */
+static __always_inline int nt_replay_check(const __u8 *opt)
+{
+	__u64 nonce = 0, tag = 0, v, old, *slot;
+	__u32 idx;
+
+	__builtin_memcpy(&nonce, opt + NT_OPT_NONCE, NT_NONCE_LEN);
+	__builtin_memcpy(&tag, opt + NT_OPT_TAG, NT_TAG_LEN);
+	v = NT_REPLAY_ENTRY(nonce, tag);
+	idx = NT_REPLAY_INDEX(v) & (((struct bpf_map___nt *)&nt_replay)->max_entries - 1);
+	slot = bpf_map_lookup_elem(&nt_replay, &idx);
+	if (!slot || !v)
+		return NT_GUARD_OK;   /* cannot be stored: verified, so let it in */
+	old = *slot;
+	if (old == v)
+		return NT_GUARD_REPLAY;
+	/* Lost to another CPU: a replay if that CPU stored this very token. */
+	if (__sync_val_compare_and_swap(slot, old, v) != old && *slot == v)
+		return NT_GUARD_REPLAY;
 	return NT_GUARD_OK;
 }
 
@@ -370,30 +465,12 @@ __noinline int nt_check(struct xdp_md *ctx, const struct nt_gpkt *p,
 	if (delta > (__s32)cfg->skew || -delta > (__s32)cfg->skew)
 		return NT_GUARD_STALE;
 
-	mac = nt_mac(key, cfg->exid, kid, epoch, c->opt + 6, &p->flow, msg);
-	__builtin_memcpy(&tag, c->opt + 10, NT_TAG_LEN);
+	mac = nt_mac(key, cfg->exid, kid, epoch, c->opt + NT_OPT_NONCE, &p->flow, msg);
+	__builtin_memcpy(&tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
 	if ((mac & NT_TAG_MASK) != tag)
 		return NT_GUARD_BAD_TAG;
 
-	struct nt_replay_key rk = { .epoch = epoch, .key_id = kid };
-	__u64 seen = bpf_ktime_get_ns();
-
-	__builtin_memcpy(rk.tag, c->opt + 10, NT_TAG_LEN);
-	__builtin_memcpy(rk.nonce, c->opt + 6, 4);
-	/* The look-up keeps a replay flood off the LRU's free lists (an insert
-	 * takes a node before it finds the key); BPF_NOEXIST then makes the
-	 * insert atomic, so two CPUs receiving the same SYN cannot both
-	 * accept it. */
-	if (bpf_map_lookup_elem(&nt_replay, &rk))
-		return NT_GUARD_REPLAY;
-	r = bpf_map_update_elem(&nt_replay, &rk, &seen, BPF_NOEXIST);
-	if (r == -EEXIST)
-		return NT_GUARD_REPLAY;
-	/* Not expected from a preallocated LRU; if it happens anyway, the tag
-	 * did verify, so the client is let in and the failure counted. */
-	if (r)
-		c->error = 1;
-	return NT_GUARD_OK;
+	return nt_replay_check(c->opt);
 }
 
 static __always_inline int event_allowed(const struct nt_guard_config *cfg)
@@ -452,13 +529,101 @@ static __always_inline void emit_event(struct xdp_md *ctx, const struct nt_gpkt 
 	e->sport = bpf_ntohs(p->flow.sport);
 	e->dport = bpf_ntohs(p->flow.dport);
 	if (c->mode == NT_MODE_MAC) {
-		__builtin_memcpy(e->nonce, c->opt + 6, 4);
-		__builtin_memcpy(e->tag, c->opt + 10, NT_TAG_LEN);
+		__builtin_memcpy(e->nonce, c->opt + NT_OPT_NONCE, NT_NONCE_LEN);
+		__builtin_memcpy(e->tag, c->opt + NT_OPT_TAG, NT_TAG_LEN);
 	} else if (c->mode == NT_MODE_STATIC) {
 		__builtin_memcpy(e->tag, c->opt + 4, 8);
 	}
 	bpf_ringbuf_submit(e, 0);
 	count(NT_GUARD_EVENTS);
+}
+
+/* The action for a rejected packet under entry PROT: the --mode override,
+ * else the entry's own.  Anything but an explicit monitor drops: a zeroed
+ * entry must not open the door. */
+static __always_inline __u8 action_of(const struct nt_guard_config *cfg,
+				      const struct nt_protect *prot)
+{
+	__u8 action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
+
+	return action == NT_ACTION_MONITOR ? NT_ACTION_MONITOR : NT_ACTION_DROP;
+}
+
+/* Outcome of a verdict other than ok: dropped or monitored, and an event. */
+static __always_inline int reject(struct xdp_md *ctx, const struct nt_gpkt *p,
+				  const struct nt_guard_config *cfg,
+				  const struct nt_protect *prot, const struct nt_check *c,
+				  __u32 verdict)
+{
+	__u8 action = action_of(cfg, prot);
+
+	count(action == NT_ACTION_DROP ? NT_GUARD_DROPPED : NT_GUARD_MONITORED);
+	if (event_allowed(cfg))
+		emit_event(ctx, p, prot, c, verdict, action);
+	else
+		count(NT_GUARD_EVENTS_SUPPRESSED);
+	return action == NT_ACTION_DROP ? XDP_DROP : XDP_PASS;
+}
+
+/* The pass reason of a verdict that needs a protected address. */
+static __always_inline __u32 passed(__u32 verdict)
+{
+	if (verdict == NT_GUARD_FRAGMENT)
+		return NT_GUARD_FRAGMENT_PASSED;
+	if (verdict == NT_GUARD_IPV6_EXT)
+		return NT_GUARD_IPV6_EXT_PASSED;
+	return NT_GUARD_BAD_HEADER_PASSED;
+}
+
+/*
+ * A fragment, or a packet to an address whose TCP header the guard cannot
+ * reach (VERDICT, from parse()).  Without a port, the address decides: if
+ * any protect entry covers it, the packet gets VERDICT under the entry that
+ * drops (the first in LPM order, so the most specific), or under the first
+ * one if they all monitor; the --mode override applies as for SYNs.
+ * Otherwise it passes as before.  Rare, so it may cost a loop.
+ */
+static __noinline int check_unparsed(struct xdp_md *ctx, struct nt_gpkt *p, __u32 verdict)
+{
+	struct nt_guard_config *cfg;
+	struct nt_protect *prot = NULL, *e;
+	struct nt_port_rules *r;
+	struct nt_check c;
+	__u32 zero = 0, idx, prot_idx = 0;
+
+	cfg = bpf_map_lookup_elem(&nt_guard_config, &zero);
+	if (!cfg) {
+		count(NT_GUARD_ERROR);
+		return XDP_PASS;
+	}
+	if (verdict == NT_GUARD_FRAGMENT && cfg->fragments == NT_FRAGMENTS_PASS)
+		goto pass;
+	r = p->flow.family ? nt_lookup_addr(&p->flow) : NULL;
+	if (!r)
+		goto pass;
+	for (int i = 0; i < NT_MAX_PORT_RULES; i++) {
+		if (i >= r->count)
+			break;
+		idx = r->rules[i].policy;
+		e = bpf_map_lookup_elem(&nt_protect, &idx);
+		if (!e)
+			continue;
+		if (!prot || action_of(cfg, e) == NT_ACTION_DROP) {
+			prot = e;
+			prot_idx = idx;
+		}
+		if (action_of(cfg, prot) == NT_ACTION_DROP)
+			break;
+	}
+	if (!prot)
+		goto pass;
+	count(verdict);
+	__builtin_memset(&c, 0, sizeof(c));
+	c.protect = prot_idx;
+	return reject(ctx, p, cfg, prot, &c, verdict);
+pass:
+	count(passed(verdict));
+	return XDP_PASS;
 }
 
 SEC("xdp")
@@ -469,10 +634,12 @@ int netoken_guard(struct xdp_md *ctx)
 	struct nt_gpkt p;
 	struct nt_check c;
 	__u32 zero = 0, idx;
-	__u8 action;
 	int verdict;
 
 	verdict = parse(ctx, &p);
+	if (verdict == NT_GUARD_FRAGMENT || verdict == NT_GUARD_IPV6_EXT ||
+	    verdict == NT_GUARD_BAD_HEADER)
+		return check_unparsed(ctx, &p, verdict);
 	if (verdict != NT_CANDIDATE) {
 		count(verdict);
 		return XDP_PASS;
@@ -494,23 +661,9 @@ int netoken_guard(struct xdp_md *ctx)
 	count(verdict);
 	if (c.mode == NT_MODE_MAC)
 		count_key(c.key_id, verdict == NT_GUARD_OK ? NT_KEY_STAT_OK : NT_KEY_STAT_BAD);
-	if (verdict == NT_GUARD_OK) {
-		if (c.error)
-			count(NT_GUARD_ERROR);
+	if (verdict == NT_GUARD_OK)
 		return XDP_PASS;
-	}
-
-	action = cfg->action != NT_ACTION_ENTRY ? cfg->action : prot->action;
-	/* Anything but an explicit monitor drops: a zeroed entry must not
-	 * open the door. */
-	if (action != NT_ACTION_MONITOR)
-		action = NT_ACTION_DROP;
-	count(action == NT_ACTION_DROP ? NT_GUARD_DROPPED : NT_GUARD_MONITORED);
-	if (event_allowed(cfg))
-		emit_event(ctx, &p, prot, &c, verdict, action);
-	else
-		count(NT_GUARD_EVENTS_SUPPRESSED);
-	return action == NT_ACTION_DROP ? XDP_DROP : XDP_PASS;
+	return reject(ctx, &p, cfg, prot, &c, verdict);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

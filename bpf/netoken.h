@@ -15,10 +15,15 @@
 #include <linux/types.h>
 #endif
 
-/* Wire format (DESIGN §2). */
+/* Wire format (design.md §2). */
 #define NT_MAC_OPT_LEN     16
 #define NT_STATIC_OPT_LEN  12
-#define NT_TAG_LEN         6
+#define NT_TAG_LEN         4
+#define NT_NONCE_LEN       6
+#define NT_OPT_NONCE       6     /* offsets in a mac-mode option */
+#define NT_OPT_TAG         12
+#define NT_TCPOPT_TS       8     /* Timestamps (RFC 7323), the option make-room removes */
+#define NT_TCPOLEN_TS      10
 #define NT_MAX_TCP_OPTS    40
 #define NT_TCPOPT_EOL      0
 #define NT_TCPOPT_NOP      1
@@ -52,6 +57,9 @@ enum nt_mark_reason {
 	NT_MARK_NO_KEY,           /* policy names a key that is not loaded */
 	NT_MARK_ERROR,            /* a helper failed: packet passed unchanged */
 	NT_MARK_EVENTS_LOST,      /* not a packet reason: ring buffer was full */
+	NT_MARK_ROOM_FROM_TS,     /* not a packet reason: a marked SYN (counted as
+				   * marked or marked_payload) whose Timestamps
+				   * option was removed to make room (design.md §3) */
 	NT_MARK_REASON_MAX,
 };
 
@@ -59,7 +67,7 @@ enum nt_mark_reason {
  * them without reattaching. */
 struct nt_config {
 	__u8  kind;
-	__u8  pad0;
+	__u8  make_room;         /* 1: remove Timestamps when the option does not fit */
 	__u16 exid;              /* host byte order */
 	__u32 generation;        /* user space only: which half of the policy
 				  * array is live (see netoken/marker.py) */
@@ -123,9 +131,11 @@ struct nt_mark_event {
 	__u8  daddr[16];
 	__u16 sport;             /* host byte order */
 	__u16 dport;
-	__u8  nonce[4];          /* as on the wire */
+	__u8  nonce[NT_NONCE_LEN];   /* as on the wire */
+	__u8  room_from_ts;      /* 1: the Timestamps option was removed to make room */
+	__u8  pad0;
 	__u8  tag[8];            /* mac: NT_TAG_LEN bytes; static: the token */
-	__u8  pad[8];
+	__u8  pad1[4];
 };
 
 /* ------------------------------------------------------------------ guard */
@@ -137,9 +147,10 @@ struct nt_mark_event {
 #define NT_KEY_STAT_BAD    1
 
 /* Guard counters.  Every packet the guard sees bumps exactly one of the
- * verdicts (a SYN to a protected destination) or one of the pass reasons
- * (anything else, passed without a look at its options).  The outcomes
- * after them are counted on top of a verdict. */
+ * verdicts (a SYN to a protected destination, or a packet to a protected
+ * address it cannot check: design.md §2 "Fragments", "Fail closed") or one of
+ * the pass reasons (anything else, passed without a look at its options).
+ * The outcomes after them are counted on top of a verdict. */
 enum nt_guard_reason {
 	NT_GUARD_OK = 0,
 	NT_GUARD_MISSING,         /* no option with our kind and ExID */
@@ -149,19 +160,26 @@ enum nt_guard_reason {
 	NT_GUARD_STALE,           /* epoch more than skew away from ours */
 	NT_GUARD_BAD_TAG,         /* MAC or static token does not match */
 	NT_GUARD_REPLAY,          /* (key id, epoch, nonce, tag) seen before */
+	NT_GUARD_FRAGMENT,        /* TCP fragment to a protected address */
+	NT_GUARD_IPV6_EXT,        /* to a protected address: IPv6 extension chain
+				   * longer than the walk, or a header it cannot walk */
+	NT_GUARD_BAD_HEADER,      /* to a protected address: extension chain or TCP
+				   * header cut short */
 	NT_GUARD_NOT_SYN,         /* TCP but not SYN && !ACK */
 	NT_GUARD_UNPROTECTED,     /* SYN to a destination/port no entry protects */
-	NT_GUARD_NOT_TCP,
+	NT_GUARD_NOT_TCP,         /* includes ESP (see docs/operations.md) */
 	NT_GUARD_NOT_IPV4_OR_6,
-	NT_GUARD_FRAGMENT,
-	NT_GUARD_IPV6_EXT,        /* extension header the guard does not skip */
-	NT_GUARD_BAD_HEADER,      /* truncated or inconsistent before the TCP flags */
+	NT_GUARD_FRAGMENT_PASSED, /* fragment: not TCP, address not protected, or
+				   * [guard] fragments = "pass" */
+	NT_GUARD_IPV6_EXT_PASSED, /* as ipv6_ext, address not protected */
+	NT_GUARD_BAD_HEADER_PASSED, /* as bad_header, address not protected, or no
+				   * readable IP header (the kernel drops those) */
 	NT_GUARD_DROPPED,         /* outcome: a rejected SYN was dropped */
 	NT_GUARD_MONITORED,       /* outcome: a rejected SYN was passed (monitor) */
 	NT_GUARD_EVENTS,          /* outcome: event written to the ring buffer */
 	NT_GUARD_EVENTS_SUPPRESSED, /* outcome: event withheld by the rate limit */
 	NT_GUARD_EVENTS_LOST,     /* outcome: ring buffer full */
-	NT_GUARD_ERROR,           /* replay cache insert failed: SYN accepted */
+	NT_GUARD_ERROR,           /* a map the guard needs was missing: SYN passed */
 	NT_GUARD_REASON_MAX,
 };
 
@@ -170,6 +188,13 @@ enum nt_guard_action {
 	NT_ACTION_ENTRY = 0,      /* nt_guard_config only: each entry's own action */
 	NT_ACTION_DROP,
 	NT_ACTION_MONITOR,        /* count, event, XDP_PASS */
+};
+
+/* [guard] fragments: what happens to TCP fragments to protected addresses.
+ * Zero (a config never written) drops. */
+enum nt_guard_fragments {
+	NT_FRAGMENTS_DROP = 0,
+	NT_FRAGMENTS_PASS,
 };
 
 struct nt_guard_config {
@@ -181,7 +206,8 @@ struct nt_guard_config {
 	__u32 event_rate;        /* events per second, per CPU */
 	__u32 event_burst;       /* bucket depth, per CPU */
 	__u8  action;            /* NT_ACTION_*: override for every entry, or ENTRY */
-	__u8  pad[7];
+	__u8  fragments;         /* enum nt_guard_fragments */
+	__u8  pad[6];
 };
 
 /* One [[guard.protect]] entry; the LPM rules point here. */
@@ -198,14 +224,13 @@ struct nt_static_key {
 	__u8  token[8];          /* network byte order, as on the wire */
 };
 
-/* LRU replay cache key; the value is the bpf_ktime_get_ns() of first sight. */
-struct nt_replay_key {
-	__u32 epoch;             /* full 32-bit epoch */
-	__u8  key_id;
-	__u8  pad;
-	__u8  tag[NT_TAG_LEN];
-	__u8  nonce[4];
-};
+/* Replay cache (BPF_MAP_TYPE_ARRAY of __u64 slots, a power of two of them):
+ * what a slot holds for an accepted mac token, and where it goes.  NONCE and
+ * TAG are the option's bytes loaded little-endian into zeroed integers.
+ * netoken/layout.py computes the same to move entries between sizes. */
+#define NT_REPLAY_ENTRY(nonce, tag) (((__u64)(nonce) << 16) | ((__u64)(tag) & 0xffff))
+#define NT_REPLAY_HASH_MUL 0x9E3779B97F4A7C15ULL
+#define NT_REPLAY_INDEX(v) ((__u32)(((__u64)(v) * NT_REPLAY_HASH_MUL) >> 32))
 
 /* One ring-buffer record per rejected SYN (dropped or monitored). */
 struct nt_guard_event {
@@ -223,9 +248,9 @@ struct nt_guard_event {
 	__u8  daddr[16];
 	__u16 sport;             /* host byte order */
 	__u16 dport;
-	__u8  nonce[4];          /* as on the wire */
+	__u8  nonce[NT_NONCE_LEN];   /* as on the wire */
+	__u8  pad1[2];
 	__u8  tag[8];            /* mac: NT_TAG_LEN bytes; static: the token */
-	__u8  pad1[4];
 };
 
 #endif /* NETOKEN_H */

@@ -11,9 +11,9 @@
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
 
-/* ExID 2 + key id 1 + epoch 4 + nonce 4 + daddr 16 + dport 2 + saddr 16 + sport 2 */
-#define NT_SIP_MAX_MSG   47
-#define NT_SIP_MAX_WORDS 6
+/* ExID 2 + key id 1 + epoch 4 + nonce 6 + daddr 16 + dport 2 + saddr 16 + sport 2 */
+#define NT_SIP_MAX_MSG   49
+#define NT_SIP_MAX_WORDS 7
 
 #define NT_ROTL(x, b) (__u64)(((x) << (b)) | ((x) >> (64 - (b))))
 

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
- * The MAC of DESIGN §2, shared by the marker (which computes tags) and the
+ * The MAC of design.md §2, shared by the marker (which computes tags) and the
  * guard (which recomputes them).  The message is
- *   ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(4) ‖ daddr(4|16) ‖ dport(2)
+ *   ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(6) ‖ daddr(4|16) ‖ dport(2)
  *   [‖ saddr(4|16)] [‖ sport(2)]
  * in network byte order, built in a zeroed buffer of little-endian words
  * for nt_siphash24().
@@ -42,7 +42,7 @@ static __always_inline void nt_put_be16(__u8 *b, __u32 off, __be16 v)
 /* First 8 bytes of SipHash-2-4 as a little-endian u64; the tag is its first
  * NT_TAG_LEN bytes in memory order (i.e. the little-endian serialization). */
 static __always_inline __u64 nt_mac(const struct nt_key *key, __u16 exid,
-				    __u8 key_id, __u32 epoch, const __u8 nonce[4],
+				    __u8 key_id, __u32 epoch, const __u8 nonce[NT_NONCE_LEN],
 				    const struct nt_flow *f, __u64 msg[NT_SIP_MAX_WORDS])
 {
 	__u8 *b = (__u8 *)msg;
@@ -56,8 +56,8 @@ static __always_inline __u64 nt_mac(const struct nt_key *key, __u16 exid,
 	nt_put_be16(b, 0, bpf_htons(exid));
 	b[2] = key_id;
 	__builtin_memcpy(b + 3, &be_epoch, 4);
-	__builtin_memcpy(b + 7, nonce, 4);
-	off = nt_put_addr(b, 11, f->daddr, f->family);
+	__builtin_memcpy(b + 7, nonce, NT_NONCE_LEN);
+	off = nt_put_addr(b, 7 + NT_NONCE_LEN, f->daddr, f->family);
 	nt_put_be16(b, off, f->dport);
 	off += 2;
 	if (key->bind & NT_BIND_SADDR)

@@ -1,4 +1,4 @@
-"""The `netoken` command (DESIGN §5): object-verb, bpftool-style.
+"""The `netoken` command (design.md §5): object-verb, bpftool-style.
 
 Every verb is a small function over a library call (netoken.marker, netoken.guard,
 netoken.state, netoken.config), so tests and other programs get exactly what
@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import __version__, state
-from .config import ConfigError, generate_key
+from .config import generate_key, key_file_bytes
 from .config import load as load_config
-from .libbpf import BPFError, interrupt_handler
-from .state import RoleState, StateError
+from .errors import BPFError, NetokenError
+from .state import RoleState
+
+DEFAULT_CONFIG = "/etc/netoken/netoken.toml"
 
 PROG = "netoken"
 
@@ -35,7 +37,7 @@ EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 2
 
 
-class CliError(Exception):
+class CliError(NetokenError):
     """An error message for the user (one line)."""
 
 
@@ -44,10 +46,11 @@ class CliError(Exception):
 
 
 def _emit_json(obj: Any, pretty: bool) -> None:
-    if pretty:
-        print(json.dumps(obj, indent=2), flush=True)
-    else:
-        print(json.dumps(obj, separators=(",", ":")), flush=True)
+    text = json.dumps(obj, indent=2) if pretty else json.dumps(obj, separators=(",", ":"))
+    # One write with its newline: print() writes them separately, and a
+    # Ctrl-C between the two (monitor, stats --watch) glued two records.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _note(msg: str) -> None:
@@ -66,23 +69,47 @@ def _keys(ids: list[int]) -> str:
     return f"key id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" if ids else "no keys"
 
 
-def _states(ifname: str | None) -> list[RoleState]:
-    """Role states visible from this network namespace (all roles)."""
+def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
+    """Role states of this network namespace (all roles), of one interface
+    with IFNAME (found by the name it was attached under after a rename).
+    OTHERS: say which other namespaces have state too (see _note_others)."""
     states = state.all_states(ifname)
     if ifname is not None:
-        for st in states:
-            st.check_netns()
+        renamed = {st.ifname for st in states if st.present and st.ifname != ifname}
+        if renamed and not _noted[0]:
+            _noted[0] = f"{ifname} is called {', '.join(sorted(renamed))} now"
+            _note(f"{_noted[0]} (ifindex {states[0].ifindex}; netoken follows interfaces "
+                  f"by index)")
         return states
-    here = [st for st in states if state.in_this_netns(st)]
-    others = len(states) - len(here)
-    if others and others != _noted_others[0]:
-        # once per count: `stats --watch` calls this every interval
-        _noted_others[0] = others
-        _note(f"{others} attachment(s) in other network namespaces not shown (use -n NAME)")
-    return here
+    if others:
+        _note_others()
+    return states
 
 
-_noted_others = [0]
+def _note_others() -> None:
+    if not _noted[0]:
+        # once: `stats --watch` calls this every interval
+        _noted[0] = _others_text(state.other_netns()) or "-"
+        if _noted[0] != "-":
+            _note(_noted[0])
+
+
+_noted = [""]
+
+
+def _others_text(others: list[state.OtherNetns], limit: int = 4) -> str:
+    """One line naming the other namespaces with netoken state, and what is there."""
+    others = [o for o in others if o.roles]
+    if not others:
+        return ""
+    parts = []
+    for o in others[:limit]:
+        what = ", ".join(f"{ifname} {role}" for ifname, role in o.roles)
+        parts.append(f"{state.netns_label(o.netns)} ({what})")
+    more = f" and {len(others) - limit} more" if len(others) > limit else ""
+    n = sum(len(o.roles) for o in others)
+    return (f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
+            f"(netoken -n NAME ..., or status --all-netns)")
 
 
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
@@ -134,14 +161,25 @@ def cmd_mark_detach(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(res, args.pretty)
         return 0
+    where = _where(res)
     if res["removed_prog_id"] is not None:
-        print(f"marker detached from {res['ifname']}: removed prog {res['removed_prog_id']}, "
+        print(f"marker detached from {where}: removed prog {res['removed_prog_id']}, "
               f"clsact {res['clsact']}")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its filter went with it); pins removed")
+        print(f"{where} is gone from this network namespace (its filter went with it); "
+              f"pins removed")
     else:
-        print(f"no marker filter was attached to {res['ifname']}; pins removed")
+        print(f"no marker filter was attached to {where}; pins removed")
     return 0
+
+
+def _where(res: dict[str, Any]) -> str:
+    """The interface a detach acted on, and the name it was attached under
+    if that differs (renamed since)."""
+    was = res.get("attached_as")
+    if was and was != res["ifname"] and res["interface_present"]:
+        return f"{res['ifname']} (attached as {was}, ifindex {res['ifindex']})"
+    return res["ifname"]
 
 
 def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
@@ -176,10 +214,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
             for what in ("added", "removed"):
                 if res[what]:
                     print(f"  {what}: {', '.join(res[what])}")
+            from .schedule import lines
+
+            in_use = res["schedule"]["in_use"]
+            if any(len(p.keys) > 1 for p in cfg.policies):
+                print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
+            for line in lines(res["schedule"]):
+                print(f"  {line}")
         elif res["role"] == "guard":
-            src = " (--mode)" if res["action_override"] else ""
             print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
-                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}{src}")
+                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}")
+            if res["action_override"]:
+                print(_override_line(res))
+            if res["shared_by"] > 1:
+                print(_shared_line(res))
             for what in ("added", "removed"):
                 if res[f"keys_{what}"]:
                     print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
@@ -201,6 +249,14 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     guard.check(cfg)
     res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode)
+    try:
+        doors = guard.side_doors()
+    except OSError as e:  # the guard is attached: say what could not be checked
+        _note(f"could not list the other ways into this host: {e.strerror or e}")
+        doors = []
+    res["unguarded"] = [d.to_json() for d in doors]
+    for d in doors:
+        _note(d.message)
     if args.json:
         _emit_json(res, args.pretty)
         return 0
@@ -217,12 +273,31 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
         "resized": f"new replay cache of {cache['entries']} entries "
                    f"({cache['copied']} live entries copied)",
     }[cache["state"]]
-    src = " (--mode)" if res["action_override"] else ""
     print(f"guard attached to {res['ifname']} (XDP {res['xdp_mode']}): prog {res['prog_id']} "
           f"tag {res['tag']} ({how})")
-    print(f"  action {res['action']}{src}, skew {res['skew']}, {cache_text}; "
+    print(f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
           f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
+    if res["action_override"]:
+        print(_override_line(res))
+    if res["shared_by"] > 1:
+        print(_shared_line(res))
+    for note in res["notes"]:
+        _note(note)
     return 0
+
+
+def _shared_line(res: dict[str, Any]) -> str:
+    n = res["shared_by"] - 1
+    others = f"the {n} other guards here run" if n > 1 else "the other guard here runs"
+    return (f"  config, keys and replay cache are per network namespace: {others} this "
+            f"config too")
+
+
+def _override_line(res: dict[str, Any]) -> str:
+    """The one line that says a sticky --mode decides, not the config."""
+    return (f"  action {res['action']} is a --mode override (the config says "
+            f"{res['config_action']}); it stays until `netoken guard attach {res['ifname']} "
+            f"-c FILE --mode config`")
 
 
 def cmd_guard_detach(args: argparse.Namespace) -> int:
@@ -234,16 +309,22 @@ def cmd_guard_detach(args: argparse.Namespace) -> int:
         _emit_json(res, args.pretty)
         return 0
     f = res["foreign_prog"]
+    where = _where(res)
     if res["removed_prog_id"] is not None:
-        print(f"guard detached from {res['ifname']}: removed prog {res['removed_prog_id']} "
+        print(f"guard detached from {where}: removed prog {res['removed_prog_id']} "
               f"(XDP {res['xdp_mode']}); pins removed")
     elif not res["interface_present"]:
-        print(f"{res['ifname']} is gone (its XDP program went with it); pins removed")
+        print(f"{where} is gone from this network namespace (its XDP program went with it); "
+              f"pins removed")
     elif f is not None:
-        print(f"XDP program {f['name']!r} (id {f['id']}) on {res['ifname']} was not installed "
+        print(f"XDP program {f['name']!r} (id {f['id']}) on {where} was not installed "
               f"by netoken and stays attached; netoken's guard pins removed")
     else:
-        print(f"no guard was attached to {res['ifname']}; pins removed")
+        print(f"no guard was attached to {where}; pins removed")
+    left = res["guards_left"]
+    if left:
+        print(f"  the shared guard state stays for the {left} other guard{'s' if left > 1 else ''} "
+              f"of this network namespace")
     return 0
 
 
@@ -266,39 +347,169 @@ def _generic_status(st: RoleState) -> dict[str, Any]:
     return d
 
 
-def status(ifname: str | None = None) -> list[dict[str, Any]]:
-    """What netoken has attached (in this network namespace), role by role."""
-    states = _states(ifname)
-    _require_iface_or_state(ifname, states)
+def status(ifname: str | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+    """What netoken has attached in this network namespace, role by role,
+    and netoken programs attached without pinned state (ghosts)."""
+    states = state.all_states(ifname) if quiet else _states(ifname)
     out = []
     for st in states:
         r = state.role(st.role)
         out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
+    target = states[0].ifindex if states else None
+    if ifname is not None and target is None:
+        target = _ifindex_or_none(ifname)
+    if ifname is None or target is not None:
+        for name in state.ROLE_MODULES:
+            r = state.role(name)
+            find = getattr(r, "ghosts", None)
+            if find is None:
+                continue
+            pinned = {st.ifindex for st in states if st.role == name}
+            out += [g for g in find(pinned) if ifname is None or g["ifindex"] == target]
+    if ifname is not None and not out:
+        _require_iface_or_state(ifname, states)
+    if out:
+        ns = state.this_netns()
+        label = {**ns.as_meta(), "name": state.netns_name(ns)}
+        for d in out:
+            d.setdefault("netns", label)
+    guards = [d for d in out if d.get("role") == "guard" and not d.get("ghost")]
+    if guards:
+        from . import guard
+
+        # Ways in that bypass every guard of this namespace, on each guard's
+        # item: what it protects is reachable through them.
+        doors = [d.to_json() for d in guard.side_doors()]
+        for d in guards:
+            d["unguarded"] = doors
     return out
+
+
+def _ifindex_or_none(ifname: str) -> int | None:
+    import socket
+
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+
+
+def status_all_netns() -> list[dict[str, Any]]:
+    """status() of every network namespace netoken keeps state for, entered
+    one after the other; state whose namespace cannot be found is listed
+    from its metadata, with how to remove it."""
+    from .netns import entered
+
+    items = status(quiet=True)
+    root = state.bpffs(create=False)
+    for other in state.other_netns(root):
+        found = state.find_netns(other.netns)
+        if found is not None:
+            try:
+                with entered(found[0]):
+                    items += status(quiet=True)
+                continue
+            except (OSError, NetokenError, BPFError) as e:
+                # It went away, or its state changed while being read.
+                why = f"cannot read: {_error_line(e)}"
+        else:
+            why = "network namespace not found (gone?)"
+        run = state.RUN_DIR / other.netns.dirname
+        for ifname, role in other.roles:
+            items.append({
+                "ifname": ifname, "ifindex": None, "role": role, "attached": False,
+                "state": why, "pinned": str(other.path),
+                "netns": {**other.netns.as_meta(), "name": None},
+                "remove": f"rm -r {other.path} {run}",
+            })
+    if root is not None:
+        for entry in state.old_layout_entries(root):
+            path = root / state.ROOT_NAME / entry
+            items.append({
+                "ifname": state.decode_ifname(entry), "ifindex": None, "role": None,
+                "attached": False, "pinned": str(path), "netns": None,
+                "state": "left by an older netoken in a namespace it has not run in since "
+                         "(moves to this layout when netoken runs there)",
+            })
+    return items
+
+
+def _netns_header(ns: dict[str, Any] | None) -> str:
+    if ns is None:
+        return "state of an older netoken"
+    name = f"{ns['name']} " if ns.get("name") else ""
+    return f"network namespace {name}(net:[{ns['inode']}], cookie {ns['cookie']})"
+
+
+def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
+    last: tuple[Any, Any] | None = None
+    ns_last: Any = ()
+    for d in items:
+        ns = d.get("netns")
+        key = ns.get("cookie") if isinstance(ns, dict) else None
+        if all_netns and key != ns_last:
+            print(_netns_header(ns))
+            ns_last, last = key, None
+        indent = "  " if all_netns else ""
+        if (d["ifname"], key) != last:
+            idx = d.get("ifindex")
+            was = d.get("attached_as")
+            extra = f" (ifindex {idx}" + (f", attached as {was})" if was else ")") if idx else ""
+            print(f"{indent}{d['ifname']}{extra}")
+            last = (d["ifname"], key)
+        r = state.role(d["role"]) if d.get("role") else None
+        if d.get("ghost"):
+            head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
+                    f"program runs here without pinned state")
+            lines = [head, f"remove it with: {d['remove']}"]
+        elif r is not None and "attach" in d:
+            lines = r.status_lines(d)
+        else:
+            lines = [f"{d['state']}", f"pinned   {d['pinned']}"]
+            if d.get("prog"):
+                lines[0] = f"prog {d['prog']['id']}  {d['state']}"
+            if d.get("remove"):
+                lines.append(f"remove   {d['remove']}")
+        role = d.get("role") or "?"
+        print(f"{indent}  {role:<7} {lines[0]}")
+        for line in lines[1:]:
+            print(f"{indent}  {'':<7} {line}")
+
+
+def _memory_line(items: list[dict[str, Any]]) -> str | None:
+    """Total kernel memory of netoken's maps in this namespace, shared state once."""
+    mems = [d["memory"] for d in items if isinstance(d.get("memory"), dict)]
+    if not mems:
+        return None
+    own = sum(m["own"] for m in mems)
+    shared = max((m.get("shared", 0) for m in mems if m.get("shared_by")), default=0)
+    from .program import fmt_bytes
+
+    text = f"memory: {fmt_bytes(own + shared)} in netoken's maps here"
+    if shared:
+        text += f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
+    return text
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
-    items = status(args.iface)
+    items = status_all_netns() if args.all_netns else status(args.iface)
     if args.json:
         _emit_json(items, args.pretty)
         return 0
     if not items:
         print(f"nothing attached{' to ' + args.iface if args.iface else ''}")
         return 0
-    last = None
-    for d in items:
-        if d["ifname"] != last:
-            idx = d.get("ifindex")
-            print(f"{d['ifname']}" + (f" (ifindex {idx})" if idx else ""))
-            last = d["ifname"]
-        r = state.role(d["role"])
-        lines = r.status_lines(d) if r is not None and "attach" in d else [
-            f"prog {d.get('prog', {}).get('id', '?')}  {d['state']}", f"pinned   {d['pinned']}"
-        ]
-        print(f"  {d['role']:<7} {lines[0]}")
-        for line in lines[1:]:
-            print(f"  {'':<7} {line}")
+    _print_status(items, args.all_netns)
+    if not args.all_netns and args.iface is None:
+        line = _memory_line(items)
+        if line:
+            print(line)
+    doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
+    if doors:
+        print("\nnot guarded (traffic enters this host past every guard):")
+        for door in doors:
+            print(f"  {door['message']}")
     return 0
 
 
@@ -429,7 +640,9 @@ def monitor(
 ) -> tuple[int, int]:
     """Follow ring-buffer events of every role with state until COUNT events
     (or forever); returns (events seen, events lost meanwhile)."""
-    states = _states(ifname)
+    # Other namespaces are named once the rings are open, not before: a
+    # monitor started just ahead of the traffic it is for must not miss it.
+    states = _states(ifname, others=False)
     _require_iface_or_state(ifname, states)
     roles = _with_role(states)
     if not roles:
@@ -440,9 +653,17 @@ def monitor(
     class _Done(Exception):
         pass
 
+    # Guards of one namespace share one ring: it is read once, and the
+    # events of the namespace's other guards are left out when only some
+    # interfaces are asked for.
+    others = set()
+    if ifname is not None:
+        chosen = {(st.role, st.ifindex) for st, _ in roles}
+        others = {(st.role, st.ifindex) for st in state.all_states()} - chosen
+
     def on_event(e: dict[str, Any]) -> None:
         nonlocal seen
-        if skipping:
+        if skipping or (e["role"], e.get("ifindex")) in others:
             return
         emit(e)
         seen += 1
@@ -476,7 +697,14 @@ def monitor(
             missed[key] = n
 
     try:
+        rings: set[tuple[str, int]] = set()
         for st, r in roles:
+            ring = getattr(r, "events_id", None)
+            if ring is not None:
+                key = (r.name, ring(st))
+                if key in rings:
+                    continue
+                rings.add(key)
             rbs.append(r.open_events(st, on_event))
         # Records queued while nobody listened may be hours old: skip them
         # unless asked, so the stream shows what happens now.
@@ -486,6 +714,8 @@ def monitor(
         missed.update(missed_counters())
         if ready is not None:
             ready(roles)
+        if ifname is None:
+            _note_others()
         next_check = time.monotonic() + 1.0
         fds = [rb.fileno() for rb in rbs]
         try:
@@ -562,11 +792,50 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
+    from .token import key_fingerprint
+
     generate_key(args.file)
+    # Read back as every other command will read it: the fingerprint is of
+    # the key the file really holds.
+    fp = key_fingerprint(key_file_bytes(args.file))
     if args.json:
-        _emit_json({"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16}, args.pretty)
+        _emit_json({"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16,
+                    "fingerprint": fp}, args.pretty)
     else:
-        print(f"wrote a new 16-byte key to {args.file} (mode 0600)")
+        print(f"wrote a new 16-byte key to {args.file} (mode 0600, fingerprint {fp})")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# config
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Everything `attach` would refuse, without touching the kernel."""
+    from .schedule import lines, plan
+
+    cfg = load_config(args.file)
+    protects = len(cfg.guard.protect) if cfg.guard else 0
+    sched = plan(cfg, time.time())
+    agent = cfg.agent
+    if args.json:
+        _emit_json({"file": os.path.abspath(args.file), "valid": True,
+                    "keys": sorted(cfg.keys), "policies": len(cfg.policies),
+                    "protect": protects, "schedule": sched,
+                    "agent": None if agent is None else {
+                        "mark": list(agent.mark), "guard": list(agent.guard),
+                        "metrics": agent.metrics}}, args.pretty)
+    else:
+        print(f"{args.file}: valid: {_keys(sorted(cfg.keys))}, {_policies(len(cfg.policies))}, "
+              f"{_protects(protects)}")
+        if any(len(p.keys) > 1 for p in cfg.policies):
+            print("  keys in use now: " + ", ".join(f"{n} key {k}"
+                                                    for n, k in sched["in_use"].items()))
+        for line in lines(sched):
+            print(f"  {line}")
+        if agent is not None:
+            print(f"  agent: marker on {' '.join(agent.mark) or 'nothing'}, guard on "
+                  f"{' '.join(agent.guard) or 'nothing'}, metrics {agent.metrics or 'off'}")
     return 0
 
 
@@ -585,6 +854,12 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     from . import exporter
 
     return exporter.run(args)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from . import agent
+
+    return agent.run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -615,9 +890,9 @@ examples:
   netoken guard detach eth1
   netoken -n blue status           # interfaces of network namespace "blue"
 
-State is pinned under /sys/fs/bpf/netoken/IFACE/ROLE/; attached programs keep
-running after netoken exits.  Use -n NAME rather than `ip netns exec NAME`,
-which hides /sys/fs/bpf.
+State is pinned per network namespace and interface under /sys/fs/bpf/netoken/;
+attached programs keep running after netoken exits.  Use -n NAME rather than
+`ip netns exec NAME`, which hides /sys/fs/bpf.
 """
 
 
@@ -632,6 +907,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="JSON output (compact, bpftool style)")
     p.add_argument("-p", "--pretty", action="store_true", default=argparse.SUPPRESS,
                    help="indented JSON (implies --json)")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG,
+                   help=f"TOML config (default {DEFAULT_CONFIG})")
 
 
 def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
@@ -671,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken -n client mark attach veth0 -c lab.toml --json\n",
               cmd_mark_attach)
     p.add_argument("iface", metavar="IFACE")
-    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    _config_arg(p)
     p = _verb(msub, "detach", "remove netoken's marker filter and pins from IFACE (other "
               "filters and a shared clsact qdisc stay)",
               "  netoken mark detach eth0\n", cmd_mark_detach)
@@ -685,15 +965,19 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = _verb(gsub, "attach", "load the guard and attach it to IFACE's XDP hook (replaces "
               "netoken's own guard atomically, keeps counters and the replay cache; never "
-              "replaces an XDP program netoken did not install)",
+              "replaces an XDP program netoken did not install); then name the devices "
+              "that still let traffic in without a guard (tunnels, other NICs, pod veths)",
               "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
               "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
+              "  netoken guard attach eth0 -c netoken.toml --mode config    # back to [guard] action\n"
               "  netoken -n server guard attach veth0 -c lab.toml --xdp-mode generic\n",
               cmd_guard_attach)
     p.add_argument("iface", metavar="IFACE")
-    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
-    p.add_argument("--mode", choices=("drop", "monitor"),
-                   help="override the action of every protect entry (kept by `apply`)")
+    _config_arg(p)
+    p.add_argument("--mode", choices=("drop", "monitor", "config"),
+                   help="drop or monitor: override the action of every protect entry; the "
+                        "override is sticky (`apply` and a later attach keep it); config: "
+                        "clear it and use the config's actions")
     p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
                    help="XDP attach mode (default: native if the driver supports it)")
     p = _verb(gsub, "detach", "remove netoken's guard and its pins from IFACE (an XDP "
@@ -702,15 +986,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", metavar="IFACE")
 
     p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
-              "XDP mode, policies, protect entries, key ids)",
-              "  netoken status\n  netoken status eth0 --json --pretty\n", cmd_status)
+              "XDP mode, policies, protect entries, key ids and fingerprints, memory), "
+              "netoken programs that lost their pins and, where a guard runs, the devices "
+              "that let traffic in without one",
+              "  netoken status\n  netoken status eth0 --json --pretty\n"
+              "  netoken status --all-netns      # every network namespace\n", cmd_status)
     p.add_argument("iface", metavar="IFACE", nargs="?")
+    p.add_argument("--all-netns", action="store_true",
+                   help="every network namespace netoken keeps state for, each under its "
+                        "`ip netns` name where it has one")
 
     p = _verb(sub, "apply", "update keys, policies and protect entries of the live marker "
               "and/or guard on IFACE (no reattach; removed entries disappear)",
               "  netoken apply eth0 -c /etc/netoken/netoken.toml\n", cmd_apply)
     p.add_argument("iface", metavar="IFACE")
-    p.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config")
+    _config_arg(p)
 
     p = _verb(sub, "stats", "counters by reason, summed over CPUs",
               "  netoken stats\n  netoken stats eth0 --watch\n"
@@ -718,7 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("iface", metavar="IFACE", nargs="?")
     p.add_argument("-w", "--watch", action="store_true",
                    help="refresh every interval with per-second rates (Ctrl-C to stop)")
-    p.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="--watch refresh interval (default 1)")
 
     p = _verb(sub, "monitor", "print events as they happen (ring buffer); lost events are "
@@ -738,6 +1028,16 @@ def build_parser() -> argparse.ArgumentParser:
               cmd_key_generate)
     p.add_argument("file", metavar="FILE")
 
+    cfgp = sub.add_parser("config", help="check config files",
+                          epilog="examples:\n  netoken config check /etc/netoken/netoken.toml\n",
+                          formatter_class=_Formatter)
+    csub = cfgp.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = _verb(csub, "check", "validate a config file and the key files it names, without "
+              "touching the kernel (exit 0 if valid, else one line naming file, entry and "
+              "problem, exit 1)", "  netoken config check /etc/netoken/netoken.toml\n",
+              cmd_config_check)
+    p.add_argument("file", metavar="FILE", nargs="?", default=DEFAULT_CONFIG)
+
     p = _verb(sub, "decode", "list netoken options in a capture and verify them with keys",
               "  netoken decode syn.pcap -c netoken.toml\n"
               "  netoken decode syn.pcapng --json\n", cmd_decode)
@@ -751,6 +1051,20 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=exporter.EPILOG, formatter_class=_Formatter)
     p.set_defaults(func=cmd_exporter)
     exporter.add_arguments(p)
+
+    p = _verb(sub, "agent", "node daemon: keep the interfaces [agent] selects attached and "
+              "configured as FILE says (interfaces that appear later, config and key file "
+              "changes, key schedule, clock), serve /metrics; logfmt lines on stderr",
+              "  netoken agent -c /etc/netoken/netoken.toml\n"
+              "  netoken agent -c netoken.toml --metrics 10.0.0.5:9917\n"
+              "  netoken -n blue agent -c lab.toml --detach-on-exit\n", cmd_agent)
+    _config_arg(p)
+    p.add_argument("--detach-on-exit", action="store_true",
+                   help="on SIGTERM/SIGINT detach what the agent attached (default: leave the "
+                        "programs running, so restarts and upgrades leave no gap)")
+    p.add_argument("--metrics", metavar="ADDR:PORT", default=None,
+                   help="serve /metrics here, overriding [agent] metrics (e.g. the node's own "
+                        "address, which differs per node while the config is shared)")
 
     p = _verb(sub, "demo", "the whole system in a private network-namespace lab",
               "  netoken demo\n  netoken demo --connections 10\n", cmd_demo)
@@ -770,17 +1084,6 @@ def build_parser() -> argparse.ArgumentParser:
 # entry point
 
 
-def _bpf_message(e: BPFError) -> str:
-    msg = f"{e.op}: {e.strerror}"
-    if e.errno in (1, 13) and "verifier log" not in (e.detail or ""):  # EPERM, EACCES
-        msg += " (BPF needs root: CAP_BPF and CAP_NET_ADMIN)"
-    elif e.errno == 38:  # ENOSYS
-        msg += " (BPF is not available in this kernel)"
-    elif "verifier log" in (e.detail or ""):
-        msg += " (the kernel verifier rejected the program; --debug shows its log)"
-    return msg
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split("\n")[0].split()) if text else text
 
@@ -796,7 +1099,7 @@ def _in_netns(name: str | None) -> Iterator[None]:
         ctx = netns(name)
         ctx.__enter__()
     except PermissionError:
-        raise StateError(
+        raise state.StateError(
             f"permission denied entering network namespace {name!r} (run as root)"
         ) from None
     try:
@@ -818,7 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Ctrl-C during a libbpf call is delivered when the call returns, not
     # lost inside one of its callbacks (see libbpf.interrupt_handler).
-    signal.signal(signal.SIGINT, interrupt_handler)
+    signal.signal(signal.SIGINT, _sigint)
     try:
         with _in_netns(args.netns):
             return int(args.func(args) or 0)
@@ -831,7 +1134,11 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # noqa: BLE001 - every error becomes one line
-        _note(_error_line(e))
+        if args.json:
+            # bpftool's convention: scripts reading stdout get the error there.
+            _emit_json({"error": _error_line(e)}, args.pretty)
+        else:
+            _note(_error_line(e))
         if args.debug:
             if isinstance(e, BPFError) and e.detail:
                 print(e.detail, file=sys.stderr)
@@ -839,14 +1146,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _error_line(e: Exception) -> str:
-    from .guard import GuardError
-    from .marker import MarkerError
+def _sigint(signum: int, frame: object) -> None:
+    # libbpf is loaded only by the verbs that need it; when it is, its
+    # handler keeps a Ctrl-C from being lost inside one of its callbacks.
+    lb = sys.modules.get("netoken.libbpf")
+    if lb is not None:
+        lb.interrupt_handler(signum, frame)
+        return
+    raise KeyboardInterrupt
 
-    if isinstance(e, (ConfigError, StateError, CliError, MarkerError, GuardError)):
+
+def _error_line(e: Exception) -> str:
+    # State directories are used through their fds; say which path they are.
+    return state.shown(_error_text(e))
+
+
+def _error_text(e: Exception) -> str:
+    if isinstance(e, NetokenError):
         return _one_line(str(e))
     if isinstance(e, BPFError):
-        return _bpf_message(e)
+        return e.user_message()
     if isinstance(e, FileNotFoundError) and e.filename is None:
         return _one_line(str(e))  # ours: object file or namespace missing
     if isinstance(e, OSError):

@@ -1,4 +1,4 @@
-"""TOML configuration -> typed, validated objects (DESIGN §4).
+"""TOML configuration -> typed, validated objects (design.md §4).
 
 Everything a config can get wrong is caught here, before any BPF object is loaded
 or any map is touched, and reported as a single :class:`ConfigError` whose text is
@@ -14,7 +14,7 @@ that concern a whole file (unreadable config, key file read on its own) have no
 ENTRY: ``FILE: PROBLEM``. Validation stops at the first problem, in document
 order: top level, ``[option]``, every ``[[key]]``, every ``[[policy]]``, ``[guard]``.
 
-Decisions where DESIGN §4 is silent (they are part of the contract from now on):
+Decisions where design.md §4 is silent (they are part of the contract from now on):
 
 - Every top-level table is optional: ``[option]`` defaults to kind 253 /
   ExID 0x6E74; a guard-only host has no ``[[policy]]``, a static-only marker
@@ -55,13 +55,26 @@ Decisions where DESIGN §4 is silent (they are part of the contract from now on)
   in errors. ``Key.file`` is stored absolute.
 - Key-file problems found while loading a config are reported against the
   config file and the key entry, with the key file's path in PROBLEM.
+- Key schedule (§4): ``mark_from`` is a TOML offset date-time or an RFC 3339
+  string with an offset (``"2026-12-02T00:00:00Z"``); a local date-time is
+  rejected, since "midnight" differs per host.  A mac policy takes ``key = N``
+  or ``keys = [...]`` (not both); duplicates in ``keys`` are dropped, first
+  occurrence wins.  A mac policy none of whose keys has started yet at load
+  time is rejected: it would have nothing to mark with.  Should the clock go
+  back behind every start later on, the key that starts first is used.
+- ``[agent]`` (read only by ``netoken agent``): ``mark`` and ``guard`` hold
+  interface names or fnmatch glob patterns (``*``, ``?``, ``[...]``);
+  ``metrics`` is ``ADDR:PORT`` as ``netoken exporter --listen`` takes it.
+  ``guard`` entries need a ``[guard]`` section.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import difflib
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
@@ -72,9 +85,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from .errors import NetokenError
+from .schedule import iso, next_switch, scheduled_key
+
 __all__ = [
     "BIND_SADDR",
     "BIND_SPORT",
+    "AgentConfig",
     "Config",
     "ConfigError",
     "GuardConfig",
@@ -86,7 +103,9 @@ __all__ = [
     "generate_key",
     "key_file_bytes",
     "load",
+    "next_switch",
     "parse",
+    "scheduled_key",
 ]
 
 # Bits of Key.bind_mask; must agree with the bind flags in bpf/netoken.h.
@@ -115,7 +134,7 @@ U64_MAX = (1 << 64) - 1
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class ConfigError(Exception):
+class ConfigError(NetokenError):
     """A rejected configuration or key file.
 
     ``str()`` is always exactly one line, ``FILE: ENTRY: PROBLEM`` (or
@@ -144,10 +163,12 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class OptionConfig:
-    """TCP option framing: RFC 6994 kind and 16-bit experiment id."""
+    """TCP option framing: RFC 6994 kind and 16-bit experiment id; whether the
+    marker removes a SYN's Timestamps option when the token has no room."""
 
     kind: int = DEFAULT_KIND
     exid: int = DEFAULT_EXID
+    make_room: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +180,12 @@ class Key:
     secret: bytes = field(repr=False)
     window: int = DEFAULT_WINDOW
     bind: tuple[str, ...] = ()
+    mark_from: _dt.datetime | None = None  # aware; None: in use since forever
+
+    @property
+    def starts(self) -> float:
+        """mark_from as a Unix time; -inf for a key without one."""
+        return -math.inf if self.mark_from is None else self.mark_from.timestamp()
 
     @property
     def bind_mask(self) -> int:
@@ -173,7 +200,7 @@ class Key:
         # secret into logs, tracebacks or pytest failure output.
         return (
             f"Key(id={self.id}, file={str(self.file)!r}, secret=<{len(self.secret)} bytes>, "
-            f"window={self.window}, bind={self.bind!r})"
+            f"window={self.window}, bind={self.bind!r}, mark_from={self.mark_from!r})"
         )
 
 
@@ -202,7 +229,7 @@ class Policy:
     destinations: tuple[Network, ...]
     ports: tuple[PortRange, ...] = ()  # empty = all ports
     mode: Literal["mac", "static"] = "mac"
-    key: int | None = None  # mac mode
+    keys: tuple[int, ...] = ()  # mac mode: the key schedule, as listed
     token: int | None = None  # static mode
 
 
@@ -225,10 +252,21 @@ class GuardConfig:
     skew: int = DEFAULT_SKEW
     replay_cache: int = DEFAULT_REPLAY_CACHE
     protect: tuple[Protect, ...] = ()
+    # TCP fragments to protected addresses (design.md §2 "Fragments").
+    fragments: Literal["drop", "pass"] = "drop"
 
     def action_for(self, entry: Protect) -> str:
         """The action that applies to ``entry`` (its override, else the default)."""
         return entry.action or self.action
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """What `netoken agent` keeps attached, and where it serves metrics."""
+
+    mark: tuple[str, ...] = ()  # interface names or glob patterns
+    guard: tuple[str, ...] = ()
+    metrics: str | None = None  # ADDR:PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +278,21 @@ class Config:
     keys: dict[int, Key]
     policies: tuple[Policy, ...]
     guard: GuardConfig | None
+    agent: AgentConfig | None = None
+
+    @property
+    def starts(self) -> dict[int, float]:
+        """Key id -> when markers start using it (Unix time, -inf: always)."""
+        return {k.id: k.starts for k in self.keys.values()}
+
+    def marking_keys(self, now: float) -> dict[str, int]:
+        """Policy name -> the key its SYNs get at Unix time NOW (mac policies)."""
+        starts = self.starts
+        return {p.name: scheduled_key(p.keys, starts, now) for p in self.policies if p.mode == "mac"}
+
+    def next_switch(self, now: float) -> float | None:
+        """The first Unix time after NOW at which a policy changes keys."""
+        return next_switch([p.keys for p in self.policies if p.mode == "mac"], self.starts, now)
 
 
 # --------------------------------------------------------------------------
@@ -379,13 +432,15 @@ _HEX_TOKEN_RE = re.compile(r"0[xX][0-9a-fA-F]+(?:_[0-9a-fA-F]+)*")
 _DEC_TOKEN_RE = re.compile(r"[0-9]+(?:_[0-9]+)*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-_TOP_KEYS = ("option", "key", "policy", "guard")
-_OPTION_KEYS = ("kind", "exid")
-_KEY_KEYS = ("id", "file", "window", "bind")
-_POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "token")
-_GUARD_KEYS = ("action", "skew", "replay_cache", "protect")
+_TOP_KEYS = ("option", "key", "policy", "guard", "agent")
+_OPTION_KEYS = ("kind", "exid", "make_room")
+_KEY_KEYS = ("id", "file", "window", "bind", "mark_from")
+_POLICY_KEYS = ("name", "destinations", "ports", "mode", "key", "keys", "token")
+_AGENT_KEYS = ("mark", "guard", "metrics")
+_GUARD_KEYS = ("action", "skew", "replay_cache", "fragments", "protect")
 _PROTECT_KEYS = ("destinations", "ports", "keys", "tokens", "action")
 _ACTIONS = ("drop", "monitor")
+_FRAGMENTS = ("drop", "pass")
 
 
 def _show(value: Any) -> str:
@@ -620,7 +675,8 @@ class _Parser:
         keys = self.keys(doc.get("key", []))
         policies = self.policies(doc.get("policy", []), keys)
         guard = self.guard(doc["guard"], keys) if "guard" in doc else None
-        return Config(Path(self.file), option, keys, policies, guard)
+        agent = self.agent(doc["agent"], guard) if "agent" in doc else None
+        return Config(Path(self.file), option, keys, policies, guard, agent)
 
     def option(self, value: Any) -> OptionConfig:
         entry = "[option]"
@@ -633,7 +689,10 @@ class _Parser:
                 f"kind = {kind} is not an experimental option kind; use 253 or 254",
             )
         exid = self.integer(entry, t, "exid", DEFAULT_EXID, 0, 0xFFFF)
-        return OptionConfig(kind=kind, exid=exid)
+        make_room = t.get("make_room", True)
+        if not isinstance(make_room, bool):
+            self.fail(entry, f"make_room must be true or false, got {_got(make_room)}")
+        return OptionConfig(kind=kind, exid=exid, make_room=make_room)
 
     def keys(self, value: Any) -> dict[int, Key]:
         keys: dict[int, Key] = {}
@@ -668,6 +727,7 @@ class _Parser:
                 if not isinstance(b, str) or b not in _BIND_BITS:
                     self.fail(entry, f'bind value {_show(b)} is not "saddr" or "sport"')
                 bind.add(b)
+            mark_from = self.instant(entry, t, "mark_from")
             try:
                 secret = key_file_bytes(path)
             except ConfigError as e:
@@ -678,6 +738,7 @@ class _Parser:
                 secret=secret,
                 window=window,
                 bind=tuple(b for b in _BIND_BITS if b in bind),
+                mark_from=mark_from,
             )
             first_index[kid] = i
         return keys
@@ -716,22 +777,20 @@ class _Parser:
             dests = self.destinations(entry, t)
             ports = self.ports(entry, t)
             mode = self.choice(entry, t, "mode", "mac", ("mac", "static"))
-            key_id: int | None = None
+            key_ids: tuple[int, ...] = ()
             token: int | None = None
             if mode == "mac":
                 if "token" in t:
                     self.fail(
                         entry, 'token is only for mode = "static"; mode "mac" uses key'
                     )
-                if "key" not in t:
-                    self.fail(entry, 'mode "mac" requires key = <key id>')
-                key_id = self.integer(entry, t, "key", _REQUIRED, 0, 255, " key id")
-                self.key_ref(entry, "key", key_id, keys)
+                key_ids = self.schedule(entry, t, keys)
             else:
-                if "key" in t:
-                    self.fail(
-                        entry, 'key is only for mode = "mac"; mode "static" uses token'
-                    )
+                for ref in ("key", "keys"):
+                    if ref in t:
+                        self.fail(
+                            entry, f'{ref} is only for mode = "mac"; mode "static" uses token'
+                        )
                 if "token" not in t:
                     self.fail(
                         entry, 'mode "static" requires token = "0x<16 hex digits>"'
@@ -743,7 +802,7 @@ class _Parser:
                     destinations=dests,
                     ports=ports,
                     mode=mode,
-                    key=key_id,
+                    keys=key_ids,
                     token=token,
                 )
             )
@@ -755,6 +814,86 @@ class _Parser:
             ]
         )
         return tuple(policies)
+
+    def schedule(self, entry: str, t: Mapping[str, Any], keys: Mapping[int, Key]) -> tuple[int, ...]:
+        """A mac policy's keys: ``key = N`` or ``keys = [...]``, each defined,
+        one of them already started."""
+        if "key" in t and "keys" in t:
+            self.fail(entry, "key and keys are alternatives; list every key in keys = [...]")
+        if "key" in t:
+            kid = self.integer(entry, t, "key", _REQUIRED, 0, 255, " key id")
+            self.key_ref(entry, "key", kid, keys)
+            ids = (kid,)
+        elif "keys" in t:
+            items = self.array(entry, t, "keys", required=True)
+            if not items:
+                self.fail(entry, "keys must not be empty")
+            for k in items:
+                if not _is_int(k):
+                    self.fail(entry, f"keys must hold integer key ids, got {_got(k)}")
+                self.key_ref(entry, "keys", k, keys)
+            ids = tuple(dict.fromkeys(items))
+        else:
+            self.fail(entry, 'mode "mac" requires key = <key id> (or keys = [...])')
+        now = _dt.datetime.now(_dt.UTC).timestamp()
+        if all(keys[k].starts > now for k in ids):
+            first = min(ids, key=lambda k: keys[k].starts)
+            self.fail(
+                entry,
+                f"none of its keys is in use yet (key {first} starts first, at "
+                f"{iso(keys[first].starts)}); list a key without mark_from too",
+            )
+        return ids
+
+    def instant(self, entry: str, t: Mapping[str, Any], name: str) -> _dt.datetime | None:
+        """An optional date-time with a UTC offset (TOML or an RFC 3339 string)."""
+        if name not in t:
+            return None
+        value = t[name]
+        example = "e.g. 2026-12-02T00:00:00Z"
+        if isinstance(value, str):
+            try:
+                value = _dt.datetime.fromisoformat(value.strip())
+            except ValueError:
+                self.fail(entry, f"{name} {_show(t[name])} is not an RFC 3339 date-time ({example})")
+        if not isinstance(value, _dt.datetime):
+            self.fail(entry, f"{name} must be a date-time with a UTC offset ({example}), "
+                             f"got {_got(value)}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            self.fail(entry, f"{name} {value.isoformat()} has no UTC offset; add Z or +HH:MM "
+                             f"({example})")
+        return value.astimezone(_dt.UTC)
+
+    def agent(self, value: Any, guard: GuardConfig | None) -> AgentConfig:
+        entry = "[agent]"
+        t = self.table(entry, value, "[agent]")
+        self.known(entry, t, _AGENT_KEYS)
+        roles = {}
+        for name in ("mark", "guard"):
+            patterns = []
+            for item in self.array(entry, t, name, required=False):
+                if not isinstance(item, str):
+                    self.fail(entry, f"{name} must hold interface names or patterns, "
+                                     f"got {_got(item)}")
+                if not item or item in (".", "..") or any(
+                    c == "/" or c.isspace() or c in "\x00" for c in item
+                ):
+                    self.fail(entry, f"{name}: {_show(item)} is not an interface name or pattern")
+                patterns.append(item)
+            roles[name] = tuple(dict.fromkeys(patterns))
+        if roles["guard"] and guard is None:
+            self.fail(entry, "guard names interfaces but there is no [guard] section")
+        metrics = t.get("metrics")
+        if metrics is not None:
+            if not isinstance(metrics, str):
+                self.fail(entry, f'metrics must be a string "ADDR:PORT", got {_got(metrics)}')
+            from .exporter import ExporterError, parse_listen
+
+            try:
+                parse_listen(metrics)
+            except ExporterError as e:
+                self.fail(entry, f"metrics: {str(e).removeprefix('--listen ')}")
+        return AgentConfig(mark=roles["mark"], guard=roles["guard"], metrics=metrics)
 
     def token(self, entry: str, value: Any) -> int:
         if _is_int(value):
@@ -795,6 +934,7 @@ class _Parser:
             MIN_REPLAY_CACHE,
             MAX_REPLAY_CACHE,
         )
+        fragments = self.choice(entry, t, "fragments", "drop", _FRAGMENTS)
         protects: list[Protect] = []
         entries: list[str] = []
         items = self.tables("guard.protect", t.get("protect", []), "[[guard.protect]]")
@@ -838,5 +978,9 @@ class _Parser:
             ]
         )
         return GuardConfig(
-            action=action, skew=skew, replay_cache=cache, protect=tuple(protects)
+            action=action,
+            skew=skew,
+            replay_cache=cache,
+            protect=tuple(protects),
+            fragments=fragments,
         )

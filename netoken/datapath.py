@@ -35,6 +35,7 @@ def config_value(option: OptionConfig, generation: int = 0) -> bytes:
     return bytes(
         layout.NtConfig(
             kind=option.kind,
+            make_room=option.make_room,
             exid=option.exid,
             generation=generation,
             realtime_minus_tai_ns=realtime_minus_tai_ns(),

@@ -9,7 +9,7 @@ exception.
 
 Given a :class:`~netoken.config.Config` with keys, each SYN gets the verdict
 the guard would give at the moment the packet was captured (``now`` moves
-that moment).  Decisions where DESIGN is silent:
+that moment).  Decisions where docs/design.md is silent:
 
 - With a ``[guard]`` section, a SYN is judged by the ``[[guard.protect]]``
   entry the guard would pick (most specific prefix with a matching port, as
@@ -20,9 +20,19 @@ that moment).  Decisions where DESIGN is silent:
 - ``replay``: a mac token that verified and was already accepted earlier in
   the capture, per capture interface (pcapng interface, or the ifindex of a
   Linux "any" SLL2 capture), because ``tcpdump -i any`` on a router sees every
-  forwarded SYN twice and the guard keeps one cache per interface anyway.
-- Fragments carrying a SYN are listed with verdict ``fragment``: the guard
-  passes them unverified.
+  forwarded SYN twice.  (The guard's cache is one per network namespace, so
+  a token replayed on another interface of that host is a replay there.)
+- ``action`` is what the config's ``[guard]`` says for the entry; a live
+  guard attached with ``--mode`` overrides it, which only ``netoken status``
+  knows.  The summary says so, and names each key's fingerprint, so a capture
+  can be matched against ``status`` on the hosts without showing a key.
+- Fragments carrying a SYN (the first one, which shows the TCP header) get
+  what the guard gives every TCP fragment: ``fragment`` when a protect entry
+  covers the destination address (any port), under the entry the guard picks
+  (the first in LPM order that drops, else the first), and
+  ``fragment_passed`` otherwise or with ``[guard] fragments = "pass"``.
+  Likewise a SYN behind more IPv6 extension headers than the guard walks is
+  ``ipv6_ext`` (or ``ipv6_ext_passed``).
 """
 
 from __future__ import annotations
@@ -38,9 +48,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
-from . import token
+from . import layout, token
 from .config import DEFAULT_SKEW, Config, ConfigError, Protect
 from .config import load as load_config
+from .errors import NetokenError
 
 __all__ = [
     "FIELDS",
@@ -60,7 +71,7 @@ PROG = "netoken"
 # values are None so `--json` consumers see the same shape for every SYN.
 FIELDS = (
     "packet", "time", "family", "src", "sport", "dst", "dport",
-    "kind", "exid", "mode", "key_id", "epoch_low", "nonce", "tag", "token",
+    "kind", "exid", "mode", "key_id", "key_fingerprint", "epoch_low", "nonce", "tag", "token",
     "epoch", "epoch_offset", "protect", "verdict", "action", "problem",
 )
 
@@ -79,8 +90,8 @@ LINKTYPES = {
 _ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
 _VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
 _IPV6_SKIPPABLE = (0, 43, 60)  # Hop-by-Hop, Routing, Destination Options
+_IPV6_AH = 51                  # walked too, in 4-byte units
 _IPV6_FRAGMENT = 44
-_MAX_IPV6_EXT = 4              # as many as the guard walks
 _MAX_RECORD = 1 << 24          # no link layer has frames this large: corruption
 _PCAP_MAGIC = {
     b"\xd4\xc3\xb2\xa1": ("<", 1_000_000),
@@ -91,7 +102,7 @@ _PCAP_MAGIC = {
 _PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
 
 
-class CaptureError(Exception):
+class CaptureError(NetokenError):
     """A capture that cannot be read (one line, names the file)."""
 
 
@@ -283,6 +294,7 @@ class _Syn:
     options: bytes | None  # None: cut by the snapshot length
     problem: str | None
     fragment: bool
+    deep: bool = False  # behind more IPv6 extension headers than the guard walks
 
 
 def _network(linktype: int, data: bytes, scope: object) -> tuple[int, int, object] | None:
@@ -331,7 +343,7 @@ def _network(linktype: int, data: bytes, scope: object) -> tuple[int, int, objec
 
 def _syn(data: bytes, family: int, off: int) -> _Syn | None:
     """The SYN (not SYN-ACK) in DATA at OFF, or None for anything else."""
-    fragment = False
+    fragment = deep = False
     if family == 4:
         if len(data) < off + 20 or data[off] >> 4 != 4:
             return None
@@ -352,9 +364,12 @@ def _syn(data: bytes, family: int, off: int) -> _Syn | None:
         plen, nxt = struct.unpack("!H", data[off + 4 : off + 6])[0], data[off + 6]
         saddr, daddr = data[off + 8 : off + 24], data[off + 24 : off + 40]
         l4, ip_end = off + 40, off + 40 + plen
-        for _ in range(_MAX_IPV6_EXT + 1):
-            if nxt in _IPV6_SKIPPABLE and len(data) >= l4 + 2:
-                nxt, l4 = data[l4], l4 + (data[l4 + 1] + 1) * 8
+        walked = 0  # headers the guard walks before TCP or a Fragment header
+        while len(data) >= l4 + 2:  # l4 grows every round
+            if nxt in _IPV6_SKIPPABLE or nxt == _IPV6_AH:
+                unit, extra = (4, 2) if nxt == _IPV6_AH else (8, 1)
+                nxt, l4 = data[l4], l4 + (data[l4 + 1] + extra) * unit
+                walked += not fragment
             elif nxt == _IPV6_FRAGMENT and len(data) >= l4 + 8:
                 if struct.unpack("!H", data[l4 + 2 : l4 + 4])[0] & 0xFFF8:
                     return None
@@ -362,6 +377,7 @@ def _syn(data: bytes, family: int, off: int) -> _Syn | None:
                 nxt, l4 = data[l4], l4 + 8
             else:
                 break
+        deep = walked > layout.MAX_IP6_EXT
         if nxt != 6:
             return None
     if len(data) < l4 + 14:
@@ -392,6 +408,7 @@ def _syn(data: bytes, family: int, off: int) -> _Syn | None:
         options,
         problem,
         fragment,
+        deep,
     )
 
 
@@ -417,6 +434,28 @@ def _protect_for(cfg: Config, daddr: bytes, dport: int) -> tuple[int, Protect] |
     return None if best is None else (best[1], best[2])
 
 
+def _protect_for_addr(cfg: Config, daddr: bytes) -> tuple[int, Protect] | None:
+    """The entry a verdict without a port (fragment, ipv6_ext) falls under,
+    or None if no entry covers DADDR: of the covering entries in LPM order
+    (most specific prefix first, then config order), the first that drops,
+    else the first."""
+    assert cfg.guard is not None
+    addr = ipaddress.ip_address(daddr)
+    covering = sorted(
+        (
+            (-net.prefixlen, i, entry)
+            for i, entry in enumerate(cfg.guard.protect, 1)
+            for net in entry.destinations
+            if addr.version == net.version and addr in net
+        ),
+        key=lambda c: c[:2],
+    )
+    for _, i, entry in covering:
+        if cfg.guard.action_for(entry) == "drop":
+            return i, entry
+    return (covering[0][1], covering[0][2]) if covering else None
+
+
 class _Judge:
     """The guard's decision for each SYN, including its replay cache."""
 
@@ -426,6 +465,7 @@ class _Judge:
         self.seen: set[tuple[object, int, int, bytes, bytes]] = set()
         self.all_keys = {k.id: (k.secret, k.window, k.bind_mask) for k in cfg.keys.values()}
         self.all_tokens = frozenset(p.token for p in cfg.policies if p.token is not None)
+        self.fingerprints = {k.id: token.key_fingerprint(k.secret) for k in cfg.keys.values()}
 
     def judge(self, rec: dict[str, Any], syn: _Syn, scope: object, ts: float) -> None:
         cfg = self.cfg
@@ -434,9 +474,20 @@ class _Judge:
         keys: Mapping[int, tuple[bytes, int, int]] = self.all_keys
         tokens = self.all_tokens
         action: str | None = None
-        if syn.fragment:
-            # The guard passes fragments before it looks at the destination.
-            rec.update(verdict="fragment", action="pass" if cfg.guard else None)
+        if syn.fragment or syn.deep:
+            # The guard cannot verify these: the destination address decides.
+            verdict = "ipv6_ext" if syn.deep else "fragment"
+            found = None
+            if cfg.guard is not None and not (syn.fragment and cfg.guard.fragments == "pass"):
+                found = _protect_for_addr(cfg, syn.daddr)
+            if found is None:
+                if cfg.guard is not None:
+                    rec.update(verdict=f"{verdict}_passed", action="pass")
+                else:
+                    rec["verdict"] = verdict
+                return
+            rec["protect"], entry = found
+            rec.update(verdict=verdict, action=cfg.guard.action_for(entry))
             return
         if cfg.guard is not None:
             skew = cfg.guard.skew
@@ -459,6 +510,8 @@ class _Judge:
                 exid=cfg.option.exid, static_tokens=tokens,
             )
         kid = rec["key_id"]
+        if rec["mode"] == "mac":
+            rec["key_fingerprint"] = self.fingerprints.get(kid)
         if rec["mode"] == "mac" and kid in cfg.keys:
             window = cfg.keys[kid].window
             current = token.epoch_now(window, at)
@@ -639,6 +692,18 @@ def summary(records: list[dict[str, Any]], packets: int | None = None) -> str:
     return f"{what}: {detail}" if detail else what
 
 
+def config_line(cfg: Config) -> str:
+    """Where keys and actions come from: the config's key fingerprints (to
+    compare with `netoken status` on each host) and the action's source."""
+    fps = ", ".join(f"{k.id} fp {token.key_fingerprint(k.secret)}"
+                    for k in sorted(cfg.keys.values(), key=lambda k: k.id)) or "none"
+    line = f"keys in {cfg.path}: {fps}"
+    if cfg.guard is not None:
+        line += (f"; ACTION is what [guard] in {cfg.path} says, not what a live guard does "
+                 f"(a --mode override shows in `netoken status`)")
+    return line
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `netoken decode`: PCAP, -c/--config, --now, -j/--json, -p/--pretty.
 
@@ -691,6 +756,8 @@ def run(args: argparse.Namespace) -> int:
         if records:
             print("\n".join(format_table(records, cfg)))
         print(summary(records, packets), flush=True)
+        if cfg is not None:
+            print(config_line(cfg), flush=True)
     if error:
         _note(error)
         return 1

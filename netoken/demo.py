@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import config as nconfig
 from . import token
+from .errors import NetokenError
 from .guard import Guard
 from .libbpf import interrupt_handler
 from .marker import Marker
@@ -37,7 +38,7 @@ CLIENT_IP6, SERVER_IP6 = "fd6e:7400:100::1", "fd6e:7400:100::2"
 ETH_P_ALL = 0x0003
 
 
-class DemoError(Exception):
+class DemoError(NetokenError):
     pass
 
 

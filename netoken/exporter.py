@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, layout, state
+from .errors import NetokenError
 from .state import RoleState, StateError
 
 DEFAULT_LISTEN = "127.0.0.1:9917"
@@ -60,7 +61,7 @@ examples:
 _PROG = "netoken"
 
 
-class ExporterError(Exception):
+class ExporterError(NetokenError):
     """A problem the user can fix (bad flag, address in use); one line."""
 
 
@@ -76,37 +77,63 @@ class Family:
     help: str
 
 
+# Each *_packets_total family counts every packet once, under exactly one
+# reason, so a sum over `reason` is packets.  What is counted on top of a
+# packet reason (what the guard did with a rejected SYN, events) has a family
+# of its own.
 FAMILIES: tuple[Family, ...] = (
     Family("netoken_marker_packets_total", "counter", ("interface", "reason"),
-           "Egress packets the netoken marker (TC) handled, by reason: marked and "
-           "marked_payload got a token, the others say why a packet passed unmarked; "
-           "events_lost counts events, not packets."),
+           "Egress packets the netoken marker (TC) handled, one reason per packet: marked "
+           "and marked_payload got a token, the others say why a packet passed unmarked."),
+    Family("netoken_marker_actions_total", "counter", ("interface", "action"),
+           "What the marker did on top of marking a SYN: room_from_ts removed its "
+           "Timestamps option to make room for the token (counted again under marked)."),
     Family("netoken_syn_marked_total", "counter", ("interface",),
            "SYNs the marker gave a token (reasons marked + marked_payload)."),
-    Family("netoken_marker_events_lost_total", "counter", ("interface",),
-           "Marker events dropped because the ring buffer was full (the packets were "
-           "still marked)."),
     Family("netoken_guard_packets_total", "counter", ("interface", "reason"),
-           "Ingress packets the netoken guard (XDP) handled, by reason: a SYN verdict "
-           "(ok, missing, malformed, unknown_key, stale, bad_tag, replay), why a packet "
-           "passed without one (not_syn, unprotected, ...), or an outcome counted on top "
-           "of a verdict (dropped, monitored, events, events_suppressed, events_lost, error)."),
+           "Ingress packets the netoken guard handled, one reason per packet: a SYN verdict "
+           "(ok, missing, malformed, unknown_key, stale, bad_tag, replay, ...) or why a "
+           "packet passed without one (not_syn, unprotected, ...)."),
     Family("netoken_guard_syn_verdicts_total", "counter", ("interface", "verdict"),
            "SYNs to protected destinations, by the guard's verdict on their token "
            "(ok = valid; anything else is rejected: dropped, or passed in monitor mode)."),
+    Family("netoken_guard_actions_total", "counter", ("interface", "action"),
+           "What the guard did with rejected SYNs: dropped (drop mode) or monitored "
+           "(passed and counted, monitor mode).  Sums to the rejected verdicts."),
+    Family("netoken_guard_replay_cache_errors_total", "counter", ("interface",),
+           "Valid SYNs the guard accepted but could not record in its replay cache "
+           "(the insert failed), so a replay of them would not be caught."),
     Family("netoken_guard_key_syns_total", "counter", ("interface", "key_id", "result"),
            "SYNs with a mac token, by the token's key id: result ok verified, bad was "
            "rejected (unknown_key, stale, bad_tag or replay)."),
-    Family("netoken_guard_dropped_total", "counter", ("interface",),
-           "Rejected SYNs the guard dropped (drop mode; monitor mode passes and counts "
-           "them as reason monitored)."),
+    Family("netoken_events_total", "counter", ("interface", "role", "result"),
+           "Ring-buffer events: written, suppressed by the guard's rate limit, or lost "
+           "because the buffer was full (the counters stay exact either way)."),
     Family("netoken_attached", "gauge", ("interface", "role"),
            "1 if netoken's program for this role runs on the interface; 0 if its state "
            "is pinned but the kernel no longer runs it there (filter or XDP program "
            "removed behind netoken's back)."),
+    Family("netoken_exporter_read_errors_total", "counter", (),
+           "Attachments this process could not read while collecting metrics (their "
+           "series are missing from that scrape); detaches during a scrape do not count."),
+    Family("netoken_key_info", "gauge", ("interface", "role", "key_id", "fingerprint"),
+           "Always 1 per key the program holds; fingerprint is a non-secret hash of the "
+           "key bytes the kernel really has, so hosts with different keys under one id "
+           "show different values."),
     Family("netoken_info", "gauge", ("version",),
            "Always 1; the netoken version of this exporter."),
 )
+
+# Only `netoken agent` serves these (next to FAMILIES).
+AGENT_FAMILIES: tuple[Family, ...] = (
+    Family("netoken_agent_config_errors_total", "counter", (),
+           "Config changes the agent rejected (it kept running on the last good config)."),
+    Family("netoken_agent_applies_total", "counter", ("cause",),
+           "Updates the agent applied to an attached program in place, one per interface "
+           "and role: cause config (the config or a key file changed) or schedule (a "
+           "key's mark_from came)."),
+)
+APPLY_CAUSES = ("config", "schedule")
 
 # The result label of netoken_guard_key_syns_total: the guard's two key stat
 # slots (layout.KEY_STAT_OK, KEY_STAT_BAD), named as `netoken stats` names them.
@@ -116,9 +143,10 @@ KEY_RESULTS = ("ok", "bad")
 class _Samples:
     """Samples of one collection, by family name."""
 
-    def __init__(self) -> None:
+    def __init__(self, families: Sequence[Family] = FAMILIES) -> None:
+        self.families = tuple(families)
         self.by_family: dict[str, list[tuple[tuple[str, ...], float]]] = {
-            f.name: [] for f in FAMILIES
+            f.name: [] for f in self.families
         }
 
     def add(self, name: str, labels: Sequence[str], value: float) -> None:
@@ -126,23 +154,29 @@ class _Samples:
 
 
 def _marker(s: _Samples, ifname: str, counters: dict[str, int], extra: dict[str, Any]) -> None:
-    for reason in layout.MARK_REASONS:
+    for reason in layout.MARK_PACKET_REASONS:
         s.add("netoken_marker_packets_total", (ifname, reason), counters.get(reason, 0))
+    for action in layout.MARK_ACTIONS:
+        s.add("netoken_marker_actions_total", (ifname, action), counters.get(action, 0))
     s.add("netoken_syn_marked_total", (ifname,),
           counters.get("marked", 0) + counters.get("marked_payload", 0))
-    s.add("netoken_marker_events_lost_total", (ifname,), counters.get("events_lost", 0))
+    s.add("netoken_events_total", (ifname, "marker", "lost"), counters.get("events_lost", 0))
 
 
 def _guard(s: _Samples, ifname: str, counters: dict[str, int], extra: dict[str, Any]) -> None:
-    for reason in layout.GUARD_REASONS:
+    for reason in layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS:
         s.add("netoken_guard_packets_total", (ifname, reason), counters.get(reason, 0))
     for verdict in layout.GUARD_VERDICTS:
         s.add("netoken_guard_syn_verdicts_total", (ifname, verdict), counters.get(verdict, 0))
+    for action in layout.GUARD_ACTIONS_TAKEN:
+        s.add("netoken_guard_actions_total", (ifname, action), counters.get(action, 0))
+    s.add("netoken_guard_replay_cache_errors_total", (ifname,), counters.get("error", 0))
     for k in sorted(extra.get("keys", []), key=lambda k: k["id"]):
         for result in KEY_RESULTS:
             s.add("netoken_guard_key_syns_total", (ifname, str(k["id"]), result),
                   k.get(result, 0))
-    s.add("netoken_guard_dropped_total", (ifname,), counters.get("dropped", 0))
+    for reason, result in layout.GUARD_EVENTS.items():
+        s.add("netoken_events_total", (ifname, "guard", result), counters.get(reason, 0))
 
 
 # Role name -> what it contributes beyond netoken_attached.  A role missing
@@ -181,6 +215,7 @@ class NetokenCollector:
         self.interfaces = list(dict.fromkeys(interfaces)) if interfaces else None
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        self.read_errors = 0
 
     def _warn_once(self, msg: str) -> None:
         with self._lock:
@@ -194,9 +229,8 @@ class NetokenCollector:
             states = state.all_states()
         else:
             states = [st for name in self.interfaces for st in state.all_states(name)]
-        # Pins are global, interface names are per namespace: an eth0 of
-        # another namespace is not ours to report.
-        return [st for st in states if state.in_this_netns(st)]
+        # State is kept per network namespace: only this one's is listed.
+        return states
 
     def samples(self) -> _Samples:
         """Read everything once; a role that cannot be read is left out."""
@@ -206,6 +240,7 @@ class NetokenCollector:
             states = self._states()
         except (OSError, StateError) as e:
             self._warn_once(f"cannot list pinned state: {e}")
+            self._read_error(s)
             return s
         for st in states:
             r = state.role(st.role)
@@ -224,13 +259,25 @@ class NetokenCollector:
                 # gone, so it is just absent.  Anything else is worth a line.
                 if st.exists():
                     self._warn_once(f"cannot read {st.ifname} {st.role}: {e}")
+                    with self._lock:
+                        self.read_errors += 1
                 continue
             s.add("netoken_attached", (st.ifname, st.role),
                   1 if status.get("attached", True) else 0)
+            for k in status.get("keys") or []:
+                if isinstance(k, dict) and k.get("fingerprint"):
+                    s.add("netoken_key_info", (st.ifname, st.role, str(k["id"]),
+                                               k["fingerprint"]), 1)
             export = ROLE_EXPORTS.get(st.role)
             if export is not None:
                 export(s, st.ifname, counters, extra)
+        s.add("netoken_exporter_read_errors_total", (), self.read_errors)
         return s
+
+    def _read_error(self, s: _Samples) -> None:
+        with self._lock:
+            self.read_errors += 1
+        s.add("netoken_exporter_read_errors_total", (), self.read_errors)
 
     def describe(self) -> Iterator[Any]:
         # Lets the registry check names without reading any map.
@@ -243,7 +290,7 @@ class NetokenCollector:
 def _families(s: _Samples) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    for f in FAMILIES:
+    for f in s.families:
         if f.kind == "counter":
             fam = CounterMetricFamily(f.name, f.help, labels=f.labels)
         else:
@@ -261,6 +308,35 @@ def registry(interfaces: Sequence[str] | None = None, process: bool = False) -> 
     reg.register(NetokenCollector(interfaces))  # type: ignore[arg-type]
     if process:
         ProcessCollector(registry=reg)
+    return reg
+
+
+class AgentCollector:
+    """The agent's own counters (AGENT_FAMILIES), read from AGENT at scrape
+    time: an int read is atomic, so no lock is shared with the agent loop."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def samples(self) -> _Samples:
+        s = _Samples(AGENT_FAMILIES)
+        s.add("netoken_agent_config_errors_total", (), self.agent.config_errors)
+        for cause in APPLY_CAUSES:
+            s.add("netoken_agent_applies_total", (cause,), self.agent.applies.get(cause, 0))
+        return s
+
+    def describe(self) -> Iterator[Any]:
+        yield from _families(_Samples(AGENT_FAMILIES))
+
+    def collect(self) -> Iterator[Any]:
+        yield from _families(self.samples())
+
+
+def agent_registry(agent: Any) -> Any:
+    """What `netoken agent` serves: every attachment's metrics, the agent's
+    own counters and the process metrics."""
+    reg = registry(process=True)
+    reg.register(AgentCollector(agent))  # type: ignore[arg-type]
     return reg
 
 
@@ -405,7 +481,7 @@ def make_server(listen: str, reg: Any) -> Any:
     return server
 
 
-def _url(server: Any) -> str:
+def metrics_url(server: Any) -> str:
     host, port = server.server_address[:2]
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{port}/metrics"
@@ -435,7 +511,7 @@ def serve(listen: str, interfaces: Sequence[str] | None = None) -> None:
     server = make_server(listen, registry(interfaces, process=True))
     try:
         where = ", ".join(interfaces) if interfaces else "every interface in this network namespace"
-        print(f"{_PROG}: serving metrics on {_url(server)} ({where}); Ctrl-C to stop",
+        print(f"{_PROG}: serving metrics on {metrics_url(server)} ({where}); Ctrl-C to stop",
               file=sys.stderr, flush=True)
         with _stop_on_sigterm():
             server.serve_forever()
@@ -503,9 +579,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         state.require_privileges(net_admin=False)
-        # Under `ip netns exec` bpffs is hidden: say so now, not at every
-        # scrape.  Not mounted at all is fine: nothing is attached yet.
-        state.bpffs(create=False)
+        # Under `ip netns exec` bpffs is hidden, and a state directory
+        # someone planted is refused: say so now, not at every scrape.  Not
+        # mounted at all is fine: nothing is attached yet.
+        state.all_states()
         if args.interfaces:
             _note_missing(args.interfaces)
         if args.textfile is not None:

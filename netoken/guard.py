@@ -14,49 +14,81 @@ Map design (bpf/guard.bpf.c, structs in bpf/netoken.h):
 - ``nt_keys``: the key slots, shared layout with the marker.
 - ``nt_static``: hash set of accepted static tokens, keyed by (protect
   index, token as on the wire), so each entry accepts its own tokens.
-- ``nt_replay``: LRU hash of (epoch, key id, tag, nonce) of every accepted
-  mac token, sized from ``[guard] replay_cache`` before load.
+- ``nt_replay``: the replay cache, direct-mapped 8-byte slots (nonce and
+  part of the tag of an accepted mac token, at a hash of the same; see
+  NT_REPLAY_ENTRY in bpf/netoken.h), ``[guard] replay_cache`` rounded up to
+  a power of two of them, sized before load.
 - ``nt_guard_stats``: per-CPU counters by enum nt_guard_reason;
   ``nt_key_stats``: per-CPU ok/bad counters per key id.
 - ``nt_guard_events``: ring buffer of rejected SYNs, rate-limited per CPU
   by a token bucket (``nt_ev_bucket``, rate and burst in the config map).
 
-Decisions where DESIGN is silent:
+Every guard of a network namespace shares one set of these maps (SHARED_MAPS,
+pinned once in the namespace's state directory); only the counters
+(``nt_guard_stats``, ``nt_key_stats``) and the program are per interface.
+
+Decisions where docs/design.md is silent:
+
+- The guard config is per network namespace, not per interface: attaching
+  or applying a config on one interface applies it to every guard of the
+  namespace (the command says so), and ``--mode`` is one override for all of
+  them.  A node's interfaces protect the node's destinations, and one
+  replay cache only means something under one set of keys and skew; two
+  configs would need two caches, the memory this sharing saves.
+- The replay cache is sized by the namespace's first guard.  A later
+  attach with another ``replay_cache`` resizes it only if it is the
+  namespace's only guard (as before); with others it keeps the live size and
+  says how to resize.
+- Events of all guards come through one ring, each naming its interface;
+  ``monitor IFACE`` filters.  The event rate limit is per namespace (per CPU).
 
 - Static tokens come from ``tokens = [...]`` in ``[[guard.protect]]`` and are
   accepted only by that entry; they skip the replay cache (every SYN of a
   static client carries the same token).
 - Only tokens whose tag verified are looked up in or added to the replay
-  cache, so forged floods cannot evict real entries.  An entry covers a SYN
-  for as long as the LRU keeps it: size ``replay_cache`` above the legitimate
-  SYN rate times (2 * skew + 1) * window.  If the insert itself fails, the
-  SYN (whose tag verified) is accepted and ``error`` counted.
+  cache, so forged floods cannot evict real entries.  A token stays known
+  until another accepted token takes its slot: size ``replay_cache`` well
+  above the legitimate SYN rate times (2 * skew + 1) * window (an accepted
+  token survives N later ones with probability about e^(-N/slots)).  An
+  8-byte slot instead of an LRU hash entry (~90 bytes with its node) and an
+  array look-up plus one compare-and-swap instead of an LRU insert keep the
+  first sight of a valid SYN about as cheap as a bare MAC check.
 - Events cover every rejected SYN, dropped or passed by monitor mode (that is
   what monitor mode is for); ``events + events_suppressed + events_lost ==
   dropped + monitored``.  The rate and burst are per CPU.
 - The global ``action`` argument of configure() overrides every entry (the
   CLI's ``--mode``); without it each entry's own action, else ``[guard]
   action``, applies.
-- IPv6 Hop-by-Hop, Routing and Destination Options headers (up to 4) are
-  skipped to reach TCP, so they cannot carry a SYN past the guard; IPv4 and
-  IPv6 fragments pass untouched (counted ``fragment``), as DESIGN requires.
+- IPv6 Hop-by-Hop, Routing and Destination Options headers and AH (up to
+  layout.MAX_IP6_EXT of them, bpf/parsing.h) are walked to reach TCP, so they
+  cannot carry a SYN past the guard.
+- Packets whose TCP header the guard cannot check (design.md §2 "Fragments",
+  "Fail closed"): TCP fragments (``fragment``), IPv6 chains longer than the
+  walk or with a header it cannot walk (``ipv6_ext``), chains or TCP headers
+  cut short (``bad_header``).  They have no port the guard can trust, so the
+  destination address decides: if any protect entry covers it they are
+  verdicts, dropped or monitored like rejected SYNs under the first covering
+  entry that drops (else the first, all monitoring; ``--mode`` overrides as
+  for SYNs), with an event whose ports are 0.  Otherwise, and for fragments
+  with ``[guard] fragments = "pass"``, they pass as ``*_passed``.  Non-TCP
+  fragments and ESP pass (``fragment_passed``, ``not_tcp``); so does a frame
+  without a readable IP header, which the kernel drops itself.
 - A SYN to a protected destination whose TCP header is broken (doff < 5,
-  options past the IP length or the frame) is ``malformed``; a frame too
-  short to show the TCP flags passes as ``bad_header``.
+  options past the IP length or the frame) is ``malformed``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from . import layout, program, state
+from . import layout, links, program, state
 from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
 from .datapath import event_addr, key_value, realtime_minus_tai_ns, sync_keys, sync_map, u32
+from .errors import NetokenError
 from .libbpf import (
     BPF_ANY,
     XDP_FLAGS_DRV_MODE,
@@ -72,7 +104,7 @@ from .libbpf import (
 )
 from .program import PinnedProgram, ProgramRole, Replacement
 from .rules import RuleError, compile_lpm, expand
-from .state import RoleState
+from .state import PROG_PIN, RoleState
 
 PROG_NAME = "netoken_guard"
 MAPS = (
@@ -86,7 +118,24 @@ MAPS = (
     "nt_guard_stats",
     "nt_key_stats",
     "nt_guard_events",
+    "nt_ev_bucket",
 )
+# One set per network namespace, reused by every guard there: one replay
+# cache (a token accepted on one interface is a replay on all the others),
+# one config (keys, protect entries, static tokens, prefixes, action), one
+# event ring with one rate limit.  Only the counters are per interface.
+SHARED_MAPS = (
+    "nt_guard_config",
+    "nt_keys",
+    "nt_protect",
+    "nt_static",
+    "nt_dst_v4",
+    "nt_dst_v6",
+    "nt_replay",
+    "nt_guard_events",
+    "nt_ev_bucket",
+)
+OWN_MAPS = tuple(m for m in MAPS if m not in SHARED_MAPS)
 
 # Protect entries live in two halves of nt_protect.  configure() writes the
 # new entries (and their static tokens) into the idle half, then repoints the
@@ -114,7 +163,7 @@ XdpMode = Literal["native", "generic"]
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
 
-class GuardError(Exception):
+class GuardError(NetokenError):
     """A guard operation failed for a reason the user can act on (one line)."""
 
 
@@ -206,6 +255,7 @@ def guard_config_value(
             event_rate=event_rate,
             event_burst=event_burst,
             action=_action(action or "entry"),
+            fragments=layout.GUARD_FRAGMENTS[cfg.guard.fragments],
         )
     )
 
@@ -332,7 +382,7 @@ def detach(ifname: str) -> bool:
             # old_prog_fd: detach only if it is still this program.
             xdp_detach(idx, _MODE_FLAGS[mode], old_prog_fd=prog)
         except BPFError as e:
-            raise GuardError(f"{ifname}: cannot detach the netoken guard: {e.strerror}") from None
+            raise GuardError(_detach_problem(ifname, idx, e)) from None
     return True
 
 
@@ -353,6 +403,9 @@ class Guard(PinnedProgram):
     EVENT = GuardEvent
     # A resized replay cache waits as REPLAY_PIN_NEW until its program runs.
     STAGED_MAPS: ClassVar[Mapping[str, str]] = {"nt_replay": REPLAY_PIN_NEW}
+    SHARED_MAPS = SHARED_MAPS
+    # Guards pinned before the rate limit was shared have no pin for it.
+    LATE_MAPS = ("nt_ev_bucket",)
 
     config: Config | None = None  # what configure() last wrote
 
@@ -366,7 +419,7 @@ class Guard(PinnedProgram):
         replacement program keeps the live entries, counters and replay cache
         of the one it replaces.  The cache size is fixed at load: configure()
         cannot change it."""
-        return cls._load_object(reuse, max_entries={"nt_replay": replay_cache})
+        return cls._load_object(reuse, max_entries={"nt_replay": replay_slots(replay_cache)})
 
     @property
     def replay_cache(self) -> int:
@@ -454,7 +507,7 @@ class Guard(PinnedProgram):
                         xdp_detach(idx, _MODE_FLAGS[cur_mode], old_prog_fd=old)
                         xdp_attach(idx, self.prog, flags | XDP_FLAGS_UPDATE_IF_NOEXIST)
         except BPFError as e:
-            raise GuardError(_attach_problem(ifname, mode, e)) from None
+            raise GuardError(_attach_problem(ifname, idx, mode, e)) from None
         now = _attached(idx)
         if now is None or now[0] != self.prog.id:
             raise GuardError(f"{ifname}: XDP attach reported success but the guard is not attached")
@@ -475,7 +528,63 @@ class Guard(PinnedProgram):
         return super().events(callback)
 
 
-def _attach_problem(ifname: str, mode: XdpMode | None, e: BPFError) -> str:
+def check_hook(ifname: str, idx: int) -> None:
+    """Refuse a device whose packets the XDP guard cannot parse.
+
+    XDP runs on every device: natively where the driver supports it, as
+    generic XDP otherwise (vxlan, geneve, tap, ...; attach() lets the kernel
+    choose).  But the guard reads an Ethernet header first, so on an L3
+    device (tun, WireGuard, ipip/sit/gre: packets start at the IP header)
+    it would pass every SYN unchecked.  This is where the TC-ingress guard
+    (design.md §2 Hooks, `--hook auto|xdp|tc`) plugs in: `auto` will pick tc for
+    such devices (and for veths) instead of refusing."""
+    links.require_ethernet(ifname, idx, GuardError, "the XDP guard would pass its SYNs unchecked")
+
+
+def pinned_prog_ids() -> set[int]:
+    """Ids of netoken's guard programs pinned for this network namespace."""
+    ids = set()
+    for st in state.all_states():
+        if st.role == ROLE_NAME and state.in_this_netns(st):
+            # Detached meanwhile: then it guards nothing.
+            with contextlib.suppress(OSError), Program.from_pinned(
+                st.pin(PROG_PIN)
+            ) as p:
+                ids.add(p.id)
+    return ids
+
+
+def side_doors() -> list[links.SideDoor]:
+    """The devices of this network namespace that let traffic in without
+    passing a guard (see netoken/links.py); none without any guard here."""
+    return links.side_doors(pinned_prog_ids())
+
+
+# The kernel keeps a device's XDP program fixed while a device stacked on it
+# (a vxlan using it as underlay, a VLAN, its bond) has one: "Cannot attach
+# when an upper device already has a program", as EEXIST, also for detach.
+_UPPER_HAS_PROG = "upper device already has a program"
+
+
+def _upper_problem(ifname: str, idx: int, e: BPFError, doing: str) -> str | None:
+    if e.errno != errno.EEXIST or _UPPER_HAS_PROG not in e.log:
+        return None
+    names = ", ".join(d.ifname for d in links.uppers(idx, links.links()) if d.xdp_prog_ids)
+    names = names or "a device on top of it"
+    return (f"{ifname}: cannot {doing} the guard while {names} (on top of {ifname}) has an XDP "
+            f"program, a kernel rule: detach the guard from {names} first, then attach it there "
+            f"again (`netoken apply` updates a guard's config without reattaching)")
+
+
+def _detach_problem(ifname: str, idx: int, e: BPFError) -> str:
+    return (_upper_problem(ifname, idx, e, "detach")
+            or f"{ifname}: cannot detach the netoken guard: {e.strerror}")
+
+
+def _attach_problem(ifname: str, idx: int, mode: XdpMode | None, e: BPFError) -> str:
+    upper = _upper_problem(ifname, idx, e, "attach or replace")
+    if upper is not None:
+        return upper
     if e.errno == errno.EOPNOTSUPP and mode == "native":
         return f"{ifname}: the driver does not support native XDP; use generic mode"
     if e.errno in (errno.EBUSY, errno.EEXIST):
@@ -501,15 +610,16 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 #
 # Decisions:
 # - `--mode` is part of the attachment, not of the config: it is kept in the
-#   metadata and `apply` keeps it; attaching again without it goes back to
-#   the config's actions.
+#   metadata and is sticky, like the XDP mode: `apply` and attaching again
+#   without `--mode` keep it (and say so), only `--mode config` clears it.
+#   An operator who put a guard into monitor mode by hand must not see it
+#   switch to drop because a unit or the agent re-attached it.
 # - The replay cache's size is fixed when a program is loaded.  Attaching
 #   again with a different `replay_cache` gives the new program a new cache,
-#   filled with the entries of the old one that can still matter (epochs
-#   within the skew of now, keys still configured), newest last so an LRU
-#   smaller than the old one keeps the most recent; a second pass after the
-#   swap copies what the old program accepted meanwhile.  `apply` cannot
-#   resize it and says so.
+#   filled with the tokens of the old one, each at its slot for the new size
+#   (slots hold no epoch, so all of them); a second pass after the swap
+#   copies what the old program accepted meanwhile.  `apply` cannot resize
+#   it and says so.
 # - Switching between native and generic XDP needs a detach first (the
 #   kernel keeps one mode per device), so that replace has a short window
 #   without a guard; every other replace is atomic.
@@ -548,49 +658,51 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _snapshot(g: Guard) -> dict[str, dict[bytes, bytes]]:
+def _snapshot(maps: Mapping[str, Map]) -> dict[str, dict[bytes, bytes]]:
     return {
-        name: {k: v for k, v in g.maps[name].items() if isinstance(v, bytes)} for name in CONFIG_MAPS
+        name: {k: v for k, v in maps[name].items() if isinstance(v, bytes)}
+        for name in CONFIG_MAPS
     }
 
 
-def _restore(g: Guard, snap: dict[str, dict[bytes, bytes]]) -> None:
-    """Put SNAP back into G's maps, in the order configure() writes them."""
+def _restore(maps: Mapping[str, Map], snap: dict[str, dict[bytes, bytes]]) -> None:
+    """Put SNAP back into MAPS, in the order configure() writes them."""
     for name in ("nt_keys", "nt_protect"):
-        m = g.maps[name]
+        m = maps[name]
         for k, v in snap[name].items():
             if m.lookup(k) != v:
                 m.update(k, v)
     for k, v in snap["nt_static"].items():
-        g.maps["nt_static"].update(k, v)
-    sync_map(g.maps["nt_dst_v4"], snap["nt_dst_v4"])
-    sync_map(g.maps["nt_dst_v6"], snap["nt_dst_v6"])
+        maps["nt_static"].update(k, v)
+    sync_map(maps["nt_dst_v4"], snap["nt_dst_v4"])
+    sync_map(maps["nt_dst_v6"], snap["nt_dst_v6"])
     for k, v in snap["nt_guard_config"].items():
-        g.maps["nt_guard_config"].update(k, v)
-    sync_map(g.maps["nt_static"], snap["nt_static"])
+        maps["nt_guard_config"].update(k, v)
+    sync_map(maps["nt_static"], snap["nt_static"])
 
 
-def _copy_replay(src: Map, dst: Map, cfg: Config, done: set[bytes]) -> int:
-    """Copy the entries of SRC that can still stop a replay into DST."""
-    assert cfg.guard is not None
-    now = time.time()
-    todo = []
-    for k in list(src.keys()):
-        if k in done:
+def replay_slots(entries: int) -> int:
+    """The replay cache's real size: ENTRIES rounded up to a power of two (the
+    guard masks a hash to find a token's slot)."""
+    return 1 << max(entries - 1, 0).bit_length()
+
+
+def _copy_replay(src: Map, dst: Map, done: set[int]) -> int:
+    """Move the tokens SRC holds into DST, a cache of another size.
+
+    A slot holds no epoch or key, so every token is copied: one that can no
+    longer be a replay (stale epoch, removed key) is rejected before the cache
+    is consulted and only takes a slot a fresh token will claim anyway."""
+    copied = 0
+    for i in range(src.max_entries):
+        raw = src.lookup(u32(i))
+        entry = int.from_bytes(raw, "little") if raw else 0
+        if not entry or entry in done:
             continue
-        v = src.lookup(k)
-        rk = layout.NtReplayKey.from_bytes(k)
-        key = cfg.keys.get(rk.key_id)
-        # A token whose epoch is out of the skew is stale before it could be
-        # a replay, and one of a key that is gone is unknown_key.
-        if v is None or key is None or rk.epoch + cfg.guard.skew < int(now // key.window):
-            continue
-        todo.append((int.from_bytes(v[:8], "little"), k, v))
-    todo.sort()
-    for _, k, v in todo[-dst.max_entries:]:
-        dst.update(k, v, BPF_ANY)
-        done.add(k)
-    return len(todo[-dst.max_entries:])
+        dst.update(u32(layout.replay_index(entry, dst.max_entries)), raw, BPF_ANY)
+        done.add(entry)
+        copied += 1
+    return copied
 
 
 def _restore_xdp(idx: int, new_id: int, prev: tuple[int, str] | None) -> None:
@@ -611,66 +723,117 @@ def _restore_xdp(idx: int, new_id: int, prev: tuple[int, str] | None) -> None:
             xdp_attach(idx, prev_prog, _MODE_FLAGS[prev[1]] | XDP_FLAGS_UPDATE_IF_NOEXIST)
 
 
+Mode = Literal["drop", "monitor", "config"]
+
+
+def override_after(mode: Mode | None, current: str | None) -> str | None:
+    """The --mode override once MODE is given (None: keep CURRENT)."""
+    if mode is None:
+        return current
+    if mode not in ("drop", "monitor", "config"):
+        raise GuardError(f"--mode must be 'drop', 'monitor' or 'config', got {mode!r}")
+    return None if mode == "config" else mode
+
+
 def attach_pinned(
     ifname: str,
     cfg: Config,
     *,
-    action: Literal["drop", "monitor"] | None = None,
+    action: Mode | None = None,
     xdp_mode: XdpMode | None = None,
 ) -> dict[str, Any]:
     """Load, configure, pin and attach the guard on IFNAME's XDP hook.
 
-    With a guard already pinned there, this is an atomic replace: the new
-    program reuses the pinned maps (counters, replay cache), the maps get the
-    new config while the old program still runs, and one XDP replace swaps
-    the programs.  An XDP program netoken did not install is never replaced.
+    The new program uses the namespace's shared maps (replay cache, config,
+    events; created by the namespace's first guard) and, with a guard
+    already pinned on IFNAME, that one's counters: an atomic replace, where
+    the maps get the new config while the old program still runs and one XDP
+    replace swaps the programs.  The config applies to every guard of the
+    namespace.  An XDP program netoken did not install is never replaced.
     On any failure the previous program and map contents are put back and
     whatever this call created is removed.
     """
     check(cfg)
     g = cfg.guard
     assert g is not None
-    if action not in (None, "drop", "monitor"):
-        raise GuardError(f"action must be 'drop' or 'monitor', got {action!r}")
+    override_after(action, None)  # a bad value fails before anything is touched
     if xdp_mode is not None and xdp_mode not in _MODE_FLAGS:
         raise GuardError(f"XDP mode must be 'native' or 'generic', got {xdp_mode!r}")
-    idx = ifindex(ifname)
-    st = state_of(ifname, create=True)
+    idx = program.existing(ifname, GuardError)
+    check_hook(ifname, idx)
+    notes: list[str] = []
     with state.locked():
-        old_meta = st.read_meta()
-        st.check_netns(old_meta)
+        st = state_of(ifname, create=True)
         prev = _attached(idx)
         if prev is not None:
             # Before anything is loaded or a shared map is touched.
             _ours_or_fail(ifname, *prev).close()
+        others = [o for o in Guard.siblings(st) if o.exists()]
+        shared = Guard.open_shared(st)
         copied: int | None = None
-        with Replacement(Guard, ifname, st) as r:
+        with contextlib.ExitStack() as stack, Replacement(Guard, ifname, st) as r:
+            for m in shared.values():
+                stack.callback(m.close)
             old = r.old
+            # What the new program shares: the namespace's maps; a guard
+            # pinned before maps were shared brings its own if there are
+            # none yet (they become the namespace's).  Its counters stay.
+            base = shared or ({n: old.maps[n] for n in SHARED_MAPS if n in old.maps}
+                              if old is not None else {})
+            reuse = dict(base)
             if old is not None:
-                snap = _snapshot(old)
-                r.restore_old = lambda o: _restore(o, snap)
-            reuse = dict(old.maps) if old is not None else {}
-            if old is not None and old.replay_cache != g.replay_cache:
-                del reuse["nt_replay"]
-            r.new = new = Guard.load(g.replay_cache, reuse=reuse)
+                reuse.update({n: old.maps[n] for n in OWN_MAPS})
+            live = reuse.get("nt_replay")
+            cache = replay_slots(g.replay_cache)
+            if live is not None and live.max_entries != cache:
+                if others:
+                    notes.append(
+                        f"replay_cache {cache}: the replay cache is shared by the "
+                        f"{len(others) + 1} guards of this network namespace and keeps its "
+                        f"{live.max_entries} entries (detach them all, then attach, to resize)")
+                    cache = live.max_entries
+                else:
+                    del reuse["nt_replay"]
+            if "nt_guard_config" in reuse:
+                current = live_override_of(reuse["nt_guard_config"])
+                # The maps the running guards use get the new config before
+                # the swap: a failure gives them their own back, whether or
+                # not this interface had a guard.
+                snap = _snapshot(reuse)
+                r.on_failure(lambda: _restore(reuse, snap))
+            else:
+                current = None
+            override = override_after(action, current)
+            if not shared:
+                # Created here: gone again if this attach fails.
+                r.on_failure(lambda: Guard.shared_state(st).remove())
+            r.new = new = Guard.load(cache, reuse=reuse)
 
             def unattach() -> None:
                 with contextlib.suppress(Exception):
                     _restore_xdp(idx, new.prog.id, prev)
 
             r.on_failure(unattach)
-            new.configure(cfg, action=action)
-            done: set[bytes] = set()
-            if old is not None and "nt_replay" not in reuse:
-                copied = _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
+            new.configure(cfg, action=override)  # type: ignore[arg-type]
+            # Tokens the old program accepted into a cache the new one does
+            # not use (resized, or its own before sharing) are still replays.
+            source = old.maps["nt_replay"] if old is not None else None
+            if source is not None and source.id == new.maps["nt_replay"].id:
+                source = None
+            done: set[int] = set()
+            if source is not None:
+                copied = _copy_replay(source, new.maps["nt_replay"], done)
             new.pin(st)
             att = new.attach(ifname, xdp_mode)
-            if copied is not None and old is not None:
-                copied += _copy_replay(old.maps["nt_replay"], new.maps["nt_replay"], cfg, done)
+            if source is not None and copied is not None:
+                copied += _copy_replay(source, new.maps["nt_replay"], done)
             new.commit_pin(st)
-            attachment = {"xdp_mode": xdp_mode, "action_override": action}
-            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
+            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, {"xdp_mode": xdp_mode}, {}))
+            _write_shared_meta(st, cfg, override)
             prog_id, tag = new.prog.id, new.prog.tag
+            entries = new.replay_cache
+            resized = live is not None and live.id != new.maps["nt_replay"].id \
+                and live.max_entries != entries
     return {
         "ifname": ifname,
         "ifindex": idx,
@@ -681,37 +844,83 @@ def attach_pinned(
         "replaced_prog_id": prev[0] if prev else None,
         "mode_switched": bool(prev and prev[1] != att.mode),
         "pinned": str(st.pin_dir),
-        "action": action or g.action,
-        "action_override": action is not None,
+        "shared": str(Guard.shared_state(st).pin_dir),
+        "shared_by": len(others) + 1,
+        "action": override or g.action,
+        "action_override": override is not None,
+        "config_action": g.action,
         "skew": g.skew,
         "replay_cache": {
-            "entries": g.replay_cache,
-            "state": "new" if old is None else "kept" if copied is None else "resized",
+            "entries": entries,
+            "state": "new" if live is None else "resized" if resized else "kept",
             "copied": copied or 0,
         },
         "protect": len(g.protect),
         "keys": sorted(cfg.keys),
+        "notes": notes,
     }
 
 
+def _write_shared_meta(st: RoleState, cfg: Config, override: str | None) -> None:
+    """The namespace's guard config, described once for every guard."""
+    state.SharedState(st.netns, ROLE_NAME, st.root).write_meta({
+        "version": state.META_VERSION,
+        "role": ROLE_NAME,
+        "netns": st.netns.as_meta(),
+        "action_override": override,
+        **_config_meta(cfg),
+    })
+
+
 def apply(ifname: str, cfg: Config) -> dict[str, Any]:
-    """Make the live, pinned maps of IFNAME's guard hold CFG; no reattach."""
+    """Make the live maps of the guard on IFNAME, and so of every guard of
+    its network namespace, hold CFG; no reattach."""
     check(cfg)
     assert cfg.guard is not None
-    with Guard.updating(ifname) as (gd, meta):
-        before = _live_key_ids(gd.maps["nt_keys"])
-        override = meta.get("action_override")
-        gd.configure(cfg, action=override)
-        prog_id, cache = gd.prog.id, gd.replay_cache
-        meta.update(_config_meta(cfg))
+    with state.locked():
+        st = state_of(ifname)
+        if not st.exists():
+            raise GuardError(f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` "
+                             f"first)")
+        others = [o for o in Guard.siblings(st) if o.exists()]
+        configured: set[int] = set()
+        shared_done = False
+        before: set[int] = set()
+        override: str | None = None
+        # One configure per set of maps: the shared one, and the own ones of
+        # guards pinned before maps were shared (until they are attached again).
+        for gst in [st, *others]:
+            own = gst.has_pin("nt_guard_config")
+            if gst is not st and not own and shared_done:
+                continue
+            with Guard.from_pins(gst.ifname, gst) as gd:
+                cid = gd.maps["nt_guard_config"].id
+                shared_done = shared_done or not own
+                if cid in configured:
+                    continue
+                configured.add(cid)
+                if gst is st:
+                    before = _live_key_ids(gd.maps["nt_keys"])
+                    prog_id, cache = gd.prog.id, gd.replay_cache
+                    override = live_override(gd)
+                kept = live_override(gd)
+                gd.configure(cfg, action=kept)  # type: ignore[arg-type]
+                if own:
+                    meta = gst.read_meta() or {}
+                    meta.update(_config_meta(cfg))
+                    gst.write_meta(meta)
+                else:
+                    _write_shared_meta(gst, cfg, kept)
     notes = []
-    if cfg.guard.replay_cache != cache:
+    if replay_slots(cfg.guard.replay_cache) != cache:
+        how = (f"detach the namespace's {len(others) + 1} guards and attach them again" if others
+               else f"`netoken guard attach {st.ifname}`")
         notes.append(
-            f"replay_cache {cfg.guard.replay_cache} takes effect at the next "
-            f"`netoken guard attach {ifname}`; the live cache keeps {cache} entries"
+            f"replay_cache {cfg.guard.replay_cache} takes effect at the next {how}; "
+            f"the live cache keeps {cache} entries"
         )
     return {
-        "ifname": ifname,
+        "ifname": st.ifname,
         "role": ROLE_NAME,
         "prog_id": prog_id,
         "protect": len(cfg.guard.protect),
@@ -720,9 +929,23 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
         "keys_removed": sorted(before - set(cfg.keys)),
         "action": override or cfg.guard.action,
         "action_override": override is not None,
+        "config_action": cfg.guard.action,
         "replay_cache": cache,
+        "shared_by": len(others) + 1,
         "notes": notes,
     }
+
+
+def live_override_of(m: Map) -> str | None:
+    """The --mode override in the nt_guard_config M (None: the entries' actions)."""
+    a = Guard.read_config(m).action
+    name = layout.GUARD_ACTIONS[a] if a < len(layout.GUARD_ACTIONS) else "entry"
+    return None if name == "entry" else name
+
+
+def live_override(gd: Guard) -> str | None:
+    """The --mode override the kernel runs with (None: the entries' actions)."""
+    return live_override_of(gd.maps["nt_guard_config"])
 
 
 def _live_key_ids(m: Map) -> set[int]:
@@ -743,23 +966,25 @@ def _prog_desc(prog_id: int) -> dict[str, Any]:
 
 
 def detach_pinned(ifname: str) -> dict[str, Any]:
-    """Remove netoken's guard and its pins from IFNAME.
+    """Remove netoken's guard and its pins from IFNAME (its name now, or
+    the one the guard was attached under).
 
     An XDP program netoken did not install stays attached: without netoken
     state on IFNAME that is an error, with it only the pins go.  An interface
     that is gone has taken its program with it; its pins are still removed.
+    The namespace's shared guard state goes with its last guard.
     """
-    with Guard.removing(ifname) as r:
-        idx = r.idx
+    with state.locked(), Guard.removing(ifname) as r:
+        idx, name = r.idx, r.ifname
         removed: dict[str, Any] | None = None
         foreign: dict[str, Any] | None = None
         if idx is not None:
             cur = _attached(idx)
             if cur is None and not r.has_state:
-                raise GuardError(f"no netoken guard on {ifname}")
+                raise GuardError(f"no netoken guard on {name}")
             if cur is not None:
                 try:
-                    prog = _ours_or_fail(ifname, *cur, "detach")
+                    prog = _ours_or_fail(name, *cur, "detach")
                 except GuardError:
                     if not r.has_state:
                         raise
@@ -770,16 +995,23 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                             xdp_detach(idx, _MODE_FLAGS[cur[1]], old_prog_fd=prog)
                         except BPFError as e:
                             raise GuardError(
-                                f"{ifname}: cannot detach the netoken guard: {e.strerror}"
+                                _detach_problem(name, idx, e)
                             ) from None
                     removed = {"id": cur[0], "mode": cur[1]}
+        others = Guard.siblings(r.st)
+        if not others:
+            Guard.shared_state(r.st).remove()
     return {
-        "ifname": ifname,
+        "ifname": name,
+        "ifindex": r.st.ifindex,
+        "attached_as": (r.meta or {}).get("ifname"),
         "role": ROLE_NAME,
         "removed_prog_id": removed["id"] if removed else None,
         "xdp_mode": removed["mode"] if removed else None,
         "interface_present": idx is not None,
         "foreign_prog": foreign,
+        "shared_state": "kept" if others else "removed",
+        "guards_left": len(others),
     }
 
 
@@ -787,12 +1019,12 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
 # the guard as a role of the generic status / stats / monitor / apply views
 
 
-def _protect_ids_from_lpm(st: RoleState, base: int) -> list[int]:
-    """Entry indices the live LPM tries point at: what is protected, when
-    the metadata that names it is gone."""
+def _protect_ids_from_lpm(paths: list[str], base: int) -> list[int]:
+    """Entry indices the live LPM tries (pinned at PATHS) point at: what is
+    protected, when the metadata that names it is gone."""
     ids: set[int] = set()
-    for name in ("nt_dst_v4", "nt_dst_v6"):
-        with Map.from_pinned(st.pin(name)) as m:
+    for path in paths:
+        with Map.from_pinned(path) as m:
             for k in list(m.keys()):
                 raw = m.lookup(k)
                 if raw:
@@ -819,6 +1051,14 @@ class GuardRole(ProgramRole):
     def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
         return apply(ifname, cfg)
 
+    def meta(self, st: RoleState) -> dict[str, Any]:
+        # The config is described once for the namespace, unless this guard
+        # still runs on maps of its own (pinned before maps were shared).
+        own = st.read_meta() or {}
+        if st.has_pin("nt_guard_config"):
+            return own
+        return {**(Guard.shared_state(st).read_meta() or {}), **own}
+
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         live = _attached(idx) if idx is not None else None
         return live[0] if live else None, {
@@ -834,24 +1074,27 @@ class GuardRole(ProgramRole):
         d["action"] = None  # filled in below, from the entries
         d["action_override"] = override if override != "entry" else None
         d["skew"] = cfgv.skew
-        with Map.from_pinned(st.pin("nt_replay")) as m:
+        d["fragments"] = layout.GUARD_FRAGMENTS_MODES[cfgv.fragments] \
+            if cfgv.fragments < len(layout.GUARD_FRAGMENTS_MODES) else "drop"
+        with Map.from_pinned(self.map_path(st, "nt_replay")) as m:
             d["replay_cache"] = {"entries": m.max_entries}
         d["events"] = {"rate": cfgv.event_rate, "burst": cfgv.event_burst, "per": "cpu"}
 
-        d["keys"] = program.live_keys(st, meta)
+        d["keys"] = program.live_keys(self.map_path(st, "nt_keys"), meta)
 
         # What each entry accepts and does comes from the live half of
         # nt_protect; only destinations and ports come from the metadata.
         base = cfgv.generation * PROTECT_HALF
         described = meta.get("guard", {}).get("protect")
-        ids = range(len(described)) if described is not None else _protect_ids_from_lpm(st, base)
+        ids = range(len(described)) if described is not None else _protect_ids_from_lpm(
+            [self.map_path(st, n) for n in ("nt_dst_v4", "nt_dst_v6")], base)
         tokens: dict[int, int] = {}
-        with Map.from_pinned(st.pin("nt_static")) as m:
+        with Map.from_pinned(self.map_path(st, "nt_static")) as m:
             for k in list(m.keys()):
                 sk = layout.NtStaticKey.from_bytes(k)
                 tokens[sk.protect - base] = tokens.get(sk.protect - base, 0) + 1
         protect = []
-        with Map.from_pinned(st.pin("nt_protect")) as m:
+        with Map.from_pinned(self.map_path(st, "nt_protect")) as m:
             for i in ids:
                 raw = m.lookup(u32(base + i))
                 p = layout.NtProtect.from_bytes(raw) if raw else layout.NtProtect()
@@ -868,6 +1111,7 @@ class GuardRole(ProgramRole):
                     "action": act,
                 })
         d["protect"] = protect
+        d["config_action"] = meta.get("guard", {}).get("action")
         actions = {p["action"] for p in protect}
         d["action"] = d["action_override"] or (actions.pop() if len(actions) == 1 else "per entry")
 
@@ -875,10 +1119,13 @@ class GuardRole(ProgramRole):
         a = d["attach"]
         how = "kernel's choice" if a["requested"] == "auto" else "forced"
         lines = self.status_head(d, f"xdp      {a['mode'] or '-'} ({how})")
-        src = "--mode" if d["action_override"] else "config"
+        src = "config"
+        if d["action_override"]:
+            says = d.get("config_action")
+            src = f"--mode; the config says {says}" if says else "--mode"
         ev = d["events"]
         lines.append(
-            f"action   {d['action']} ({src})  skew ±{d['skew']}  "
+            f"action   {d['action']} ({src})  fragments {d['fragments']}  skew ±{d['skew']}  "
             f"replay cache {d['replay_cache']['entries']} entries  "
             f"events ≤{ev['rate']}/s burst {ev['burst']} per CPU"
         )

@@ -11,10 +11,13 @@ import ctypes as C
 
 MAC_OPT_LEN = 16
 STATIC_OPT_LEN = 12
-TAG_LEN = 6
+TAG_LEN = 4
+NONCE_LEN = 6
 MAX_KEYS = 256
 MAX_PORT_RULES = 32
 MAX_POLICIES = 4096
+# NT_MAX_IP6_EXT in bpf/parsing.h: IPv6 extension headers walked to reach TCP.
+MAX_IP6_EXT = 16
 
 MODE_MAC = 1
 MODE_STATIC = 2
@@ -40,8 +43,15 @@ MARK_REASONS: tuple[str, ...] = (
     "no_key",
     "error",
     "events_lost",
+    "room_from_ts",
 )
 MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
+# Counted on top of a packet reason rather than instead of one (the enum's
+# comments say which), so a sum over MARK_PACKET_REASONS is packets.
+MARK_ACTIONS: tuple[str, ...] = tuple(r for r in MARK_REASONS if r == "room_from_ts")
+MARK_EVENTS: tuple[str, ...] = ("events_lost",)
+MARK_PACKET_REASONS: tuple[str, ...] = tuple(
+    r for r in MARK_REASONS if r not in MARK_ACTIONS + MARK_EVENTS)
 
 MAX_PROTECT = 4096
 MAX_STATIC = 4096
@@ -49,8 +59,10 @@ MAX_EVENT_RATE = 1_000_000
 KEY_STAT_OK = 0
 KEY_STAT_BAD = 1
 
-# enum nt_guard_reason, in order: the verdicts of DESIGN §2, then why a packet
-# was passed without a verdict, then outcomes counted on top of a verdict.
+# enum nt_guard_reason, in order: the verdicts of design.md §2 (the last three
+# for packets to a protected address the guard cannot check), then why a
+# packet was passed without a verdict, then outcomes counted on top of a
+# verdict.
 GUARD_VERDICTS: tuple[str, ...] = (
     "ok",
     "missing",
@@ -59,15 +71,18 @@ GUARD_VERDICTS: tuple[str, ...] = (
     "stale",
     "bad_tag",
     "replay",
+    "fragment",
+    "ipv6_ext",
+    "bad_header",
 )
 GUARD_PASS_REASONS: tuple[str, ...] = (
     "not_syn",
     "unprotected",
     "not_tcp",
     "not_ipv4_or_6",
-    "fragment",
-    "ipv6_ext",
-    "bad_header",
+    "fragment_passed",
+    "ipv6_ext_passed",
+    "bad_header_passed",
 )
 GUARD_OUTCOMES: tuple[str, ...] = (
     "dropped",
@@ -78,7 +93,15 @@ GUARD_OUTCOMES: tuple[str, ...] = (
     "error",
 )
 GUARD_REASONS = GUARD_VERDICTS + GUARD_PASS_REASONS + GUARD_OUTCOMES
+# The outcomes by kind: what happened to a rejected SYN, and its event.
+GUARD_ACTIONS_TAKEN: tuple[str, ...] = ("dropped", "monitored")
+GUARD_EVENTS: dict[str, str] = {"events": "written", "events_suppressed": "suppressed",
+                                "events_lost": "lost"}
 GUARD_REASON = {name: i for i, name in enumerate(GUARD_REASONS)}
+
+# enum nt_guard_fragments: [guard] fragments.
+GUARD_FRAGMENTS_MODES: tuple[str, ...] = ("drop", "pass")
+GUARD_FRAGMENTS = {name: i for i, name in enumerate(GUARD_FRAGMENTS_MODES)}
 
 # enum nt_guard_action; "entry" only appears in the global override.
 GUARD_ACTIONS: tuple[str, ...] = ("entry", "drop", "monitor")
@@ -101,7 +124,7 @@ class Struct(C.Structure):
 class NtConfig(Struct):
     _fields_ = [
         ("kind", C.c_uint8),
-        ("pad0", C.c_uint8),
+        ("make_room", C.c_uint8),
         ("exid", C.c_uint16),
         ("generation", C.c_uint32),
         ("realtime_minus_tai_ns", C.c_int64),
@@ -165,9 +188,11 @@ class NtMarkEvent(Struct):
         ("daddr", C.c_uint8 * 16),
         ("sport", C.c_uint16),
         ("dport", C.c_uint16),
-        ("nonce", C.c_uint8 * 4),
+        ("nonce", C.c_uint8 * NONCE_LEN),
+        ("room_from_ts", C.c_uint8),
+        ("pad0", C.c_uint8),
         ("tag", C.c_uint8 * 8),
-        ("pad", C.c_uint8 * 8),
+        ("pad1", C.c_uint8 * 4),
     ]
 
 
@@ -181,7 +206,8 @@ class NtGuardConfig(Struct):
         ("event_rate", C.c_uint32),
         ("event_burst", C.c_uint32),
         ("action", C.c_uint8),
-        ("pad", C.c_uint8 * 7),
+        ("fragments", C.c_uint8),
+        ("pad", C.c_uint8 * 6),
     ]
 
 
@@ -201,14 +227,19 @@ class NtStaticKey(Struct):
     ]
 
 
-class NtReplayKey(Struct):
-    _fields_ = [
-        ("epoch", C.c_uint32),
-        ("key_id", C.c_uint8),
-        ("pad", C.c_uint8),
-        ("tag", C.c_uint8 * TAG_LEN),
-        ("nonce", C.c_uint8 * 4),
-    ]
+# NT_REPLAY_ENTRY / NT_REPLAY_INDEX: what a replay-cache slot holds for an
+# accepted token, and which slot (tests/test_replay_cache.py checks these
+# against the guard's own stores).
+REPLAY_HASH_MUL = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+def replay_entry(nonce: bytes, tag: bytes) -> int:
+    return ((int.from_bytes(nonce, "little") << 16) | (int.from_bytes(tag, "little") & 0xFFFF)) & _U64
+
+
+def replay_index(entry: int, slots: int) -> int:
+    return (((entry * REPLAY_HASH_MUL) & _U64) >> 32) & (slots - 1)
 
 
 class NtGuardEvent(Struct):
@@ -227,9 +258,9 @@ class NtGuardEvent(Struct):
         ("daddr", C.c_uint8 * 16),
         ("sport", C.c_uint16),
         ("dport", C.c_uint16),
-        ("nonce", C.c_uint8 * 4),
+        ("nonce", C.c_uint8 * NONCE_LEN),
+        ("pad1", C.c_uint8 * 2),
         ("tag", C.c_uint8 * 8),
-        ("pad1", C.c_uint8 * 4),
     ]
 
 
@@ -246,7 +277,6 @@ STRUCTS: dict[str, type[Struct]] = {
     "nt_guard_config": NtGuardConfig,
     "nt_protect": NtProtect,
     "nt_static_key": NtStaticKey,
-    "nt_replay_key": NtReplayKey,
     "nt_guard_event": NtGuardEvent,
 }
 
@@ -255,4 +285,5 @@ ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nt_mark_reason": ("NT_MARK_", MARK_REASONS + ("reason_max",)),
     "nt_guard_reason": ("NT_GUARD_", GUARD_REASONS + ("reason_max",)),
     "nt_guard_action": ("NT_ACTION_", GUARD_ACTIONS),
+    "nt_guard_fragments": ("NT_FRAGMENTS_", GUARD_FRAGMENTS_MODES),
 }

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config as nconfig
-from . import layout, program, state
+from . import layout, links, program, schedule, state
 from .config import Config, ConfigError, Policy
 from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
+from .errors import NetokenError
 from .libbpf import (
     BPF_TC_EGRESS,
     BPF_TC_INGRESS,
@@ -62,7 +63,7 @@ MAPS = (
 )
 
 
-class MarkerError(Exception):
+class MarkerError(NetokenError):
     """A marker operation failed for a reason the user can act on."""
 
 
@@ -70,10 +71,13 @@ def ifindex(ifname: str) -> int:
     return program.ifindex(ifname, MarkerError)
 
 
-def policy_value(policy: Policy, index: int) -> bytes:
+def policy_value(policy: Policy, index: int, key_id: int | None = None) -> bytes:
+    """POLICY at INDEX as the marker reads it; KEY_ID is the key its key
+    schedule has in use (mac mode)."""
     v = layout.NtPolicy(id=index, mode=layout.MODES[policy.mode])
     if policy.mode == "mac":
-        v.key_id = policy.key
+        assert key_id is not None and key_id in policy.keys
+        v.key_id = key_id
     else:
         v.token[:] = list(policy.token.to_bytes(8, "big"))
     return bytes(v)
@@ -97,6 +101,7 @@ class MarkEvent:
     dport: int
     nonce: bytes
     tag: bytes
+    room_from_ts: bool = False  # the Timestamps option was removed to make room
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MarkEvent:
@@ -117,6 +122,7 @@ class MarkEvent:
             dport=e.dport,
             nonce=bytes(e.nonce) if mac else b"",
             tag=bytes(e.tag[: layout.TAG_LEN]) if mac else bytes(e.tag),
+            room_from_ts=bool(e.room_from_ts),
         )
 
 
@@ -145,13 +151,16 @@ class Marker(PinnedProgram):
         and counters of the one it replaces."""
         return cls._load_object(reuse)
 
-    def configure(self, cfg: Config) -> None:
-        """Make the maps hold exactly CFG: keys, policies, prefixes, option.
+    def configure(self, cfg: Config, now: float | None = None) -> None:
+        """Make the maps hold exactly CFG: keys, policies, prefixes, option,
+        with each policy marking with the key its schedule has in use at NOW
+        (Unix time; default the current time).
 
         Safe on a live, attached marker: every SYN sees either the old or the
         new policy for its destination, never none (see POLICY_HALF).
         """
         check(cfg)
+        in_use = cfg.marking_keys(time.time() if now is None else now)
         gen = 1 - self._config().generation
         base = gen * POLICY_HALF
         keys = self.maps["nt_keys"]
@@ -161,7 +170,9 @@ class Marker(PinnedProgram):
             if keys.lookup(u32(kid)) != key_value(key):
                 keys.update(u32(kid), key_value(key))
         for i, policy in enumerate(cfg.policies):
-            self.maps["nt_policies"].update(u32(base + i), policy_value(policy, i))
+            self.maps["nt_policies"].update(
+                u32(base + i), policy_value(policy, i, in_use.get(policy.name))
+            )
         v4, v6 = _compile(cfg, base)
         sync_map(self.maps["nt_dst_v4"], v4)
         sync_map(self.maps["nt_dst_v6"], v6)
@@ -240,7 +251,7 @@ def _policy_meta(p: Policy) -> dict[str, Any]:
         "mode": p.mode,
     }
     if p.mode == "mac":
-        d["key"] = p.key
+        d["keys"] = list(p.keys)
     return d
 
 
@@ -308,11 +319,13 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     any, is put back.
     """
     check(cfg)
-    idx = ifindex(ifname)
-    st = state_of(ifname, create=True)
+    idx = program.existing(ifname, MarkerError)
+    # The marker reads an Ethernet header first: on an L3 device it would
+    # attach and mark nothing (design.md Status: the L3 variant is to come).
+    links.require_ethernet(ifname, idx, MarkerError, "the marker would leave its SYNs unmarked")
     with state.locked():
+        st = state_of(ifname, create=True)
         old_meta = st.read_meta()
-        st.check_netns(old_meta)
         prev_prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
         with Replacement(Marker, ifname, st) as r:
             if old_meta and old_meta.get("config"):
@@ -355,23 +368,26 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     }
 
 
-def apply(ifname: str, cfg: Config) -> dict[str, Any]:
-    """Make the live, pinned maps of IFNAME's marker hold CFG; no reattach."""
+def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
+    """Make the live, pinned maps of IFNAME's marker hold CFG, with the key
+    schedule as of NOW (default: the current time); no reattach."""
     check(cfg)
-    with Marker.updating(ifname) as (m, meta):
-        m.configure(cfg)
+    now = time.time() if now is None else now
+    with Marker.updating(ifname) as (m, meta, st):
+        m.configure(cfg, now)
         prog_id = m.prog.id
         before = {p.get("name") for p in meta.get("policies", [])}
         meta.update(_config_meta(cfg))
     after = {p.name for p in cfg.policies}
     return {
-        "ifname": ifname,
+        "ifname": st.ifname,
         "role": ROLE_NAME,
         "prog_id": prog_id,
         "policies": len(cfg.policies),
         "keys": sorted(cfg.keys),
         "added": sorted(after - before),
         "removed": sorted(before - after),
+        "schedule": schedule.plan(cfg, now),
     }
 
 
@@ -379,16 +395,18 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
     """Remove netoken's marker filter and pins from IFNAME.
 
     The clsact qdisc goes only if netoken created it and no other filter is
-    left on either of its hooks.  An interface that is gone has taken its
-    filters with it; its pins are still cleaned up.
+    left on either of its hooks.  IFNAME may be the name the marker was
+    attached under: the state is found by ifindex, whatever the interface
+    is called now.  An interface that is gone has taken its filters with it;
+    its pins are still cleaned up.
     """
     with Marker.removing(ifname) as r:
-        idx, meta = r.idx, r.meta
+        idx, meta, name = r.idx, r.meta, r.ifname
         prog_id = None
         if idx is not None:
             prog_id = tc_query(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
             if prog_id is None and not r.has_state:
-                raise MarkerError(f"no netoken marker on {ifname}")
+                raise MarkerError(f"no netoken marker on {name}")
             if prog_id is not None:
                 tc_detach(idx, BPF_TC_EGRESS, TC_HANDLE, TC_PRIORITY)
         clsact = "kept"
@@ -398,9 +416,11 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
             and meta.get("created_clsact")
             and meta.get("ifindex") == idx
         ):
-            clsact = _destroy_clsact_if_empty(ifname, idx)
+            clsact = _destroy_clsact_if_empty(name, idx)
     return {
-        "ifname": ifname,
+        "ifname": name,
+        "ifindex": r.st.ifindex,
+        "attached_as": (meta or {}).get("ifname"),
         "role": ROLE_NAME,
         "removed_prog_id": prog_id,
         "interface_present": idx is not None,
@@ -439,9 +459,19 @@ class MarkerRole(ProgramRole):
     def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
         d["created_clsact"] = meta.get("created_clsact")
         cfgv = self.pinned_config(st)
-        d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
-        d["keys"] = program.live_keys(st, meta)
-        d["policies"] = meta.get("policies", [])
+        d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid, "make_room": bool(cfgv.make_room)}
+        d["keys"] = program.live_keys(self.map_path(st, "nt_keys"), meta)
+        d["policies"] = [dict(p) for p in meta.get("policies", [])]
+        # The key each policy marks with is a fact of the live half of
+        # nt_policies; the schedule that says what it should be comes from
+        # the metadata.
+        base = cfgv.generation * POLICY_HALF
+        with Map.from_pinned(self.map_path(st, "nt_policies")) as m:
+            for i, p in enumerate(d["policies"]):
+                raw = m.lookup(u32(base + i))
+                if p.get("mode") == "mac" and raw:
+                    p["key"] = layout.NtPolicy.from_bytes(raw).key_id
+        d["schedule"] = schedule.from_meta(meta, d["policies"], time.time())
 
     def status_lines(self, d: dict[str, Any]) -> list[str]:
         a = d["attach"]
@@ -455,12 +485,17 @@ class MarkerRole(ProgramRole):
             lines.append("policies none (nothing is marked)")
         width = max((len(str(p.get("name"))) for p in d["policies"]), default=0)
         for p in d["policies"]:
-            how = f"mac key {p.get('key')}" if p.get("mode") == "mac" else "static"
+            how = "static"
+            if p.get("mode") == "mac":
+                how = f"mac key {p.get('key')}"
+                if len(p.get("keys") or []) > 1:
+                    how += f" of {','.join(map(str, p['keys']))}"
             ports = ",".join(str(x) for x in p.get("ports", [])) or "all"
             lines.append(
                 f"policy   {p.get('name')!s:<{width}}  {how:<10} ports {ports:<14} "
                 + " ".join(p.get("destinations", []))
             )
+        lines.extend(schedule.lines(d.get("schedule") or {}))
         return lines
 
     def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
@@ -477,6 +512,7 @@ class MarkerRole(ProgramRole):
                 "daddr": e.daddr,
                 "dport": e.dport,
                 "mode": e.mode,
+                "room_from_ts": e.room_from_ts,
             }
             if e.mode == "mac":
                 d.update(key_id=e.key_id, epoch=e.epoch, nonce=e.nonce.hex(), tag=e.tag.hex())
@@ -487,7 +523,7 @@ class MarkerRole(ProgramRole):
     def event_header(self) -> str:
         return (
             f"{'TIME':<12} {'IFACE':<15} {'POLICY':<12} {'SOURCE':<22} {'DESTINATION':<22} "
-            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<8} TAG"
+            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<12} TAG"
         )
 
     def event_line(self, e: dict[str, Any]) -> str:
@@ -499,7 +535,7 @@ class MarkerRole(ProgramRole):
             f"{ep(e['saddr'], e['sport']):<22} {ep(e['daddr'], e['dport']):<22} "
             f"{e['mode']:<6} "
             f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
-            f"{e['nonce'] if mac else '-':<8} {e['tag'] if mac else '-'}"
+            f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
         )
 
 
@@ -516,10 +552,7 @@ class _PolicyNames:
         now = time.monotonic()
         if now - self._checked > 0.5:
             self._checked = now
-            try:
-                mtime = self._st.meta_path.stat().st_mtime
-            except OSError:
-                mtime = -1.0
+            mtime = self._st.meta_mtime() or -1.0
             if mtime != self._mtime:
                 self._mtime = mtime
                 meta = self._st.read_meta() or {}

@@ -46,3 +46,20 @@ def netns(name: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
+
+
+@contextmanager
+def entered(path: str) -> Iterator[None]:
+    """Enter the network namespace file PATH (/run/netns/NAME, /proc/PID/ns/net)
+    for the duration of the block."""
+    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target, path)
+        try:
+            yield
+        finally:
+            _setns(home, "original namespace")
+    finally:
+        os.close(target)
+        os.close(home)

@@ -2,10 +2,12 @@
 
 The marker (tc, netoken/marker.py) and the guard (XDP, netoken/guard.py) are
 both this: an ELF object loaded with some maps shared from the program it
-replaces, pinned under /sys/fs/bpf/netoken/IFACE/ROLE with a metadata file in
-/run (netoken/state.py), reopened from those pins by any later process, and
-shown by the generic status / stats / monitor views.  What is the same for
-both lives here, once; each module specialises it with its object and program
+replaces, pinned per network namespace, interface and role with a metadata
+file in /run (netoken/state.py), reopened from those pins by any later
+process, and shown by the generic status / stats / monitor views.  Maps a
+role names in SHARED_MAPS are pinned once per namespace and reused by every
+instance of it there (the guard's replay cache and config).  What is the
+same for both lives here, once; each module specialises it with its object and program
 name, its maps, its error class and its CLI verb, and keeps what really
 differs (the attach hook, the config maps, the entries, the events) to itself.
 """
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from . import kernel, layout, state
-from .config import Config
+from .config import Config, iso
 from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
 from .state import PROG_PIN, PROG_PIN_NEW, RoleState
+from .token import key_fingerprint_int
 
 
 def ifindex(ifname: str, error: type[Exception]) -> int:
@@ -36,9 +39,40 @@ def ifindex(ifname: str, error: type[Exception]) -> int:
         raise error(f"interface {ifname!r} does not exist") from None
 
 
-def state_of(role: str, ifname: str, create: bool = False) -> RoleState:
-    """ROLE's pinned state for IFNAME (bpffs mounted first with CREATE)."""
-    return RoleState(ifname, role, state.bpffs(create=create) or state.BPFFS)
+def state_of(role: str, ifname: str, error: type[Exception], create: bool = False) -> RoleState:
+    """ROLE's pinned state for interface IFNAME of this network namespace
+    (bpffs mounted first with CREATE), its directories that exist already
+    checked (StateError if one is not safe).
+
+    IFNAME is the interface's name now or, after a rename or once it is
+    gone, the name netoken attached under: the state is keyed by ifindex,
+    and ``st.ifname`` / ``st.present`` say what it is called now.  ERROR("interface
+    ... does not exist") when neither finds anything."""
+    root = state.bpffs(create=create) or state.BPFFS
+    found = state.all_states(ifname, root)
+    idx = found[0].ifindex if found else None
+    if idx is None:
+        idx = ifindex(ifname, error)
+    st = RoleState(state.this_netns(), idx, role, root)
+    st.check()
+    return st
+
+
+def existing(ifname: str, error: type[Exception]) -> int:
+    """IFNAME's index, for attaching.  If IFNAME is the name of an interface
+    netoken attached to that has been renamed since, the error says what
+    it is called now."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        pass
+    found = state.all_states(ifname) if state.bpffs(create=False) else []
+    if found and found[0].present:
+        st = found[0]
+        raise error(
+            f"interface {ifname!r} does not exist; netoken attached to it under that name and it "
+            f"is {st.ifname} now (ifindex {st.ifindex}): use {st.ifname}")
+    return ifindex(ifname, error)
 
 
 class PinnedProgram:
@@ -81,9 +115,58 @@ class PinnedProgram:
         self.prog: Program = prog
         self.maps: dict[str, Map] = maps
 
+    # Maps pinned once per network namespace (state.SharedState) and reused
+    # by every instance of the role there; the others are per interface.
+    SHARED_MAPS: ClassVar[tuple[str, ...]] = ()
+    # Maps of MAPS that state pinned by an older netoken may lack: opened
+    # if pinned, else the next load creates them.
+    LATE_MAPS: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def state_of(cls, ifname: str, create: bool = False) -> RoleState:
-        return state_of(cls.ROLE, ifname, create)
+        return state_of(cls.ROLE, ifname, cls.Error, create)
+
+    @classmethod
+    def shared_state(cls, st: RoleState) -> state.SharedState:
+        """The role's shared state in ST's namespace, kept with ST: pin
+        paths go through its directory fds, which live as long as it."""
+        return st.shared()
+
+    @classmethod
+    def map_pin(cls, st: RoleState, name: str) -> str | None:
+        """Where map NAME of ST's program is pinned: its own directory first
+        (all maps were there before maps were shared, and such a program
+        keeps its own until it is attached again), else the namespace's
+        shared one; None if neither has it."""
+        if st.has_pin(name):
+            return st.pin(name)
+        if name in cls.SHARED_MAPS:
+            sh = cls.shared_state(st)
+            if sh.has_pin(name):
+                return sh.pin(name)
+        return None
+
+    @classmethod
+    def open_shared(cls, st: RoleState) -> dict[str, Map]:
+        """The namespace's shared maps of this role ({} when there are none)."""
+        sh = cls.shared_state(st)
+        if not all(sh.has_pin(n) for n in cls.SHARED_MAPS):
+            return {}
+        maps: dict[str, Map] = {}
+        try:
+            for name in cls.SHARED_MAPS:
+                maps[name] = Map.from_pinned(sh.pin(name))
+        except BaseException:
+            for m in maps.values():
+                m.close()
+            raise
+        return maps
+
+    @classmethod
+    def siblings(cls, st: RoleState) -> list[RoleState]:
+        """The other interfaces of ST's namespace with this role pinned."""
+        return [o for o in state.netns_states(st.netns, st.root)
+                if o.role == cls.ROLE and o.ifindex != st.ifindex]
 
     @classmethod
     def _check_compatible(cls, want: Map, have: Map) -> None:
@@ -127,7 +210,9 @@ class PinnedProgram:
             raise cls.Error(
                 f"no {cls.ROLE} on {ifname} (run `netoken {cls.VERB} attach {ifname} -c FILE` first)"
             )
-        missing = [n for n in cls.MAPS if not os.path.exists(st.pin(n))]
+        paths = {n: cls.map_pin(st, n) for n in cls.MAPS}
+        paths = {n: p for n, p in paths.items() if p is not None or n not in cls.LATE_MAPS}
+        missing = [n for n, path in paths.items() if path is None]
         if missing:
             raise cls.Error(
                 f"pinned {cls.ROLE} state in {st.pin_dir} is incomplete (missing {', '.join(missing)}); "
@@ -135,8 +220,9 @@ class PinnedProgram:
             )
         maps: dict[str, Map] = {}
         try:
-            for name in cls.MAPS:
-                maps[name] = Map.from_pinned(st.pin(name))
+            for name, path in paths.items():
+                assert path is not None
+                maps[name] = Map.from_pinned(path)
             prog = Program.from_pinned(st.pin(PROG_PIN))
         except BaseException:
             for m in maps.values():
@@ -144,41 +230,60 @@ class PinnedProgram:
             raise
         return cls(prog=prog, maps=maps)
 
+    @classmethod
+    def _home(cls, st: RoleState, name: str) -> state.PinnedState:
+        """Where map NAME of ST's program is pinned from now on."""
+        return cls.shared_state(st) if name in cls.SHARED_MAPS else st
+
     def pin(self, st: RoleState) -> None:
-        """Pin every map not pinned yet, and this program as PROG_PIN_NEW.
+        """Pin every map not pinned yet (SHARED_MAPS in the namespace's
+        shared directory), and this program as PROG_PIN_NEW.
 
         The program becomes PROG_PIN (:meth:`commit_pin`) only once it runs,
         so the pins never name a program that is not attached.  A map of
         STAGED_MAPS that differs from the pinned one is staged the same way:
-        the old program still runs on the pinned one until the swap."""
+        the programs still run on the pinned one until the swap."""
         st.make_dir()
         for name, m in self.maps.items():
-            path = st.pin(name)
+            home = self._home(st, name)
+            home.make_dir()
+            path = home.pin(name)
             if os.path.exists(path):
                 with Map.from_pinned(path) as pinned:
                     if pinned.id == m.id:
                         continue
                 if name not in self.STAGED_MAPS:
-                    raise self.Error(f"{path} is pinned but is not this {self.ROLE}'s map")
-                path = st.pin(self.STAGED_MAPS[name])
+                    raise self.Error(
+                        f"{home.pin_dir / name} is pinned but is not this {self.ROLE}'s map"
+                    )
+                path = home.pin(self.STAGED_MAPS[name])
                 unpin(path)
             m.pin(path)
         unpin(st.pin(PROG_PIN_NEW))
         self.prog.pin(st.pin(PROG_PIN_NEW))
 
     def commit_pin(self, st: RoleState) -> None:
-        """Make the staged pins the current ones (renames are atomic)."""
+        """Make the staged pins the current ones (renames are atomic), and
+        drop the program's own pins of maps it now shares (state pinned
+        before maps were shared)."""
         os.replace(st.pin(PROG_PIN_NEW), st.pin(PROG_PIN))
         for name, staged in self.STAGED_MAPS.items():
-            if os.path.exists(st.pin(staged)):
-                os.replace(st.pin(staged), st.pin(name))
+            home = self._home(st, name)
+            if home.has_pin(staged):
+                os.replace(home.pin(staged), home.pin(name))
+        for name in self.SHARED_MAPS:
+            unpin(st.pin(name))
 
     @classmethod
     def unpin_staged(cls, st: RoleState) -> None:
         """Remove what :meth:`pin` staged and :meth:`commit_pin` did not take."""
+        if not st.has_pin_dir():
+            return
         unpin(st.pin(PROG_PIN_NEW))
-        for staged in cls.STAGED_MAPS.values():
-            unpin(st.pin(staged))
+        for name, staged in cls.STAGED_MAPS.items():
+            home = cls._home(st, name)
+            if home.has_pin_dir():
+                unpin(home.pin(staged))
 
     def close(self) -> None:
         if self.obj is not None:
@@ -222,35 +327,30 @@ class PinnedProgram:
 
     @classmethod
     @contextlib.contextmanager
-    def updating(cls, ifname: str) -> Iterator[tuple[Self, dict[str, Any]]]:
-        """(the program pinned for IFNAME, its metadata) under the state
-        lock; the metadata is written back if the block succeeds."""
-        st = cls.state_of(ifname)
+    def updating(cls, ifname: str) -> Iterator[tuple[Self, dict[str, Any], RoleState]]:
+        """(the program pinned for IFNAME, its metadata, its state) under
+        the state lock; the metadata is written back if the block succeeds."""
         with state.locked():
+            st = cls.state_of(ifname)
             meta = st.read_meta() or {}
-            st.check_netns(meta)
-            with cls.from_pins(ifname, st) as p:
-                yield p, meta
+            with cls.from_pins(st.ifname, st) as p:
+                yield p, meta, st
             st.write_meta(meta)
 
     @classmethod
     @contextlib.contextmanager
     def removing(cls, ifname: str) -> Iterator[Removal]:
         """IFNAME's state, under the state lock, to detach; the pins and the
-        metadata are removed if the block succeeds.  An interface that is
-        gone (Removal.idx None) is an error only without state to remove."""
-        st = cls.state_of(ifname)
+        metadata are removed if the block succeeds.  IFNAME may be the name
+        the role was attached under (the state is found by ifindex, and
+        Removal.ifname is the name now); an interface that is gone
+        (Removal.idx None) is an error only without state to remove."""
         with state.locked():
+            st = cls.state_of(ifname)
             meta = st.read_meta()
-            st.check_netns(meta)
-            has_state = st.pin_dir.exists() or meta is not None
-            try:
-                idx: int | None = ifindex(ifname, cls.Error)
-            except cls.Error:
-                if not has_state:
-                    raise
-                idx = None
-            yield Removal(st, meta, has_state, idx)
+            has_state = st.has_pin_dir() or meta is not None
+            idx = st.ifindex if st.present else None
+            yield Removal(st, meta, has_state, idx, st.ifname)
             st.remove()
 
 
@@ -262,6 +362,7 @@ class Removal:
     meta: dict[str, Any] | None
     has_state: bool
     idx: int | None
+    ifname: str  # the interface's name now (the one attached under, if gone)
 
 
 P = TypeVar("P", bound=PinnedProgram)
@@ -282,7 +383,7 @@ class Replacement(Generic[P]):
     def __init__(self, kind: type[P], ifname: str, st: RoleState) -> None:
         self.kind = kind
         self.st = st
-        if not st.exists() and st.pin_dir.exists():
+        if not st.exists() and st.has_pin_dir():
             st.remove()  # a crash between mkdir and the first pin left it
         self.old: P | None = kind.from_pins(ifname, st) if st.exists() else None
         self.new: P | None = None
@@ -327,7 +428,7 @@ def attach_meta(
         "role": role,
         "ifname": ifname,
         "ifindex": idx,
-        "netns": state.current_netns(),
+        "netns": state.this_netns().as_meta(),
         **attachment,
         "attached_at": state.now_iso(),
         **config,
@@ -341,7 +442,8 @@ def config_meta(cfg: Config) -> dict[str, Any]:
         "applied_at": state.now_iso(),
         "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
         "keys": [
-            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file)}
+            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file),
+             "mark_from": None if k.mark_from is None else iso(k.mark_from)}
             for k in sorted(cfg.keys.values(), key=lambda k: k.id)
         ],
     }
@@ -349,6 +451,25 @@ def config_meta(cfg: Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------
 # a pinned program as a role of the generic status / stats / monitor views
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def memory_text(mem: dict[str, Any]) -> str:
+    """A status "memory" section for people."""
+    text = f"{fmt_bytes(mem['own'])} in maps"
+    if mem.get("shared_by"):
+        n = mem["shared_by"]
+        who = f"by the namespace's {n} guards" if n > 1 else "state (the namespace's only guard)"
+        text += f" + {fmt_bytes(mem['shared'])} shared {who}"
+    elif "shared" in mem:
+        text += " (its own replay cache and config: attach it again to share the namespace's)"
+    return text
 
 
 def bind_names(mask: int) -> list[str]:
@@ -364,19 +485,20 @@ def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-def live_keys(st: RoleState, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The keys in ST's pinned nt_keys (never their bytes), with the files
-    the metadata names for them."""
+def live_keys(path: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The keys in the nt_keys pinned at PATH (never their bytes), with the files
+    the metadata names for them and the fingerprint of what the kernel
+    really holds (a key file changed since does not show here)."""
     files = {k.get("id"): k.get("file") for k in meta.get("keys", [])}
     keys = []
-    with Map.from_pinned(st.pin("nt_keys")) as m:
+    with Map.from_pinned(path) as m:
         for kid in range(layout.MAX_KEYS):
             raw = m.lookup(u32(kid))
             k = layout.NtKey.from_bytes(raw) if raw else None
             if k is not None and k.window:
                 keys.append(
                     {"id": kid, "window": k.window, "bind": bind_names(k.bind),
-                     "file": files.get(kid)}
+                     "file": files.get(kid), "fingerprint": key_fingerprint_int(k.k0, k.k1)}
                 )
     return keys
 
@@ -385,7 +507,7 @@ def keys_line(keys: list[dict[str, Any]]) -> str:
     ks = []
     for k in keys:
         extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
-        ks.append(f"{k['id']} (window {k['window']}s{extra})")
+        ks.append(f"{k['id']} (fp {k['fingerprint']}, window {k['window']}s{extra})")
     return "keys     " + (", ".join(ks) or "none")
 
 
@@ -401,6 +523,10 @@ class ProgramRole:
     PROGRAM: ClassVar[type[PinnedProgram]]
     RUNS: ClassVar[str]  # what runs another program: "filter" (tc), "XDP"
 
+    def __init__(self) -> None:
+        # netns cookie -> (when, shared bytes, instances): see memory()
+        self._shared_memory: dict[int, tuple[float, int, int]] = {}
+
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         """(id of the program on IDX's hook or None, the status "attach" section)."""
         raise NotImplementedError
@@ -414,18 +540,21 @@ class ProgramRole:
         ifname and role)."""
         raise NotImplementedError
 
+    def meta(self, st: RoleState) -> dict[str, Any]:
+        """ST's metadata as status reads it (a role with shared state adds
+        what is described once for the namespace)."""
+        return st.read_meta() or {}
+
     def status(self, st: RoleState) -> dict[str, Any]:
-        meta = st.read_meta() or {}
-        d: dict[str, Any] = {"ifname": st.ifname, "ifindex": None, "role": self.name}
+        meta = self.meta(st)
+        d: dict[str, Any] = {"ifname": st.ifname, "ifindex": st.ifindex, "role": self.name}
+        attached_as = st.attached_as()
+        if attached_as and attached_as != st.ifname:
+            d["attached_as"] = attached_as
         with Program.from_pinned(st.pin(PROG_PIN)) as prog:
             d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
-        error = self.PROGRAM.Error
-        try:
-            idx: int | None = ifindex(st.ifname, error)
-        except error:
-            idx = None
+        idx = st.ifindex if st.present else None
         live, attach = self.attachment(idx, meta)
-        d["ifindex"] = idx
         d["attach"] = attach
         if idx is None:
             d["state"] = "interface missing"
@@ -437,16 +566,43 @@ class ProgramRole:
             d["state"] = "attached"
         d["attached"] = d["state"] == "attached"
         d["pinned"] = str(st.pin_dir)
-        d["netns"] = meta.get("netns")
+        d["netns"] = {**st.netns.as_meta(), "name": state.netns_name(st.netns)}
+        d["memory"] = self.memory(st)
         d["config"] = meta.get("config")
         d["attached_at"] = meta.get("attached_at")
         d["applied_at"] = meta.get("applied_at")
         self.status_details(st, meta, d)
         return d
 
+    def memory(self, st: RoleState) -> dict[str, Any]:
+        """Kernel memory of ST's maps (memlock, as `bpftool map show`):
+        its own, and what it shares with the role's other instances in the
+        namespace (counted once there, not in "own")."""
+        own = st.memlock()
+        if not self.PROGRAM.SHARED_MAPS:
+            return {"own": own}
+        if any(st.has_pin(n) for n in self.PROGRAM.SHARED_MAPS):
+            return {"own": own, "shared": 0, "shared_by": 0}
+        # The same for every instance of the namespace: read once a second,
+        # not once per interface (status and each scrape list them all).
+        key = st.netns.cookie
+        now = time.monotonic()
+        hit = self._shared_memory.get(key)
+        if hit is None or now - hit[0] > 1.0:
+            users = state.role_count(st.netns, self.name, st.root)
+            hit = (now, self.PROGRAM.shared_state(st).memlock(), users)
+            self._shared_memory[key] = hit
+        return {"own": own, "shared": hit[1], "shared_by": hit[2]}
+
+    def map_path(self, st: RoleState, name: str) -> str:
+        path = self.PROGRAM.map_pin(st, name)
+        if path is None:
+            raise self.PROGRAM.Error(f"pinned {self.name} state in {st.pin_dir} has no {name}")
+        return path
+
     def pinned_config(self, st: RoleState) -> Any:
         """The CONFIG_STRUCT of ST's pinned CONFIG_MAP."""
-        with Map.from_pinned(st.pin(self.PROGRAM.CONFIG_MAP)) as m:
+        with Map.from_pinned(self.map_path(st, self.PROGRAM.CONFIG_MAP)) as m:
             return self.PROGRAM.read_config(m)
 
     def status_head(self, d: dict[str, Any], attach_line: str) -> list[str]:
@@ -455,11 +611,13 @@ class ProgramRole:
             f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
             attach_line,
             f"pinned   {d['pinned']}",
+            f"memory   {memory_text(d['memory'])}",
         ]
         if d.get("config"):
             lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
         o = d["option"]
-        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}")
+        room = "" if "make_room" not in o else f"  make_room {'on' if o['make_room'] else 'off'}"
+        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}{room}")
         return lines
 
     def stats(self, st: RoleState) -> dict[str, int]:
@@ -469,16 +627,62 @@ class ProgramRole:
     def lost_events(self, st: RoleState) -> int:
         return self.stats(st)["events_lost"]
 
+    def events_id(self, st: RoleState) -> int:
+        """The id of ST's event ring: instances that share one have one reader."""
+        with Map.from_pinned(self.map_path(st, self.PROGRAM.EVENTS_MAP)) as m:
+            return m.id
+
     def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> RingBuffer:
+        """A reader of ST's event ring.  A ring of ST alone names ST's
+        interface in every event; a ring the namespace's instances share
+        names the interface the event happened on (by its name now)."""
         fields = self.event_fields(st)
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC; events show wall-clock time.
         offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
         event_type = self.PROGRAM.EVENT
+        shared = self.PROGRAM.EVENTS_MAP in self.PROGRAM.SHARED_MAPS and not st.has_pin(
+            self.PROGRAM.EVENTS_MAP)
+        names: dict[int, str] = {st.ifindex: st.ifname}
+
+        def name(idx: int) -> str:
+            if not shared:
+                return st.ifname
+            if idx not in names:
+                try:
+                    names[idx] = socket.if_indextoname(idx)
+                except OSError:
+                    names[idx] = f"ifindex {idx}"
+            return names[idx]
 
         def on_event(data: bytes) -> None:
             e = event_type.from_bytes(data)
-            callback({"time": fmt_ts(e.ts_ns, offset), "ifname": st.ifname, "role": self.name,
-                      **fields(e)})
+            callback({"time": fmt_ts(e.ts_ns, offset), "ifname": name(e.ifindex),
+                      "ifindex": e.ifindex, "role": self.name, **fields(e)})
 
-        with Map.from_pinned(st.pin(self.PROGRAM.EVENTS_MAP)) as m:
+        with Map.from_pinned(self.map_path(st, self.PROGRAM.EVENTS_MAP)) as m:
             return RingBuffer(Map.from_fd(os.dup(m.fd)), on_event)
+
+    def ghosts(self, pinned: set[int]) -> list[dict[str, Any]]:
+        """netoken programs of this role attached in this namespace to an
+        interface without pinned state (not in PINNED, a set of ifindexes):
+        pins removed by hand, or lost to a crash or an old bug.  Found by
+        the hook netoken uses and the program's name."""
+        out = []
+        for idx, ifname in socket.if_nameindex():
+            if idx in pinned:
+                continue
+            with contextlib.suppress(Exception):
+                live, attach = self.attachment(idx, {})
+                if live is None:
+                    continue
+                with Program.from_id(live) as prog:
+                    if prog.name != self.PROGRAM.PROG_NAME:
+                        continue
+                    out.append({
+                        "ifname": ifname, "ifindex": idx, "role": self.name, "state": "ghost",
+                        "attached": True, "ghost": True, "pinned": None,
+                        "prog": {"id": prog.id, "tag": prog.tag, "name": prog.name},
+                        "attach": attach,
+                        "remove": f"netoken {self.PROGRAM.VERB} detach {ifname}",
+                    })
+        return out

@@ -1,7 +1,7 @@
 """Compile "destination prefixes + ports -> target" rules into LPM trie entries.
 
 The datapath does one LPM lookup on the destination address and then scans a
-short list of port ranges (struct nt_port_rules).  DESIGN §4 says the most
+short list of port ranges (struct nt_port_rules).  design.md §4 says the most
 specific prefix wins, then the port.  Taken literally, a SYN to a port that the
 most specific prefix does not list would match nothing even when a broader
 prefix covers that port, which surprises operators ("10.0.0.0/8 all ports,

@@ -1,4 +1,4 @@
-"""Python reference implementation of the netoken TCP option (DESIGN.md §2).
+"""Python reference implementation of the netoken TCP option (design.md §2).
 
 This module is the executable form of the wire-format contract: the BPF marker and
 guard are cross-checked against it byte for byte, and the user-space tools
@@ -6,11 +6,15 @@ guard are cross-checked against it byte for byte, and the user-space tools
 deliberately pure Python with no third-party imports so that it can be trusted as an
 independent oracle and imported anywhere.
 
-Layout of a mac-mode option (RFC 6994 shared experimental form, 16 bytes)::
+Layout of a mac-mode option, wire format 2 (RFC 6994 shared experimental form,
+16 bytes)::
 
-    byte  0     1     2..3   4       5       6..9    10..15
-        kind  len=16  ExID  key id  epoch  nonce   tag (first 6 bytes of SipHash-2-4)
+    byte  0     1     2..3   4       5       6..11   12..15
+        kind  len=16  ExID  key id  epoch  nonce   tag (first 4 bytes of SipHash-2-4)
                                     & 0xff
+
+Format 1 (a 4-byte nonce and a 6-byte tag in the same 16 bytes) is gone: two
+formats cannot be told apart on the wire, and none was ever deployed.
 
 and of a static-mode option (12 bytes)::
 
@@ -52,6 +56,8 @@ __all__ = [
     "epoch_now",
     "expand_epoch",
     "find_options",
+    "key_fingerprint",
+    "key_fingerprint_int",
     "mac_message",
     "siphash24",
     "siphash24_int",
@@ -64,8 +70,8 @@ DEFAULT_KIND = 253
 DEFAULT_EXID = 0x6E74
 MAC_LEN = 16
 STATIC_LEN = 12
-TAG_LEN = 6
-NONCE_LEN = 4
+TAG_LEN = 4
+NONCE_LEN = 6
 KEY_LEN = 16
 
 # Bitmask of optional MAC inputs ("bind" in the config); BPF uses the same bits.
@@ -154,6 +160,24 @@ def siphash24(key: bytes, msg: bytes | bytearray | memoryview) -> bytes:
     return siphash24_int(k0, k1, msg).to_bytes(8, "little")
 
 
+# A key's fingerprint: SipHash-2-4 under the key of this fixed label, first 8
+# output bytes in hex.  SipHash is a PRF, so the value says nothing about the
+# key beyond "same or different", which is what an operator comparing hosts
+# needs.  The label is 26 bytes, a length no MAC message has (19, 21, 23, 25,
+# 31, 33, 35, 37, 47 or 49 bytes), so a fingerprint can never be a tag.
+FINGERPRINT_LABEL = b"netoken key fingerprint v1"
+
+
+def key_fingerprint_int(k0: int, k1: int) -> str:
+    """Fingerprint of the key (k0, k1) as the BPF maps hold it (two LE u64)."""
+    return siphash24_int(k0, k1, FINGERPRINT_LABEL).to_bytes(8, "little").hex()
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Fingerprint of a 16-byte key: 16 hex digits, safe to print and compare."""
+    return siphash24(key, FINGERPRINT_LABEL).hex()
+
+
 # ---------------------------------------------------------------------------- epochs
 
 
@@ -234,9 +258,9 @@ def mac_message(
     sport: int | None = None,
     bind: int = 0,
 ) -> bytes:
-    """The SipHash input of a mac-mode token (DESIGN §2), all fields network order.
+    """The SipHash input of a mac-mode token (design.md §2), all fields network order.
 
-    ``ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(4) ‖ daddr(4|16) ‖ dport(2)``, then
+    ``ExID(2) ‖ key id(1) ‖ epoch(4) ‖ nonce(6) ‖ daddr(4|16) ‖ dport(2)``, then
     ``saddr`` if ``bind & BIND_SADDR`` and ``sport`` if ``bind & BIND_SPORT``.
     `saddr`/`sport` are ignored when their bind bit is clear, so callers can always
     pass the packet's values and let the key's bind decide.
@@ -291,7 +315,7 @@ def compute_tag(
     sport: int | None = None,
     bind: int = 0,
 ) -> bytes:
-    """The 6-byte tag: the first TAG_LEN bytes of siphash24(key, mac_message(...))."""
+    """The 4-byte tag: the first TAG_LEN bytes of siphash24(key, mac_message(...))."""
     msg = mac_message(exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind)
     return siphash24(key, msg)[:TAG_LEN]
 
@@ -407,8 +431,8 @@ def decode(option: bytes | bytearray | memoryview) -> Token:
             mode="mac",
             key_id=raw[4],
             epoch_low=raw[5],
-            nonce=raw[6:10],
-            tag=raw[10:16],
+            nonce=raw[6 : 6 + NONCE_LEN],
+            tag=raw[6 + NONCE_LEN : MAC_LEN],
             token=None,
             raw=raw,
         )
@@ -537,7 +561,7 @@ def verdict(
     exid: int = DEFAULT_EXID,
     static_tokens: set[int] | frozenset[int] | None = None,
 ) -> Verdict:
-    """The guard's verdict on a SYN's raw TCP option bytes, as DESIGN §2 defines it.
+    """The guard's verdict on a SYN's raw TCP option bytes, as design.md §2 defines it.
 
     `keys` maps key id -> (key bytes, window seconds, bind bitmask), i.e. the keys
     accepted for this destination.  Checks run in the order the design lists them:

@@ -10,7 +10,14 @@ import struct
 from dataclasses import dataclass
 
 from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import (
+    HBHOptUnknown,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 
 from netoken import token
@@ -95,18 +102,22 @@ def parse(raw: bytes) -> Parsed:
         assert etype == 0x86DD
         ip_end = off + 40 + struct.unpack("!H", raw[off + 4:off + 6])[0]
         l4, family, proto = off + 40, 6, raw[off + 6]
-        while proto in (0, 43, 60):  # Hop-by-Hop, Routing, Destination Options
-            proto, l4 = raw[l4], l4 + (raw[l4 + 1] + 1) * 8
+        while proto in (0, 43, 60, 51):  # Hop-by-Hop, Routing, Destination Options, AH
+            unit, extra = (4, 2) if proto == 51 else (8, 1)
+            proto, l4 = raw[l4], l4 + (raw[l4 + 1] + extra) * unit
     tcp_len = (raw[l4 + 12] >> 4) * 4 if len(raw) > l4 + 12 else 0
     return Parsed(raw, off, family, l4, tcp_len, ip_end, proto)
 
 
 def syn(dst: str = "198.51.100.7", dport: int = 443, src: str | None = None, sport: int = 40000,
         options=(), payload: bytes = b"", flags: str = "S", vlans: int = 0, ip_opts=None,
-        **ipkw) -> bytes:
-    """An Ethernet frame carrying a TCP segment (v4 or v6 by the address)."""
+        ext=None, **ipkw) -> bytes:
+    """An Ethernet frame carrying a TCP segment (v4 or v6 by the address;
+    IPv6 behind the extension headers EXT, if given)."""
     if ":" in dst:
         l3 = IPv6(src=src or "2001:db8:1::1", dst=dst, **ipkw)
+        if ext is not None:
+            l3 = l3 / ext
     else:
         l3 = IP(src=src or "192.0.2.1", dst=dst, **ipkw)
         if ip_opts is not None:
@@ -123,8 +134,58 @@ def syn(dst: str = "198.51.100.7", dport: int = 443, src: str | None = None, spo
     return bytes(pkt)
 
 
+def syn_with_options(options: bytes, payload: bytes = b"", **kw) -> bytes:
+    """syn(**kw) whose TCP options are exactly OPTIONS (a multiple of 4 bytes)."""
+    assert len(options) % 4 == 0 and len(options) <= 40
+    return rebuild_with_option(syn(payload=payload, **kw), options)
+
+
 LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123, 0)), ("NOP", None),
                   ("WScale", 7)]                         # 20 bytes, what Linux sends
+
+
+def _skip_opt(n: int) -> HBHOptUnknown:
+    return HBHOptUnknown(otype=0x1E, optdata=b"\0" * n)
+
+
+def ext_chain(depth: int, seed: int = 0):
+    """DEPTH IPv6 extension headers the kernel walks to reach TCP: Hop-by-Hop
+    first (only there is it allowed), then Destination Options and Routing
+    headers (type 0 and 253, segments left 0, which the kernel skips) in
+    turn, of lengths that vary with SEED.  Lengths come from an unknown
+    option of type 0x1E (RFC 4727: skip if unknown), as Linux refuses more
+    than 7 bytes of padding in a row."""
+    layers = [IPv6ExtHdrHopByHop(options=[_skip_opt(4 + 8 * (seed % 3))])]
+    for i in range(1, depth):
+        k = (i + seed) % 4
+        if k == 0:
+            layers.append(IPv6ExtHdrRouting(type=0, segleft=0, addresses=["2001:db8::99"]))
+        elif k == 2:
+            layers.append(IPv6ExtHdrRouting(type=253, segleft=0))
+        else:
+            layers.append(IPv6ExtHdrDestOpt(options=[_skip_opt(4 + 8 * (i % 2))]))
+    chain = layers[0]
+    for h in layers[1:]:
+        chain = chain / h
+    return chain
+
+
+def ipv6_fragments(pkt, first: int, size: int, ident: int) -> list:
+    """PKT (an IPv6 packet without extension headers) as fragments: the first
+    carrying FIRST bytes of its payload, the others SIZE (multiples of 8)."""
+    raw = bytes(pkt)
+    head, payload = IPv6(raw[:40]), raw[40:]
+    nh = head.nh
+    out, off = [], 0
+    while off < len(payload):
+        n = first if off == 0 else size
+        chunk = payload[off:off + n]
+        more = off + n < len(payload)
+        h = head.copy()
+        h.nh, h.plen = 44, None
+        out.append(h / IPv6ExtHdrFragment(nh=nh, offset=off // 8, m=int(more), id=ident) / chunk)
+        off += n
+    return out
 
 
 def options_of_len(n: int):
@@ -153,15 +214,47 @@ def expected_marked(before: bytes, after: bytes, key: bytes, *, exid=token.DEFAU
     return rebuild_with_option(before, option)
 
 
+def made_room(options: bytes, need: int) -> bytes | None:
+    """design.md §3's make-room, built independently of the BPF code: OPTIONS
+    without the Timestamps option and without NOP/EOL padding (nothing after
+    EOL is an option), every other option byte for byte and in order,
+    re-padded with NOPs to a multiple of 4 and to no less than
+    len(OPTIONS) - NEED.  None if there is no Timestamps option or NEED more
+    bytes still do not fit in 40."""
+    kept, i, ts = [], 0, False
+    while i < len(options) and options[i] != 0:
+        if options[i] == 1:
+            i += 1
+            continue
+        size = options[i + 1]
+        if options[i] == 8 and size == 10:
+            ts = True
+        else:
+            kept.append(options[i:i + size])
+        i += size
+    body = b"".join(kept)
+    area = max(-(-len(body) // 4) * 4, len(options) - need)
+    if not ts or area + need > 40:
+        return None
+    return body + b"\x01" * (area - len(body))
+
+
 def rebuild_with_option(before: bytes, option: bytes) -> bytes:
+    """BEFORE with OPTION added as the marker must add it: after the existing
+    options (EOL and what follows become NOPs), or, when the TCP header
+    would exceed 60 bytes, after the options made_room() leaves."""
     b = parse(before)
     old = bytearray(b.options)
+    if b.tcp_len + len(option) > 60:
+        room = made_room(bytes(old), len(option))
+        assert room is not None, "no room even without timestamps"
+        old = bytearray(room)
     # EOL ends the option list: from it on, bytes become NOPs so ours is seen.
-    if 0 in _kinds_until_eol(bytes(old)):
+    elif 0 in _kinds_until_eol(bytes(old)):
         i = _eol_index(bytes(old))
         old[i:] = b"\x01" * (len(old) - i)
     raw = bytearray(before[:b.l4 + 20] + bytes(old) + option + b.payload)
-    grow = len(option)
+    grow = len(old) + len(option) - len(b.options)
     new_tcp_len = b.tcp_len + grow
     raw[b.l4 + 12] = (new_tcp_len // 4) << 4 | (raw[b.l4 + 12] & 0x0F)
     if b.family == 4:

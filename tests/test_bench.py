@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from netoken import bench
+from netoken import bench, layout
 
 SAMPLES = 20
 
@@ -52,8 +52,11 @@ def test_the_contenders_the_issue_asks_for_are_there(datapath):
         "marker: IPv4 SYN, mac", "marker: IPv4 SYN, static", "marker: IPv6 SYN, mac",
         "marker: SYN, no policy", "marker: ACK, no payload", "marker: 1500-byte ACK",
         "marker: UDP", "guard: valid SYN, first sight", "guard: valid SYN, seen before (replay)",
-        "guard: SYN without token", "guard: SYN with bad tag", "guard: ACK to protected port",
-        "guard: SYN, unprotected destination",
+        "guard: SYN without token", "guard: SYN with bad tag (forged)", "guard: ACK to protected port",
+        "reference: static appender (seed)", "reference: bare SipHash verifier",
+        "guard: SYN, unprotected destination", "guard: TCP fragment to protected address",
+        f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT} extension headers",
+        f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT + 1} (fails closed)",
     ):
         assert want in names
 
@@ -95,3 +98,18 @@ def test_cli_options():
     args = parser.parse_args(["--quick", "--only", "datapath", "--only", "control"])
     assert args.quick and args.only == ["datapath", "control"]
     assert parser.parse_args([]).only is None
+
+
+def test_guard_scale_reports_memory_and_attach_time_per_count(tmp_path):
+    from netoken.bench.control_part import guard_scale
+
+    res = guard_scale(tmp_path, counts=(1, 3))
+    assert [p["interfaces"] for p in res["points"]] == [1, 3]
+    one, three = res["points"]
+    # one shared set, whatever the number of interfaces; the rest per interface
+    assert one["shared_bytes"] == three["shared_bytes"] > 0
+    assert three["own_bytes"] == 3 * one["own_bytes"] > 0
+    assert one["total_with_slots_bytes"] < one["total_bytes"]
+    text = bench.format_table({"control": {"guard_scale": res}})
+    assert "guards in one network namespace" in text and "per interface" in text
+    assert _our_namespaces() == []

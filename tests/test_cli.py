@@ -27,7 +27,7 @@ from netoken import config as nconfig
 from netoken import marker, token
 from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
-from netoken.state import BPFFS, RUN_DIR, encode_ifname
+from netoken.state import BPFFS, IFACE_PREFIX, NETNS_PREFIX, RUN_DIR
 
 from .conftest import TEST_KEY, Lab, Topology, build_topology, run, write_key
 from .e2e import SYN_ONLY, ConnectionLoop, capture, connect, server, syns, wait_captured
@@ -59,14 +59,50 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+# ifname -> (its pin directory, its /run directory), once seen: state is
+# keyed by namespace and ifindex, and test interface names are unique, so
+# the metadata that names an interface finds its directories, and they are
+# remembered for checking that they are gone later.
+_DIRS: dict[str, tuple[Path, Path]] = {}
+
+
+def _state_dirs(ifname: str) -> tuple[Path, Path] | None:
+    for meta in RUN_DIR.glob(f"{NETNS_PREFIX}*/{IFACE_PREFIX}*/*.json"):
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("ifname") == ifname:
+            run_dir = meta.parent
+            _DIRS[ifname] = (BPFFS / "netoken" / run_dir.parent.name / run_dir.name, run_dir)
+    return _DIRS.get(ifname)
+
+
 def pin_dir(ifname: str) -> Path:
-    return BPFFS / "netoken" / encode_ifname(ifname)
+    """/sys/fs/bpf/netoken/net:COOKIE/if:IFINDEX of the interface netoken
+    attached to as IFNAME (a path that does not exist if it never did)."""
+    found = _state_dirs(ifname)
+    return found[0] if found else BPFFS / "netoken" / "never-attached" / ifname
+
+
+def run_dir(ifname: str) -> Path:
+    found = _state_dirs(ifname)
+    return found[1] if found else RUN_DIR / "never-attached" / ifname
+
+
+def shared_dir(ifname: str, role: str = "guard") -> Path:
+    """The state ROLE shares in IFNAME's network namespace."""
+    return pin_dir(ifname).parent / role
 
 
 def forget(*ifnames: str) -> None:
+    """Remove the state of the namespaces these interfaces are in (each
+    test's namespaces are its own)."""
     for name in ifnames:
-        shutil.rmtree(pin_dir(name), ignore_errors=True)
-        shutil.rmtree(RUN_DIR / encode_ifname(name), ignore_errors=True)
+        found = _state_dirs(name)
+        if found is not None:
+            shutil.rmtree(found[0].parent, ignore_errors=True)
+            shutil.rmtree(found[1].parent, ignore_errors=True)
 
 
 def qdiscs(ns: str, dev: str) -> str:
@@ -79,7 +115,8 @@ def filters(ns: str, dev: str, hook: str) -> list[dict]:
 
 def assert_nothing_left(ns: str, dev: str) -> None:
     assert not pin_dir(dev).exists()
-    assert not (RUN_DIR / encode_ifname(dev)).exists()
+    assert not run_dir(dev).exists()
+    assert not pin_dir(dev).parent.exists()  # nor the namespace's directory
     assert "clsact" not in qdiscs(ns, dev)
 
 
@@ -210,7 +247,8 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     assert d["config"] == str(s.cfg)
     assert [k["id"] for k in d["keys"]] == [1]
     assert d["policies"] == [{"name": "svc", "destinations": [f"{t.server_ip}/32"],
-                              "ports": [PORT], "mode": "mac", "key": 1}]
+                              "ports": [PORT], "mode": "mac", "keys": [1], "key": 1}]
+    assert d["schedule"] == {"next_switch": None, "overdue": []}
     human = s.ok("status")
     for text in (t.client_if, f"prog {res['prog_id']}", "handle 0x6e74 prio 1", "svc",
                  "attached"):
@@ -236,7 +274,7 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     for e in events:
         assert (e["role"], e["policy"], e["daddr"], e["dport"], e["key_id"], e["mode"]) == (
             "marker", "svc", t.server_ip, PORT, 1, "mac")
-        assert len(bytes.fromhex(e["tag"])) == 6
+        assert len(bytes.fromhex(e["tag"])) == 4 and len(bytes.fromhex(e["nonce"])) == 6
     assert "3 event(s) shown, 0 lost" in err
 
     counters = s.counters()
@@ -313,7 +351,7 @@ def test_stats_watch_piped_prints_lines_and_ctrl_c_exits_0(setup: Setup):
     s, t = setup, setup.t
     s.attach()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netoken", "-n", t.client, "stats", "--watch", "-i", "0.2"],
+        [sys.executable, "-m", "netoken", "-n", t.client, "stats", "--watch", "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()
     with server(t.server, PORT):
@@ -330,6 +368,51 @@ def test_stats_watch_piped_prints_lines_and_ctrl_c_exits_0(setup: Setup):
 
 # --------------------------------------------------------------------------
 # attach twice, apply, coexistence
+
+
+def test_key_schedule_in_apply_and_status(setup: Setup, tmp_path):
+    """apply uses the schedule as of now and says when the next switch is
+    due; status shows the key in use and a switch nobody performed."""
+    s, t = setup, setup.t
+
+    def config(start: float) -> tuple[Path, str]:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+        return write_config(tmp_path, {1: TEST_KEY, 2: OTHER_KEY}, f"""
+[[key]]
+id = 3
+file = "{write_key(tmp_path, "3.key", OTHER_KEY)}"
+mark_from = {at}
+""" + policy(f"{t.server_ip}/32").replace("key = 1", "keys = [1, 3]") + policy(
+            "192.0.2.0/24", key=2, name="other"), name="sched.toml"), at
+
+    s.attach()
+    cfg, at = config(time.time() + 3600)
+    out = s.ok("apply", t.client_if, "-c", str(cfg))
+    assert "keys in use: svc key 1, other key 2" in out
+    assert f"next switch {at}: svc -> key 3 (performed by `netoken agent`" in out
+    res = json.loads(s.ok("apply", t.client_if, "-c", str(cfg), "--json"))
+    assert res[0]["schedule"] == {"in_use": {"svc": 1, "other": 2},
+                                  "next_switch": {"at": at, "policies": {"svc": 3}}}
+    d = s.status()
+    assert [(p["name"], p["keys"], p["key"]) for p in d["policies"]] == [
+        ("svc", [1, 3], 1), ("other", [2], 2)]
+    assert d["schedule"] == {"next_switch": {"at": at, "policies": {"svc": 3}}, "overdue": []}
+    human = s.ok("status", t.client_if)
+    assert "policy   svc    mac key 1 of 1,3" in human and f"next switch {at}" in human
+
+    # nobody switches without the agent: status says so once the instant passed
+    start = int(time.time()) + 4
+    cfg, at = config(start)
+    s.ok("apply", t.client_if, "-c", str(cfg))
+    time.sleep(max(0.0, start - time.time()))
+    d = s.status()
+    assert d["schedule"] == {"next_switch": None,
+                             "overdue": [{"policy": "svc", "key": 3, "since": at}]}
+    assert f"svc should mark with key 3 since {at}" in s.ok("status", t.client_if)
+    res = json.loads(s.ok("apply", t.client_if, "-c", str(cfg), "--json"))
+    assert res[0]["schedule"] == {"in_use": {"svc": 3, "other": 2}, "next_switch": None}
+    d = s.status()
+    assert [p["key"] for p in d["policies"]] == [3, 2] and d["schedule"]["overdue"] == []
 
 
 def test_attach_twice_replaces_atomically_and_counters_persist(setup: Setup, tmp_path):
@@ -438,7 +521,8 @@ def test_interface_names_with_dots_and_global_json_flag(setup: Setup):
     try:
         res = json.loads(s.ok("mark", "attach", vlan, "-c", str(s.cfg), "-j"))
         assert (pin_dir(vlan) / "marker" / "prog").exists()
-        assert "%2E" in pin_dir(vlan).name  # bpffs refuses dots in names
+        # keyed by ifindex: bpffs refuses dots in names, and names change
+        assert pin_dir(vlan).name == f"if:{res['ifindex']}"
         (d,) = json.loads(s.ok("-j", "status", vlan))
         assert (d["ifname"], d["prog"]["id"], d["state"]) == (vlan, res["prog_id"], "attached")
         s.ok("mark", "detach", vlan)
@@ -455,21 +539,6 @@ def test_detach_after_the_interface_vanished_cleans_pins(setup: Setup):
     assert "interface missing" in out
     assert "is gone" in s.ok("mark", "detach", t.client_if)
     assert not pin_dir(t.client_if).exists()
-
-
-def test_same_name_in_another_namespace_is_not_touched(setup: Setup, lab: Lab):
-    s, t = setup, setup.t
-    first = s.attach()
-    other = lab.ns("ot")
-    run("ip", "link", "add", t.client_if, "netns", other, "type", "veth", "peer", "name",
-        "peer0", "netns", other)
-    for argv in (["mark", "attach", t.client_if, "-c", str(s.cfg)], ["apply", t.client_if,
-                 "-c", str(s.cfg)], ["mark", "detach", t.client_if], ["status", t.client_if]):
-        line = one_line_error(netoken(*argv, ns=other))
-        assert "another network namespace" in line, line
-    assert s.status()["prog"]["id"] == first["prog_id"]
-    # listing without a name shows only this namespace's attachments
-    assert json.loads(netoken("status", "--json", ns=other).stdout) == []
 
 
 def test_missing_bpffs_is_mounted(setup: Setup):

@@ -26,7 +26,6 @@ from netoken import guard as nguard
 from netoken import layout, token
 from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
-from netoken.state import RUN_DIR, encode_ifname
 
 from .conftest import TEST_KEY, Lab, Topology, build_topology, run, uid
 from .e2e import ConnectionLoop, connect, server
@@ -41,12 +40,14 @@ from .test_cli import (
     one_line_error,
     pin_dir,
     policy,
+    run_dir,
+    shared_dir,
     write_config,
 )
 
 XDP_DROP, XDP_PASS = 1, 2
 BAD_VERDICTS = tuple(v for v in layout.GUARD_VERDICTS if v != "ok")
-GUARD_PINS = sorted(["prog", *nguard.MAPS])
+GUARD_PINS = sorted(["prog", *nguard.OWN_MAPS])  # the rest is shared (test_shared_guard.py)
 WINDOW = 30
 
 
@@ -172,8 +173,12 @@ action = "monitor"
     assert (res["ifname"], res["xdp_mode"], res["replaced_prog_id"]) == (t.server_if, "native", None)
     assert res["replay_cache"] == {"entries": 4096, "state": "new", "copied": 0}
     assert sorted(os.listdir(pin_dir(t.server_if) / "guard")) == GUARD_PINS
-    meta = RUN_DIR / encode_ifname(t.server_if) / "guard.json"
-    assert json.loads(meta.read_text())["config"] == str(cfg)
+    meta = run_dir(t.server_if) / "guard.json"
+    assert json.loads(meta.read_text())["ifname"] == t.server_if
+    # the config is described once per namespace, next to the shared maps
+    shared_meta = run_dir(t.server_if).parent / "guard.json"
+    assert json.loads(shared_meta.read_text())["config"] == str(cfg)
+    assert (shared_dir(t.server_if) / "nt_replay").exists()
 
     # status from a fresh process agrees with what the kernel reports
     d = g.status()
@@ -195,7 +200,7 @@ action = "monitor"
     for text in (t.server_if, f"prog {res['prog_id']}", "xdp      native", "skew ±1",
                  "replay cache 4096", "#1   drop    keys 1", f"{t.server_ip}/32", "monitor"):
         assert text in human, (text, human)
-    for out in (human, json.dumps(d), meta.read_text()):
+    for out in (human, json.dumps(d), meta.read_text(), shared_meta.read_text()):
         assert TEST_KEY.hex() not in out  # never key bytes
 
     with server(t.server, PORT):
@@ -229,6 +234,8 @@ action = "monitor"
     out = g.srv("guard", "detach", t.server_if)
     assert f"removed prog {res['prog_id']} (XDP native)" in out
     assert not pin_dir(t.server_if).exists() and not meta.exists()
+    # the namespace's last guard takes the shared state with it
+    assert not shared_dir(t.server_if).exists() and not shared_meta.exists()
     assert not g.xdp()
     assert "nothing attached" in g.srv("status")
 
@@ -286,7 +293,7 @@ def test_attach_again_replaces_atomically_and_keeps_counters(g: G):
     cfg = g.cfg("g.toml")
     g.mark(cfg)
     first = g.attach(cfg)
-    replay_pin = str(pin_dir(t.server_if) / "guard" / "nt_replay")
+    replay_pin = str(shared_dir(t.server_if) / "nt_replay")
     with Map.from_pinned(replay_pin) as m:
         replay_id = m.id
     second: dict = {}
@@ -346,7 +353,7 @@ action = "drop"
     assert [k["id"] for k in d["keys"]] == [1, 2]
     assert [(p["keys"], p["action"], p["ports"]) for p in d["protect"]] == [
         ([2], "monitor", [PORT]), ([1], "drop", [443, "7000-7100"])]
-    v6 = pin_dir(t.server_if) / "guard" / "nt_dst_v6"
+    v6 = shared_dir(t.server_if) / "nt_dst_v6"
     with Map.from_pinned(str(v6)) as m:
         assert len(list(m.keys())) == 1
         out = g.srv("apply", t.server_if, "-c", str(g.cfg("one.toml")))
@@ -428,11 +435,29 @@ def test_monitor_mode_passes_and_counts(g: G):
     d = g.status()
     assert (d["action"], d["action_override"]) == ("monitor", "monitor")
     assert {p["action"] for p in d["protect"]} == {"monitor"}
-    assert "action   monitor (--mode)" in g.srv("status")
-    g.srv("apply", t.server_if, "-c", str(g.cfg("g.toml")))  # --mode outlives apply
+    assert "action   monitor (--mode; the config says drop)" in g.srv("status")
+    # the override is sticky: apply and a plain re-attach keep it, and say so
+    out = g.srv("apply", t.server_if, "-c", str(g.cfg("g.toml")))
+    assert "action monitor is a --mode override (the config says drop)" in out
+    assert "--mode config" in out
     assert g.status()["action"] == "monitor"
-    g.attach(g.cfg("g.toml"))  # attaching without --mode goes back to the config
-    assert g.status()["action"] == "drop"
+    res = g.attach(g.cfg("g.toml"))
+    assert (res["action"], res["action_override"], res["config_action"]) == (
+        "monitor", True, "drop")
+    with server(t.server, PORT):
+        assert refused(t) is False
+        # --mode config clears it: back to the config's drop, and drops again
+        res = g.attach(g.cfg("g.toml"), "--mode", "config")
+        assert (res["action"], res["action_override"]) == ("drop", False)
+        assert (g.status()["action"], g.status()["action_override"]) == ("drop", None)
+        assert "override" not in g.srv("apply", t.server_if, "-c", str(g.cfg("g.toml")))
+        assert refused(t) is True
+        # the round trip by override alone: monitor, then drop
+        g.attach(g.cfg("g.toml"), "--mode", "monitor")
+        assert refused(t) is False
+        g.attach(g.cfg("g.toml"), "--mode", "drop")
+        assert g.status()["action_override"] == "drop"
+        assert refused(t) is True
 
 
 def test_generic_xdp_mode_shows_in_status(g: G):
@@ -464,7 +489,7 @@ def test_foreign_xdp_program_is_refused_and_left_alone(g: G):
     assert f"'netoken_empty_x' (id {foreign}" in line and "not installed by netoken" in line
     assert "refusing to replace" in line
     assert not pin_dir(t.server_if).exists()
-    assert not (RUN_DIR / encode_ifname(t.server_if)).exists()
+    assert not run_dir(t.server_if).exists()
     line = one_line_error(netoken("guard", "detach", t.server_if, ns=t.server))
     assert f"id {foreign}" in line and "refusing to detach" in line
     assert g.xdp()["prog"]["id"] == foreign
@@ -491,6 +516,9 @@ BAD = [
     ("unknown-key-in-protect",
      '[guard]\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1, 7]\n',
      "guard.protect #1: keys refers to key 7"),
+    ("bad-fragments",
+     '[guard]\nfragments = "maybe"\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1]\n',
+     'guard: fragments must be "drop" or "pass", got string "maybe"'),
 ]
 
 
@@ -502,7 +530,7 @@ def test_bad_config_is_one_line_and_nothing_is_pinned(g: G, case):
     line = one_line_error(netoken("guard", "attach", t.server_if, "-c", str(cfg), ns=t.server))
     assert line.startswith(f"netoken: {cfg}: ") and problem in line, line
     assert not pin_dir(t.server_if).exists()
-    assert not (RUN_DIR / encode_ifname(t.server_if)).exists()
+    assert not run_dir(t.server_if).exists()
     assert not g.xdp()
 
 
@@ -541,7 +569,7 @@ def test_failed_first_attach_leaves_nothing(g: G, monkeypatch):
     with netns(t.server), pytest.raises(nguard.GuardError):
         nguard.attach_pinned(t.server_if, nconfig.load(g.cfg("g.toml")))
     assert not pin_dir(t.server_if).exists()
-    assert not (RUN_DIR / encode_ifname(t.server_if)).exists()
+    assert not run_dir(t.server_if).exists()
     assert not g.xdp()
 
 

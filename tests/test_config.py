@@ -1,4 +1,4 @@
-"""netoken.config: the DESIGN §4 schema, and one-line errors for every bad case."""
+"""netoken.config: the design.md §4 schema, and one-line errors for every bad case."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from netoken.config import (
     BIND_SADDR,
     BIND_SPORT,
+    AgentConfig,
     Config,
     ConfigError,
     GuardConfig,
@@ -33,11 +34,12 @@ from netoken.config import (
 K1_HEX = "000102030405060708090a0b0c0d0e0f"
 K2_HEX = "F0E1D2C3B4A5968778695A4B3C2D1E0F"
 
-# The DESIGN §4 example, with the key path made a placeholder.
+# The design.md §4 example, with the key path made a placeholder.
 EXAMPLE = """
 [option]
 kind = 253
 exid = 0x6E74
+make_room = true                    # drop Timestamps when a SYN has no room (§3)
 
 [[key]]
 id = 1
@@ -106,7 +108,7 @@ def test_design_example_loads(tmp_path: Path, keydir: Path) -> None:
                 ),
                 ports=(PortRange(443, 443), PortRange(7000, 7100)),
                 mode="mac",
-                key=1,
+                keys=(1,),
                 token=None,
             ),
         ),
@@ -173,10 +175,10 @@ action = "drop"
     assert k.bind_mask == BIND_SADDR | BIND_SPORT == 3
     legacy, big, dflt = cfg.policies
     assert legacy.destinations == (ipaddress.ip_network("198.51.100.7/32"),)
-    assert legacy.ports == () and legacy.key is None
+    assert legacy.ports == () and legacy.keys == ()
     assert legacy.token == 0x1122334455667788
     assert big.token == 2**64 - 1
-    assert dflt.mode == "mac" and dflt.key == 2 and dflt.token is None
+    assert dflt.mode == "mac" and dflt.keys == (2,) and dflt.token is None
     assert cfg.guard == GuardConfig(
         action="monitor",
         skew=1,
@@ -184,6 +186,20 @@ action = "drop"
         protect=(Protect((ipaddress.ip_network("2001:db8::/48"),), (), (2,), "drop"),),
     )
     assert cfg.guard.action_for(cfg.guard.protect[0]) == "drop"
+    assert cfg.guard.fragments == "drop"
+
+
+def test_guard_fragments_setting(tmp_path: Path, keydir: Path) -> None:
+    for value in ("pass", "drop"):
+        text = guard(PROT, f'fragments = "{value}"\n').format(k1=keydir / "1.key")
+        cfg = load_text(tmp_path, text)
+        assert cfg.guard is not None and cfg.guard.fragments == value
+
+
+def test_make_room_is_on_unless_turned_off() -> None:
+    assert parse("").option.make_room is True
+    assert parse("[option]\nmake_room = true\n").option.make_room is True
+    assert parse("[option]\nmake_room = false\n").option == OptionConfig(make_room=False)
 
 
 def test_empty_config_is_valid() -> None:
@@ -332,14 +348,14 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         "unknown-top-allowed",
         "x = 1\n",
         "top level",
-        "allowed: guard, key, option, policy",
+        "allowed: agent, guard, key, option, policy",
         None,
     ),
     (
         "unknown-option",
         "[option]\nkinds = 253\n",
         "[option]",
-        "allowed: exid, kind",
+        "allowed: exid, kind, make_room",
         None,
     ),
     ("unknown-key", KEY + "windw = 3\n", "key 1", '(did you mean "window"?)', None),
@@ -815,6 +831,20 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         None,
     ),
     (
+        "make-room-string",
+        '[option]\nmake_room = "yes"\n',
+        "[option]",
+        'make_room must be true or false, got string "yes"',
+        None,
+    ),
+    (
+        "make-room-integer",
+        "[option]\nmake_room = 1\n",
+        "[option]",
+        "make_room must be true or false, got integer 1",
+        None,
+    ),
+    (
         "exid-neg",
         "[option]\nexid = -1\n",
         "[option]",
@@ -826,6 +856,27 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         guard(PROT, 'action = "reject"\n'),
         "guard",
         'action must be "drop" or "monitor", got string "reject"',
+        None,
+    ),
+    (
+        "guard-fragments",
+        guard(PROT, 'fragments = "reassemble"\n'),
+        "guard",
+        'fragments must be "drop" or "pass", got string "reassemble"',
+        None,
+    ),
+    (
+        "guard-fragments-bool",
+        guard(PROT, "fragments = false\n"),
+        "guard",
+        'fragments must be "drop" or "pass", got boolean false',
+        None,
+    ),
+    (
+        "protect-fragments",
+        guard(PROT + 'fragments = "pass"\n'),
+        "guard.protect #1",
+        'unknown key "fragments"',
         None,
     ),
     (
@@ -915,6 +966,48 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         "name is required",
         None,
     ),
+    (
+        "policy-key-and-keys",
+        pol(MAC + "keys = [1]\n"),
+        'policy "game"',
+        "key and keys are alternatives",
+        None,
+    ),
+    ("policy-keys-empty", pol('destinations = ["10.0.0.0/24"]\nkeys = []\n'),
+     'policy "game"', "keys must not be empty", None),
+    ("policy-keys-undefined", pol('destinations = ["10.0.0.0/24"]\nkeys = [1, 7]\n'),
+     'policy "game"', "keys refers to key 7, which is not defined", None),
+    ("policy-keys-string", pol('destinations = ["10.0.0.0/24"]\nkeys = ["1"]\n'),
+     'policy "game"', 'keys must hold integer key ids, got string "1"', None),
+    ("policy-keys-static", pol(STATIC + 'token = 1\nkeys = [1]\n'),
+     'policy "game"', 'keys is only for mode = "mac"', None),
+    ("policy-keys-none-started",
+     KEY.replace("\n", "\nmark_from = 2999-01-01T00:00:00Z\n", 1) + '[[policy]]\nname = "game"\n'
+     + MAC, 'policy "game"',
+     "none of its keys is in use yet (key 1 starts first, at 2999-01-01T00:00:00Z)", None),
+    ("mark-from-local", KEY + "mark_from = 2026-01-01T00:00:00\n", "key 1",
+     "mark_from 2026-01-01T00:00:00 has no UTC offset", None),
+    ("mark-from-local-string", KEY + 'mark_from = "2026-01-01 00:00"\n', "key 1",
+     "has no UTC offset", None),
+    ("mark-from-date", KEY + "mark_from = 2026-01-01\n", "key 1",
+     "mark_from must be a date-time with a UTC offset (e.g. 2026-12-02T00:00:00Z), got datetime",
+     None),
+    ("mark-from-garbage", KEY + 'mark_from = "tomorrow"\n', "key 1",
+     'mark_from "tomorrow" is not an RFC 3339 date-time', None),
+    ("mark-from-int", KEY + "mark_from = 1700000000\n", "key 1",
+     "got integer 1700000000", None),
+    ("agent-unknown", "[agent]\nmarks = []\n", "[agent]", '(did you mean "mark"?)', None),
+    ("agent-not-list", '[agent]\nmark = "eth0"\n', "[agent]", "mark must be an array", None),
+    ("agent-int", "[agent]\nguard = [1]\n", "[agent]",
+     "guard must hold interface names or patterns, got integer 1", None),
+    ("agent-slash", '[agent]\nmark = ["a/b"]\n', "[agent]",
+     'mark: "a/b" is not an interface name or pattern', None),
+    ("agent-guard-without-guard", '[agent]\nguard = ["eth*"]\n', "[agent]",
+     "guard names interfaces but there is no [guard] section", None),
+    ("agent-metrics-port", '[agent]\nmetrics = "127.0.0.1"\n', "[agent]",
+     "metrics: '127.0.0.1': expected ADDR:PORT", None),
+    ("agent-metrics-int", "[agent]\nmetrics = 9917\n", "[agent]",
+     'metrics must be a string "ADDR:PORT"', None),
 ]
 
 
@@ -1101,3 +1194,93 @@ def test_port_range_helpers() -> None:
     assert 7000 in r and 7100 in r and 6999 not in r
     assert r.overlaps(PortRange(7100, 8000)) and not r.overlaps(PortRange(7101, 8000))
     assert str(r) == "7000-7100" and str(PortRange(443, 443)) == "443"
+
+
+# --------------------------------------------------------------------------
+# Key schedule and [agent]
+
+SCHEDULE = """
+[[key]]
+id = 1
+file = "{k1}"
+
+[[key]]
+id = 2
+file = "{k2}"
+mark_from = {t2}
+
+[[key]]
+id = 3
+file = "{k1}"
+mark_from = "{t3}"
+
+[[policy]]
+name = "a"
+destinations = ["10.0.0.0/24"]
+keys = [1, 2, 3, 2]
+
+[[policy]]
+name = "b"
+destinations = ["10.1.0.0/24"]
+keys = [2, 1]
+
+[[policy]]
+name = "c"
+destinations = ["10.2.0.0/24"]
+key = 1
+
+[agent]
+mark = ["eth0", "lxc*"]
+guard = []
+metrics = "[::1]:9917"
+"""
+
+
+def test_key_schedule(tmp_path: Path, keydir: Path) -> None:
+    import datetime as dt
+
+    cfg = load_text(tmp_path, SCHEDULE.format(
+        k1=keydir / "1.key", k2=keydir / "2.key",
+        t2="2020-01-01T01:00:00+01:00", t3="2999-06-01T12:00:00Z"))
+    k2, k3 = cfg.keys[2], cfg.keys[3]
+    assert k2.mark_from == dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    assert str(k2.mark_from.tzinfo) == "UTC"
+    assert k3.mark_from == dt.datetime(2999, 6, 1, 12, tzinfo=dt.UTC)
+    assert cfg.keys[1].mark_from is None and cfg.keys[1].starts == float("-inf")
+    a, b, c = cfg.policies
+    assert a.keys == (1, 2, 3) and b.keys == (2, 1) and c.keys == (1,)
+    t2, t3 = k2.starts, k3.starts
+    # before key 2 starts: only key 1 has started
+    assert cfg.marking_keys(t2 - 1) == {"a": 1, "b": 1, "c": 1}
+    # key 2 started later than key 1 (always): it wins wherever it is listed
+    assert cfg.marking_keys(t2) == {"a": 2, "b": 2, "c": 1}
+    assert cfg.marking_keys(t3) == {"a": 3, "b": 2, "c": 1}
+    assert cfg.next_switch(t2 - 1) == t2
+    assert cfg.next_switch(t2) == t3
+    assert cfg.next_switch(t3) is None
+    assert cfg.agent is not None
+    assert cfg.agent.mark == ("eth0", "lxc*") and cfg.agent.guard == ()
+    assert cfg.agent.metrics == "[::1]:9917"
+    assert "mark_from=" in repr(k2)
+
+
+def test_schedule_ties_go_to_the_key_listed_last() -> None:
+    from netoken.schedule import next_switch, scheduled_key
+
+    inf = float("-inf")
+    assert scheduled_key([1, 2], {1: inf, 2: inf}, 0) == 2
+    assert scheduled_key([2, 1], {1: inf, 2: inf}, 0) == 1
+    assert scheduled_key([1, 2], {1: 10, 2: 10}, 10) == 2
+    assert scheduled_key([1, 2], {1: 10, 2: 5}, 10) == 1
+    # the clock went back behind every start: the key that starts first
+    assert scheduled_key([1, 2], {1: 10, 2: 5}, 0) == 2
+    # a start that changes nothing is no switch: key 3 starts at 20 but key 2
+    # started later (30) and keeps marking after 30
+    assert next_switch([[2, 3]], {2: 30, 3: 20}, 25) == 30
+    assert next_switch([[2, 3]], {2: 30, 3: 20}, 31) is None
+    assert next_switch([[1], [2, 3]], {1: inf, 2: 30, 3: 40}, 35) == 40
+
+
+def test_no_agent_section_is_none(tmp_path: Path, keydir: Path) -> None:
+    assert load_text(tmp_path, KEY.format(k1=keydir / "1.key")).agent is None
+    assert parse("[agent]\n").agent == AgentConfig()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,8 @@ def test_dissector_flags_a_bad_length(tmp_path):
 # ---------------------------------------------------------------- systemd
 
 UNITS = CONTRIB / "systemd"
-UNIT_FILES = ("netoken-mark@.service", "netoken-guard@.service", "netoken-exporter.service")
+UNIT_FILES = ("netoken-mark@.service", "netoken-guard@.service", "netoken-exporter.service",
+              "netoken-agent.service")
 
 
 def unit_settings(name: str) -> dict[str, list[str]]:
@@ -170,7 +172,7 @@ def test_units_verify_with_systemd_analyze(tmp_path):
         # systemd-analyze checks that ExecStart= exists: point it at this checkout's.
         (tmp_path / name).write_text(text.replace(INSTALLED, str(NETOKEN)))
     instances = [tmp_path / "netoken-mark@eth0.service", tmp_path / "netoken-guard@eth0.service",
-                 tmp_path / "netoken-exporter.service"]
+                 tmp_path / "netoken-exporter.service", tmp_path / "netoken-agent.service"]
     r = subprocess.run(["systemd-analyze", "verify", *map(str, instances)], cwd=tmp_path,
                        capture_output=True, text=True, check=False)
     # Unknown keys and bad values are only warnings: any output is a failure.
@@ -185,6 +187,9 @@ def test_unit_commands_are_real_cli_commands():
         assert s["Type"] in (["oneshot"], ["exec"])
         for key in ("ExecStart", "ExecStop", "ExecReload"):
             for cmd in s.get(key, []):
+                if cmd == "/bin/kill -HUP $MAINPID":  # the agent reloads on SIGHUP
+                    seen[(name, key)] = ("SIGHUP", None)
+                    continue
                 args = parser.parse_args(netoken_argv(cmd))
                 seen[(name, key)] = (args.object, getattr(args, "verb", None))
                 if getattr(args, "config", None):
@@ -194,6 +199,11 @@ def test_unit_commands_are_real_cli_commands():
     assert seen[("netoken-guard@.service", "ExecStart")] == ("guard", "attach")
     assert seen[("netoken-guard@.service", "ExecStop")] == ("guard", "detach")
     assert seen[("netoken-exporter.service", "ExecStart")] == ("exporter", None)
+    assert seen[("netoken-agent.service", "ExecStart")] == ("agent", None)
+    assert seen[("netoken-agent.service", "ExecReload")] == ("SIGHUP", None)
+    # loopback unless the operator says otherwise: /metrics has no authentication
+    assert unit_settings("netoken-exporter.service")["Environment"] == [
+        "NETOKEN_EXPORTER_LISTEN=127.0.0.1:9917"]
     for name in UNIT_FILES[:2]:
         s = unit_settings(name)
         assert s["RemainAfterExit"] == ["yes"]
@@ -215,6 +225,7 @@ def test_unit_capabilities_exist_and_are_minimal():
     assert bounding_set("netoken-guard@.service") == bounding_set("netoken-mark@.service") + [
         "CAP_SYS_ADMIN"]
     assert bounding_set("netoken-exporter.service") == ["CAP_BPF"]
+    assert bounding_set("netoken-agent.service") == bounding_set("netoken-guard@.service")
 
 
 def with_caps(caps: list[str], netns: str, *argv: str) -> subprocess.CompletedProcess:
@@ -261,6 +272,34 @@ def test_marker_unit_capabilities_are_enough(tmp_path, veth_ns):
     finally:
         r = with_caps(caps, ns, str(NETOKEN), "mark", "detach", iface)
     assert r.returncode == 0 and "removed prog" in r.stdout, r.stderr
+
+
+def test_agent_unit_capabilities_are_enough(tmp_path, veth_ns):
+    """The agent with exactly its unit's bounding set: attaches marker and
+    guard, watches files, links and the clock, stops cleanly."""
+    ns, iface = veth_ns
+    marker_config(tmp_path)
+    cfg = tmp_path / "netoken.toml"
+    cfg.write_text(cfg.read_text() + f'[agent]\nmark = ["{iface}"]\nguard = ["{iface}p"]\n')
+    keep = ",".join(["-all"] + [f"+{c[4:].lower()}" for c in bounding_set(
+        "netoken-agent.service")])
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "setpriv", "--bounding-set",
+                             keep, "--inh-caps", "-all", "--", str(NETOKEN), "agent", "-c",
+                             str(cfg), "--detach-on-exit"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        while "msg=watching" not in (line := proc.stderr.readline()):
+            assert line, "".join(lines)
+            lines.append(line)
+        assert not any("level=error" in x for x in lines), lines
+        assert sum("msg=attached" in x for x in lines) == 2, lines
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, rest
+    finally:
+        proc.kill()
+    assert rest.count("msg=detached") == 2 and "level=error" not in rest, rest
 
 
 GUARD_SCRIPT = """
@@ -318,19 +357,27 @@ def test_daemonset_is_minimal_and_complete():
     assert sc["capabilities"]["add"] == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]
     assert sc["readOnlyRootFilesystem"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert volumes["bpffs"]["hostPath"]["path"] == "/sys/fs/bpf" == mounts["bpffs"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert volumes["bpffs"]["hostPath"]["path"] == "/sys/fs/bpf" == mounts["bpffs"]["mountPath"]
     assert volumes["keys"]["secret"]["defaultMode"] == 0o400
     assert volumes["config"]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
-    assert mounts["config"] == "/etc/netoken" and mounts["run"] == "/run/netoken"
+    assert mounts["config"]["mountPath"] == "/etc/netoken"
+    assert mounts["run"]["mountPath"] == "/run/netoken"
+    # subPath mounts never see the kubelet's ..data swap: the agent would miss updates
+    assert not any("subPath" in m for m in c["volumeMounts"])
     (port,) = c["ports"]
     assert port["name"] == "metrics"
     svc = docs["Service"]["spec"]
     assert svc["ports"][0]["name"] == "metrics" and svc["ports"][0]["targetPort"] == "metrics"
     labels = docs["DaemonSet"]["spec"]["template"]["metadata"]["labels"]
     assert svc["selector"].items() <= labels.items()
-    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"][-1]
-    assert "mark detach" in pre_stop and "guard detach" in pre_stop
+    # the image's entrypoint (the agent) runs; no shell loop, no preStop detach
+    assert "command" not in c and "lifecycle" not in c
+    # metrics on the node's own address, from the downward API
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NETOKEN_NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert c["args"][c["args"].index("--metrics") + 1] == "$(NETOKEN_NODE_IP):9917"
+    assert "0.0.0.0" not in json.dumps(docs)
 
 
 def test_servicemonitor_points_at_the_metrics_port():
@@ -350,15 +397,100 @@ def test_manifest_config_and_commands_are_accepted_by_netoken(tmp_path):
     write_key(keys)
     cfg = nconfig.parse(text.replace("/run/secrets/netoken", str(keys)), path="configmap")
     assert cfg.guard is not None and cfg.keys[1].file == keys / "1.key"
+    assert cfg.agent is not None and cfg.agent.guard == ("eth0",) and cfg.agent.metrics is None
 
+    # what the container runs: the image's ENTRYPOINT with the manifest's args,
+    # $(VAR) expanded as the kubelet does
     c = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
-    scripts = c["args"][0] + c["lifecycle"]["preStop"]["exec"]["command"][-1]
-    commands = re.findall(r"(?:exec )?(netoken [^;\n]*)", scripts)
-    assert len(commands) == 5
-    parser = build_parser()
-    for cmd in commands:
-        args = parser.parse_args(netoken_argv(cmd.replace("do ", "")))
-        assert getattr(args, "config", CONFIG) == CONFIG
+    argv = [a.replace("$(NETOKEN_NODE_IP)", "10.0.0.5") for a in c["args"]]
+    entrypoint = containerfile_json("ENTRYPOINT")
+    args = build_parser().parse_args([*entrypoint[1:], *argv])
+    assert Path(entrypoint[0]).name == "netoken"
+    assert (args.object, args.config, args.metrics) == ("agent", CONFIG, "10.0.0.5:9917")
+    assert not args.detach_on_exit  # pods restarting must not leave a gap
+
+
+# ---------------------------------------------------------------- Containerfile
+
+CONTAINERFILE = ROOT / "Containerfile"
+
+
+def containerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(
+        line for line in CONTAINERFILE.read_text().splitlines()
+        if not line.lstrip().startswith("#")))
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def containerfile_json(instruction: str) -> list[str]:
+    (value,) = [v for i, v in containerfile() if i == instruction]
+    return json.loads(value)  # exec form: no shell between the runtime and netoken
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    out: list[list[tuple[str, str]]] = []
+    for ins, rest in containerfile():
+        if ins == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((ins, rest))
+    return out
+
+
+def test_containerfile_builds_bpf_and_wheel_then_runs_the_agent():
+    build, final = stages()
+    args = dict(v.split("=", 1) for i, v in containerfile() if i == "ARG")
+    assert args["DEBIAN"].startswith("debian:")
+    assert build[0] == ("FROM", "${DEBIAN} AS build") and final[0] == ("FROM", "${DEBIAN}")
+    build_run = " ".join(v for i, v in build if i == "RUN")
+    for needed in ("clang-19", "libbpf-dev", "linux-libc-dev", "make -s bpf", "pip wheel"):
+        assert needed in build_run, needed
+    final_run = " ".join(v for i, v in final if i == "RUN")
+    for needed in ("libbpf1", "iproute2", "/wheels/*.whl"):
+        assert needed in final_run, needed
+    assert "clang" not in final_run  # nothing to compile with at run time
+    assert ("COPY", "--from=build /wheels /wheels") in final
+    assert [v for i, v in final if i == "USER"] == ["0:0"]
+
+    # the entrypoint is the agent, and the default command is a real invocation
+    entrypoint, cmd = containerfile_json("ENTRYPOINT"), containerfile_json("CMD")
+    assert entrypoint == ["netoken", "agent"]
+    args = build_parser().parse_args([*entrypoint[1:], *cmd])
+    assert (args.object, args.config) == ("agent", CONFIG)
+
+    # podman reads the capabilities the image needs from this label: the
+    # manifest grants exactly those
+    label = re.search(r'io\.containers\.capabilities="([^"]+)"',
+                      " ".join(v for i, v in final if i == "LABEL"))
+    c = manifest()["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    assert label and label.group(1).split(",") == c["securityContext"]["capabilities"]["add"]
+
+
+def test_containerfile_packages_exist_in_debian():
+    """Every package the stages install is a real Debian package (this host
+    is Debian; the lookup is the local apt index)."""
+    names = set()
+    for ins, rest in containerfile():
+        m = re.search(r"apt-get install -y --no-install-recommends ([^&]+)", rest)
+        if ins == "RUN" and m:
+            names |= set(m.group(1).split())
+    assert {"clang-19", "libbpf-dev", "libbpf1", "python3", "iproute2"} <= names
+    r = subprocess.run(["apt-cache", "show", "--no-all-versions", *sorted(names)],
+                       capture_output=True, text=True, check=False)
+    found = set(re.findall(r"^Package: (\S+)$", r.stdout, re.MULTILINE))
+    assert found == names, names - found
+
+
+def test_dockerignore_keeps_the_build_context_to_sources():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "netoken/bpf/*.o"):
+        assert entry in ignored
 
 
 # ---------------------------------------------------------------- Grafana
@@ -367,19 +499,32 @@ GRAFANA = CONTRIB / "grafana"
 # The exporter's label contract (contrib/grafana/METRICS holds the names).
 LABELS = {
     "netoken_marker_packets_total": {"interface", "reason"},
+    "netoken_marker_actions_total": {"interface", "action"},
     "netoken_syn_marked_total": {"interface"},
-    "netoken_marker_events_lost_total": {"interface"},
     "netoken_guard_packets_total": {"interface", "reason"},
     "netoken_guard_syn_verdicts_total": {"interface", "verdict"},
+    "netoken_guard_actions_total": {"interface", "action"},
+    "netoken_guard_replay_cache_errors_total": {"interface"},
     "netoken_guard_key_syns_total": {"interface", "key_id", "result"},
-    "netoken_guard_dropped_total": {"interface"},
+    "netoken_events_total": {"interface", "role", "result"},
     "netoken_attached": {"interface", "role"},
+    "netoken_exporter_read_errors_total": set(),
+    "netoken_key_info": {"interface", "role", "key_id", "fingerprint"},
     "netoken_info": {"version"},
+    "netoken_agent_config_errors_total": set(),
+    "netoken_agent_applies_total": {"cause"},
 }
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time
 VALUES = {
-    ("netoken_marker_packets_total", "reason"): set(layout.MARK_REASONS),
-    ("netoken_guard_packets_total", "reason"): set(layout.GUARD_REASONS),
+    # "room_from_ts" is the marker's action once its counter exists
+    ("netoken_marker_packets_total", "reason"): set(layout.MARK_PACKET_REASONS),
+    ("netoken_marker_actions_total", "action"): set(layout.MARK_ACTIONS) | {"room_from_ts"},
+    ("netoken_guard_packets_total", "reason"): set(layout.GUARD_VERDICTS
+                                                   + layout.GUARD_PASS_REASONS),
+    ("netoken_guard_actions_total", "action"): set(layout.GUARD_ACTIONS_TAKEN),
+    ("netoken_events_total", "role"): {"marker", "guard"},
+    ("netoken_events_total", "result"): set(layout.GUARD_EVENTS.values()),
+    ("netoken_agent_applies_total", "cause"): {"config", "schedule"},
     ("netoken_guard_syn_verdicts_total", "verdict"): set(layout.GUARD_VERDICTS),
     ("netoken_guard_key_syns_total", "result"): {"ok", "bad"},
     ("netoken_attached", "role"): {"marker", "guard"},
@@ -434,10 +579,15 @@ def dashboard_queries() -> list[str]:
 
 
 def test_metrics_file_is_the_label_contract():
+    from netoken import exporter
+
     names = metric_names()
     assert len(names) == len(set(names)) and set(names) == set(LABELS)
+    for f in exporter.FAMILIES + exporter.AGENT_FAMILIES:
+        assert set(f.labels) == LABELS[f.name], f.name
     assert all(re.fullmatch(r"netoken_[a-z0-9_]+", n) for n in names)
-    counters = [n for n in names if n not in ("netoken_attached", "netoken_info")]
+    counters = [n for n in names if n not in ("netoken_attached", "netoken_key_info",
+                                              "netoken_info")]
     assert all(n.endswith("_total") for n in counters)
 
 

@@ -28,7 +28,7 @@ from netoken.netns import netns
 
 from .conftest import TEST_KEY, build_topology
 from .e2e import connect, server
-from .pkt import LINUX_SYN_OPTS, parse, syn
+from .pkt import LINUX_SYN_OPTS, ext_chain, inet_sum, parse, syn
 from .verdicts import (
     GUARD_SECTION,
     KEY2,
@@ -201,7 +201,23 @@ def verdict_frames(epoch: int) -> list[bytes]:
         marked(ELSEWHERE, epoch=epoch),                            # prefix not protected
         marked(MON, 80, epoch=epoch),
         syn(dst=MON, dport=80),                                    # monitor entry
+        first_fragment(marked(epoch=epoch)),                       # fragment, any port
+        first_fragment(marked(ELSEWHERE, epoch=epoch)),            # fragment_passed
+        marked(V6, 443, before=[], epoch=epoch,                    # deeper than the walk
+               ext=ext_chain(layout.MAX_IP6_EXT + 1)),
     ]
+
+
+def first_fragment(frame: bytes) -> bytes:
+    """FRAME's IPv4 packet with MF set: a first fragment that shows the whole
+    SYN, as the decoder needs to list it."""
+    raw = bytearray(frame)
+    p = parse(frame)
+    raw[p.l3 + 6] |= 0x20
+    raw[p.l3 + 10:p.l3 + 12] = b"\0\0"
+    csum = 0xFFFF - inet_sum(bytes(raw[p.l3:p.l4]))
+    raw[p.l3 + 10:p.l3 + 12] = csum.to_bytes(2, "big")
+    return bytes(raw)
 
 
 def test_verdicts_agree_with_the_guard(tmp_path, cfg):
@@ -214,13 +230,17 @@ def test_verdicts_agree_with_the_guard(tmp_path, cfg):
     got = decode_capture(path, cfg)
     assert [r["verdict"] for r in got] == want == [
         "ok", "replay", "ok", "missing", "malformed", "bad_tag", "stale", "unknown_key", "ok",
-        "bad_tag", "ok", "bad_tag", "unprotected", "unprotected", "ok", "missing"]
-    # the list above must really cover every verdict, or this proves less
-    assert set(layout.GUARD_VERDICTS) | {"unprotected"} <= set(want)
+        "bad_tag", "ok", "bad_tag", "unprotected", "unprotected", "ok", "missing",
+        "fragment", "fragment_passed", "ipv6_ext"]
+    # the list above must really cover every verdict (bad_header is for
+    # packets cut before the TCP flags, which the decoder cannot call SYNs),
+    # or this proves less
+    assert set(layout.GUARD_VERDICTS) - {"bad_header"} | {"unprotected"} <= set(want)
     actions = [r["action"] for r in got]
-    assert actions[0] == "pass" and actions[1] == "drop" and actions[-1] == "monitor"
+    assert actions[0] == "pass" and actions[1] == "drop" and actions[-4] == "monitor"
+    assert actions[-3:] == ["drop", "pass", "drop"]
     assert got[6]["epoch_offset"] == -3
-    assert [r["protect"] for r in got[-4:]] == [None, None, 2, 2]
+    assert [r["protect"] for r in got[-7:]] == [None, None, 2, 2, 1, None, 1]
 
 
 def test_without_guard_section_every_key_and_policy_token_verifies(tmp_path):
@@ -340,7 +360,8 @@ def test_truncated_pcap_keeps_what_was_read(tmp_path, cfg, where, capsys):
                                        pretty=False, now=False))
     out, err = capsys.readouterr()
     assert rc == 1
-    assert len(out.splitlines()) == 4  # header, two SYNs, summary
+    assert len(out.splitlines()) == 5  # header, two SYNs, summary, keys and action source
+    assert out.splitlines()[-1].startswith(f"keys in {cfg.path}: 1 fp ")
     assert err.count("\n") == 1 and err.startswith("netoken: ") and "Traceback" not in err
 
 
@@ -427,13 +448,16 @@ def test_table_columns_line_up_and_json_matches(tmp_path, cfg, capsys):
                               now=False)
     assert decode.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    header, rows, summary = lines[0], lines[1:-1], lines[-1]
+    header, rows, summary, source = lines[0], lines[1:-2], lines[-2], lines[-1]
     assert len(rows) == 4
     for col in ("SOURCE", "DESTINATION", "MODE", "VERDICT", "ACTION"):
         at = header.index(col)
         assert all(r[at - 1] == " " and r[at] != " " for r in rows), col
     assert [r[header.index("VERDICT"):].split()[0] for r in rows] == ["ok", "ok", "missing", "ok"]
     assert summary == "4 SYN(s) in 4 packet(s): ok 3, missing 1"
+    # where the verdicts' keys and actions come from, without a key byte
+    assert source.startswith(f"keys in {cfg.path}: 1 fp {token.key_fingerprint(TEST_KEY)}")
+    assert "ACTION is what [guard]" in source and TEST_KEY.hex() not in source
 
     args.json = True
     assert decode.run(args) == 0

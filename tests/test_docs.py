@@ -46,6 +46,8 @@ from scapy.utils import wrpcap
 from netoken import config as nconfig
 from netoken.cli import build_parser
 from netoken.marker import Marker
+from netoken.netns import netns
+from netoken.state import RUN_DIR, this_netns
 
 from .conftest import Lab, write_key
 from .pkt import LINUX_SYN_OPTS, syn
@@ -54,7 +56,7 @@ from .test_contrib import LABELS, TARGET_LABELS, metric_names, promql_selectors
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "operations.md"
 BIN = Path(sys.executable).parent
-BPFFS_ETH0 = Path("/sys/fs/bpf/netoken/eth0")
+BPFFS = Path("/sys/fs/bpf/netoken")
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _DIRECTIVE = re.compile(r"^<!--\s*(notest|file):\s*(.*?)\s*-->$")
@@ -170,8 +172,8 @@ def loader_keys() -> set[str]:
     # The loader's own allow-lists: the doc must follow them, not a copy.
     tables = {"option": nconfig._OPTION_KEYS, "key": nconfig._KEY_KEYS,
               "policy": nconfig._POLICY_KEYS, "guard": nconfig._GUARD_KEYS,
-              "guard.protect": nconfig._PROTECT_KEYS}
-    assert set(nconfig._TOP_KEYS) == {"option", "key", "policy", "guard"}
+              "guard.protect": nconfig._PROTECT_KEYS, "agent": nconfig._AGENT_KEYS}
+    assert set(nconfig._TOP_KEYS) == {"option", "key", "policy", "guard", "agent"}
     return {f"{t}.{k}" for t, keys in tables.items() for k in keys}
 
 
@@ -264,9 +266,6 @@ def _make_syn_pcap(path: Path, config: Path) -> None:
 
 
 def test_operations_doc_runs(tmp_path):
-    if BPFFS_ETH0.exists():
-        pytest.fail(f"{BPFFS_ETH0} exists: netoken state for an eth0 on this host would clash "
-                    f"with the doc's sandbox eth0")
     root, work, bindir = tmp_path / "root", tmp_path / "work", tmp_path / "bin"
     for d in (root, work, bindir):
         d.mkdir()
@@ -278,6 +277,8 @@ def test_operations_doc_runs(tmp_path):
 
     lab = Lab()
     ns = lab.ns("doc")
+    with netns(ns):
+        cookie = this_netns().cookie
 
     def sh(script: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "bash", "-euo", "pipefail",
@@ -310,5 +311,6 @@ def test_operations_doc_runs(tmp_path):
         sh("netoken mark detach eth0 >/dev/null 2>&1 || true; "
            "netoken guard detach eth0 >/dev/null 2>&1 || true")
         lab.close()
-        if BPFFS_ETH0.exists():
-            shutil.rmtree(BPFFS_ETH0)
+        # State is per namespace: the sandbox's own, whatever the doc left.
+        for top in (BPFFS, RUN_DIR):
+            shutil.rmtree(top / f"net:{cookie}", ignore_errors=True)

@@ -175,7 +175,7 @@ def stats(ns: str, ifname: str) -> dict[str, dict[str, int]]:
 
 def forged_syn(dst: str, key: bytes, key_id: int) -> bytes:
     opt = token.build_mac_option(key, key_id=key_id, epoch=token.epoch_now(30), daddr=dst,
-                                 dport=PORT, nonce=os.urandom(4))
+                                 dport=PORT, nonce=os.urandom(token.NONCE_LEN))
     return rebuild_with_option(syn(dst=dst, dport=PORT), opt)
 
 
@@ -242,29 +242,46 @@ def test_scrape_serves_every_family_with_the_values_of_netoken_stats(topo: Topol
 
     # marker, client namespace only
     packets = by(cs, "netoken_marker_packets_total", "reason", interface=t.client_if)
-    assert list(packets) == list(layout.MARK_REASONS)
+    # one reason per packet: events (and actions on top of marking) are elsewhere
+    assert list(packets) == list(layout.MARK_PACKET_REASONS)
+    assert "events_lost" not in packets
     for reason, value in packets.items():
         sandwich("marker", reason, value)
     marked = packets["marked"]
     assert marked >= CONNECTIONS
     assert cs["netoken_syn_marked_total"] == {
         (("interface", t.client_if),): marked + packets["marked_payload"]}
-    assert cs["netoken_marker_events_lost_total"] == {
-        (("interface", t.client_if),): packets["events_lost"]}
+    actions = by(cs, "netoken_marker_actions_total", "action", interface=t.client_if)
+    assert list(actions) == list(layout.MARK_ACTIONS)
+    for action, value in actions.items():
+        sandwich("marker", action, value)
+    lost = {(d["role"], d["result"]): v for d, v in
+            ((dict(k), v) for k, v in cs["netoken_events_total"].items())}
+    assert lost == {("marker", "lost"): after["marker"]["events_lost"]}
+    assert cs["netoken_exporter_read_errors_total"] == {(): 0}
     assert cs["netoken_attached"] == {(("interface", t.client_if), ("role", "marker")): 1}
     assert not any(name.startswith("netoken_guard_") for name in cs)
 
     # guard, server namespace only
     gp = by(ss, "netoken_guard_packets_total", "reason", interface=t.server_if)
-    assert list(gp) == list(layout.GUARD_REASONS)
+    assert list(gp) == list(layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)
     for reason, value in gp.items():
         sandwich("guard", reason, value)
+    # a sum over reason is packets: every packet the guard saw, once
+    assert sum(gp.values()) >= marked + 3
     verdicts = by(ss, "netoken_guard_syn_verdicts_total", "verdict", interface=t.server_if)
     assert verdicts == {v: gp[v] for v in layout.GUARD_VERDICTS}
     # Every SYN the marker marked reached the guard and verified.
     assert verdicts["ok"] == marked
     assert (verdicts["missing"], verdicts["bad_tag"], verdicts["unknown_key"]) == (1, 1, 1)
-    assert ss["netoken_guard_dropped_total"] == {(("interface", t.server_if),): 3}
+    assert by(ss, "netoken_guard_actions_total", "action", interface=t.server_if) == {
+        "dropped": 3, "monitored": 0}
+    assert ss["netoken_guard_replay_cache_errors_total"] == {(("interface", t.server_if),): 0}
+    events = {(d["role"], d["result"]): v for d, v in
+              ((dict(k), v) for k, v in ss["netoken_events_total"].items())}
+    # every rejected SYN gave an event, written or suppressed or lost
+    assert events == {("guard", "written"): 3, ("guard", "suppressed"): 0,
+                      ("guard", "lost"): 0}
     keys = {(d["key_id"], d["result"]): v for d, v in
             ((dict(k), v) for k, v in ss["netoken_guard_key_syns_total"].items())}
     assert keys == {("1", "ok"): marked, ("1", "bad"): 1,
@@ -284,14 +301,20 @@ def test_every_name_in_the_grafana_metrics_file_is_served(topo: Topology):
     t = topo
     names = METRICS_FILE.read_text().split()
     served: dict[str, set[frozenset[str]]] = {}
+    declared: set[str] = set()
     for ns in (t.client, t.server):
         with exporter_running(ns) as e:
-            for name, by_labels in samples(scrape(ns, e.url)).items():
+            text = scrape(ns, e.url)
+            declared |= {n for n in families(text) if n.startswith("netoken_")}
+            for name, by_labels in samples(text).items():
                 served.setdefault(name, set()).update(
                     frozenset(k for k, _ in labels) for labels in by_labels)
-    assert sorted(n for n in served if n.startswith("netoken_")) == sorted(names)
+    # the agent serves its own families on top (tests/test_agent.py)
+    agent = {f.name for f in exporter.AGENT_FAMILIES}
+    assert sorted(declared | agent) == sorted(names) and not declared & agent
     for f in exporter.FAMILIES:
-        assert served[f.name] == {frozenset(f.labels)}, f.name
+        # a family whose counters this kernel object does not have yet has no samples
+        assert served.get(f.name, {frozenset(f.labels)}) == {frozenset(f.labels)}, f.name
 
 
 def test_interface_filter_and_ipv6_listen_on_an_ephemeral_port(topo: Topology):
@@ -433,7 +456,7 @@ def test_roles_appear_and_disappear_between_scrapes(lone):
         ok("mark", "attach", ifname, "-c", str(cfg), ns=ns)
         s = samples(scrape(ns, e.url))
         assert s["netoken_attached"] == {(("interface", ifname), ("role", "marker")): 1}
-        assert len(s["netoken_marker_packets_total"]) == len(layout.MARK_REASONS)
+        assert len(s["netoken_marker_packets_total"]) == len(layout.MARK_PACKET_REASONS)
 
         # Someone removes the filter behind netoken's back: the pins stay,
         # the counters freeze, and the gauge says so.
@@ -479,3 +502,5 @@ def test_unreadable_role_is_left_out_with_one_warning(lone, capsys):
             assert collector.samples().by_family["netoken_attached"] == []
     want = f"netoken: exporter: cannot read {ifname} marker: [Errno 1] Operation not permitted"
     assert capsys.readouterr().err.splitlines() == [want]
+    # counted at every scrape, warned once; a readable role adds nothing
+    assert collector.samples().by_family["netoken_exporter_read_errors_total"] == [((), 3)]

@@ -17,6 +17,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Raw
 
 from netoken import config as nconfig
 from netoken import layout, token
@@ -24,7 +25,16 @@ from netoken.guard import Guard, GuardEvent
 from netoken.marker import Marker
 
 from .conftest import TEST_KEY, rounds
-from .pkt import DST_MAC, LINUX_SYN_OPTS, SRC_MAC, options_of_len, parse, rebuild_with_option, syn
+from .pkt import (
+    DST_MAC,
+    LINUX_SYN_OPTS,
+    SRC_MAC,
+    ext_chain,
+    options_of_len,
+    parse,
+    rebuild_with_option,
+    syn,
+)
 from .verdicts import (
     GUARD_SECTION,
     KEY2,
@@ -319,17 +329,10 @@ def test_config_action_monitor_with_drop_entry(tmp_path):
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4) / ICMP()), "not_tcp"),
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6) / UDP(dport=443)), "not_tcp"),
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / ARP(pdst=V4)), "not_ipv4_or_6"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4, flags="MF")
-               / TCP(dport=443, flags="S")), "fragment"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst=V4, frag=100, proto=6) / (b"\0" * 40)),
-         "fragment"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6) / IPv6ExtHdrFragment()
-               / TCP(dport=443, flags="S")), "fragment"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6, nh=51) / (b"\0" * 40)), "ipv6_ext"),
+        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6, nh=50) / (b"\0" * 40)), "not_tcp"),
     ],
     ids=["syn-ack", "ack-1000", "rst", "v6-syn-ack", "v4-unprotected", "port-unprotected",
-         "v6-unprotected", "udp", "icmp", "udp6", "arp", "v4-first-fragment", "v4-later-fragment",
-         "v6-fragment", "v6-ah"],
+         "v6-unprotected", "udp", "icmp", "udp6", "arp", "v6-esp"],
 )
 def test_non_targets_pass(guard, data, reason):
     assert_verdict(guard, data, reason, XDP_PASS)
@@ -343,10 +346,247 @@ def test_truncated_frames_never_break_the_guard(guard):
             ret, counted = run(guard, full[:cut])
         except OSError:
             continue   # test_run refuses an IP ethertype without an IP header
-        if cut < p.l4 + 20:
-            assert ret == XDP_PASS and "bad_header" in counted, cut
+        if cut < p.l3 + 20:     # no IPv4 header: the kernel drops it
+            assert ret == XDP_PASS and "bad_header_passed" in counted, cut
+        elif cut < p.l4 + 20:   # TCP header cut short, to a protected address
+            assert ret == XDP_DROP and "bad_header" in counted, cut
         else:   # a SYN to a protected port with its options cut off
             assert ret == XDP_DROP and "malformed" in counted, cut
+
+
+# ---------------------------------------------------------------- fragments
+
+
+def frame(l3) -> bytes:
+    return bytes(Ether(src=SRC_MAC, dst=DST_MAC) / l3)
+
+
+def v6_frag(dst=V6, nh=6, offset=0, m=1, before=None) -> bytes:
+    head = IPv6(src="2001:db8:1::1", dst=dst)
+    if before is not None:
+        head = head / before
+    return frame(head / IPv6ExtHdrFragment(nh=nh, offset=offset, m=m, id=7) / (b"\0" * 16))
+
+
+def v4_frag(dst=V4, proto=6, **kw) -> bytes:
+    return frame(IP(src="192.0.2.1", dst=dst, proto=proto, **kw) / (b"\0" * 16))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame(IP(src="192.0.2.1", dst=V4, flags="MF") / TCP(dport=443, flags="S")),
+        v4_frag(frag=100),
+        v4_frag(frag=3),                   # the last piece of a SYN: offset, no MF
+        v4_frag(flags="MF"),
+        v4_frag(dst="198.51.100.99", frag=2),     # same entry, another address in it
+        frame(IP(src="192.0.2.1", dst=V4, flags="MF") / TCP(dport=22, flags="S")),
+        v6_frag(),
+        v6_frag(offset=3, m=0),
+        v6_frag(m=0),                      # atomic fragment: the kernel takes it whole
+        v6_frag(nh=60),                    # Destination Options, then maybe TCP
+        v6_frag(nh=51),
+        v6_frag(before=IPv6ExtHdrHopByHop()),
+        v6_frag(before=IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()),
+        v6_frag(dst="2001:db8:100::1234"),
+    ],
+    ids=["v4-first", "v4-later", "v4-last", "v4-mf-raw", "v4-other-addr", "v4-other-port",
+         "v6-first", "v6-last", "v6-atomic", "v6-then-dstopts", "v6-then-ah", "v6-after-hbh",
+         "v6-after-hbh-do", "v6-other-addr"],
+)
+def test_tcp_fragments_to_protected_addresses_are_dropped(guard, data):
+    # Any port: a fragment may not show one, and the SYN it completes could
+    # be for any port the address has.
+    assert_verdict(guard, data, "fragment", XDP_DROP)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame(IP(src="192.0.2.1", dst=V4, flags="MF") / UDP(dport=443) / (b"\0" * 16)),
+        v4_frag(proto=17, frag=5),
+        v4_frag(proto=1, flags="MF"),
+        v4_frag(proto=50, flags="MF"),
+        v6_frag(nh=17),
+        v6_frag(nh=58, offset=4, m=0),
+        v6_frag(nh=50),                    # ESP: IPsec's to check, as unfragmented
+        v4_frag(dst="192.0.2.99", frag=1),
+        frame(IP(src="192.0.2.1", dst="192.0.2.99", flags="MF") / TCP(dport=443, flags="S")),
+        v6_frag(dst="2001:db8:200::1"),
+    ],
+    ids=["v4-udp", "v4-udp-later", "v4-icmp", "v4-esp", "v6-udp", "v6-icmp6", "v6-esp",
+         "v4-unprotected", "v4-unprotected-syn", "v6-unprotected"],
+)
+def test_other_fragments_pass(guard, data):
+    assert_verdict(guard, data, "fragment_passed", XDP_PASS)
+
+
+def test_fragment_to_monitored_address_is_counted_and_passed(guard):
+    counted = assert_verdict(guard, v4_frag(dst=MON, frag=1), "fragment", XDP_PASS)
+    assert counted.get("monitored") == 1 and "dropped" not in counted
+
+
+def test_fragments_pass_setting_and_mode_override(tmp_path):
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path, GUARD.replace("skew = 1", 'skew = 1\nfragments = "pass"')))
+        for data in (v4_frag(frag=1), v6_frag(), v4_frag(dst=MON, frag=1)):
+            assert_verdict(g, data, "fragment_passed", XDP_PASS)
+        # the other fail-closed verdicts do not depend on it
+        assert_verdict(g, frame(IPv6(dst=V6, nh=135) / (b"\0" * 40)), "ipv6_ext", XDP_DROP)
+        g.configure(write_config(tmp_path, GUARD), action="monitor")
+        assert_verdict(g, v4_frag(frag=1), "fragment", XDP_PASS)
+        g.configure(write_config(tmp_path, GUARD), action="drop")
+        assert_verdict(g, v4_frag(dst=MON, frag=1), "fragment", XDP_DROP)
+
+
+def test_address_verdicts_take_the_dropping_entry(tmp_path):
+    """Two entries on one address, one monitoring port 22 (listed first, so
+    first in the LPM's list), one dropping 443: a fragment, which has no
+    port to choose by, is dropped under the dropping entry."""
+    body = """
+[guard]
+action = "drop"
+[[guard.protect]]
+destinations = ["198.51.100.7/32"]
+ports = [22]
+keys = [1]
+action = "monitor"
+[[guard.protect]]
+destinations = ["198.51.100.0/24"]
+ports = [443]
+keys = [1]
+[[guard.protect]]
+destinations = ["203.0.113.0/24"]
+keys = [1]
+action = "monitor"
+"""
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path, body))
+        events: list[GuardEvent] = []
+        with g.events(events.append) as rb:
+            assert_verdict(g, v4_frag(frag=1), "fragment", XDP_DROP)
+            # all covering entries monitor: monitored under the first
+            assert_verdict(g, v4_frag(dst=MON, frag=1), "fragment", XDP_PASS)
+            assert rb.consume() == 2
+        drop, mon = events
+        assert (drop.verdict, drop.action, drop.protect) == ("fragment", "drop", 1)
+        assert (drop.saddr, drop.daddr, drop.sport, drop.dport) == ("192.0.2.1", V4, 0, 0)
+        assert (drop.mode, drop.key_id, drop.epoch) == ("", None, None)
+        assert (mon.verdict, mon.action, mon.protect) == ("fragment", "monitor", 2)
+
+
+# ---------------------------------------------------------------- fail closed
+
+
+def v6_syn(dst=V6, ext=None, dport=443, options=()) -> bytes:
+    head = IPv6(src="2001:db8:1::1", dst=dst)
+    if ext is not None:
+        head = head / ext
+    return frame(head / TCP(sport=40000, dport=dport, flags="S", options=list(options)))
+
+
+AH = bytes([6, 4, 0, 0]) + (0x1000).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\xaa" * 12
+
+
+def behind_ah(dst=V6, before=None) -> bytes:
+    """A bare IPv6 SYN behind an AH header (24 bytes: 12 of ICV)."""
+    head = IPv6(src="2001:db8:1::1", dst=dst, nh=51)
+    if before is not None:
+        head = IPv6(src="2001:db8:1::1", dst=dst) / before
+        head.lastlayer().nh = 51
+    return frame(head / Raw(AH + bytes(TCP(sport=40000, dport=443, flags="S"))))
+
+
+@pytest.mark.parametrize("depth", range(1, layout.MAX_IP6_EXT + 1))
+def test_every_chain_within_the_walk_is_verified(guard, depth):
+    bare = v6_syn(ext=ext_chain(depth, seed=depth))
+    assert_verdict(guard, bare, "missing")
+    token_syn = rebuild_with_option(bare, mac_option(V6, 443, src="2001:db8:1::1"))
+    assert_verdict(guard, token_syn, "ok")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 8, layout.MAX_IP6_EXT])
+def test_marker_output_behind_extension_headers_verifies(guard, marker, depth):
+    # One walk for both programs: what the marker marks, the guard reaches.
+    out = marker.prog.test_run(v6_syn(ext=ext_chain(depth, seed=depth),
+                                      options=LINUX_SYN_OPTS)).data_out
+    assert len(token.find_options(parse(out).options)) == 1
+    assert_verdict(guard, out, "ok")
+
+
+def test_chains_past_the_walk_fail_closed(guard):
+    for depth in (layout.MAX_IP6_EXT + 1, layout.MAX_IP6_EXT + 5, 64):
+        bare = v6_syn(ext=ext_chain(depth))
+        token_syn = rebuild_with_option(bare, mac_option(V6, 443, src="2001:db8:1::1"))
+        assert_verdict(guard, token_syn, "ipv6_ext", XDP_DROP)
+        # any port of a protected address, SYN or not: the guard cannot see
+        assert_verdict(guard, v6_syn(ext=ext_chain(depth), dport=22), "ipv6_ext", XDP_DROP)
+        assert_verdict(guard, v6_syn(dst="2001:db8:200::1", ext=ext_chain(depth)),
+                       "ipv6_ext_passed", XDP_PASS)
+
+
+def test_syn_behind_ah_is_verified(guard):
+    bare = behind_ah()
+    assert parse(bare).proto == 6
+    assert_verdict(guard, bare, "missing")
+    assert_verdict(guard, rebuild_with_option(bare, mac_option(V6, 443, src="2001:db8:1::1")), "ok")
+    hbh_ah = behind_ah(before=IPv6ExtHdrHopByHop())
+    assert_verdict(guard, hbh_ah, "missing")
+
+
+@pytest.mark.parametrize("nh", [135, 139, 140, 253, 254])
+def test_headers_it_cannot_walk_fail_closed(guard, nh):
+    data = frame(IPv6(src="2001:db8:1::1", dst=V6, nh=nh) / (b"\0" * 40))
+    assert_verdict(guard, data, "ipv6_ext", XDP_DROP)
+    after_hbh = frame(IPv6(src="2001:db8:1::1", dst=V6) / IPv6ExtHdrHopByHop(nh=nh) / (b"\0" * 40))
+    assert_verdict(guard, after_hbh, "ipv6_ext", XDP_DROP)
+    other = frame(IPv6(src="2001:db8:1::1", dst="2001:db8:200::1", nh=nh) / (b"\0" * 40))
+    assert_verdict(guard, other, "ipv6_ext_passed", XDP_PASS)
+
+
+def test_truncated_chains_fail_closed(guard):
+    full = v6_syn(ext=ext_chain(4), options=LINUX_SYN_OPTS)
+    p = parse(full)
+    other = v6_syn(dst="2001:db8:200::1", ext=ext_chain(4), options=LINUX_SYN_OPTS)
+    for cut in range(p.l3 + 40, p.l4 + 20):
+        assert_verdict(guard, full[:cut], "bad_header", XDP_DROP)
+        assert_verdict(guard, other[:cut], "bad_header_passed", XDP_PASS)
+    # a length that points past the frame, and a Fragment header cut short
+    hbh = bytearray(v6_syn(ext=IPv6ExtHdrHopByHop()))
+    hbh[14 + 40 + 1] = 200
+    assert_verdict(guard, bytes(hbh), "bad_header", XDP_DROP)
+    assert_verdict(guard, v6_frag()[:14 + 40 + 4], "bad_header", XDP_DROP)
+
+
+def test_truncated_tcp_header_fails_closed_for_protected_addresses(guard):
+    for dst, port in ((V4, 22), (V6, 443), (MON, 80)):
+        full = syn(dst=dst, dport=port)
+        p = parse(full)
+        want = "bad_header"
+        retval = XDP_PASS if dst == MON else XDP_DROP
+        for cut in (p.l4, p.l4 + 13, p.l4 + 14, p.l4 + 19):
+            assert_verdict(guard, full[:cut], want, retval)
+    for dst in ("192.0.2.99", "2001:db8:200::1"):
+        full = syn(dst=dst)
+        assert_verdict(guard, full[:parse(full).l4 + 10], "bad_header_passed", XDP_PASS)
+
+
+def test_bad_ipv4_header_passes_for_the_kernel_to_drop(guard):
+    bad = bytearray(syn())
+    bad[14] = 0x44   # IHL 4
+    assert_verdict(guard, bytes(bad), "bad_header_passed", XDP_PASS)
+
+
+def test_ipv6_ext_event_has_addresses_and_no_ports(tmp_path):
+    with Guard.load() as g:
+        g.configure(write_config(tmp_path, GUARD))
+        events: list[GuardEvent] = []
+        with g.events(events.append) as rb:
+            assert verdict(g, v6_syn(ext=ext_chain(layout.MAX_IP6_EXT + 1))) == "ipv6_ext"
+            assert rb.consume() == 1
+        (e,) = events
+        assert (e.verdict, e.action, e.protect, e.family) == ("ipv6_ext", "drop", 0, 6)
+        assert (e.saddr, e.daddr, e.sport, e.dport) == ("2001:db8:1::1", V6, 0, 0)
 
 
 # ---------------------------------------------------------------- attacks

@@ -94,24 +94,24 @@ def legit_connections(ns: str, n: int, deadline_s: float) -> tuple[int, int]:
     return ok, n
 
 
-def settled(srv_ns: str, srv_if: str, guard: Guard | None) -> tuple[dict, dict]:
-    """The link's counters and the guard's, read until two reads in a row
-    agree: a stray packet (IPv6 ND, a late ACK) landing between the two
-    reads would otherwise be counted by one side only."""
-    last = None
-    for _ in range(50):
-        now = (link_stats(srv_ns, srv_if), guard.stats() if guard else {})
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"the server's counters never stood still: {last}")
+def quiet_reading(srv_ns: str, srv_if: str, guard: Guard | None) -> tuple[dict, dict]:
+    """(link stats, guard counters) at one moment: read until no packet
+    arrived while the guard's counters were read (stragglers of the flood,
+    a retransmitted SYN-ACK's RST, neighbour discovery)."""
+    for _ in range(100):
+        link = link_stats(srv_ns, srv_if)
+        g = guard.stats() if guard is not None else {}
+        if link_stats(srv_ns, srv_if) == link:
+            return link, g
+        time.sleep(0.1)
+    raise AssertionError(f"{srv_if} kept receiving for 10 s after the round")
 
 
 def run_flood_round(hosts, guard: Guard | None = None) -> dict:
     """One flood with concurrent legit connections; returns the figures."""
     srv_ns, srv_if = hosts["server"], hosts["server_if"]
     before_tcp = counters(srv_ns)
-    before_link, before_guard = settled(srv_ns, srv_if, guard)
+    before_link, g0 = quiet_reading(srv_ns, srv_if, guard)
     results = {}
     # A fresh listener per round: half-open requests of an earlier flood
     # belong to the old one and cannot spill cookies into this round.
@@ -119,11 +119,11 @@ def run_flood_round(hosts, guard: Guard | None = None) -> dict:
         srv.sock.listen(128)
         time.sleep(0.5)  # let the flood reach full rate first
         results["legit"] = legit_connections(hosts["client"], LEGIT_CONNECTIONS, FLOOD_SECONDS * 3)
-    after_link, after_guard = settled(srv_ns, srv_if, guard)
     after_tcp = counters(srv_ns)
+    after_link, g1 = quiet_reading(srv_ns, srv_if, guard)
     d_tcp = {k: after_tcp[k] - before_tcp.get(k, 0) for k in after_tcp}
     d_link = {k: after_link[k] - before_link.get(k, 0) for k in after_link}
-    d_guard = {k: after_guard[k] - before_guard[k] for k in after_guard}
+    d_guard = {k: g1[k] - g0[k] for k in g1}
     return {"sent": sent["sent"], "tcp": d_tcp, "link": d_link, "guard": d_guard, **results}
 
 

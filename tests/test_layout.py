@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -102,3 +103,10 @@ def test_enums_match_the_header(anchor_btf):
         values = {v["name"]: v["val"] for v in anchor_btf[name]["values"]}
         expected = {prefix + n.upper(): i for i, n in enumerate(names)}
         assert values == expected, f"enum {name} differs"
+
+
+def test_ipv6_walk_bound_matches_the_header():
+    # A #define, so not in BTF: read it where the datapath takes it from.
+    text = (ROOT / "bpf" / "parsing.h").read_text()
+    (value,) = re.findall(r"^#define NT_MAX_IP6_EXT (\d+)$", text, re.MULTILINE)
+    assert int(value) == layout.MAX_IP6_EXT

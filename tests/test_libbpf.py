@@ -369,6 +369,17 @@ def test_test_run_and_ringbuf(obj) -> None:
     assert xdp.data_out == PACKET
 
 
+def test_test_runner_reuses_its_buffers(obj) -> None:
+    run = obj.program("pass_xdp").test_runner(max_size=256)
+    for data in (PACKET, PACKET[:60], PACKET):
+        assert run(data) == (2, data)  # XDP_PASS, unchanged
+    with pytest.raises(ValueError, match="256-byte test runner"):
+        run(bytes(257))
+    with pytest.raises(lb.BPFError) as ei:
+        run(b"")   # test_run wants at least an Ethernet header
+    assert ei.value.errno == 22  # EINVAL
+
+
 def test_test_run_small_out_buffer(obj) -> None:
     with pytest.raises(lb.BPFError) as ei:
         obj.program("pass_xdp").test_run(PACKET, data_out_size=10)

@@ -30,11 +30,27 @@ from .pkt import (
     DST_MAC,
     SRC_MAC,
     expected_marked,
+    ext_chain,
     normalize_zero,
     options_of_len,
     parse,
     rebuild_with_option,
     syn,
+    syn_with_options,
+)
+from .syn_layouts import (
+    COOKIE16,
+    EOL,
+    LAYOUTS,
+    MD5SIG,
+    MP_CAPABLE_V1,
+    NOP,
+    SOK,
+    fastopen,
+    mss,
+    option_list,
+    ts,
+    ws,
 )
 
 TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the u32 test_run reports
@@ -82,9 +98,11 @@ def delta(marker: Marker, fn):
     return out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
-def assert_marked(marker, before: bytes, reason="marked") -> bytes:
+def assert_marked(marker, before: bytes, reason="marked", room=False) -> bytes:
+    """The marker's output for BEFORE is, byte for byte, what the independent
+    construction says (with the Timestamps option removed if ROOM)."""
     after, counted = delta(marker, lambda: run(marker, before))
-    assert counted == {reason: 1}
+    assert counted == ({reason: 1, "room_from_ts": 1} if room else {reason: 1})
     p = parse(after)
     assert p.ip_checksum_ok() and p.tcp_checksum_ok()
     assert p.tcp_len <= 60
@@ -104,10 +122,73 @@ def test_ipv4_syn_gets_a_verifiable_mac_option(marker, optlen):
     assert_marked(marker, syn(options=options_of_len(optlen)))
 
 
-@pytest.mark.parametrize("optlen", [28, 40])
-def test_syn_without_room_passes_unmarked(marker, optlen):
-    # 28 + 16 = 44 > 40 bytes of options: no room
-    assert_untouched(marker, syn(options=options_of_len(optlen)), "no_room")
+@pytest.mark.parametrize("optlen", [28, 32, 36, 40])
+def test_timestamps_make_room(marker, optlen):
+    # optlen + 16 > 40: the token only fits once Timestamps (and the NOPs) go
+    after = assert_marked(marker, syn(options=options_of_len(optlen)), room=True)
+    assert 8 not in [o[0] for o in option_list(parse(after).options)]
+
+
+NO_ROOM = {
+    "tcp-md5-no-ts": NOP + NOP + MD5SIG + mss() + NOP + NOP + SOK + NOP + ws(7),
+    "tfo-16-byte-cookie": mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE16) + NOP + NOP,
+    "ts-after-eol": mss() + NOP + ws(7) + fastopen(COOKIE16) + EOL + ts() + NOP * 3,
+    "40-bytes-no-ts": mss() + SOK + NOP + ws(7) + fastopen(COOKIE16) + MP_CAPABLE_V1 + NOP * 8,
+}
+
+
+@pytest.mark.parametrize("options", NO_ROOM.values(), ids=NO_ROOM.keys())
+def test_syn_without_room_even_without_timestamps_passes_unmarked(marker, options):
+    assert_untouched(marker, syn_with_options(options), "no_room")
+
+
+@pytest.mark.parametrize("layout", [x for x in LAYOUTS if x.expect == "make_room"],
+                         ids=lambda x: x.name)
+@pytest.mark.parametrize("where", ["v4", "v6", "v4-vlan", "v6-2vlans"])
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100, 1000, 1400])
+def test_make_room_byte_for_byte(marker, layout, where, size):
+    """Timestamps removed, the rest kept in order, NOP padding, the token,
+    then the payload (TCP Fast Open data) moved by the net growth of the
+    header, which is less than 16 here: lengths and checksums recomputed
+    independently."""
+    dst = "2001:db8:100::5" if where.startswith("v6") else "198.51.100.7"
+    vlans = 2 if "2vlans" in where else 1 if "vlan" in where else 0
+    payload = bytes((i * 13 + size) & 0xFF for i in range(size))
+    before = syn_with_options(layout.options, dst=dst, vlans=vlans, payload=payload)
+    after = assert_marked(marker, before, "marked_payload" if size else "marked", room=True)
+    b, a = parse(before), parse(after)
+    kept = option_list(a.options)
+    assert kept[:-1] == [o for o in option_list(b.options) if o[0] != 8]
+    assert token.find_options(kept[-1]) == [kept[-1]]
+    assert 0 < a.tcp_len - b.tcp_len < 16 and a.payload == payload
+
+
+def test_make_room_off_leaves_the_syn_as_it_was(tmp_path):
+    with Marker.load() as m:
+        m.configure(make_config(tmp_path, "[option]\nmake_room = false\n" + POLICIES))
+        for layout in (x for x in LAYOUTS if x.expect == "make_room"):
+            assert_untouched(m, syn_with_options(layout.options), "no_room")
+        assert_marked(m, syn(options=options_of_len(24)))
+
+
+def test_static_token_makes_room_too(marker):
+    # 36 bytes of options: the 12-byte static token needs Timestamps gone
+    before = syn(dst="192.0.2.200", dport=22, options=options_of_len(36))
+    after, counted = delta(marker, lambda: run(marker, before))
+    assert counted == {"marked": 1, "room_from_ts": 1}
+    option = token.encode_static(253, 0x6E74, 0x1122334455667788)
+    assert normalize_zero(after) == normalize_zero(rebuild_with_option(before, option))
+
+
+def test_make_room_event_says_so(marker):
+    events: list[MarkEvent] = []
+    with marker.events(events.append) as rb:
+        rb.consume()
+        events.clear()
+        run(marker, syn_with_options(LAYOUTS[4].options))
+        run(marker, syn())
+        assert rb.consume() == 2
+    assert [e.room_from_ts for e in events] == [True, False]
 
 
 def test_static_token_fits_where_mac_does_not(marker):
@@ -146,6 +227,30 @@ def test_ipv6_syn_behind_extension_headers_is_marked(marker, ext):
                    / ext / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
     assert parse(before).l4 > parse(before).l3 + 40
     assert_marked(marker, before)
+
+
+@pytest.mark.parametrize("depth", [1, 4, 5, 8, layout.MAX_IP6_EXT])
+def test_ipv6_syn_behind_chains_within_the_walk_is_marked(marker, depth):
+    before = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst="2001:db8:100::5")
+                   / ext_chain(depth, seed=depth)
+                   / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
+    assert_marked(marker, before)
+
+
+def test_ipv6_syn_behind_longer_chains_or_ah_is_left_alone(marker):
+    def v6(ext, nh=None):
+        l3 = IPv6(src="2001:db8:1::1", dst="2001:db8:100::5") / ext
+        if nh is not None:
+            l3.lastlayer().nh = nh
+        return Ether(src=SRC_MAC, dst=DST_MAC) / l3
+
+    tcp = bytes(TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
+    longer = v6(ext_chain(layout.MAX_IP6_EXT + 1)) / TCP(sport=40000, dport=443, flags="S")
+    assert_untouched(marker, bytes(longer), "ipv6_ext")
+    # AH's integrity check covers the TCP header: editing it would break the
+    # connection, so the SYN goes out unmarked.
+    ah = bytes([6, 4, 0, 0]) + bytes(8) + b"\xaa" * 12
+    assert_untouched(marker, bytes(v6(IPv6ExtHdrHopByHop(), nh=51) / (ah + tcp)), "ipv6_ext")
 
 
 def test_eol_in_options_becomes_nops_so_the_token_is_seen(marker):

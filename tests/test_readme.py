@@ -5,6 +5,8 @@ line where it does not depend on ids, keys, times or counters."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -12,21 +14,47 @@ import subprocess
 import sys
 from pathlib import Path
 
+from netoken.netns import netns
+from netoken.state import this_netns
+
 from .test_docs import doc_units
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 TOUR_NAMESPACES = ("client", "server")
-TOUR_PINS = [Path("/sys/fs/bpf/netoken") / n for n in ("nt-c", "nt-s")]
+STATE_TOPS = (Path("/sys/fs/bpf/netoken"), Path("/run/netoken"))
+# The tour's names are the README's, fixed: runs from other checkouts on the
+# same machine take turns instead of tearing down each other's lab.
+TOUR_LOCK = Path("/run/lock/netoken-readme-tour.lock")
 MARK = "\x1e"  # separates block outputs in the one bash run
 
 
 def _clean() -> None:
     for ns in TOUR_NAMESPACES:
+        # netoken keeps state per namespace (by cookie): what a failed tour
+        # left goes with its namespace.
+        with contextlib.suppress(OSError):
+            with netns(ns):
+                cookie = this_netns().cookie
+            for top in STATE_TOPS:
+                shutil.rmtree(top / f"net:{cookie}", ignore_errors=True)
+        # The tour starts servers and monitors in the background; they would
+        # keep the namespace (and its pins' programs) alive after `del`.
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                              check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-    for p in TOUR_PINS:
-        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _tour_lock():
+    TOUR_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(TOUR_LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def tour_blocks() -> list[tuple[str, str | None]]:
@@ -52,6 +80,11 @@ def _shape(text: str) -> list[str]:
 
 
 def test_readme_tour_runs_and_prints_what_it_shows(tmp_path):
+    with _tour_lock():
+        _run_tour(tmp_path)
+
+
+def _run_tour(tmp_path: Path) -> None:
     _clean()
     units = doc_units(README.read_text())
     for u in units:

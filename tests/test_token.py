@@ -1,4 +1,4 @@
-"""Tests for netoken.token, the Python reference of the wire format (DESIGN §2)."""
+"""Tests for netoken.token, the Python reference of the wire format (design.md §2)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ OTHER_KEY = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")
 WINDOW = 30
 EPOCH = 57_000_123  # an epoch in the 2024 range for a 30 s window
 NOW = EPOCH * WINDOW + 7.5  # mid-window, so the test never straddles a boundary
-NONCE = bytes.fromhex("deadbeef")
+NONCE = bytes.fromhex("deadbeefcafe")
 DADDR = "203.0.113.10"
 SADDR = "198.51.100.7"
 DPORT = 7000
@@ -124,7 +124,7 @@ def test_siphash_rejects_wrong_key_length() -> None:
 def test_constants_shared_with_bpf_keep_their_values() -> None:
     assert nt.DEFAULT_KIND == 253
     assert nt.DEFAULT_EXID == 0x6E74
-    assert (nt.MAC_LEN, nt.STATIC_LEN, nt.TAG_LEN) == (16, 12, 6)
+    assert (nt.MAC_LEN, nt.STATIC_LEN, nt.NONCE_LEN, nt.TAG_LEN) == (16, 12, 6, 4)
     assert (nt.BIND_SADDR, nt.BIND_SPORT) == (1, 2)
 
 
@@ -190,7 +190,7 @@ def test_expand_epoch_recovers_any_epoch_within_half_a_wrap(
 
 def test_mac_message_layout_ipv4() -> None:
     msg = nt.mac_message(0x6E74, 1, 0x01020304, NONCE, DADDR, 443)
-    assert msg == bytes.fromhex("6e740101020304deadbeefcb00710a01bb")
+    assert msg == bytes.fromhex("6e740101020304deadbeefcafecb00710a01bb")
 
 
 def test_mac_message_layout_ipv6_with_both_binds() -> None:
@@ -198,7 +198,7 @@ def test_mac_message_layout_ipv6_with_both_binds() -> None:
         0x1234,
         255,
         0xFFFFFFFF,
-        b"\x00\x00\x00\x01",
+        b"\x00\x00\x00\x00\x00\x01",
         "2001:db8::1",
         80,
         saddr="2001:db8::2",
@@ -206,7 +206,7 @@ def test_mac_message_layout_ipv6_with_both_binds() -> None:
         bind=nt.BIND_SADDR | nt.BIND_SPORT,
     )
     assert msg == (
-        bytes.fromhex("1234ffffffffff00000001")
+        bytes.fromhex("1234ffffffffff000000000001")
         + ipaddress.IPv6Address("2001:db8::1").packed
         + bytes.fromhex("0050")
         + ipaddress.IPv6Address("2001:db8::2").packed
@@ -249,6 +249,7 @@ def test_mac_message_rejects_unusable_bind_inputs(kwargs: dict, match: str) -> N
         ((1, 256, 1, NONCE, DADDR, 1), "key_id"),
         ((1, 1, 2**32, NONCE, DADDR, 1), "epoch"),
         ((1, 1, 1, b"abc", DADDR, 1), "nonce"),
+        ((1, 1, 1, bytes(4), DADDR, 1), "nonce"),  # format 1's nonce
         ((1, 1, 1, NONCE, b"\x01\x02\x03", 1), "daddr"),
         ((1, 1, 1, NONCE, DADDR, 65536), "dport"),
     ],
@@ -262,20 +263,51 @@ def test_compute_tag_is_truncated_siphash_of_the_message() -> None:
     msg = nt.mac_message(nt.DEFAULT_EXID, 1, EPOCH, NONCE, DADDR, DPORT)
     tag = nt.compute_tag(KEY, nt.DEFAULT_EXID, 1, EPOCH, NONCE, DADDR, DPORT)
     assert len(tag) == nt.TAG_LEN
-    assert tag == nt.siphash24(KEY, msg)[:6]
+    assert tag == nt.siphash24(KEY, msg)[:4]
 
 
 def test_compute_tag_known_answer() -> None:
     # Frozen so that the BPF cross-check and any rewrite have a fixed target; the
     # SipHash underneath is pinned by the reference vectors above.
     tag = nt.compute_tag(REF_KEY, 0x6E74, 1, 0x01020304, NONCE, "203.0.113.10", 443)
-    assert (
-        tag
-        == nt.siphash24(REF_KEY, bytes.fromhex("6e740101020304deadbeefcb00710a01bb"))[
-            :6
-        ]
-    )
-    assert tag.hex() == "5e3f076097ac"
+    msg = bytes.fromhex("6e740101020304deadbeefcafecb00710a01bb")
+    assert tag == nt.siphash24(REF_KEY, msg)[:4]
+    assert tag.hex() == "4bd6c19e"
+
+
+# Wire format 2 vectors: whole options, frozen.  They pin the message layout
+# (nonce of 6 bytes, tag = first 4 bytes of the little-endian SipHash output)
+# for other implementations; format 1 (4-byte nonce, 6-byte tag) is gone.
+FORMAT2_VECTORS = [
+    # key, kind, exid, key id, epoch, nonce, daddr, dport, saddr, sport, bind, option
+    (REF_KEY, 253, 0x6E74, 1, 0x01020304, "000000000001", "203.0.113.10", 443, None, None, 0,
+     "fd106e740104000000000001dbac07a5"),
+    (REF_KEY, 253, 0x6E74, 1, 57_000_123, "deadbeefcafe", "203.0.113.10", 7000,
+     "198.51.100.7", 40000, nt.BIND_SADDR, "fd106e7401bbdeadbeefcafe7c6188ef"),
+    (REF_KEY, 253, 0x6E74, 2, 57_000_123, "ffffffffffff", "203.0.113.10", 7000,
+     "198.51.100.7", 40000, nt.BIND_SPORT, "fd106e7402bbffffffffffff3f1c3451"),
+    (OTHER_KEY, 254, 0xBEEF, 255, 0xFFFFFFFF, "0123456789ab", "203.0.113.10", 65535,
+     "198.51.100.7", 1, nt.BIND_SADDR | nt.BIND_SPORT, "fe10beefffff0123456789abd60c6caa"),
+    (REF_KEY, 253, 0x6E74, 1, 59_854_624, "a5a5a5a5a5a5", "2001:db8::10", 443, None, None, 0,
+     "fd106e740120a5a5a5a5a5a5d91010db"),
+    (OTHER_KEY, 253, 0x6E74, 7, 0, "000000000000", "2001:db8:100::2", 8080, "2001:db8:1::1",
+     35512, nt.BIND_SADDR | nt.BIND_SPORT, "fd106e7407000000000000004b57549a"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("vector", FORMAT2_VECTORS, ids=range(len(FORMAT2_VECTORS)))
+def test_format2_vectors(vector: tuple) -> None:
+    key, kind, exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind, want = vector
+    opt = nt.build_mac_option(
+        key, key_id=key_id, epoch=epoch, daddr=daddr, dport=dport, saddr=saddr,
+        sport=sport, bind=bind, nonce=bytes.fromhex(nonce), kind=kind, exid=exid,
+    )  # fmt: skip
+    assert opt.hex() == want
+    tok = nt.decode(opt)
+    assert (tok.nonce.hex(), len(tok.tag)) == (nonce, 4)
+    msg = nt.mac_message(exid, key_id, epoch, bytes.fromhex(nonce), daddr, dport,
+                         saddr, sport, bind)  # fmt: skip
+    assert tok.tag == nt.siphash24(key, msg)[:4]
 
 
 def test_binding_saddr_makes_the_tag_depend_on_the_source_address() -> None:
@@ -309,7 +341,7 @@ def test_tag_depends_on_every_always_bound_field() -> None:
         (KEY, 2, 1, EPOCH, NONCE, DADDR, DPORT),
         (KEY, 1, 2, EPOCH, NONCE, DADDR, DPORT),
         (KEY, 1, 1, EPOCH + 256, NONCE, DADDR, DPORT),  # same low 8 bits on the wire
-        (KEY, 1, 1, EPOCH, b"\xde\xad\xbe\xee", DADDR, DPORT),
+        (KEY, 1, 1, EPOCH, bytes.fromhex("deadbeefcaff"), DADDR, DPORT),
         (KEY, 1, 1, EPOCH, NONCE, "203.0.113.11", DPORT),
         (KEY, 1, 1, EPOCH, NONCE, DADDR, DPORT + 1),
     ]
@@ -322,9 +354,9 @@ def test_tag_depends_on_every_always_bound_field() -> None:
 
 def test_encode_mac_layout() -> None:
     opt = nt.encode_mac(
-        253, 0x6E74, 7, 0x12345678, NONCE, bytes.fromhex("a1a2a3a4a5a6")
+        253, 0x6E74, 7, 0x12345678, NONCE, bytes.fromhex("a1a2a3a4")
     )
-    assert opt == bytes.fromhex("fd106e740778deadbeefa1a2a3a4a5a6")
+    assert opt == bytes.fromhex("fd106e740778deadbeefcafea1a2a3a4")
     assert len(opt) == nt.MAC_LEN
 
 
@@ -337,11 +369,13 @@ def test_encode_static_layout() -> None:
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: nt.encode_mac(256, 1, 1, 1, NONCE, bytes(6)), "kind"),
-        (lambda: nt.encode_mac(1, 1, 1, 1, NONCE, bytes(6)), "NOP"),
-        (lambda: nt.encode_mac(253, 0x10000, 1, 1, NONCE, bytes(6)), "exid"),
-        (lambda: nt.encode_mac(253, 1, 256, 1, NONCE, bytes(6)), "key_id"),
-        (lambda: nt.encode_mac(253, 1, 1, 1, bytes(3), bytes(6)), "nonce"),
+        (lambda: nt.encode_mac(256, 1, 1, 1, NONCE, bytes(4)), "kind"),
+        (lambda: nt.encode_mac(1, 1, 1, 1, NONCE, bytes(4)), "NOP"),
+        (lambda: nt.encode_mac(253, 0x10000, 1, 1, NONCE, bytes(4)), "exid"),
+        (lambda: nt.encode_mac(253, 1, 256, 1, NONCE, bytes(4)), "key_id"),
+        (lambda: nt.encode_mac(253, 1, 1, 1, bytes(3), bytes(4)), "nonce"),
+        (lambda: nt.encode_mac(253, 1, 1, 1, bytes(4), bytes(6)), "nonce"),  # format 1
+        (lambda: nt.encode_mac(253, 1, 1, 1, NONCE, bytes(6)), "tag"),
         (lambda: nt.encode_mac(253, 1, 1, 1, NONCE, bytes(8)), "tag"),
         (lambda: nt.encode_static(253, 1, 2**64), "token"),
         (lambda: nt.encode_static(253, 1, -1), "token"),
@@ -361,8 +395,8 @@ exids = st.integers(min_value=0, max_value=0xFFFF)
     exid=exids,
     key_id=st.integers(min_value=0, max_value=255),
     epoch=st.integers(min_value=0, max_value=2**32 - 1),
-    nonce=st.binary(min_size=4, max_size=4),
-    tag=st.binary(min_size=6, max_size=6),
+    nonce=st.binary(min_size=6, max_size=6),
+    tag=st.binary(min_size=4, max_size=4),
 )
 def test_mac_option_round_trips(
     kind: int, exid: int, key_id: int, epoch: int, nonce: bytes, tag: bytes
@@ -717,3 +751,20 @@ def test_verdict_values_are_the_documented_set() -> None:
         "stale",
         "bad_tag",
     }
+
+
+def test_key_fingerprint_is_stable_and_never_a_tag() -> None:
+    key = bytes(range(16))
+    # Pinned: a fingerprint printed by one netoken version must match another's.
+    assert nt.key_fingerprint(key) == "581598fb373e7d6e"
+    assert nt.key_fingerprint(key) == nt.siphash24(key, b"netoken key fingerprint v1").hex()
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    assert nt.key_fingerprint_int(k0, k1) == nt.key_fingerprint(key)
+    assert nt.key_fingerprint(bytes(16)) != nt.key_fingerprint(key)
+    # No MAC message has the label's length, so no fingerprint is a valid tag.
+    lengths = {
+        len(nt.mac_message(0x6E74, 1, 0, bytes(6), d, 1, s, 1, bind))
+        for d, s in (("192.0.2.1", "192.0.2.2"), ("2001:db8::1", "2001:db8::2"))
+        for bind in range(4)
+    }
+    assert len(nt.FINGERPRINT_LABEL) not in lengths

@@ -78,16 +78,16 @@ def mac_option(dst=V4, dport=443, *, key=TEST_KEY, key_id=1, epoch=None, src=Non
     epoch = steady_epoch() if epoch is None else epoch
     return token.build_mac_option(key, key_id=key_id, epoch=epoch & 0xFFFFFFFF, daddr=dst,
                                   dport=dport, saddr=src or src_of(dst), sport=sport, bind=bind,
-                                  nonce=nonce or os.urandom(4))
+                                  nonce=nonce or os.urandom(token.NONCE_LEN))
 
 
 def marked(dst=V4, dport=443, *, src=None, sport=40000, vlans=0, option=None, payload=b"",
-           before=LINUX_SYN_OPTS, **kw) -> bytes:
+           before=LINUX_SYN_OPTS, ext=None, **kw) -> bytes:
     """A Linux-like SYN carrying OPTION (default: a fresh reference token)
-    after the options BEFORE."""
+    after the options BEFORE (IPv6: behind the extension headers EXT)."""
     opt = option if option is not None else mac_option(dst, dport, src=src, sport=sport, **kw)
     return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans,
-                                   options=before, payload=payload), opt)
+                                   options=before, payload=payload, ext=ext), opt)
 
 
 PACKET_REASONS = set(layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)

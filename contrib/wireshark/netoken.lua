@@ -1,7 +1,10 @@
--- Wireshark / tshark dissector for the netoken TCP option (DESIGN §2).
+-- Wireshark / tshark dissector for the netoken TCP option (design.md §2).
 --
---   kind (253|254) | len (16|12) | ExID (2) | key id | epoch & 0xff | nonce (4) | tag (6)   mac mode
---   kind (253|254) | len 12      | ExID (2) | token (8, big endian)                       static mode
+--   kind (253|254) | len 16 | ExID (2) | key id | epoch & 0xff | nonce (6) | tag (4)   mac mode
+--   kind (253|254) | len 12 | ExID (2) | token (8, big endian)                       static mode
+--
+-- This is wire format 2 (design.md §2).  Format 1 (nonce 4, tag 6) was never
+-- deployed and is not decoded.
 --
 -- Install: copy to ~/.local/lib/wireshark/plugins/ (or the "Personal Lua Plugins"
 -- folder shown in Help > About > Folders), or load it for one run:
@@ -30,7 +33,7 @@ f.mode = ProtoField.string("netoken.mode", "Mode")
 f.key_id = ProtoField.uint8("netoken.key_id", "Key id", base.DEC)
 f.epoch = ProtoField.uint8("netoken.epoch", "Epoch (low 8 bits)", base.DEC)
 f.nonce = ProtoField.bytes("netoken.nonce", "Nonce")
-f.tag = ProtoField.bytes("netoken.tag", "Tag (SipHash-2-4, 48 bits)")
+f.tag = ProtoField.bytes("netoken.tag", "Tag (SipHash-2-4, 32 bits)")
 f.token = ProtoField.uint64("netoken.token", "Static token", base.HEX)
 
 local bad_len = ProtoExpert.new("netoken.bad_len", "netoken option length is neither 16 (mac) nor 12 (static)",
@@ -76,8 +79,8 @@ function netoken.dissector(tvb, pinfo, tree)
     t:add(f.mode, "mac")
     t:add(f.key_id, tvb(4, 1))
     t:add(f.epoch, tvb(5, 1))
-    t:add(f.nonce, tvb(6, 4))
-    t:add(f.tag, tvb(10, 6))
+    t:add(f.nonce, tvb(6, 6))
+    t:add(f.tag, tvb(12, 4))
     t:append_text(string.format(" (mac, key %d, epoch %d)", tvb(4, 1):uint(), tvb(5, 1):uint()))
     pinfo.cols.info:append(string.format(" [netoken key %d]", tvb(4, 1):uint()))
   elseif len == STATIC_LEN then

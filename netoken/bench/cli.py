@@ -29,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from .suite import run_all
 
     try:
+        import scapy  # noqa: F401 - builds the benchmark's packets
+    except ImportError:
+        raise BenchError("netoken bench needs scapy: pip install 'netoken[bench]' "
+                         "(or apt-get install python3-scapy)") from None
+
+    try:
         res = run_all(quick=args.quick, progress=progress, parts=args.only or PARTS)
     except BenchError as e:
         print(f"netoken: {e}", file=sys.stderr)

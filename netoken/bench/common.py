@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as nconfig
+from ..errors import NetokenError
 
 PARTS = ("datapath", "e2e", "control")
 
 Progress = Callable[[str], None] | None
 
 
-class BenchError(Exception):
+class BenchError(NetokenError):
     """The benchmark cannot run or would measure the wrong thing (one line)."""
 
 
@@ -57,20 +58,30 @@ def bench_config(directory: Path, body: str, window: int = 30) -> nconfig.Config
 
 
 def _frame(dst: str, flags: str = "S", payload: bytes = b"", dport: int = 443,
-           udp: bool = False, ip_len: int | None = None) -> bytes:
+           udp: bool = False, ip_len: int | None = None, cookie: bytes = b"",
+           ext: int = 0, fragment: bool = False) -> bytes:
     """An Ethernet frame as Linux would send it; IP_LEN pads the payload to
-    that IP total length."""
+    that IP total length; COOKIE makes the SYN a TCP Fast Open SYN.  IPv6:
+    behind EXT 8-byte Destination Options headers; IPv4: FRAGMENT makes it a
+    first fragment (MF set)."""
     from scapy.layers.inet import IP, TCP, UDP
-    from scapy.layers.inet6 import IPv6
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
     from scapy.layers.l2 import Ether
 
-    l3 = IPv6(src="2001:db8:1::1", dst=dst) if ":" in dst else IP(src="192.0.2.1", dst=dst)
+    if ":" in dst:
+        l3 = IPv6(src="2001:db8:1::1", dst=dst)
+        for _ in range(ext):
+            l3 = l3 / IPv6ExtHdrDestOpt()
+    else:
+        l3 = IP(src="192.0.2.1", dst=dst, flags="MF" if fragment else 0)
     if udp:
         l4 = UDP(sport=40000, dport=dport)
     else:
         opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None),
                 ("WScale", 7)] if flags == "S" else [("NOP", None), ("NOP", None),
                                                        ("Timestamp", (1, 1))]
+        if cookie:
+            opts += [(34, cookie), ("NOP", None), ("NOP", None)]
         l4 = TCP(sport=40000, dport=dport, flags=flags, options=opts)
     if ip_len is not None:
         payload = b"x" * (ip_len - len(l3 / l4))

@@ -4,6 +4,7 @@ process, and `netoken monitor` over a long event stream."""
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 from .. import config as nconfig
 from ..libbpf import Program
 from ..netns import netns
+from ..state import RoleState
 from .common import BenchError, Progress, _frame, _guarded, _median, _say, bench_config
 from .e2e_part import PORT
 from .namespaces import lab
@@ -88,10 +90,13 @@ def control(quick: bool = False, progress: Progress = None) -> dict[str, Any]:
         out["attach"] = _guarded(lambda: _time_attach(ns, dev, cfg, reps))
         out["guard_attach"] = _guarded(lambda: _time_guard_attach(ns, dev, cfg, reps))
 
+        _say(progress, "control: guards on 1, 10 and 100 interfaces of one namespace")
+        out["guard_scale"] = _guarded(lambda: guard_scale(tmp))
+
         _say(progress, "control: applying 10,000 prefixes")
         out["apply_10k"] = _guarded(lambda: _time_apply(tmp))
 
-        # The CLI's own state: pins under /sys/fs/bpf/netoken/DEV, removed below.
+        # The CLI's own state: pins under /sys/fs/bpf/netoken/, removed below.
         n = netoken_cmd()
         stack.callback(_detach_pinned, ns, dev)
         r = subprocess.run([*n, "-n", ns, "mark", "attach", dev, "-c", str(cfg.path)],
@@ -177,6 +182,74 @@ def _time_guard_attach(ns: str, dev: str, cfg: nconfig.Config, reps: int) -> dic
             | {"reps": reps, "unit": "ms", "replay_cache": cfg.guard.replay_cache})
 
 
+def guard_scale(tmp: Path, counts: tuple[int, ...] = (1, 10, 100),
+                slot_bytes: int = 8) -> dict[str, Any]:
+    """The guard on more and more veths of one namespace, as `netoken guard
+    attach` does it (attach_pinned, default replay cache): the time of each
+    attach, and at each of COUNTS interfaces the kernel memory of netoken's
+    maps (memlock, as `bpftool map show`): shared by the namespace, and per
+    interface.  Also the total with a replay cache of SLOT_BYTES-byte slots
+    in place of the LRU hash, the per-SYN-cost issue's plan."""
+    from .. import guard as guard_mod
+    from .. import state
+
+    home = tmp / "scale"
+    home.mkdir(exist_ok=True)
+    cfg = bench_config(home, '[guard]\n[[guard.protect]]\ndestinations = ["198.18.0.0/16"]\n'
+                             'keys = [1]\n')
+    assert cfg.guard is not None
+    n = max(counts)
+    with lab() as lb:
+        ns = lb.ns("gs")
+        batch = home / "links"
+        batch.write_text("".join(f"link add g{i} type veth peer name g{i}p\n"
+                                 f"link set g{i} up\nlink set g{i}p up\n" for i in range(n)))
+        subprocess.run(["ip", "-n", ns, "-batch", str(batch)], check=True, capture_output=True)
+        with netns(ns):
+            me = state.this_netns()
+        top = state.BPFFS / state.ROOT_NAME / me.dirname
+        try:
+            points, times = [], []
+            for i in range(n):
+                with netns(ns):
+                    t = time.perf_counter()
+                    guard_mod.attach_pinned(f"g{i}", cfg)
+                    times.append((time.perf_counter() - t) * 1e3)
+                if i + 1 in counts:
+                    own, shared, replay = _scale_memory(top)
+                    points.append({
+                        "interfaces": i + 1, "attach_ms": times[-1],
+                        "attach_ms_median": _median(times),
+                        "shared_bytes": shared, "own_bytes": own,
+                        "per_interface_bytes": own / (i + 1), "total_bytes": own + shared,
+                        "replay_cache_bytes": replay,
+                        "total_with_slots_bytes": own + shared - replay
+                        + slot_bytes * cfg.guard.replay_cache})
+        finally:
+            for d in (top, state.RUN_DIR / me.dirname):
+                subprocess.run(["rm", "-rf", str(d)], check=False)
+    return {"replay_cache": cfg.guard.replay_cache, "slot_bytes": slot_bytes, "points": points}
+
+
+def _scale_memory(top: Path) -> tuple[int, int, int]:
+    """(bytes of per-interface maps, of shared maps, of the replay cache) below TOP."""
+    from .. import state
+
+    own = shared = replay = 0
+    for d, _, files in os.walk(top):
+        for name in files:
+            try:
+                b = state.memlock(os.path.join(d, name))
+            except (OSError, ValueError):
+                continue  # a program
+            if os.path.basename(d) == "guard" and os.path.dirname(d) == str(top):
+                shared += b
+                replay += b if name == "nt_replay" else 0
+            else:
+                own += b
+    return own, shared, replay
+
+
 def _time_apply(tmp: Path) -> dict[str, Any]:
     """10,000 /24 prefixes in 100 policies: parse, first apply, same again,
     and a different 10,000 over them (every entry replaced and deleted)."""
@@ -212,11 +285,12 @@ class _Producer:
     """Marked SYNs through the attached marker's own program (test_run), so
     the events are the real ones and go to the real ring buffer."""
 
-    def __init__(self, pin_dir: str) -> None:
+    def __init__(self, st: RoleState) -> None:
         from ..libbpf import Map
 
-        self.prog = Program.from_pinned(f"{pin_dir}/prog")
-        self.stats_map = Map.from_pinned(f"{pin_dir}/nt_mark_stats")
+        # Through the checked state directories, as every verb reads them.
+        self.prog = Program.from_pinned(st.pin("prog"))
+        self.stats_map = Map.from_pinned(st.pin("nt_mark_stats"))
         self.packet = _frame("198.18.212.2", dport=PORT)
 
     def stats(self) -> dict[str, int]:
@@ -284,10 +358,10 @@ def monitor_bench(ns: str, dev: str, events: int, quick: bool,
        that to 1.3 times it; the highest step with no event lost is what it
        sustains (a lower bound when even the last step lost nothing).
     """
-    from ..state import BPFFS, encode_ifname
+    from ..marker import Marker
 
-    pin_dir = str(BPFFS / "netoken" / encode_ifname(dev) / "marker")
-    prod = _Producer(pin_dir)
+    with netns(ns):
+        prod = _Producer(Marker.state_of(dev))
     mon: subprocess.Popen | None = None
     try:
         c0 = prod.stats()

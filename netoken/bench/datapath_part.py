@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..datapath import object_path
+from ..layout import MAX_IP6_EXT
 from ..libbpf import (
     XDP_FLAGS_DRV_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -37,6 +38,7 @@ class Contender:
     # When set, sample i runs packets[i]: paths that change state per packet
     # (the guard's replay cache) are measured on first sight, not on repeats.
     packets: tuple[bytes, ...] = ()
+    ref: str | None = None    # the reference program (bpf/reference.bpf.c) it is held against
     expect: str | None = None  # the counter reason this path must bump
     stats: Callable[[], dict[str, int]] | None = None  # counters EXPECT is read from
     before: Callable[[], None] | None = None  # untimed set-up before each sample
@@ -55,6 +57,8 @@ class Result:
     over_floor_ns: float | None = None
     repeat: int = 1
     path: str | None = None
+    ref: str | None = None
+    ratio_to_ref: float | None = None  # over floor / the reference's over floor
 
 
 def run_interleaved(contenders: list[Contender], samples: int,
@@ -80,11 +84,20 @@ def run_interleaved(contenders: list[Contender], samples: int,
         if progress and i % 100 == 0:
             progress(i)
     med = {name: _median(t) for name, t in times.items()}
+    floor = {c.name: c.floor for c in contenders}
+
+    def over(name: str) -> float | None:
+        f = floor[name]
+        return med[name] - med[f] if f else None
+
     out = []
     for c in contenders:
-        over = med[c.name] - med[c.floor] if c.floor else None
+        ratio = None
+        if c.ref is not None:
+            mine, ref = over(c.name), over(c.ref)
+            ratio = mine / ref if mine is not None and ref else None
         out.append(Result(c.name, med[c.name], _p99(times[c.name]), len(times[c.name]), c.floor,
-                          over, c.repeat, c.expect))
+                          over(c.name), c.repeat, c.expect, c.ref, ratio))
     return out
 
 
@@ -128,10 +141,15 @@ TC_REPEAT = 1000
 XDP_REPEAT = 1000
 
 
+REF_APPEND = "reference: static appender (seed)"
+REF_VERIFY = "reference: bare SipHash verifier"
+
+
 def marker_contenders(marker_prog: Program, empty_tc: Program,
                       stats: Callable[[], dict[str, int]] | None = None,
                       drain: Callable[[], None] | None = None,
                       full_ring: tuple[Program, Callable[[], dict[str, int]]] | None = None,
+                      refs: References | None = None,
                       ) -> list[Contender]:
     """The marker's paths at repeat=1, next to the empty TC program.
 
@@ -141,14 +159,19 @@ def marker_contenders(marker_prog: Program, empty_tc: Program,
     that record for the others.  FULL_RING is a second marker whose ring
     nobody reads, the state of every marker without a `monitor` running."""
     f = "empty tc"
+    ref = REF_APPEND if refs is not None else None
     out = [
         Contender(f, empty_tc, _frame(V4)),
         Contender("marker: IPv4 SYN, mac", marker_prog, _frame(V4), floor=f, expect="marked",
-                  stats=stats),
+                  stats=stats, ref=ref),
         Contender("marker: IPv4 SYN, static", marker_prog, _frame(V4_STATIC), floor=f,
-                  expect="marked", stats=stats),
+                  expect="marked", stats=stats, ref=ref),
         Contender("marker: IPv6 SYN, mac", marker_prog, _frame(V6), floor=f, expect="marked",
                   stats=stats),
+        # 32 bytes of options: the token only fits without the timestamps
+        Contender("marker: TFO cookie SYN + 100 B, make room", marker_prog,
+                  _frame(V4, payload=b"x" * 100, cookie=bytes(8)), floor=f,
+                  expect="room_from_ts", stats=stats),
         Contender("marker: SYN, no policy", marker_prog, _frame(V4_OTHER), floor=f,
                   expect="no_policy", stats=stats),
         Contender("marker: ACK, no payload", marker_prog, _frame(V4, "A"), floor=f,
@@ -165,7 +188,10 @@ def marker_contenders(marker_prog: Program, empty_tc: Program,
     if full_ring is not None:
         prog, full_stats = full_ring
         out.insert(4, Contender("marker: IPv4 SYN, mac, event ring full", prog, _frame(V4),
-                                floor=f, expect="events_lost", stats=full_stats))
+                                floor=f, expect="events_lost", stats=full_stats, ref=ref))
+    if refs is not None:
+        out.insert(1, Contender(REF_APPEND, refs.append, _frame(V4_STATIC), floor=f,
+                                expect="done", stats=refs.stats))
     return out
 
 
@@ -190,7 +216,8 @@ def _marked(marker_prog: Program, frame: bytes) -> bytes:
 
 
 def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Program,
-                     repeat: int = XDP_REPEAT) -> list[Contender]:
+                     repeat: int = XDP_REPEAT,
+                     refs: References | None = None) -> list[Contender]:
     """The guard's paths at a large repeat, next to the empty XDP program.
 
     A valid mac token is accepted once; every further run of the same packet
@@ -201,36 +228,48 @@ def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Progr
     valid = _marked(marker_prog, _frame(V4))
     bad = bytearray(_marked(marker_prog, _frame(V4)))
     bad[-1] ^= 0xFF  # the tag's last byte: the option is the TCP header's tail
+    ref = REF_VERIFY if refs is not None else None
+    reference = [Contender(REF_VERIFY, refs.verify, valid, repeat, f, expect="done",
+                           stats=refs.stats)] if refs else []
     return [
         Contender(f, empty_xdp, _frame(V4), repeat),
+        *reference,
         Contender("guard: valid SYN, seen before (replay)", guard_prog, valid, repeat, f,
-                  expect="replay"),
+                  expect="replay", ref=ref),
         Contender("guard: IPv6 valid SYN, seen before", guard_prog,
                   _marked(marker_prog, _frame(V6)), repeat, f, expect="replay"),
         Contender("guard: valid static-token SYN", guard_prog,
                   _marked(marker_prog, _frame(V4_STATIC)), repeat, f, expect="ok"),
         Contender("guard: SYN without token", guard_prog, _frame(V4), repeat, f,
                   expect="missing"),
-        Contender("guard: SYN with bad tag", guard_prog, bytes(bad), repeat, f,
-                  expect="bad_tag"),
+        Contender("guard: SYN with bad tag (forged)", guard_prog, bytes(bad), repeat, f,
+                  expect="bad_tag", ref=ref),
         Contender("guard: ACK to protected port", guard_prog, _frame(V4, "A"), repeat, f,
                   expect="not_syn"),
         Contender("guard: SYN, unprotected destination", guard_prog, _frame(V4_OTHER), repeat,
                   f, expect="unprotected"),
         Contender("guard: UDP", guard_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
+        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT} extension headers", guard_prog,
+                  _frame(V6, ext=MAX_IP6_EXT), repeat, f, expect="missing"),
+        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT + 1} (fails closed)", guard_prog,
+                  _frame(V6, ext=MAX_IP6_EXT + 1), repeat, f, expect="ipv6_ext"),
+        Contender("guard: TCP fragment to protected address", guard_prog,
+                  _frame(V4, fragment=True), repeat, f, expect="fragment"),
     ]
 
 
 def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
                                  marker_prog: Program, n: int,
-                                 drain: Callable[[], None]) -> tuple[list[Contender], int]:
+                                 drain: Callable[[], None],
+                                 refs: References | None = None,
+                                 ) -> tuple[list[Contender], int]:
     """Valid SYNs the guard has never seen, one run each (each is accepted
     and inserted into the replay cache), next to the empty XDP program and
     to a missing-token SYN at the same repeat=1; and how many marked SYNs
     had to be thrown away as repeats.
 
-    Same flow, same epoch: two tokens differ only by their 32-bit nonce, so
-    among n SYNs about n^2 / 2^33 repeat one (the guard would take the
+    Same flow, same epoch: two tokens differ only by their 48-bit nonce, so
+    among n SYNs about n^2 / 2^49 repeat one (the guard would take the
     second for a replay)."""
     f = "empty xdp"
     fresh: list[bytes] = []
@@ -245,10 +284,15 @@ def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
         fresh.append(pkt)
         if len(fresh) % 1000 == 0:
             drain()
+    ref = REF_VERIFY if refs is not None else None
+    reference = [Contender(REF_VERIFY, refs.verify, fresh[0], floor=f,
+                           packets=tuple(fresh[1:]), expect="done", stats=refs.stats)
+                 ] if refs else []
     return [
         Contender(f, empty_xdp, _frame(V4)),
+        *reference,
         Contender("guard: valid SYN, first sight", guard_prog, fresh[0], floor=f,
-                  packets=tuple(fresh[1:]), expect="ok"),
+                  packets=tuple(fresh[1:]), expect="ok", ref=ref),
         Contender("guard: SYN without token", guard_prog, _frame(V4), floor=f,
                   expect="missing"),
     ], repeats
@@ -293,15 +337,14 @@ def _xdp_parking(progs: list[Program]) -> Iterator[bool]:
     in the dispatcher, so the calls cost only their runs; the timed loop is
     the same.  Yields False (and parks nothing) where no namespace can be made.
     """
-    if len(progs) > 2:
-        raise ValueError("one veth pair parks two programs")
     ns = f"ntbench-{_tag()}-park"
-    devs = (f"ntbp{_tag()}a", f"ntbp{_tag()}b")
+    devs = [f"ntbp{_tag()}{i}" for i in range(len(progs) + len(progs) % 2)]
     made = parked = False
     try:
         made = _ip("netns", "add", ns, check=False).returncode == 0
         if made:
-            _ip("link", "add", devs[0], "type", "veth", "peer", "name", devs[1], ns=ns)
+            for a, b in zip(devs[::2], devs[1::2]):
+                _ip("link", "add", a, "type", "veth", "peer", "name", b, ns=ns)
             with netns(ns):
                 for dev, prog in zip(devs, progs):
                     xdp_attach(socket.if_nametoindex(dev), prog,
@@ -329,6 +372,38 @@ def _pinned_to_one_cpu() -> Iterator[int]:
         os.sched_setaffinity(0, before)
 
 
+@dataclass(frozen=True)
+class References:
+    """bpf/reference.bpf.c loaded: the two programs and their one counter map."""
+
+    append: Program
+    verify: Program
+    stats: Callable[[], dict[str, int]]  # "done" (edited/accepted) and "passed" (not)
+
+
+def _references(stack: ExitStack, cfg: Any) -> References:
+    """The reference programs, loaded, with key 1 of CFG and the clock offset."""
+    from .. import layout
+    from ..datapath import key_value, realtime_minus_tai_ns
+
+    ref = stack.enter_context(BpfObject.open(object_path("reference")))
+    ref.load()
+    zero = (0).to_bytes(4, "little")
+    ref.map("nt_ref_key").update(zero, key_value(cfg.keys[1]))
+    ref.map("nt_ref_clock").update(zero, realtime_minus_tai_ns().to_bytes(8, "little",
+                                                                          signed=True))
+    assert layout.MAC_OPT_LEN == 16  # the reference takes the option as the header's tail
+    counters = ref.map("nt_ref_stats")
+
+    def stats() -> dict[str, int]:
+        return {name: sum(int.from_bytes(v, "little")
+                          for v in counters.lookup_percpu(i.to_bytes(4, "little")) or [])
+                for i, name in enumerate(("done", "passed"))}
+
+    return References(ref.program("netoken_ref_append"), ref.program("netoken_ref_verify"),
+                      stats)
+
+
 def datapath(quick: bool = False, samples: int | None = None,
              progress: Progress = None) -> dict[str, Any]:
     """The datapath micro-benchmarks; SAMPLES overrides every group's sample count."""
@@ -345,6 +420,7 @@ def datapath(quick: bool = False, samples: int | None = None,
         empty = stack.enter_context(BpfObject.open(object_path("empty")))
         empty.load()
         empty_tc, empty_xdp = empty.program("netoken_empty_tc"), empty.program("netoken_empty_xdp")
+        refs = _references(stack, cfg)
         marker = stack.enter_context(Marker.load())
         marker.configure(cfg)
         guard = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache))
@@ -358,7 +434,7 @@ def datapath(quick: bool = False, samples: int | None = None,
         full.configure(cfg)
         _fill_ring(full)
 
-        parked = stack.enter_context(_xdp_parking([empty_xdp, guard.prog]))
+        parked = stack.enter_context(_xdp_parking([empty_xdp, guard.prog, refs.verify]))
         # Without parking every XDP sample costs ~20 ms of harness: fewer samples.
         nx = nr if parked else min(nr, 50)
         cpu = stack.enter_context(_pinned_to_one_cpu())
@@ -373,11 +449,11 @@ def datapath(quick: bool = False, samples: int | None = None,
 
         group("marker (TC egress), one run per sample",
               marker_contenders(marker.prog, empty_tc, marker.stats, mark_ring.consume,
-                                (full.prog, full.stats)), n1, marker.stats)
+                                (full.prog, full.stats), refs), n1, marker.stats)
         group(f"marker, paths that leave the packet alone, {TC_REPEAT} runs per sample",
               marker_repeat_contenders(marker.prog, empty_tc), nr, marker.stats)
 
-        gc = guard_contenders(guard.prog, empty_xdp, marker.prog)
+        gc = guard_contenders(guard.prog, empty_xdp, marker.prog, refs=refs)
         for c in gc:
             if c.expect == "replay":
                 c.prog.test_run(c.packet)  # first sight: every later run is a replay
@@ -393,7 +469,7 @@ def datapath(quick: bool = False, samples: int | None = None,
         spend_event_budget()
         group(f"guard (XDP), {XDP_REPEAT} runs per sample", gc, nx, guard.stats)
         first, repeats = guard_first_sight_contenders(guard.prog, empty_xdp, marker.prog, n1,
-                                                      mark_ring.consume)
+                                                      mark_ring.consume, refs)
         spend_event_budget()
         before = guard.stats()
         group("guard, valid SYNs on first sight, one run per sample", first, n1, guard.stats)

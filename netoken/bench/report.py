@@ -29,15 +29,17 @@ def _datapath_lines(d: dict[str, Any]) -> list[str]:
                  _n(r["median_ns"], ".1f" if g["repeat"] > 1 else ".0f"),
                  _n(r["p99_ns"], ".1f" if g["repeat"] > 1 else ".0f"),
                  "" if r["over_floor_ns"] is None else format(r["over_floor_ns"], "+.1f"
-                                                                if g["repeat"] > 1 else "+.0f")]
+                                                                if g["repeat"] > 1 else "+.0f"),
+                 "" if r.get("ratio_to_ref") is None else f"{r['ratio_to_ref']:.2f}x"]
                 for r in g["rows"]]
-        out += ["  " + ln for ln in _table(["contender", "median", "p99", "over floor"], rows,
-                                           [False, True, True, True])]
+        out += ["  " + ln for ln in _table(["contender", "median", "p99", "over floor",
+                                            "vs reference"], rows,
+                                           [False, True, True, True, True])]
     note = "XDP programs parked on a veth (repeat>1 without dispatcher swaps)" \
         if d.get("xdp_parked") else "XDP not parked: few samples"
     out.append(f"  pinned to CPU {d['cpu']}; {note}; replay cache {d['replay_cache']:,} entries")
     out.append(f"  first sight: {d.get('first_sight_repeated_tokens', 0)} of the marked SYNs "
-               "repeated an earlier token (same flow and epoch, same 32-bit nonce): set aside")
+               "repeated an earlier token (same flow and epoch, same 48-bit nonce): set aside")
     return out
 
 
@@ -113,6 +115,10 @@ def _e2e_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def _control_lines(d: dict[str, Any]) -> list[str]:
     out = ["Control plane"]
     if "error" in d:
@@ -124,6 +130,19 @@ def _control_lines(d: dict[str, Any]) -> list[str]:
             out.append(f"  {title} (library, median of {a['reps']}{extra}): "
                        f"load {a['load']:.1f} ms + configure {a['configure']:.1f} ms + "
                        f"attach {a['attach']:.1f} ms = {a['total']:.1f} ms")
+    gs = d.get("guard_scale")
+    if gs and "error" not in gs:
+        out.append(f"  guards in one network namespace (replay cache {gs['replay_cache']:,} "
+                   f"entries, LRU hash; memory = memlock of netoken's maps)")
+        rows = [[str(p["interfaces"]), f"{p['attach_ms']:.0f}", f"{p['attach_ms_median']:.0f}",
+                 _mib(p["shared_bytes"]), f"{p['per_interface_bytes'] / 1024:.1f} KiB",
+                 _mib(p["total_bytes"]), _mib(p["total_with_slots_bytes"])]
+                for p in gs["points"]]
+        out += ["  " + ln for ln in _table(
+            ["interfaces", "last attach ms", "median ms", "shared", "per interface", "total",
+             f"with {gs['slot_bytes']}-byte slots"], rows, [True] * 7)]
+    elif gs:
+        out.append(f"  guard scale: error: {gs['error']}")
     ap = d.get("apply_10k")
     if ap and "error" not in ap:
         out.append(f"  10,000 prefixes in {ap['policies']} policies: load+validate TOML "
