@@ -23,6 +23,13 @@ _ids = itertools.count()
 TEST_KEY = bytes(range(16))
 
 
+def rounds(n: int) -> int:
+    """N iterations for a long randomized loop, or the share of them that
+    NETOKEN_TEST_ROUNDS asks for: make test-kernels runs such loops at a tenth
+    under emulation, where each costs ~50 times what it does natively."""
+    return max(1, round(n * float(os.environ.get("NETOKEN_TEST_ROUNDS", "1"))))
+
+
 def uid(prefix: str) -> str:
     """A name unique to this run and call, short enough for an interface (15)."""
     return f"{prefix}{os.getpid() % 100000:05d}{next(_ids):03d}"[:15]

@@ -26,7 +26,7 @@ from netoken import layout, token
 from netoken.guard import Guard, GuardEvent
 from netoken.marker import Marker
 
-from .conftest import TEST_KEY
+from .conftest import TEST_KEY, rounds
 from .pkt import (
     DST_MAC,
     LINUX_SYN_OPTS,
@@ -602,7 +602,7 @@ def test_ipv6_ext_event_has_addresses_and_no_ports(tmp_path, hook):
 
 def test_forged_tags_never_pass(guard):
     """100,000 random tags (and nonces) with a valid key id and epoch."""
-    n = 100_000
+    n = rounds(100_000)
     e = steady_epoch()
     template = bytearray(with_options(mac_option(epoch=e)))
     off = parse(bytes(template)).l4 + 20 + 6   # nonce, then tag
@@ -767,7 +767,7 @@ def test_guard_agrees_with_the_reference_on_mutated_options(guard):
     pieces = [b"\x01", b"\x00", b"\x02\x04\x05\xb4", b"\x04\x02", b"\x03\x03\x07",
               b"\x08\x0a" + bytes(8), b"\xfd\x04\x6e\x74", b"\xfd\x06\x12\x34\x00\x00"]
     seen: dict[str, int] = {}
-    for _ in range(3000):
+    for _ in range(rounds(3000)):
         if rng.random() < 0.1:
             opt = bytearray(token.encode_static(253, 0x6E74, rng.choice((STATIC, STATIC ^ 1))))
         else:

@@ -8,6 +8,8 @@ number no kernel knows; the probe that answers is the same real one.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 from netoken import kernel
 from netoken import libbpf as lb
+from netoken.datapath import object_path
 
 from .conftest import Lab, make_config, run
 from .test_cli import pin_dir
@@ -35,6 +38,27 @@ destinations = ["198.18.7.2/32"]
 ports = [8080]
 keys = [1]
 """
+
+
+def helpers_called(obj: str) -> set[int]:
+    """BPF_FUNC_ numbers an object calls: `call` with src_reg 0 (1 is a call
+    to one of its own functions)."""
+    objdump = shutil.which("llvm-objdump-19") or shutil.which("llvm-objdump")
+    assert objdump, "llvm-objdump not found (apt-get install llvm-19)"
+    text = subprocess.run([objdump, "-d", str(object_path(obj))], check=True,
+                          capture_output=True, text=True).stdout
+    return {int.from_bytes(bytes.fromhex(imm), "little")
+            for imm in re.findall(r"\b85 00 00 00 ((?:[0-9a-f]{2} ){3}[0-9a-f]{2})\s+call", text)}
+
+
+def test_the_probed_helpers_are_the_young_ones_the_programs_call():
+    called = helpers_called("marker") | helpers_called("guard")
+    probed = {helper for _, helper, _, _ in kernel.HELPERS}
+    # Helper numbers are handed out in order: those below the oldest probed
+    # one are older than it, the others must all be probed.
+    assert {h for h in called if h >= min(probed)} == probed
+    assert kernel.MINIMUM == max((since for *_, since in kernel.HELPERS),
+                                 key=lambda v: tuple(map(int, v.split("."))))
 
 
 def test_this_kernel_has_every_feature_netoken_needs():
