@@ -20,13 +20,17 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, state
 from .config import generate_key, key_file_bytes
 from .config import load as load_config
 from .errors import BPFError, NetokenError
+from .present import error_line
 from .state import RoleState
+
+if TYPE_CHECKING:
+    from .program import ProgramRole
 
 DEFAULT_CONFIG = "/etc/netoken/netoken.toml"
 
@@ -115,15 +119,17 @@ def _others_text(others: list[state.OtherNetns], limit: int = 4) -> str:
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
     if ifname is None or states:
         return
-    from .marker import ifindex
+    from .program import ifindex
 
-    ifindex(ifname)  # raises "interface ... does not exist"
+    ifindex(ifname, CliError)  # raises "interface ... does not exist"
 
 
-def _with_role(states: list[RoleState]) -> list[tuple[RoleState, state.Role]]:
+def _with_role(states: list[RoleState]) -> list[tuple[RoleState, ProgramRole]]:
+    from .roles import role
+
     out = []
     for st in states:
-        r = state.role(st.role)
+        r = role(st.role)
         if r is not None and st.exists():
             out.append((st, r))
     return out
@@ -189,14 +195,14 @@ def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
     that one of them cannot take changes nothing."""
     states = _states(ifname)
     _require_iface_or_state(ifname, states)
-    roles = [(st, r) for st, r in _with_role(states) if hasattr(r, "apply")]
+    roles = _with_role(states)
     if not roles:
         raise CliError(
             f"no marker on {ifname} and no guard either; attach one first "
             f"(netoken mark|guard attach {ifname} -c FILE)"
         )
     for _, r in roles:
-        r.check(cfg)
+        r.check_apply(cfg)
     return [r.apply(ifname, cfg) for _, r in roles]
 
 
@@ -342,8 +348,9 @@ def cmd_guard_detach(args: argparse.Namespace) -> int:
 def _generic_status(st: RoleState) -> dict[str, Any]:
     """For a role whose module is missing: what the pins alone tell."""
     from .libbpf import Program
+    from .roles import role
 
-    why = ("incomplete pinned state (no program pin)" if state.role(st.role) is not None
+    why = ("incomplete pinned state (no program pin)" if role(st.role) is not None
            else "unknown (no support for this role installed)")
     d: dict[str, Any] = {"ifname": st.ifname, "role": st.role, "pinned": str(st.pin_dir),
                          "state": why}
@@ -357,22 +364,20 @@ def _generic_status(st: RoleState) -> dict[str, Any]:
 def status(ifname: str | None = None, quiet: bool = False) -> list[dict[str, Any]]:
     """What netoken has attached in this network namespace, role by role,
     and netoken programs attached without pinned state (ghosts)."""
+    from .roles import ROLES
+
     states = state.all_states(ifname) if quiet else _states(ifname)
     out = []
     for st in states:
-        r = state.role(st.role)
+        r = ROLES.get(st.role)
         out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
     target = states[0].ifindex if states else None
     if ifname is not None and target is None:
         target = _ifindex_or_none(ifname)
     if ifname is None or target is not None:
-        for name in state.ROLE_MODULES:
-            r = state.role(name)
-            find = getattr(r, "ghosts", None)
-            if find is None:
-                continue
+        for name, r in ROLES.items():
             pinned = {st.ifindex for st in states if st.role == name}
-            out += [g for g in find(pinned) if ifname is None or g["ifindex"] == target]
+            out += [g for g in r.ghosts(pinned) if ifname is None or g["ifindex"] == target]
     if ifname is not None and not out:
         _require_iface_or_state(ifname, states)
     if out:
@@ -418,7 +423,7 @@ def status_all_netns() -> list[dict[str, Any]]:
                 continue
             except (OSError, NetokenError, BPFError) as e:
                 # It went away, or its state changed while being read.
-                why = f"cannot read: {_error_line(e)}"
+                why = f"cannot read: {error_line(e)}"
         else:
             why = "network namespace not found (gone?)"
         run = state.RUN_DIR / other.netns.dirname
@@ -449,6 +454,8 @@ def _netns_header(ns: dict[str, Any] | None) -> str:
 
 
 def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
+    from .roles import ROLES
+
     last: tuple[Any, Any] | None = None
     ns_last: Any = ()
     for d in items:
@@ -464,7 +471,7 @@ def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
             extra = f" (ifindex {idx}" + (f", attached as {was})" if was else ")") if idx else ""
             print(f"{indent}{d['ifname']}{extra}")
             last = (d["ifname"], key)
-        r = state.role(d["role"]) if d.get("role") else None
+        r = ROLES.get(d["role"]) if d.get("role") else None
         if d.get("ghost"):
             head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
                     f"program runs here without pinned state")
@@ -527,18 +534,17 @@ def stats(ifname: str | None = None) -> list[dict[str, Any]]:
     out = []
     for st, r in _with_role(states):
         item: dict[str, Any] = {"ifname": st.ifname, "role": r.name, "counters": r.stats(st)}
-        extra = getattr(r, "stats_extra", None)
-        if extra is not None:
-            item.update(extra(st))
+        item.update(r.stats_extra(st))
         out.append(item)
     return out
 
 
 def _flat(d: dict[str, Any]) -> dict[str, int]:
     """Counters plus the role's extra ones (e.g. per key), as name -> count."""
-    r = state.role(d["role"])
-    extra = getattr(r, "extra_counters", None)
-    return {**d["counters"], **(extra(d) if extra is not None else {})}
+    from .roles import role
+
+    r = role(d["role"])
+    return {**d["counters"], **(r.extra_counters(d) if r is not None else {})}
 
 
 def _rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]], dt: float) -> None:
@@ -643,7 +649,7 @@ def monitor(
     on_lost: Callable[[dict[str, Any]], None],
     count: int | None = None,
     backlog: bool = False,
-    ready: Callable[[list[tuple[RoleState, state.Role]]], None] | None = None,
+    ready: Callable[[list[tuple[RoleState, ProgramRole]]], None] | None = None,
 ) -> tuple[int, int]:
     """Follow ring-buffer events of every role with state until COUNT events
     (or forever); returns (events seen, events lost meanwhile)."""
@@ -687,9 +693,8 @@ def monitor(
         for st, r in roles:
             with contextlib.suppress(OSError):
                 out[(st.ifname, r.name, "lost")] = r.lost_events(st)
-                suppressed = getattr(r, "suppressed_events", None)
-                if suppressed is not None:
-                    out[(st.ifname, r.name, "suppressed")] = suppressed(st)
+                if r.RATE_LIMITED:
+                    out[(st.ifname, r.name, "suppressed")] = r.suppressed_events(st)
         return out
 
     def check_lost() -> None:
@@ -706,12 +711,10 @@ def monitor(
     try:
         rings: set[tuple[str, int]] = set()
         for st, r in roles:
-            ring = getattr(r, "events_id", None)
-            if ring is not None:
-                key = (r.name, ring(st))
-                if key in rings:
-                    continue
-                rings.add(key)
+            key = (r.name, r.events_id(st))
+            if key in rings:
+                continue
+            rings.add(key)
             rbs.append(r.open_events(st, on_event))
         # Records queued while nobody listened may be hours old: skip them
         # unless asked, so the stream shows what happens now.
@@ -753,21 +756,23 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     headers_done: list[bool] = []
     suppressed: list[int] = []  # empty: no role followed has a rate limit
 
-    def ready(roles: list[tuple[RoleState, state.Role]]) -> None:
+    def ready(roles: list[tuple[RoleState, ProgramRole]]) -> None:
         where = ", ".join(f"{st.ifname} {r.name}" for st, r in roles)
         _note(f"following events of {where}; Ctrl-C to stop")
         if not args.json:
             for header in dict.fromkeys(r.event_header() for _, r in roles):
                 print(header, flush=True)
         headers_done.append(True)
-        if any(hasattr(r, "suppressed_events") for _, r in roles):
+        if any(r.RATE_LIMITED for _, r in roles):
             suppressed.append(0)
 
     def emit(e: dict[str, Any]) -> None:
         if args.json:
             _emit_json(e, args.pretty)
         else:
-            r = state.role(e["role"])
+            from .roles import role
+
+            r = role(e["role"])
             print(r.event_line(e) if r is not None else json.dumps(e), flush=True)
 
     def on_lost(d: dict[str, Any]) -> None:
@@ -1101,10 +1106,6 @@ def build_parser() -> argparse.ArgumentParser:
 # entry point
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split("\n")[0].split()) if text else text
-
-
 @contextlib.contextmanager
 def _in_netns(name: str | None) -> Iterator[None]:
     if name is None:
@@ -1153,9 +1154,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every error becomes one line
         if args.json:
             # bpftool's convention: scripts reading stdout get the error there.
-            _emit_json({"error": _error_line(e)}, args.pretty)
+            _emit_json({"error": error_line(e)}, args.pretty)
         else:
-            _note(_error_line(e))
+            _note(error_line(e))
         if args.debug:
             if isinstance(e, BPFError) and e.detail:
                 print(e.detail, file=sys.stderr)
@@ -1171,24 +1172,6 @@ def _sigint(signum: int, frame: object) -> None:
         lb.interrupt_handler(signum, frame)
         return
     raise KeyboardInterrupt
-
-
-def _error_line(e: Exception) -> str:
-    # State directories are used through their fds; say which path they are.
-    return state.shown(_error_text(e))
-
-
-def _error_text(e: Exception) -> str:
-    if isinstance(e, NetokenError):
-        return _one_line(str(e))
-    if isinstance(e, BPFError):
-        return e.user_message()
-    if isinstance(e, FileNotFoundError) and e.filename is None:
-        return _one_line(str(e))  # ours: object file or namespace missing
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    return f"internal error: {type(e).__name__}: {_one_line(str(e))} (--debug for a traceback)"
 
 
 if __name__ == "__main__":

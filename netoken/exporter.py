@@ -242,16 +242,17 @@ class NetokenCollector:
             self._warn_once(f"cannot list pinned state: {e}")
             self._read_error(s)
             return s
+        from .roles import role
+
         for st in states:
-            r = state.role(st.role)
+            r = role(st.role)
             if r is None or not st.exists():
                 continue
             try:
                 counters = r.stats(st)
-                # Optional Role method (state.py): the sections `netoken stats
-                # --json` shows next to the counters, e.g. the guard's keys.
-                stats_extra = getattr(r, "stats_extra", None)
-                extra = stats_extra(st) if stats_extra is not None else {}
+                # The sections `netoken stats --json` shows next to the
+                # counters, e.g. the guard's keys.
+                extra = r.stats_extra(st)
                 status = r.status(st)
                 _add_configured_keys(extra, status)
             except Exception as e:  # noqa: BLE001 - one bad role must not fail the scrape

@@ -633,10 +633,6 @@ class Guard(PinnedProgram):
             raise GuardError(f"{ifname}: XDP attach reported success but the guard is not attached")
         return XdpAttachment(idx, now[0], now[1])  # type: ignore[arg-type]
 
-    def detach(self, ifname: str) -> bool:
-        """Remove netoken's guard from IFNAME (see the module-level detach)."""
-        return detach(ifname)
-
     def key_stats(self) -> dict[int, dict[str, int]]:
         """{key id: {"ok": n, "bad": n}} for every key id seen in a mac option.
 
@@ -1309,13 +1305,18 @@ def _protect_ids_from_lpm(paths: list[str], base: int) -> list[int]:
 
 
 class GuardRole(ProgramRole):
-    """status/stats/monitor/apply for pinned guards (see state.Role)."""
+    """The guard as netoken/roles.py lists it (see program.ProgramRole)."""
 
     name = ROLE_NAME
     PROGRAM = Guard
     RUNS = "XDP"  # "filter" for a guard at TC (see attachment())
 
+    RATE_LIMITED = True
+
     def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def check_apply(self, cfg: Config) -> None:
         if cfg.guard is None:
             raise ConfigError(
                 cfg.path, None, "no [guard] section, but a guard is attached here; add one, "
@@ -1323,8 +1324,14 @@ class GuardRole(ProgramRole):
             )
         check(cfg)
 
-    def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
+    def attach(self, ifname: str, cfg: Config, **opts: Any) -> dict[str, Any]:
+        return attach_pinned(ifname, cfg, **opts)
+
+    def apply(self, ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
         return apply(ifname, cfg)
+
+    def detach(self, ifname: str) -> dict[str, Any]:
+        return detach_pinned(ifname)
 
     def meta(self, st: RoleState) -> dict[str, Any]:
         # The config is described once for the namespace, unless this guard

@@ -385,7 +385,7 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
 
 
 class MarkerRole(ProgramRole):
-    """status/stats/monitor for pinned markers (see state.Role)."""
+    """The marker as netoken/roles.py lists it (see program.ProgramRole)."""
 
     name = ROLE_NAME
     PROGRAM = Marker
@@ -394,8 +394,14 @@ class MarkerRole(ProgramRole):
     def check(self, cfg: Config) -> None:
         check(cfg)
 
-    def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
-        return apply(ifname, cfg)
+    def attach(self, ifname: str, cfg: Config, **opts: Any) -> dict[str, Any]:
+        return attach_pinned(ifname, cfg, **opts)
+
+    def apply(self, ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
+        return apply(ifname, cfg, now)
+
+    def detach(self, ifname: str) -> dict[str, Any]:
+        return detach_pinned(ifname)
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         live = tc.query(idx, "egress") if idx is not None else None

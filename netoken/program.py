@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from . import kernel, layout, state
 from .config import Config, iso
-from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
+from .datapath import object_path, percpu_counters, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
 from .state import PROG_PIN, PROG_PIN_NEW, RoleState
 from .token import key_fingerprint_int
@@ -310,11 +310,26 @@ class PinnedProgram:
     def _config(self) -> Any:
         return self.read_config(self.maps[self.CONFIG_MAP])
 
-    def sync_clock(self) -> None:
-        """Refresh the REALTIME-TAI offset (changes only with the TAI-UTC offset)."""
-        cur = self._config()
-        cur.realtime_minus_tai_ns = realtime_minus_tai_ns()
-        self.maps[self.CONFIG_MAP].update(u32(0), bytes(cur))
+    @classmethod
+    def sync_clock(cls, st: RoleState, want: int) -> int | None:
+        """Make the REALTIME-TAI offset in ST's config map WANT (it changes
+        only with the kernel's TAI-UTC offset); the old value if it was not.
+        A guard's config map is the namespace's, shared by all its guards."""
+        path = cls.map_pin(st, cls.CONFIG_MAP)
+        if path is None:
+            return None
+        with Map.from_pinned(path) as m:
+            if cls.read_config(m).realtime_minus_tai_ns == want:
+                return None
+            # Read again under the lock: an `apply` may be flipping the generation.
+            with state.locked():
+                cur = cls.read_config(m)
+                old: int = cur.realtime_minus_tai_ns
+                if old == want:
+                    return None
+                cur.realtime_minus_tai_ns = want
+                m.update(u32(0), bytes(cur))
+        return old
 
     def stats(self) -> dict[str, int]:
         """Counters by REASONS, summed over CPUs."""
@@ -514,11 +529,15 @@ def keys_line(keys: list[dict[str, Any]]) -> str:
 
 
 class ProgramRole:
-    """status/stats/monitor of a pinned program (see state.Role).
+    """One role (marker, guard) as the CLI, the agent and the exporter drive
+    it: attach, apply and detach on an interface, and the status, counters
+    and events of what is pinned (netoken/roles.py lists them).
 
-    Subclasses name their PinnedProgram and say how to find what runs on the
-    hook (:meth:`attachment`), what else their status holds
-    (:meth:`status_details`) and what their events carry (:meth:`event_fields`).
+    Subclasses name their PinnedProgram, implement the lifecycle, and say
+    how to find what runs on the hook (:meth:`attachment`), what else their
+    status holds (:meth:`status_details`) and what their events carry
+    (:meth:`event_fields`).  Everything else has a default here, so callers
+    never ask a role whether it has a method.
     """
 
     name: str
@@ -526,10 +545,42 @@ class ProgramRole:
     # What runs another program: "filter" (tc), "XDP"; an attachment may
     # say otherwise ("runs" in its status section).
     RUNS: ClassVar[str]
+    # Whether the role's events pass an in-kernel rate limit, whose
+    # withheld events `monitor` reports (see suppressed_events).
+    RATE_LIMITED: ClassVar[bool] = False
 
     def __init__(self) -> None:
         # netns cookie -> (when, shared bytes, instances): see memory()
         self._shared_memory: dict[int, tuple[float, int, int]] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def check(self, cfg: Config) -> None:
+        """Raise ConfigError if CFG cannot be attached in this role (no kernel access)."""
+        raise NotImplementedError
+
+    def check_apply(self, cfg: Config) -> None:
+        """Raise ConfigError if CFG cannot be applied to this role where it
+        is attached already (no kernel access)."""
+        self.check(cfg)
+
+    def attach(self, ifname: str, cfg: Config, **opts: Any) -> dict[str, Any]:
+        """Load, configure, pin and attach on IFNAME (atomic replace)."""
+        raise NotImplementedError
+
+    def apply(self, ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
+        """Make the live maps of IFNAME's pinned program hold CFG (key
+        schedule as of NOW); no reattach."""
+        raise NotImplementedError
+
+    def detach(self, ifname: str) -> dict[str, Any]:
+        """Remove the program and its pins from IFNAME."""
+        raise NotImplementedError
+
+    def state_of(self, ifname: str) -> RoleState:
+        return self.PROGRAM.state_of(ifname)
+
+    # -- status, counters, events -------------------------------------------
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         """(id of the program on IDX's hook or None, the status "attach" section)."""
@@ -628,8 +679,22 @@ class ProgramRole:
         with Map.from_pinned(st.pin(self.PROGRAM.STATS_MAP)) as m:
             return percpu_counters(m, self.PROGRAM.REASONS)
 
+    def stats_extra(self, st: RoleState) -> dict[str, Any]:
+        """More JSON sections next to "counters" in `stats` (none by default)."""
+        return {}
+
+    def extra_counters(self, item: dict[str, Any]) -> dict[str, int]:
+        """stats_extra of a `stats` ITEM as flat name -> count, for the line
+        and table views (--watch rates)."""
+        return {}
+
     def lost_events(self, st: RoleState) -> int:
         return self.stats(st)["events_lost"]
+
+    def suppressed_events(self, st: RoleState) -> int:
+        """Events withheld on purpose by the in-kernel rate limit (the
+        packets were still counted); 0 for a role without one."""
+        return 0
 
     def events_id(self, st: RoleState) -> int:
         """The id of ST's event ring: instances that share one have one reader."""
