@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, state
+from . import __version__, present, state
 from .config import generate_key, key_file_bytes
 from .config import load as load_config
 from .errors import BPFError, NetokenError
@@ -61,16 +61,18 @@ def _note(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
-def _policies(n: int) -> str:
-    return f"{n} polic{'y' if n == 1 else 'ies'}"
+def _print(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
 
 
-def _protects(n: int) -> str:
-    return f"{n} protect entr{'y' if n == 1 else 'ies'}"
-
-
-def _keys(ids: list[int]) -> str:
-    return f"key id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" if ids else "no keys"
+def _output(args: argparse.Namespace, doc: Any, text: Callable[[Any], list[str]]) -> int:
+    """DOC as JSON with --json, else as TEXT(DOC) says."""
+    if args.json:
+        _emit_json(doc, args.pretty)
+    else:
+        _print(text(doc))
+    return 0
 
 
 def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
@@ -93,27 +95,12 @@ def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
 def _note_others() -> None:
     if not _noted[0]:
         # once: `stats --watch` calls this every interval
-        _noted[0] = _others_text(state.other_netns()) or "-"
+        _noted[0] = present.other_netns(state.other_netns()) or "-"
         if _noted[0] != "-":
             _note(_noted[0])
 
 
 _noted = [""]
-
-
-def _others_text(others: list[state.OtherNetns], limit: int = 4) -> str:
-    """One line naming the other namespaces with netoken state, and what is there."""
-    others = [o for o in others if o.roles]
-    if not others:
-        return ""
-    parts = []
-    for o in others[:limit]:
-        what = ", ".join(f"{ifname} {role}" for ifname, role in o.roles)
-        parts.append(f"{state.netns_label(o.netns)} ({what})")
-    more = f" and {len(others) - limit} more" if len(others) > limit else ""
-    n = sum(len(o.roles) for o in others)
-    return (f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
-            f"(netoken -n NAME ..., or status --all-netns)")
 
 
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
@@ -146,46 +133,14 @@ def cmd_mark_attach(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not cfg.policies:
         _note(f"{args.config}: no [[policy]] entries; the marker will mark nothing")
-    res = marker.attach_pinned(args.iface, cfg)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    how = f"replaced prog {res['replaced_prog_id']}" if res["replaced_prog_id"] else "new"
-    print(
-        f"marker attached to {res['ifname']} egress: prog {res['prog_id']} tag {res['tag']}, "
-        f"tc handle 0x{res['handle']:x} prio {res['priority']} ({how})"
-    )
-    print(f"  {_policies(res['policies'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
-    return 0
+    return _output(args, marker.attach_pinned(args.iface, cfg), present.mark_attached)
 
 
 def cmd_mark_detach(args: argparse.Namespace) -> int:
     from . import marker
 
     state.require_privileges()
-    res = marker.detach_pinned(args.iface)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    where = _where(res)
-    if res["removed_prog_id"] is not None:
-        print(f"marker detached from {where}: removed prog {res['removed_prog_id']}, "
-              f"clsact {res['clsact']}")
-    elif not res["interface_present"]:
-        print(f"{where} is gone from this network namespace (its filter went with it); "
-              f"pins removed")
-    else:
-        print(f"no marker filter was attached to {where}; pins removed")
-    return 0
-
-
-def _where(res: dict[str, Any]) -> str:
-    """The interface a detach acted on, and the name it was attached under
-    if that differs (renamed since)."""
-    was = res.get("attached_as")
-    if was and was != res["ifname"] and res["interface_present"]:
-        return f"{res['ifname']} (attached as {was}, ifindex {res['ifindex']})"
-    return res["ifname"]
+    return _output(args, marker.detach_pinned(args.iface), present.mark_detached)
 
 
 def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
@@ -210,37 +165,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     state.require_privileges()
     cfg = load_config(args.config)
     results = apply(args.iface, cfg)
-    if args.json:
-        _emit_json(results, args.pretty)
-        return 0
-    for res in results:
-        if res["role"] == "marker":
-            print(f"applied {args.config} to the marker on {res['ifname']} (prog {res['prog_id']}): "
-                  f"{_policies(res['policies'])}, {_keys(res['keys'])}")
-            for what in ("added", "removed"):
-                if res[what]:
-                    print(f"  {what}: {', '.join(res[what])}")
-            from .schedule import lines
-
-            in_use = res["schedule"]["in_use"]
-            if any(len(p.keys) > 1 for p in cfg.policies):
-                print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
-            for line in lines(res["schedule"]):
-                print(f"  {line}")
-        elif res["role"] == "guard":
-            print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
-                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}")
-            if res["action_override"]:
-                print(_override_line(res))
-            if res["shared_by"] > 1:
-                print(_shared_line(res))
-            for what in ("added", "removed"):
-                if res[f"keys_{what}"]:
-                    print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
-            for note in res["notes"]:
+    several_keys = any(len(p.keys) > 1 for p in cfg.policies)
+    _output(args, results, lambda rs: [line for res in rs
+                                       for line in present.applied(res, args.config, several_keys)])
+    if not args.json:
+        for res in results:
+            for note in res.get("notes", []):
                 _note(note)
-        else:
-            print(f"applied {args.config} to the {res['role']} on {res['ifname']}")
     return 0
 
 
@@ -253,7 +184,6 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
 
     state.require_privileges()
     cfg = load_config(args.config)
-    guard.check(cfg)
     res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode,
                               hook=args.hook)
     try:
@@ -264,81 +194,18 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
     res["unguarded"] = [d.to_json() for d in doors]
     for d in doors:
         _note(d.message)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    if res["replaced_prog_id"] is None:
-        how = "new"
-    else:
-        how = f"replaced prog {res['replaced_prog_id']}"
-        if res["hook_switched"]:
-            how += f", hook switched {res['hook_switched']}: new one attached, then old removed"
-        elif res["mode_switched"]:
-            how += ", XDP mode switched: detach + attach"
-    cache = res["replay_cache"]
-    cache_text = {
-        "new": f"replay cache {cache['entries']} entries",
-        "kept": f"replay cache kept ({cache['entries']} entries)",
-        "resized": f"new replay cache of {cache['entries']} entries "
-                   f"({cache['copied']} live entries copied)",
-    }[cache["state"]]
-    where = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
-    print(f"guard attached to {res['ifname']} ({where}; hook {res['hook_reason']}): "
-          f"prog {res['prog_id']} tag {res['tag']} ({how})")
-    print(f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
-          f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
-    if res["action_override"]:
-        print(_override_line(res))
-    if res["shared_by"] > 1:
-        print(_shared_line(res))
-    for note in res["notes"]:
-        _note(note)
+    _output(args, res, present.guard_attached)
+    if not args.json:
+        for note in res["notes"]:
+            _note(note)
     return 0
-
-
-def _shared_line(res: dict[str, Any]) -> str:
-    n = res["shared_by"] - 1
-    others = f"the {n} other guards here run" if n > 1 else "the other guard here runs"
-    return (f"  config, keys and replay cache are per network namespace: {others} this "
-            f"config too")
-
-
-def _override_line(res: dict[str, Any]) -> str:
-    """The one line that says a sticky --mode decides, not the config."""
-    return (f"  action {res['action']} is a --mode override (the config says "
-            f"{res['config_action']}); it stays until `netoken guard attach {res['ifname']} "
-            f"-c FILE --mode config`")
 
 
 def cmd_guard_detach(args: argparse.Namespace) -> int:
     from . import guard
 
     state.require_privileges()
-    res = guard.detach_pinned(args.iface)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    f = res["foreign_prog"]
-    where = _where(res)
-    if res["removed_prog_id"] is not None:
-        how = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
-        qdisc = f", clsact qdisc {res['clsact']}" if res.get("clsact") else ""
-        print(f"guard detached from {where}: removed prog {res['removed_prog_id']} "
-              f"({how}{qdisc}); pins removed")
-    elif not res["interface_present"]:
-        print(f"{where} is gone from this network namespace (its guard program went with it); "
-              f"pins removed")
-    elif f is not None:
-        what = "XDP program" if f["hook"] == "xdp" else "tc ingress filter's program"
-        print(f"{what} {f['name']!r} (id {f['id']}) on {where} was not installed "
-              f"by netoken and stays attached; netoken's guard pins removed")
-    else:
-        print(f"no guard was attached to {where}; pins removed")
-    left = res["guards_left"]
-    if left:
-        print(f"  the shared guard state stays for the {left} other guard{'s' if left > 1 else ''} "
-              f"of this network namespace")
-    return 0
+    return _output(args, guard.detach_pinned(args.iface), present.guard_detached)
 
 
 # --------------------------------------------------------------------------
@@ -446,65 +313,6 @@ def status_all_netns() -> list[dict[str, Any]]:
     return items
 
 
-def _netns_header(ns: dict[str, Any] | None) -> str:
-    if ns is None:
-        return "state of an older netoken"
-    name = f"{ns['name']} " if ns.get("name") else ""
-    return f"network namespace {name}(net:[{ns['inode']}], cookie {ns['cookie']})"
-
-
-def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
-    from .roles import ROLES
-
-    last: tuple[Any, Any] | None = None
-    ns_last: Any = ()
-    for d in items:
-        ns = d.get("netns")
-        key = ns.get("cookie") if isinstance(ns, dict) else None
-        if all_netns and key != ns_last:
-            print(_netns_header(ns))
-            ns_last, last = key, None
-        indent = "  " if all_netns else ""
-        if (d["ifname"], key) != last:
-            idx = d.get("ifindex")
-            was = d.get("attached_as")
-            extra = f" (ifindex {idx}" + (f", attached as {was})" if was else ")") if idx else ""
-            print(f"{indent}{d['ifname']}{extra}")
-            last = (d["ifname"], key)
-        r = ROLES.get(d["role"]) if d.get("role") else None
-        if d.get("ghost"):
-            head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
-                    f"program runs here without pinned state")
-            lines = [head, f"remove it with: {d['remove']}"]
-        elif r is not None and "attach" in d:
-            lines = r.status_lines(d)
-        else:
-            lines = [f"{d['state']}", f"pinned   {d['pinned']}"]
-            if d.get("prog"):
-                lines[0] = f"prog {d['prog']['id']}  {d['state']}"
-            if d.get("remove"):
-                lines.append(f"remove   {d['remove']}")
-        role = d.get("role") or "?"
-        print(f"{indent}  {role:<7} {lines[0]}")
-        for line in lines[1:]:
-            print(f"{indent}  {'':<7} {line}")
-
-
-def _memory_line(items: list[dict[str, Any]]) -> str | None:
-    """Total kernel memory of netoken's maps in this namespace, shared state once."""
-    mems = [d["memory"] for d in items if isinstance(d.get("memory"), dict)]
-    if not mems:
-        return None
-    own = sum(m["own"] for m in mems)
-    shared = max((m.get("shared", 0) for m in mems if m.get("shared_by")), default=0)
-    from .program import fmt_bytes
-
-    text = f"memory: {fmt_bytes(own + shared)} in netoken's maps here"
-    if shared:
-        text += f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
-    return text
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
     items = status_all_netns() if args.all_netns else status(args.iface)
@@ -514,16 +322,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not items:
         print(f"nothing attached{' to ' + args.iface if args.iface else ''}")
         return 0
-    _print_status(items, args.all_netns)
+    _print(present.status(items, args.all_netns))
     if not args.all_netns and args.iface is None:
-        line = _memory_line(items)
+        line = present.memory_line(items)
         if line:
             print(line)
     doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
     if doors:
-        print("\nnot guarded (traffic enters this host past every guard):")
-        for door in doors:
-            print(f"  {door['message']}")
+        _print(present.unguarded(doors))
     return 0
 
 
@@ -539,46 +345,14 @@ def stats(ifname: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def _flat(d: dict[str, Any]) -> dict[str, int]:
-    """Counters plus the role's extra ones (e.g. per key), as name -> count."""
-    from .roles import role
-
-    r = role(d["role"])
-    return {**d["counters"], **(r.extra_counters(d) if r is not None else {})}
-
-
 def _rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]], dt: float) -> None:
-    before = {(d["ifname"], d["role"]): _flat(d) for d in prev}
+    before = {(d["ifname"], d["role"]): present.counters(d) for d in prev}
     for d in cur:
         old = before.get((d["ifname"], d["role"]), {})
         d["rates"] = {
             k: round(max(0, v - old.get(k, v)) / dt, 1) if dt > 0 else 0.0
-            for k, v in _flat(d).items()
+            for k, v in present.counters(d).items()
         }
-
-
-def _print_stats(items: list[dict[str, Any]]) -> None:
-    if not items:
-        print("nothing attached")
-    for d in items:
-        print(f"{d['ifname']}  {d['role']}")
-        for k, v in _flat(d).items():
-            print(f"  {k:<17} {v:>14}")
-
-
-def _stats_table(items: list[dict[str, Any]], interval: float):
-    from rich.table import Table
-
-    t = Table(title=f"netoken stats (every {interval:g}s, Ctrl-C to quit)", title_justify="left")
-    for col, just in (("IFACE", "left"), ("ROLE", "left"), ("REASON", "left"),
-                      ("COUNT", "right"), ("RATE/s", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for d in items:
-        for k, v in _flat(d).items():
-            rate = d.get("rates", {}).get(k, 0.0)
-            style = "bold" if rate else ("dim" if not v else None)
-            t.add_row(d["ifname"], d["role"], k, f"{v:,}", f"{rate:,.1f}", style=style)
-    return t
 
 
 def watch_stats(
@@ -588,7 +362,7 @@ def watch_stats(
     prev = stats(ifname)
     t_prev = time.monotonic()
     for d in prev:
-        d["rates"] = dict.fromkeys(_flat(d), 0.0)
+        d["rates"] = dict.fromkeys(present.counters(d), 0.0)
     emit(prev, time.time())
     while True:
         time.sleep(interval)
@@ -602,45 +376,27 @@ def watch_stats(
 def cmd_stats(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
     if not args.watch:
-        items = stats(args.iface)
-        if args.json:
-            _emit_json(items, args.pretty)
-        else:
-            _print_stats(items)
-        return 0
+        return _output(args, stats(args.iface), present.stats)
     if args.interval <= 0:
         raise CliError("--interval must be positive")
     try:
         if args.json:
             watch_stats(args.iface, args.interval, lambda items, now: _emit_json(
-                {"time": _iso(now), "interval": args.interval, "stats": items}, args.pretty))
+                {"time": present.iso(now), "interval": args.interval, "stats": items},
+                args.pretty))
         elif sys.stdout.isatty():
             from rich.console import Console
             from rich.live import Live
 
             with Live(console=Console(), auto_refresh=False) as live:
                 watch_stats(args.iface, args.interval, lambda items, _now: live.update(
-                    _stats_table(items, args.interval), refresh=True))
+                    present.stats_table(items, args.interval), refresh=True))
         else:
-            watch_stats(args.iface, args.interval, _stats_lines)
+            watch_stats(args.iface, args.interval,
+                        lambda items, now: _print(present.stats_watch_lines(items, now)))
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _iso(t: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
-
-
-def _stats_lines(items: list[dict[str, Any]], now: float) -> None:
-    """Piped --watch: one self-contained line per role and interval."""
-    for d in items:
-        parts = [f"{k}={v} ({d['rates'].get(k, 0):g}/s)" for k, v in _flat(d).items() if v]
-        print(f"{_iso(now)} {d['ifname']} {d['role']} " + (" ".join(parts) or "all zero"),
-              flush=True)
 
 
 def monitor(
@@ -704,7 +460,7 @@ def monitor(
             if n > missed.get(key, n):
                 if what == "lost":
                     lost_total += n - missed[key]
-                on_lost({"time": _iso(time.time()), "ifname": ifname, "role": role,
+                on_lost({"time": present.iso(time.time()), "ifname": ifname, "role": role,
                          what: n - missed[key], f"{what}_total": n})
             missed[key] = n
 
@@ -760,8 +516,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         where = ", ".join(f"{st.ifname} {r.name}" for st, r in roles)
         _note(f"following events of {where}; Ctrl-C to stop")
         if not args.json:
-            for header in dict.fromkeys(r.event_header() for _, r in roles):
-                print(header, flush=True)
+            _print(list(dict.fromkeys(present.VIEWS[r.name].event_header() for _, r in roles)))
         headers_done.append(True)
         if any(r.RATE_LIMITED for _, r in roles):
             suppressed.append(0)
@@ -770,22 +525,15 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(e, args.pretty)
         else:
-            from .roles import role
-
-            r = role(e["role"])
-            print(r.event_line(e) if r is not None else json.dumps(e), flush=True)
+            print(present.event_line(e), flush=True)
 
     def on_lost(d: dict[str, Any]) -> None:
         if "suppressed" in d:
             suppressed.append(d["suppressed"])
         if args.json:
             _emit_json(d, args.pretty)
-        elif "suppressed" in d:
-            print(f"-- {d['suppressed']} event(s) suppressed on {d['ifname']} {d['role']} "
-                  f"(rate limit; {d['suppressed_total']} since attach) --", flush=True)
         else:
-            print(f"-- {d['lost']} event(s) lost on {d['ifname']} {d['role']} "
-                  f"(ring buffer full; {d['lost_total']} lost since attach) --", flush=True)
+            print(present.missed_line(d), flush=True)
 
     seen = lost = 0
     try:
@@ -824,31 +572,18 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Everything `attach` would refuse, without touching the kernel."""
-    from .schedule import lines, plan
+    from .schedule import plan
 
     cfg = load_config(args.file)
-    protects = len(cfg.guard.protect) if cfg.guard else 0
-    sched = plan(cfg, time.time())
     agent = cfg.agent
-    if args.json:
-        _emit_json({"file": os.path.abspath(args.file), "valid": True,
-                    "keys": sorted(cfg.keys), "policies": len(cfg.policies),
-                    "protect": protects, "schedule": sched,
-                    "agent": None if agent is None else {
-                        "mark": list(agent.mark), "guard": list(agent.guard),
-                        "metrics": agent.metrics}}, args.pretty)
-    else:
-        print(f"{args.file}: valid: {_keys(sorted(cfg.keys))}, {_policies(len(cfg.policies))}, "
-              f"{_protects(protects)}")
-        if any(len(p.keys) > 1 for p in cfg.policies):
-            print("  keys in use now: " + ", ".join(f"{n} key {k}"
-                                                    for n, k in sched["in_use"].items()))
-        for line in lines(sched):
-            print(f"  {line}")
-        if agent is not None:
-            print(f"  agent: marker on {' '.join(agent.mark) or 'nothing'}, guard on "
-                  f"{' '.join(agent.guard) or 'nothing'}, metrics {agent.metrics or 'off'}")
-    return 0
+    doc = {"file": os.path.abspath(args.file), "valid": True,
+           "keys": sorted(cfg.keys), "policies": len(cfg.policies),
+           "protect": len(cfg.guard.protect) if cfg.guard else 0,
+           "schedule": plan(cfg, time.time()),
+           "agent": None if agent is None else {
+               "mark": list(agent.mark), "guard": list(agent.guard), "metrics": agent.metrics}}
+    several_keys = any(len(p.keys) > 1 for p in cfg.policies)
+    return _output(args, doc, lambda d: present.config_checked(d, args.file, several_keys))
 
 
 # --------------------------------------------------------------------------

@@ -1416,54 +1416,11 @@ class GuardRole(ProgramRole):
         actions = {p["action"] for p in protect}
         d["action"] = d["action_override"] or (actions.pop() if len(actions) == 1 else "per entry")
 
-    def status_lines(self, d: dict[str, Any]) -> list[str]:
-        a = d["attach"]
-        if a["type"] == "tc":
-            where = (f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-                     f"prio {a['priority']}, {a['mode']}")
-        else:
-            how = "kernel's choice" if a["requested"] == "auto" else "forced"
-            where = f"xdp      {a['mode'] or '-'} ({how})"
-        if a.get("reason"):
-            where += f"; hook {a['reason']}"
-        lines = self.status_head(d, where)
-        src = "config"
-        if d["action_override"]:
-            says = d.get("config_action")
-            src = f"--mode; the config says {says}" if says else "--mode"
-        ev = d["events"]
-        lines.append(
-            f"action   {d['action']} ({src})  fragments {d['fragments']}  skew ±{d['skew']}  "
-            f"replay cache {d['replay_cache']['entries']} entries  "
-            f"events ≤{ev['rate']}/s burst {ev['burst']} per CPU"
-        )
-        lines.append(program.keys_line(d["keys"]))
-        if not d["protect"]:
-            lines.append("protect  none (nothing is checked)")
-        for p in d["protect"]:
-            keys = ",".join(map(str, p["keys"])) or "-"
-            if p["tokens"]:
-                keys += f" +{p['tokens']} static"
-            ports = ",".join(str(x) for x in p["ports"] or []) or ("all" if p["ports"] == [] else "?")
-            dests = " ".join(p["destinations"] or ["?"])
-            lines.append(
-                f"protect  #{p['id']:<3} {p['action']:<7} keys {keys:<10} ports {ports:<14} {dests}"
-            )
-        return lines
-
     def stats_extra(self, st: RoleState) -> dict[str, Any]:
         """Per key id: SYNs whose option named it, verified (ok) or not (bad)."""
         with Map.from_pinned(st.pin("nt_key_stats")) as m:
             ks = _key_stats(m)
         return {"keys": [{"id": kid, **v} for kid, v in sorted(ks.items())]}
-
-    def extra_counters(self, item: dict[str, Any]) -> dict[str, int]:
-        """stats_extra flattened for line- and table-shaped views."""
-        out: dict[str, int] = {}
-        for k in item.get("keys", []):
-            out[f"key{k['id']}_ok"] = k["ok"]
-            out[f"key{k['id']}_bad"] = k["bad"]
-        return out
 
     def suppressed_events(self, st: RoleState) -> int:
         """Events the in-kernel rate limit withheld (the SYNs were still counted)."""
@@ -1489,23 +1446,6 @@ class GuardRole(ProgramRole):
             return d
 
         return fields
-
-    def event_header(self) -> str:
-        return (
-            f"{'TIME':<12} {'IFACE':<15} {'VERDICT':<11} {'ACTION':<7} {'SOURCE':<22} "
-            f"{'DESTINATION':<22} {'KEY':>3} {'EPOCH':>10} PROTECT"
-        )
-
-    def event_line(self, e: dict[str, Any]) -> str:
-        def dash(v: object) -> str:
-            return "-" if v is None else str(v)
-
-        ep = program.endpoint
-        return (
-            f"{e['time'][11:23]:<12} {e['ifname']:<15} {e['verdict']:<11} {e['action']:<7} "
-            f"{ep(e['saddr'], e['sport']):<22} {ep(e['daddr'], e['dport']):<22} "
-            f"{dash(e['key_id']):>3} {dash(e['epoch']):>10} #{e['protect']}"
-        )
 
 
 ROLE = GuardRole()

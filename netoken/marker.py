@@ -432,32 +432,6 @@ class MarkerRole(ProgramRole):
                     p["key"] = layout.NtPolicy.from_bytes(raw).key_id
         d["schedule"] = schedule.from_meta(meta, d["policies"], time.time())
 
-    def status_lines(self, d: dict[str, Any]) -> list[str]:
-        a = d["attach"]
-        lines = self.status_head(
-            d,
-            f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-            + f"prio {a['priority']}, {a['mode']}"
-            + (", L3 device (packets start at the IP header)" if d.get("link") == "l3" else ""),
-        )
-        lines.append(program.keys_line(d["keys"]))
-        if not d["policies"]:
-            lines.append("policies none (nothing is marked)")
-        width = max((len(str(p.get("name"))) for p in d["policies"]), default=0)
-        for p in d["policies"]:
-            how = "static"
-            if p.get("mode") == "mac":
-                how = f"mac key {p.get('key')}"
-                if len(p.get("keys") or []) > 1:
-                    how += f" of {','.join(map(str, p['keys']))}"
-            ports = ",".join(str(x) for x in p.get("ports", [])) or "all"
-            lines.append(
-                f"policy   {p.get('name')!s:<{width}}  {how:<10} ports {ports:<14} "
-                + " ".join(p.get("destinations", []))
-            )
-        lines.extend(schedule.lines(d.get("schedule") or {}))
-        return lines
-
     def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
         names = _PolicyNames(st)
 
@@ -479,24 +453,6 @@ class MarkerRole(ProgramRole):
             return d
 
         return fields
-
-    def event_header(self) -> str:
-        return (
-            f"{'TIME':<12} {'IFACE':<15} {'POLICY':<12} {'SOURCE':<22} {'DESTINATION':<22} "
-            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<12} TAG"
-        )
-
-    def event_line(self, e: dict[str, Any]) -> str:
-        ep = program.endpoint
-        t = e["time"][11:23]
-        mac = e["mode"] == "mac"
-        return (
-            f"{t:<12} {e['ifname']:<15} {e['policy'] or e['policy_id']!s:<12} "
-            f"{ep(e['saddr'], e['sport']):<22} {ep(e['daddr'], e['dport']):<22} "
-            f"{e['mode']:<6} "
-            f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
-            f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
-        )
 
 
 class _PolicyNames:

@@ -470,25 +470,6 @@ def config_meta(cfg: Config) -> dict[str, Any]:
 # a pinned program as a role of the generic status / stats / monitor views
 
 
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def memory_text(mem: dict[str, Any]) -> str:
-    """A status "memory" section for people."""
-    text = f"{fmt_bytes(mem['own'])} in maps"
-    if mem.get("shared_by"):
-        n = mem["shared_by"]
-        who = f"by the namespace's {n} guards" if n > 1 else "state (the namespace's only guard)"
-        text += f" + {fmt_bytes(mem['shared'])} shared {who}"
-    elif "shared" in mem:
-        text += " (its own replay cache and config: attach it again to share the namespace's)"
-    return text
-
-
 def bind_names(mask: int) -> list[str]:
     return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
 
@@ -496,10 +477,6 @@ def bind_names(mask: int) -> list[str]:
 def fmt_ts(ts_ns: int, offset_ns: int) -> str:
     t = _dt.datetime.fromtimestamp((ts_ns + offset_ns) / 1e9, _dt.UTC)
     return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def live_keys(path: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -518,14 +495,6 @@ def live_keys(path: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
                      "file": files.get(kid), "fingerprint": key_fingerprint_int(k.k0, k.k1)}
                 )
     return keys
-
-
-def keys_line(keys: list[dict[str, Any]]) -> str:
-    ks = []
-    for k in keys:
-        extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
-        ks.append(f"{k['id']} (fp {k['fingerprint']}, window {k['window']}s{extra})")
-    return "keys     " + (", ".join(ks) or "none")
 
 
 class ProgramRole:
@@ -660,32 +629,12 @@ class ProgramRole:
         with Map.from_pinned(self.map_path(st, self.PROGRAM.CONFIG_MAP)) as m:
             return self.PROGRAM.read_config(m)
 
-    def status_head(self, d: dict[str, Any], attach_line: str) -> list[str]:
-        """The first status lines: state, ATTACH_LINE, pins, config, option."""
-        lines = [
-            f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
-            attach_line,
-            f"pinned   {d['pinned']}",
-            f"memory   {memory_text(d['memory'])}",
-        ]
-        if d.get("config"):
-            lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
-        o = d["option"]
-        room = "" if "make_room" not in o else f"  make_room {'on' if o['make_room'] else 'off'}"
-        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}{room}")
-        return lines
-
     def stats(self, st: RoleState) -> dict[str, int]:
         with Map.from_pinned(st.pin(self.PROGRAM.STATS_MAP)) as m:
             return percpu_counters(m, self.PROGRAM.REASONS)
 
     def stats_extra(self, st: RoleState) -> dict[str, Any]:
         """More JSON sections next to "counters" in `stats` (none by default)."""
-        return {}
-
-    def extra_counters(self, item: dict[str, Any]) -> dict[str, int]:
-        """stats_extra of a `stats` ITEM as flat name -> count, for the line
-        and table views (--watch rates)."""
         return {}
 
     def lost_events(self, st: RoleState) -> int:
