@@ -572,9 +572,11 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Everything `attach` would refuse, without touching the kernel."""
+    from .entries import check
     from .schedule import plan
 
     cfg = load_config(args.file)
+    check(cfg)
     agent = cfg.agent
     doc = {"file": os.path.abspath(args.file), "valid": True,
            "keys": sorted(cfg.keys), "policies": len(cfg.policies),

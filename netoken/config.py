@@ -87,6 +87,7 @@ from typing import Any, Literal, NoReturn
 
 from .errors import NetokenError
 from .schedule import iso, next_switch, scheduled_key
+from .token import BIND_SADDR, BIND_SPORT, DEFAULT_EXID, DEFAULT_KIND, KEY_LEN
 
 __all__ = [
     "BIND_SADDR",
@@ -108,20 +109,14 @@ __all__ = [
     "scheduled_key",
 ]
 
-# Bits of Key.bind_mask; must agree with the bind flags in bpf/netoken.h.
-BIND_SADDR = 1
-BIND_SPORT = 2
 _BIND_BITS = {"saddr": BIND_SADDR, "sport": BIND_SPORT}
 
-KEY_LEN = 16  # SipHash-2-4 key: k0/k1 as two little-endian u64
 _KEY_HEX_LEN = 2 * KEY_LEN
 # Generous bound so a key path pointing at a large file fails fast instead of
 # being slurped; a valid key file is 32 hex chars plus a little whitespace.
 _KEY_FILE_MAX = 4096
 
 OPTION_KINDS = (253, 254)  # RFC 6994 shared experimental option kinds
-DEFAULT_KIND = 253
-DEFAULT_EXID = 0x6E74
 DEFAULT_WINDOW = 30
 MAX_WINDOW = 86400
 DEFAULT_SKEW = 1

@@ -10,7 +10,7 @@ Map design (bpf/guard.bpf.c, structs in bpf/netoken.h):
   an index into ``nt_protect``.
 - ``nt_protect``: one ``struct nt_protect`` per ``[[guard.protect]]`` entry:
   its action and the key ids it accepts as a 256-bit bitmap.  Used in two
-  halves like the marker's policies (see PROTECT_HALF).
+  halves like the marker's policies (see netoken/entries.py).
 - ``nt_keys``: the key slots, shared layout with the marker.
 - ``nt_static``: hash set of accepted static tokens, keyed by (protect
   index, token as on the wire), so each entry accepts its own tokens.
@@ -95,8 +95,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from . import layout, links, program, state, tc
-from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, GuardConfig, Protect
-from .datapath import event_addr, key_value, realtime_minus_tai_ns, sync_keys, sync_map, u32
+from .config import DEFAULT_REPLAY_CACHE, Config, ConfigError, Protect
+from .datapath import add_keys, event_addr, sync_keys, sync_map, u32
+from .entries import PROTECT_HALF, guard_config_value, guard_entries, protect_value
 from .errors import NetokenError
 from .libbpf import (
     BPF_ANY,
@@ -112,8 +113,7 @@ from .libbpf import (
     xdp_detach,
     xdp_query,
 )
-from .program import PinnedProgram, ProgramRole, Replacement
-from .rules import RuleError, compile_lpm, expand
+from .program import PinnedProgram, ProgramRole
 from .state import PROG_PIN, RoleState
 
 PROG_NAME = "netoken_guard"
@@ -147,19 +147,10 @@ SHARED_MAPS = (
 )
 OWN_MAPS = tuple(m for m in MAPS if m not in SHARED_MAPS)
 
-# Protect entries live in two halves of nt_protect.  configure() writes the
-# new entries (and their static tokens) into the idle half, then repoints the
-# LPM entries one atomic update at a time, so a SYN always finds a complete
-# entry, old or new.
-PROTECT_HALF = layout.MAX_PROTECT // 2
-
 # Events per second and bucket depth, per CPU.  Enough to see who is being
 # dropped; a flood costs user space at most this much per CPU.
 DEFAULT_EVENT_RATE = 100
 DEFAULT_EVENT_BURST = 200
-
-# max_entries of nt_dst_v4 / nt_dst_v6 in bpf/guard.bpf.c.
-LPM_MAX_ENTRIES = 65536
 
 ROLE_NAME = "guard"
 # Where a resized replay cache waits until its program is attached (bpffs
@@ -191,97 +182,11 @@ class GuardError(NetokenError):
     """A guard operation failed for a reason the user can act on (one line)."""
 
 
-def ifindex(ifname: str) -> int:
-    return program.ifindex(ifname, GuardError)
-
-
-def _action(name: str) -> int:
-    return layout.GUARD_ACTION[name]
-
-
-def protect_value(cfg: GuardConfig, entry: Protect, index: int) -> bytes:
-    v = layout.NtProtect(id=index, action=_action(cfg.action_for(entry)))
-    for kid in entry.keys:
-        v.keys[kid // 64] |= 1 << (kid % 64)
-    return bytes(v)
-
-
-def static_key(protect: int, token: int) -> bytes:
-    k = layout.NtStaticKey(protect=protect)
-    k.token[:] = list(token.to_bytes(8, "big"))
-    return bytes(k)
-
-
-def _statics(g: GuardConfig, base: int) -> dict[bytes, bytes]:
-    return {
-        static_key(base + i, tok): u32(1) for i, entry in enumerate(g.protect) for tok in entry.tokens
-    }
-
-
-def _compile(cfg: Config, base: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    assert cfg.guard is not None
-    try:
-        return compile_lpm(
-            expand(
-                (p.destinations, [(r.lo, r.hi) for r in p.ports], base + i)
-                for i, p in enumerate(cfg.guard.protect)
-            )
-        )
-    except RuleError as e:
-        raise ConfigError(cfg.path, "guard", str(e)) from None
-
-
 def check(cfg: Config) -> None:
     """Reject, as a ConfigError, a config the guard cannot run or its maps
     could not hold; run before anything is loaded so a bad config never
     half-applies."""
-    g = cfg.guard
-    if g is None:
-        raise ConfigError(
-            cfg.path, None, "no [guard] section; the guard needs one with [[guard.protect]] entries"
-        )
-    if len(g.protect) > PROTECT_HALF:
-        raise ConfigError(
-            cfg.path, "guard", f"{len(g.protect)} protect entries; the guard holds at most {PROTECT_HALF}"
-        )
-    statics = _statics(g, 0)
-    if len(statics) > layout.MAX_STATIC // 2:
-        raise ConfigError(
-            cfg.path,
-            "guard",
-            f"{len(statics)} static tokens; the guard holds at most {layout.MAX_STATIC // 2}",
-        )
-    for family, entries in zip(("IPv4", "IPv6"), _compile(cfg, 0), strict=True):
-        if len(entries) > LPM_MAX_ENTRIES:
-            raise ConfigError(
-                cfg.path,
-                "guard",
-                f"{len(entries)} distinct {family} destination prefixes; "
-                f"the guard holds at most {LPM_MAX_ENTRIES}",
-            )
-
-
-def guard_config_value(
-    cfg: Config,
-    generation: int,
-    action: str | None,
-    event_rate: int,
-    event_burst: int,
-) -> bytes:
-    assert cfg.guard is not None
-    return bytes(
-        layout.NtGuardConfig(
-            kind=cfg.option.kind,
-            skew=cfg.guard.skew,
-            exid=cfg.option.exid,
-            generation=generation,
-            realtime_minus_tai_ns=realtime_minus_tai_ns(),
-            event_rate=event_rate,
-            event_burst=event_burst,
-            action=_action(action or "entry"),
-            fragments=layout.GUARD_FRAGMENTS[cfg.guard.fragments],
-        )
-    )
+    guard_entries(cfg)
 
 
 @dataclass(frozen=True)
@@ -409,7 +314,7 @@ def _tc_ours_or_fail(ifname: str, prog_id: int, verb: str = "replace") -> None:
 
 def attached_tc(ifname: str) -> TcAttachment | None:
     """netoken's guard at IFNAME's TC ingress, or None."""
-    idx = ifindex(ifname)
+    idx = Guard.ifindex(ifname)
     prog_id = tc.query(idx, "ingress")
     if prog_id is None:
         return None
@@ -422,7 +327,7 @@ def attached_tc(ifname: str) -> TcAttachment | None:
 
 def attached(ifname: str) -> XdpAttachment | None:
     """netoken's guard on IFNAME, or None (also when a foreign program is there)."""
-    idx = ifindex(ifname)
+    idx = Guard.ifindex(ifname)
     cur = _attached(idx)
     if cur is None or cur[1] == "offload":
         return None
@@ -441,7 +346,7 @@ def detach(ifname: str) -> bool:
 
     Raises GuardError if there is no guard at TC and the XDP program there
     is not netoken's."""
-    idx = ifindex(ifname)
+    idx = Guard.ifindex(ifname)
     prog_id = tc.query(idx, "ingress")
     if prog_id is not None:
         _tc_ours_or_fail(ifname, prog_id, "detach")
@@ -482,7 +387,6 @@ class Guard(PinnedProgram):
     LATE_MAPS = ("nt_ev_bucket",)
 
     config: Config | None = None  # what configure() last wrote
-    framing = "ethernet"  # the link layer the loaded object parses
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -543,13 +447,11 @@ class Guard(PinnedProgram):
             raise GuardError(f"event rate {event_rate} is out of range 0..{layout.MAX_EVENT_RATE}")
         if not 0 <= event_burst <= layout.MAX_EVENT_RATE:
             raise GuardError(f"event burst {event_burst} is out of range 0..{layout.MAX_EVENT_RATE}")
-        check(cfg)
-        g = cfg.guard
-        assert g is not None
         gen = 1 - self._config().generation
         base = gen * PROTECT_HALF
-        statics = _statics(g, base)
-        v4, v6 = _compile(cfg, base)
+        entries = guard_entries(cfg, base)
+        g = cfg.guard
+        assert g is not None
 
         # 1. Everything the new entries refer to, next to the old state.  The
         # settings go first so that a first configure protects nothing until
@@ -558,21 +460,18 @@ class Guard(PinnedProgram):
         # the next one will overwrite.
         conf = self.maps["nt_guard_config"]
         conf.update(u32(0), guard_config_value(cfg, 1 - gen, action, event_rate, event_burst))
-        keys = self.maps["nt_keys"]
-        for kid, key in cfg.keys.items():
-            if keys.lookup(u32(kid)) != key_value(key):
-                keys.update(u32(kid), key_value(key))
+        add_keys(self.maps["nt_keys"], cfg.keys)
         for i, entry in enumerate(g.protect):
             self.maps["nt_protect"].update(u32(base + i), protect_value(g, entry, i))
-        for k, v in statics.items():
+        for k, v in entries.statics.items():
             self.maps["nt_static"].update(k, v)
         # 2. Repoint: prefixes that stay are overwritten in one update each.
-        sync_map(self.maps["nt_dst_v4"], v4)
-        sync_map(self.maps["nt_dst_v6"], v6)
+        sync_map(self.maps["nt_dst_v4"], entries.v4)
+        sync_map(self.maps["nt_dst_v6"], entries.v6)
         conf.update(u32(0), guard_config_value(cfg, gen, action, event_rate, event_burst))
         # 3. Nothing points at the old half any more: drop what only it used.
-        sync_map(self.maps["nt_static"], statics)
-        sync_keys(keys, cfg.keys)
+        sync_map(self.maps["nt_static"], entries.statics)
+        sync_keys(self.maps["nt_keys"], cfg.keys)
         self.config = cfg
 
     def attach(self, ifname: str, mode: XdpMode | None = None) -> XdpAttachment | TcAttachment:
@@ -585,13 +484,7 @@ class Guard(PinnedProgram):
         place on the clsact ingress hook (created if missing) in one atomic
         replace; other filters there keep running, after it.
         """
-        idx = ifindex(ifname)
-        framing = framing_of(ifname, idx)
-        if self.hook == "xdp" and framing == "l3":
-            raise GuardError(_no_xdp_on_l3(ifname))
-        if framing != self.framing:
-            raise GuardError(f"{ifname} is an {framing} device; this guard was loaded for "
-                             f"{self.framing} (Guard.load(framing={framing!r}))")
+        idx = self.check_device(ifname)
         if self.hook == "tc":
             if mode is not None:
                 raise GuardError(f"{ifname}: an XDP mode ({mode}) applies to the XDP hook only")
@@ -633,6 +526,11 @@ class Guard(PinnedProgram):
             raise GuardError(f"{ifname}: XDP attach reported success but the guard is not attached")
         return XdpAttachment(idx, now[0], now[1])  # type: ignore[arg-type]
 
+    def _check_framing(self, ifname: str, framing: str) -> None:
+        if self.hook == "xdp" and framing == "l3":
+            raise GuardError(_no_xdp_on_l3(ifname))
+        super()._check_framing(ifname, framing)
+
     def key_stats(self) -> dict[int, dict[str, int]]:
         """{key id: {"ok": n, "bad": n}} for every key id seen in a mac option.
 
@@ -642,15 +540,6 @@ class Guard(PinnedProgram):
     def events(self, callback: Callable[[GuardEvent], object]) -> RingBuffer:
         """A ring buffer that calls CALLBACK(GuardEvent) per rejected SYN."""
         return super().events(callback)
-
-
-def framing_of(ifname: str, idx: int) -> str:
-    """IFNAME's link layer ("ethernet" or "l3"), or a one-line GuardError for
-    a link type no guard object parses (it would pass every SYN unchecked)."""
-    try:
-        return links.framing_of(ifname, links.link(idx))
-    except ValueError as e:
-        raise GuardError(str(e)) from None
 
 
 def _no_xdp_on_l3(ifname: str) -> str:
@@ -783,11 +672,6 @@ def _key_stats(m: Map) -> dict[int, dict[str, int]]:
 #   order would leave it unguarded instead.
 
 
-def state_of(ifname: str, create: bool = False) -> RoleState:
-    """The guard's pinned state for IFNAME (bpffs mounted first with CREATE)."""
-    return Guard.state_of(ifname, create)
-
-
 def _ports_meta(p: Protect) -> list[int | str]:
     return [r.lo if r.lo == r.hi else str(r) for r in p.ports]
 
@@ -914,6 +798,31 @@ def _requested_hook(
     return "auto"
 
 
+def _previous(ifname: str, idx: int, chosen: Hook) -> tuple[tuple[int, str] | None, int | None]:
+    """netoken's guard at IDX's XDP hook (prog id, mode) and at its TC ingress
+    (prog id) before an attach at CHOSEN.  Checked before anything is loaded
+    or a shared map is touched: what runs at the hook taken must be ours
+    (GuardError otherwise); at the other one a program not ours is left
+    alone, as if none were there."""
+    prev_xdp = _attached(idx)
+    prev_tc = tc.query(idx, "ingress")
+    if prev_tc is not None:
+        try:
+            _tc_ours_or_fail(ifname, prev_tc)
+        except GuardError:
+            if chosen == "tc":
+                raise
+            prev_tc = None
+    if prev_xdp is not None:
+        try:
+            _ours_or_fail(ifname, *prev_xdp).close()
+        except GuardError:
+            if chosen == "xdp":
+                raise
+            prev_xdp = None
+    return prev_xdp, prev_tc
+
+
 def attach_pinned(
     ifname: str,
     cfg: Config,
@@ -942,138 +851,108 @@ def attach_pinned(
     assert g is not None
     override_after(action, None)  # bad values fail before anything is touched
     _requested_hook(hook, xdp_mode, None, 0)
-    idx = program.existing(ifname, GuardError)
-    framing = framing_of(ifname, idx)
-    dev = links.link(idx)
-    assert dev is not None
     notes: list[str] = []
-    with state.locked():
-        st = state_of(ifname, create=True)
-        requested = _requested_hook(hook, xdp_mode, st.read_meta(), idx)
-        chosen, why = choose_hook(ifname, requested, dev)
-        prev_xdp = _attached(idx)
-        prev_tc = tc.query(idx, "ingress")
-        # Before anything is loaded or a shared map is touched: what runs at
-        # the hook we take must be ours; at the other one only ours is touched.
-        if prev_tc is not None:
-            try:
-                _tc_ours_or_fail(ifname, prev_tc)
-            except GuardError:
-                if chosen == "tc":
-                    raise
-                prev_tc = None
-        if prev_xdp is not None:
-            try:
-                _ours_or_fail(ifname, *prev_xdp).close()
-            except GuardError:
-                if chosen == "xdp":
-                    raise
-                prev_xdp = None
+    copied: int | None = None
+    created_clsact = False
+    clsact = None
+    with Guard.attaching(ifname) as t:
+        idx, st = t.idx, t.st
+        requested = _requested_hook(hook, xdp_mode, t.old_meta, idx)
+        chosen, why = choose_hook(ifname, requested, t.dev)
+        prev_xdp, prev_tc = _previous(ifname, idx, chosen)
         switch_from: Hook | None = (
             "xdp" if chosen == "tc" and prev_xdp else "tc" if chosen == "xdp" and prev_tc else None
         )
         others = [o for o in Guard.siblings(st) if o.exists()]
         shared = Guard.open_shared(st)
-        copied: int | None = None
-        created_clsact = False
-        clsact = None
-        with contextlib.ExitStack() as stack, Replacement(Guard, ifname, st) as r:
-            for m in shared.values():
-                stack.callback(m.close)
-            old = r.old
-            # What the new program shares: the namespace's maps; a guard
-            # pinned before maps were shared brings its own if there are
-            # none yet (they become the namespace's).  Its counters stay.
-            base = shared or ({n: old.maps[n] for n in SHARED_MAPS if n in old.maps}
-                              if old is not None else {})
-            reuse = dict(base)
-            if old is not None:
-                reuse.update({n: old.maps[n] for n in OWN_MAPS})
-            live = reuse.get("nt_replay")
-            cache = replay_slots(g.replay_cache)
-            if live is not None and live.max_entries != cache:
-                if others:
-                    notes.append(
-                        f"replay_cache {cache}: the replay cache is shared by the "
-                        f"{len(others) + 1} guards of this network namespace and keeps its "
-                        f"{live.max_entries} entries (detach them all, then attach, to resize)")
-                    cache = live.max_entries
-                else:
-                    del reuse["nt_replay"]
-            if "nt_guard_config" in reuse:
-                current = live_override_of(reuse["nt_guard_config"])
-                # The maps the running guards use get the new config before
-                # the swap: a failure gives them their own back, whether or
-                # not this interface had a guard.
-                snap = _snapshot(reuse)
-                r.on_failure(lambda: _restore(reuse, snap))
+        for m in shared.values():
+            t.closing.callback(m.close)
+        old = t.old
+        # What the new program shares: the namespace's maps; a guard
+        # pinned before maps were shared brings its own if there are
+        # none yet (they become the namespace's).  Its counters stay.
+        base = shared or ({n: old.maps[n] for n in SHARED_MAPS if n in old.maps}
+                          if old is not None else {})
+        reuse = dict(base)
+        if old is not None:
+            reuse.update({n: old.maps[n] for n in OWN_MAPS})
+        live = reuse.get("nt_replay")
+        cache = replay_slots(g.replay_cache)
+        if live is not None and live.max_entries != cache:
+            if others:
+                notes.append(
+                    f"replay_cache {cache}: the replay cache is shared by the "
+                    f"{len(others) + 1} guards of this network namespace and keeps its "
+                    f"{live.max_entries} entries (detach them all, then attach, to resize)")
+                cache = live.max_entries
             else:
-                current = None
-            override = override_after(action, current)
-            if not shared:
-                # Created here: gone again if this attach fails.
-                r.on_failure(lambda: Guard.shared_state(st).remove())
-            r.new = new = Guard.load(cache, reuse=reuse, hook=chosen, framing=framing)
-            new.configure(cfg, action=override)  # type: ignore[arg-type]
-            # Tokens the old program accepted into a cache the new one does
-            # not use (resized, or its own before sharing) are still replays.
-            source = old.maps["nt_replay"] if old is not None else None
-            if source is not None and source.id == new.maps["nt_replay"].id:
-                source = None
-            done: set[int] = set()
-            if source is not None:
-                copied = _copy_replay(source, new.maps["nt_replay"], done)
-            new.pin(st)
-            # The program a switch removes, opened now: the moment both
-            # hooks run (see the notes above) should be as short as can be.
-            oldp = stack.enter_context(Program.from_id(prev_xdp[0])) \
-                if switch_from == "xdp" and prev_xdp else None
-            if chosen == "xdp":
+                del reuse["nt_replay"]
+        if "nt_guard_config" in reuse:
+            current = live_override_of(reuse["nt_guard_config"])
+            # The maps the running guards use get the new config before
+            # the swap: a failure gives them their own back, whether or
+            # not this interface had a guard.
+            snap = _snapshot(reuse)
+            t.on_failure(lambda: _restore(reuse, snap))
+        else:
+            current = None
+        override = override_after(action, current)
+        if not shared:
+            # Created here: gone again if this attach fails.
+            t.on_failure(lambda: Guard.shared_state(st).remove())
+        t.new = new = Guard.load(cache, reuse=reuse, hook=chosen, framing=t.framing)
+        new.configure(cfg, action=override)  # type: ignore[arg-type]
+        # Tokens the old program accepted into a cache the new one does
+        # not use (resized, or its own before sharing) are still replays.
+        source = old.maps["nt_replay"] if old is not None else None
+        if source is not None and source.id == new.maps["nt_replay"].id:
+            source = None
+        done: set[int] = set()
+        if source is not None:
+            copied = _copy_replay(source, new.maps["nt_replay"], done)
+        new.pin(st)
+        # The program a switch removes, opened now: the moment both
+        # hooks run (see the notes above) should be as short as can be.
+        oldp = t.closing.enter_context(Program.from_id(prev_xdp[0])) \
+            if switch_from == "xdp" and prev_xdp else None
+        if chosen == "xdp":
 
-                def unattach() -> None:
-                    with contextlib.suppress(Exception):
-                        _restore_xdp(idx, new.prog.id, prev_xdp)
+            def unattach() -> None:
+                with contextlib.suppress(Exception):
+                    _restore_xdp(idx, new.prog.id, prev_xdp)
 
-                r.on_failure(unattach)
-                att: XdpAttachment | TcAttachment = new.attach(ifname, xdp_mode)
-            else:
-                owned = tc.netoken_created_clsact(ifname, idx, st.read_meta())
-                att = new.attach(ifname)
-                created_clsact = att.created_clsact  # type: ignore[union-attr]
-                if created_clsact:
-                    r.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
-                r.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
-                created_clsact = created_clsact or owned
-            # The new guard runs: now the old hook's goes.
-            if switch_from == "xdp":
-                assert prev_xdp is not None and oldp is not None
-                try:
-                    xdp_detach(idx, _MODE_FLAGS[prev_xdp[1]], old_prog_fd=oldp)
-                except BPFError as e:
-                    raise GuardError(_detach_problem(ifname, idx, e)) from None
-                r.on_failure(lambda: _restore_xdp(idx, 0, prev_xdp))
-            elif switch_from == "tc":
-                tc.detach(idx, "ingress")
-                r.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
-                if tc.netoken_created_clsact(ifname, idx, st.read_meta()):
-                    clsact = tc.destroy_clsact_if_empty(ifname, idx)
-            if source is not None and copied is not None:
-                copied += _copy_replay(source, new.maps["nt_replay"], done)
-            new.commit_pin(st)
-            attachment = {
-                "xdp_mode": xdp_mode,
-                "hook": chosen,
-                "hook_requested": requested,
-                "hook_reason": why,
-                "link": framing,
-                "created_clsact": created_clsact,
-            }
-            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, {}))
-            _write_shared_meta(st, cfg, override)
-            prog_id, tag = new.prog.id, new.prog.tag
-            entries = new.replay_cache
-            resized = live is not None and live.id != new.maps["nt_replay"].id \
-                and live.max_entries != entries
+            t.on_failure(unattach)
+            att: XdpAttachment | TcAttachment = new.attach(ifname, xdp_mode)
+        else:
+            owned = tc.netoken_created_clsact(ifname, idx, st.read_meta())
+            att = new.attach(ifname)
+            created_clsact = att.created_clsact  # type: ignore[union-attr]
+            if created_clsact:
+                t.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
+            t.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
+            created_clsact = created_clsact or owned
+        # The new guard runs: now the old hook's goes.
+        if switch_from == "xdp":
+            assert prev_xdp is not None and oldp is not None
+            try:
+                xdp_detach(idx, _MODE_FLAGS[prev_xdp[1]], old_prog_fd=oldp)
+            except BPFError as e:
+                raise GuardError(_detach_problem(ifname, idx, e)) from None
+            t.on_failure(lambda: _restore_xdp(idx, 0, prev_xdp))
+        elif switch_from == "tc":
+            tc.detach(idx, "ingress")
+            t.on_failure(lambda: tc.restore(idx, "ingress", prev_tc))
+            if tc.netoken_created_clsact(ifname, idx, st.read_meta()):
+                clsact = tc.destroy_clsact_if_empty(ifname, idx)
+        if source is not None and copied is not None:
+            copied += _copy_replay(source, new.maps["nt_replay"], done)
+        t.commit({"xdp_mode": xdp_mode, "hook": chosen, "hook_requested": requested,
+                  "hook_reason": why, "link": t.framing, "created_clsact": created_clsact}, {})
+        _write_shared_meta(st, cfg, override)
+        prog_id, tag = new.prog.id, new.prog.tag
+        entries = new.replay_cache
+        resized = live is not None and live.id != new.maps["nt_replay"].id \
+            and live.max_entries != entries
     # The guard this one took the place of: at the same hook, else the one
     # it switched from.
     prev_same = prev_tc if chosen == "tc" else prev_xdp[0] if prev_xdp else None
@@ -1087,7 +966,7 @@ def attach_pinned(
         "hook": chosen,
         "hook_requested": requested,
         "hook_reason": why,
-        "link": framing,
+        "link": t.framing,
         "xdp_mode": att.mode,
         "tc": {"hook": "ingress", "handle": tc.HANDLE, "priority": tc.PRIORITY,
                "created_clsact": created_clsact} if chosen == "tc" else None,
@@ -1130,7 +1009,7 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
     check(cfg)
     assert cfg.guard is not None
     with state.locked():
-        st = state_of(ifname)
+        st = Guard.state_of(ifname)
         if not st.exists():
             raise GuardError(f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` "
                              f"first)")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-from . import kernel, layout, state
+from . import kernel, layout, links, state
 from .config import Config, iso
 from .datapath import object_path, percpu_counters, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
@@ -99,6 +99,8 @@ class PinnedProgram:
     # one, and the name each is pinned under until commit_pin().
     STAGED_MAPS: ClassVar[Mapping[str, str]] = {}
 
+    framing = "ethernet"  # the link layer the loaded object parses (a subclass's load)
+
     def __init__(
         self,
         obj: BpfObject | None = None,
@@ -125,6 +127,20 @@ class PinnedProgram:
     @classmethod
     def state_of(cls, ifname: str, create: bool = False) -> RoleState:
         return state_of(cls.ROLE, ifname, cls.Error, create)
+
+    @classmethod
+    def ifindex(cls, ifname: str) -> int:
+        return ifindex(ifname, cls.Error)
+
+    @classmethod
+    def framing_of(cls, ifname: str, dev: links.Link | None) -> str:
+        """IFNAME's link layer as the objects know it ("ethernet" or "l3"),
+        or a one-line Error: a program that cannot parse a device's packets
+        would attach and check or mark nothing."""
+        try:
+            return links.framing_of(ifname, dev)
+        except ValueError as e:
+            raise cls.Error(str(e)) from None
 
     @classmethod
     def shared_state(cls, st: RoleState) -> state.SharedState:
@@ -231,6 +247,19 @@ class PinnedProgram:
                 m.close()
             raise
         return cls(prog=prog, maps=maps)
+
+    def check_device(self, ifname: str) -> int:
+        """IFNAME's index, if this program can run there (it was loaded for
+        the device's link layer); a one-line Error otherwise."""
+        idx = self.ifindex(ifname)
+        self._check_framing(ifname, self.framing_of(ifname, links.link(idx)))
+        return idx
+
+    def _check_framing(self, ifname: str, framing: str) -> None:
+        if framing != self.framing:
+            raise self.Error(
+                f"{ifname} is an {framing} device; this {self.ROLE} was loaded for "
+                f"{self.framing} ({type(self).__name__}.load(framing={framing!r}))")
 
     @classmethod
     def _home(cls, st: RoleState, name: str) -> state.PinnedState:
@@ -344,6 +373,20 @@ class PinnedProgram:
 
     @classmethod
     @contextlib.contextmanager
+    def attaching(cls, ifname: str) -> Iterator[Attach[Self]]:
+        """One attach_pinned on IFNAME (see Attach), under the state lock,
+        its state directories created."""
+        idx = existing(ifname, cls.Error)
+        dev = links.link(idx)
+        framing = cls.framing_of(ifname, dev)
+        assert dev is not None
+        with state.locked():
+            st = cls.state_of(ifname, create=True)
+            with Attach(cls, ifname, st, dev, framing) as t:
+                yield t
+
+    @classmethod
+    @contextlib.contextmanager
     def updating(cls, ifname: str) -> Iterator[tuple[Self, dict[str, Any], RoleState]]:
         """(the program pinned for IFNAME, its metadata, its state) under
         the state lock; the metadata is written back if the block succeeds."""
@@ -385,30 +428,51 @@ class Removal:
 P = TypeVar("P", bound=PinnedProgram)
 
 
-class Replacement(Generic[P]):
-    """One attach_pinned: the program pinned on ST before (if any), the new
-    one that replaces it, and how a failure half way is undone.
+class Attach(Generic[P]):
+    """One attach_pinned, from the state lock to the metadata: where
+    (``ifname``, ``idx``, ``dev``, ``framing``, its state ``st`` and the
+    metadata ``old_meta`` it had), the program pinned there before
+    (``old``), the one that replaces it (``new``), and how a failure half way
+    is undone.
 
     Creating it opens the old program (after removing a pin directory that
     a crash left without a program pin).  If the block fails, the undo steps
     registered with :meth:`on_failure` run (last first), the staged pins go,
     and then either all of ST goes (there was no old program) or, once a new
     program was loaded, :attr:`restore_old` gives the old program back the
-    contents of the maps they share.  Both programs are closed either way.
+    contents of the maps they share.  Then what :attr:`closing` holds is
+    closed, and both programs are, either way.  The block ends with
+    :meth:`commit`.
     """
 
-    def __init__(self, kind: type[P], ifname: str, st: RoleState) -> None:
+    def __init__(self, kind: type[P], ifname: str, st: RoleState, dev: links.Link,
+                 framing: str) -> None:
         self.kind = kind
+        self.ifname = ifname
+        self.idx = dev.ifindex
+        self.dev = dev
+        self.framing = framing
         self.st = st
+        self.old_meta = st.read_meta()
         if not st.exists() and st.has_pin_dir():
             st.remove()  # a crash between mkdir and the first pin left it
         self.old: P | None = kind.from_pins(ifname, st) if st.exists() else None
         self.new: P | None = None
         self.restore_old: Callable[[P], object] | None = None
+        # Kept open for the whole attach, also for the undo steps.
+        self.closing = contextlib.ExitStack()
         self._undo: list[Callable[[], object]] = []
 
     def on_failure(self, undo: Callable[[], object]) -> None:
         self._undo.append(undo)
+
+    def commit(self, attachment: dict[str, Any], config: dict[str, Any]) -> None:
+        """The new program runs: its pins become the current ones, and the
+        metadata says how it is attached (ATTACHMENT) and what config it
+        runs (CONFIG, see config_meta)."""
+        assert self.new is not None
+        self.new.commit_pin(self.st)
+        self.st.write_meta(attach_meta(self.kind.ROLE, self.ifname, self.idx, attachment, config))
 
     def __enter__(self) -> Self:
         return self
@@ -425,6 +489,7 @@ class Replacement(Generic[P]):
                     with contextlib.suppress(Exception):
                         self.restore_old(self.old)
         finally:
+            self.closing.close()
             if self.new is not None:
                 self.new.close()
             if self.old is not None:
