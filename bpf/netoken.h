@@ -70,7 +70,7 @@ struct nt_config {
 	__u8  make_room;         /* 1: remove Timestamps when the option does not fit */
 	__u16 exid;              /* host byte order */
 	__u32 generation;        /* user space only: which half of the policy
-				  * array is live (see netoken/marker.py) */
+				  * array is live (see netoken/entries.py) */
 	/* CLOCK_REALTIME - CLOCK_TAI in ns, maintained by user space.  BPF has
 	 * no realtime clock, but CLOCK_TAI (bpf_ktime_get_tai_ns) follows every
 	 * step of the realtime clock, so only the TAI-UTC offset (whole seconds,
@@ -140,7 +140,7 @@ struct nt_mark_event {
 
 /* ------------------------------------------------------------------ guard */
 
-#define NT_MAX_PROTECT     4096  /* protect entries, both halves (see netoken/guard.py) */
+#define NT_MAX_PROTECT     4096  /* protect entries, both halves (see netoken/entries.py) */
 #define NT_MAX_STATIC      4096  /* accepted static tokens, all entries together */
 #define NT_MAX_EVENT_RATE  1000000   /* events per second per CPU */
 #define NT_KEY_STAT_OK     0     /* nt_key_stats index: key id * 2 + NT_KEY_STAT_* */

@@ -672,6 +672,14 @@ def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
     return p
 
 
+def _object(sub: argparse._SubParsersAction, name: str, help_: str, description: str | None,
+            epilog: str) -> argparse._SubParsersAction:
+    """`netoken NAME VERB ...`: an object and the subparsers of its verbs."""
+    p = sub.add_parser(name, help=help_, description=description,
+                       epilog="examples:\n" + epilog, formatter_class=_Formatter)
+    return p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -688,12 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--pretty", action="store_true", help="indented JSON output")
     sub = parser.add_subparsers(dest="object", metavar="OBJECT", required=True)
 
-    mark = sub.add_parser("mark", help="attach/detach the TC egress marker",
-                          description="The marker: adds a keyed option to selected SYNs.",
-                          epilog="examples:\n  netoken mark attach eth0 -c netoken.toml\n"
-                                 "  netoken mark detach eth0\n",
-                          formatter_class=_Formatter)
-    msub = mark.add_subparsers(dest="verb", metavar="VERB", required=True)
+    msub = _object(sub, "mark", "attach/detach the TC egress marker",
+                   "The marker: adds a keyed option to selected SYNs.",
+                   "  netoken mark attach eth0 -c netoken.toml\n  netoken mark detach eth0\n")
     p = _verb(msub, "attach", "load the marker and attach it on IFACE egress (replaces "
               "netoken's own filter atomically, keeps counters)",
               "  netoken mark attach eth0 -c /etc/netoken/netoken.toml\n"
@@ -706,12 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken mark detach eth0\n", cmd_mark_detach)
     p.add_argument("iface", metavar="IFACE")
 
-    guard = sub.add_parser("guard", help="attach/detach the guard (XDP or TC ingress)",
-                           description="The guard: verifies tokens on ingress SYNs.",
-                           epilog="examples:\n  netoken guard attach eth0 -c netoken.toml "
-                                  "--mode monitor\n  netoken guard detach eth0\n",
-                           formatter_class=_Formatter)
-    gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
+    gsub = _object(sub, "guard", "attach/detach the guard (XDP or TC ingress)",
+                   "The guard: verifies tokens on ingress SYNs.",
+                   "  netoken guard attach eth0 -c netoken.toml --mode monitor\n"
+                   "  netoken guard detach eth0\n")
     p = _verb(gsub, "attach", "load the guard and attach it to IFACE at XDP or TC ingress "
               "(--hook auto: TC on veths and L3 devices such as tun and WireGuard, XDP "
               "otherwise); replaces netoken's own guard atomically, keeps counters and the "
@@ -778,19 +781,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", action="store_true",
                    help="also show events queued before monitor started")
 
-    key = sub.add_parser("key", help="manage key files",
-                         epilog="examples:\n  netoken key generate /etc/netoken/keys/1.key\n",
-                         formatter_class=_Formatter)
-    ksub = key.add_subparsers(dest="verb", metavar="VERB", required=True)
+    ksub = _object(sub, "key", "manage key files", None,
+                   "  netoken key generate /etc/netoken/keys/1.key\n")
     p = _verb(ksub, "generate", "write a new random key file (16 bytes as hex, mode 0600; "
               "never overwrites)", "  netoken key generate /etc/netoken/keys/2.key\n",
               cmd_key_generate)
     p.add_argument("file", metavar="FILE")
 
-    cfgp = sub.add_parser("config", help="check config files",
-                          epilog="examples:\n  netoken config check /etc/netoken/netoken.toml\n",
-                          formatter_class=_Formatter)
-    csub = cfgp.add_subparsers(dest="verb", metavar="VERB", required=True)
+    csub = _object(sub, "config", "check config files", None,
+                   "  netoken config check /etc/netoken/netoken.toml\n")
     p = _verb(csub, "check", "validate a config file and the key files it names, without "
               "touching the kernel (exit 0 if valid, else one line naming file, entry and "
               "problem, exit 1)", "  netoken config check /etc/netoken/netoken.toml\n",

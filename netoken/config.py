@@ -523,13 +523,14 @@ class _Parser:
                 )
 
     def table(self, entry: str, value: Any, form: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(entry, f"must be a table ({form}), got {_got(value)}")
-        return value
+        return self._of(entry, value, dict, f"a table ({form})")
 
     def tables(self, entry: str, value: Any, form: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(entry, f"must be an array of tables ({form}), got {_got(value)}")
+        return self._of(entry, value, list, f"an array of tables ({form})")
+
+    def _of(self, entry: str, value: Any, kind: type, what: str) -> Any:
+        if not isinstance(value, kind):
+            self.fail(entry, f"must be {what}, got {_got(value)}")
         return value
 
     def integer(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import layout
 from .config import Key
@@ -56,6 +57,31 @@ def event_addr(family: int, raw) -> str:
     if family == 4:
         return str(ipaddress.IPv4Address(bytes(raw[:4])))
     return str(ipaddress.IPv6Address(bytes(raw[:16])))
+
+
+@dataclass(frozen=True)
+class SynEvent:
+    """What every event record says of its SYN: when, on which interface,
+    between which endpoints, and the nonce and tag of its token (empty
+    where there is none)."""
+
+    ts_ns: int
+    ifindex: int
+    family: int
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    nonce: bytes
+    tag: bytes
+
+    @staticmethod
+    def flow(e: Any) -> dict[str, Any]:
+        """The fields of the record E (a layout struct) that every event has,
+        but for its token."""
+        return {"ts_ns": e.ts_ns, "ifindex": e.ifindex, "family": e.family,
+                "saddr": event_addr(e.family, e.saddr), "daddr": event_addr(e.family, e.daddr),
+                "sport": e.sport, "dport": e.dport}
 
 
 def u32(i: int) -> bytes:

@@ -14,9 +14,9 @@ from typing import Any
 from . import config as nconfig
 from . import layout, program, schedule, tc
 from .config import Config, Policy
-from .datapath import add_keys, event_addr, sync_keys, sync_map, u32
+from .datapath import SynEvent, add_keys, sync_keys, sync_map, u32
 from .entries import POLICY_HALF, marker_config_value, marker_entries, policy_value
-from .errors import NetokenError
+from .errors import MarkerError
 from .libbpf import Map, RingBuffer, TcFilter
 from .program import PinnedProgram, ProgramRole
 from .state import RoleState
@@ -37,28 +37,15 @@ MAPS = (
 )
 
 
-class MarkerError(NetokenError):
-    """A marker operation failed for a reason the user can act on."""
-
-
 @dataclass(frozen=True)
-class MarkEvent:
+class MarkEvent(SynEvent):
     """One marked SYN, as the ring buffer reports it."""
 
-    ts_ns: int
-    ifindex: int
     policy: int
     epoch: int
-    family: int
     mode: str
     key_id: int
     reason: str
-    saddr: str
-    daddr: str
-    sport: int
-    dport: int
-    nonce: bytes
-    tag: bytes
     room_from_ts: bool = False  # the Timestamps option was removed to make room
 
     @classmethod
@@ -66,20 +53,14 @@ class MarkEvent:
         e = layout.NtMarkEvent.from_bytes(data)
         mac = e.mode == layout.MODE_MAC
         return cls(
-            ts_ns=e.ts_ns,
-            ifindex=e.ifindex,
+            **SynEvent.flow(e),
+            nonce=bytes(e.nonce) if mac else b"",
+            tag=bytes(e.tag[: layout.TAG_LEN]) if mac else bytes(e.tag),
             policy=e.policy,
             epoch=e.epoch,
-            family=e.family,
             mode="mac" if mac else "static",
             key_id=e.key_id,
             reason=layout.MARK_REASONS[e.reason],
-            saddr=event_addr(e.family, e.saddr),
-            daddr=event_addr(e.family, e.daddr),
-            sport=e.sport,
-            dport=e.dport,
-            nonce=bytes(e.nonce) if mac else b"",
-            tag=bytes(e.tag[: layout.TAG_LEN]) if mac else bytes(e.tag),
             room_from_ts=bool(e.room_from_ts),
         )
 
@@ -212,22 +193,16 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
         t.commit({"tc": {"hook": "egress", "handle": tc.HANDLE, "priority": tc.PRIORITY},
                   "created_clsact": created_clsact or owned, "link": t.framing},
                  _config_meta(cfg))
-        prog_id, tag = new.prog.id, new.prog.tag
-    return {
-        "ifname": ifname,
-        "ifindex": idx,
-        "role": ROLE_NAME,
-        "prog_id": prog_id,
-        "tag": tag,
-        "handle": filt.handle,
-        "priority": filt.priority,
-        "replaced_prog_id": prev_prog_id,
-        "created_clsact": created_clsact,
-        "link": t.framing,
-        "pinned": str(t.st.pin_dir),
-        "policies": len(cfg.policies),
-        "keys": sorted(cfg.keys),
-    }
+    return t.result(
+        handle=filt.handle,
+        priority=filt.priority,
+        replaced_prog_id=prev_prog_id,
+        created_clsact=created_clsact,
+        link=t.framing,
+        pinned=str(t.st.pin_dir),
+        policies=len(cfg.policies),
+        keys=sorted(cfg.keys),
+    )
 
 
 def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ that loads libbpf, so it serves the verbs that need no kernel too.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable
 from typing import Any
 
 from . import state
@@ -412,15 +413,59 @@ def missed_line(d: Doc) -> str:
 # the roles' own views
 
 
-class MarkerView:
+# An event column: its title, its format spec, and its value in an event.
+Column = tuple[str, str, Callable[[Doc], object]]
+
+
+def _dash(v: object) -> object:
+    return "-" if v is None else v
+
+
+# The first and the address columns of every role's events.
+_TIME: Column = ("TIME", "<12", lambda e: e["time"][11:23])
+_IFACE: Column = ("IFACE", "<15", lambda e: e["ifname"])
+_SOURCE: Column = ("SOURCE", "<22", lambda e: endpoint(e["saddr"], e["sport"]))
+_DESTINATION: Column = ("DESTINATION", "<22", lambda e: endpoint(e["daddr"], e["dport"]))
+
+
+class View:
+    """How one role's documents read: its status lines and its events, a
+    column each (EVENT_COLUMNS)."""
+
+    EVENT_COLUMNS: tuple[Column, ...]
+
     def status_lines(self, d: Doc) -> list[str]:
-        a = d["attach"]
-        lines = _status_head(
-            d,
-            f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-            + f"prio {a['priority']}, {a['mode']}"
-            + (", L3 device (packets start at the IP header)" if d.get("link") == "l3" else ""),
-        )
+        raise NotImplementedError
+
+    def event_header(self) -> str:
+        return " ".join(format(title, spec) for title, spec, _ in self.EVENT_COLUMNS)
+
+    def event_line(self, e: Doc) -> str:
+        return " ".join(format(value(e), spec) for _, spec, value in self.EVENT_COLUMNS)
+
+
+def _tc_line(a: Doc) -> str:
+    return (f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
+            f"prio {a['priority']}, {a['mode']}")
+
+
+class MarkerView(View):
+    EVENT_COLUMNS = (
+        _TIME,
+        _IFACE,
+        ("POLICY", "<12", lambda e: str(e["policy"] or e["policy_id"])),
+        _SOURCE,
+        _DESTINATION,
+        ("MODE", "<6", lambda e: e["mode"]),
+        ("KEY", ">3", lambda e: e["key_id"] if e["mode"] == "mac" else "-"),
+        ("EPOCH", ">10", lambda e: e["epoch"] if e["mode"] == "mac" else "-"),
+        ("NONCE", "<12", lambda e: e["nonce"] if e["mode"] == "mac" else "-"),
+        ("TAG", "", lambda e: e["tag"] if e["mode"] == "mac" else "-"),
+    )
+
+    def status_lines(self, d: Doc) -> list[str]:
+        l3 = ", L3 device (packets start at the IP header)" if d.get("link") == "l3" else ""
+        lines = _status_head(d, _tc_line(d["attach"]) + l3)
         lines.append(keys_line(d["keys"]))
         if not d["policies"]:
             lines.append("policies none (nothing is marked)")
@@ -439,30 +484,24 @@ class MarkerView:
         lines.extend(schedule_lines(d.get("schedule") or {}))
         return lines
 
-    def event_header(self) -> str:
-        return (
-            f"{'TIME':<12} {'IFACE':<15} {'POLICY':<12} {'SOURCE':<22} {'DESTINATION':<22} "
-            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<12} TAG"
-        )
 
-    def event_line(self, e: Doc) -> str:
-        t = e["time"][11:23]
-        mac = e["mode"] == "mac"
-        return (
-            f"{t:<12} {e['ifname']:<15} {e['policy'] or e['policy_id']!s:<12} "
-            f"{endpoint(e['saddr'], e['sport']):<22} {endpoint(e['daddr'], e['dport']):<22} "
-            f"{e['mode']:<6} "
-            f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
-            f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
-        )
+class GuardView(View):
+    EVENT_COLUMNS = (
+        _TIME,
+        _IFACE,
+        ("VERDICT", "<11", lambda e: e["verdict"]),
+        ("ACTION", "<7", lambda e: e["action"]),
+        _SOURCE,
+        _DESTINATION,
+        ("KEY", ">3", lambda e: _dash(e["key_id"])),
+        ("EPOCH", ">10", lambda e: _dash(e["epoch"])),
+        ("PROTECT", "", lambda e: f"#{e['protect']}"),
+    )
 
-
-class GuardView:
     def status_lines(self, d: Doc) -> list[str]:
         a = d["attach"]
         if a["type"] == "tc":
-            at = (f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-                  f"prio {a['priority']}, {a['mode']}")
+            at = _tc_line(a)
         else:
             how = "kernel's choice" if a["requested"] == "auto" else "forced"
             at = f"xdp      {a['mode'] or '-'} ({how})"
@@ -493,26 +532,10 @@ class GuardView:
             )
         return lines
 
-    def event_header(self) -> str:
-        return (
-            f"{'TIME':<12} {'IFACE':<15} {'VERDICT':<11} {'ACTION':<7} {'SOURCE':<22} "
-            f"{'DESTINATION':<22} {'KEY':>3} {'EPOCH':>10} PROTECT"
-        )
-
-    def event_line(self, e: Doc) -> str:
-        def dash(v: object) -> str:
-            return "-" if v is None else str(v)
-
-        return (
-            f"{e['time'][11:23]:<12} {e['ifname']:<15} {e['verdict']:<11} {e['action']:<7} "
-            f"{endpoint(e['saddr'], e['sport']):<22} {endpoint(e['daddr'], e['dport']):<22} "
-            f"{dash(e['key_id']):>3} {dash(e['epoch']):>10} #{e['protect']}"
-        )
-
 
 # Role name (a document's "role") -> its view.  A role missing here (state of
 # a newer netoken) is shown by what its pins tell, and its events as JSON.
-VIEWS: dict[str, MarkerView | GuardView] = {"marker": MarkerView(), "guard": GuardView()}
+VIEWS: dict[str, View] = {"marker": MarkerView(), "guard": GuardView()}
 
 
 # --------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """A loaded BPF program and its maps, pinned per interface and role.
 
-The marker (tc, netoken/marker.py) and the guard (XDP, netoken/guard.py) are
-both this: an ELF object loaded with some maps shared from the program it
-replaces, pinned per network namespace, interface and role with a metadata
-file in /run (netoken/state.py), reopened from those pins by any later
-process, and shown by the generic status / stats / monitor views.  Maps a
-role names in SHARED_MAPS are pinned once per namespace and reused by every
-instance of it there (the guard's replay cache and config).  What is the
-same for both lives here, once; each module specialises it with its object and program
+The marker (tc, netoken/marker.py) and the guard (XDP or tc, netoken/guard/)
+are both this: an ELF object loaded with some maps shared from the program
+it replaces, pinned per network namespace, interface and role with a
+metadata file in /run (netoken/state.py), reopened from those pins by any
+later process, and shown by the generic status / stats / monitor views.
+Maps a role names in SHARED_MAPS are pinned once per namespace and reused by
+every instance of it there (the guard's replay cache and config).
+
+What is the same for both lives here, once: loading and pinning
+(PinnedProgram), the attach transaction (PinnedProgram.attaching, Attach),
+apply and detach (updating, removing), and the role's status, counters and
+events (ProgramRole).  Each role specialises it with its object and program
 name, its maps, its error class and its CLI verb, and keeps what really
 differs (the attach hook, the config maps, the entries, the events) to itself.
 """
@@ -462,6 +466,8 @@ class Attach(Generic[P]):
         # Kept open for the whole attach, also for the undo steps.
         self.closing = contextlib.ExitStack()
         self._undo: list[Callable[[], object]] = []
+        self.prog_id: int | None = None  # the new program's, once committed
+        self.tag: str | None = None
 
     def on_failure(self, undo: Callable[[], object]) -> None:
         self._undo.append(undo)
@@ -473,6 +479,13 @@ class Attach(Generic[P]):
         assert self.new is not None
         self.new.commit_pin(self.st)
         self.st.write_meta(attach_meta(self.kind.ROLE, self.ifname, self.idx, attachment, config))
+        self.prog_id, self.tag = self.new.prog.id, self.new.prog.tag
+
+    def result(self, **fields: Any) -> dict[str, Any]:
+        """What a committed attach returns: where, which program now runs
+        there, then FIELDS."""
+        return {"ifname": self.ifname, "ifindex": self.idx, "role": self.kind.ROLE,
+                "prog_id": self.prog_id, "tag": self.tag, **fields}
 
     def __enter__(self) -> Self:
         return self
