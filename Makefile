@@ -66,8 +66,10 @@ demo: build
 bench: build
 	$(VENV)/bin/netoken bench -o bench/latest.json > bench/latest.txt; rc=$$?; cat bench/latest.txt; exit $$rc
 
+# ruff for style and likely bugs, mypy for types (settings in pyproject.toml).
 lint: deps
 	$(VENV)/bin/ruff check netoken tests scripts/test-kernels
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf netoken/bpf/*.o build *.egg-info

@@ -327,7 +327,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         line = present.memory_line(items)
         if line:
             print(line)
-    doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
+    doors: list[dict[str, Any]] = next((d["unguarded"] for d in items if d.get("unguarded")), [])
     if doors:
         _print(present.unguarded(doors))
     return 0

@@ -83,7 +83,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeGuard
 
 from .errors import NetokenError
 from .schedule import iso, next_switch, scheduled_key
@@ -472,7 +472,7 @@ def _got(value: Any) -> str:
     return kind if shown == kind else f"{kind} {shown}"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -487,6 +487,7 @@ class _Judge:
                 else:
                     rec["verdict"] = verdict
                 return
+            assert cfg.guard is not None  # found: an entry covers it
             rec["protect"], entry = found
             rec.update(verdict=verdict, action=cfg.guard.action_for(entry))
             return
@@ -647,9 +648,11 @@ _COLUMNS = (
 def _cell(rec: dict[str, Any], field: str) -> str:
     v = rec.get(field)
     if field == "time":
+        assert v is not None
         t = time.gmtime(v)
         return time.strftime("%H:%M:%S", t) + f".{int(v * 1e6) % 1_000_000:06d}"
     if field in ("src", "dst"):
+        assert v is not None
         return endpoint(v, rec["sport" if field == "src" else "dport"])
     if field == "mode" and v is None:
         return "-" if rec["problem"] is None else "?"

@@ -91,6 +91,7 @@ def policy_value(policy: Policy, index: int, key_id: int | None = None) -> bytes
         assert key_id is not None and key_id in policy.keys
         v.key_id = key_id
     else:
+        assert policy.token is not None
         v.token[:] = list(policy.token.to_bytes(8, "big"))
     return bytes(v)
 

@@ -292,6 +292,7 @@ def _families(s: _Samples) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     for f in s.families:
+        fam: CounterMetricFamily | GaugeMetricFamily
         if f.kind == "counter":
             fam = CounterMetricFamily(f.name, f.help, labels=f.labels)
         else:
@@ -306,7 +307,7 @@ def registry(interfaces: Sequence[str] | None = None, process: bool = False) -> 
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     reg = CollectorRegistry()
-    reg.register(NetokenCollector(interfaces))  # type: ignore[arg-type]
+    reg.register(NetokenCollector(interfaces))
     if process:
         ProcessCollector(registry=reg)
     return reg
@@ -337,7 +338,7 @@ def agent_registry(agent: Any) -> Any:
     """What `netoken agent` serves: every attachment's metrics, the agent's
     own counters and the process metrics."""
     reg = registry(process=True)
-    reg.register(AgentCollector(agent))  # type: ignore[arg-type]
+    reg.register(AgentCollector(agent))
     return reg
 
 
@@ -450,7 +451,8 @@ def _server_classes() -> tuple[type, type]:
             # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup
             # that can hang for seconds at boot or in a namespace without DNS.
             socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = self.server_address[:2]
+            host, self.server_port = self.server_address[:2]
+            self.server_name = str(host)
             self.setup_environ()
 
     return Server, Handler

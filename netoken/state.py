@@ -1020,9 +1020,9 @@ def _migrate_one(root: Path, ns: Netns, old: StateDir, run_top: StateDir | None,
         meta.setdefault("ifname", ifname)
         new.write_meta(meta)
         if run_top is not None:
-            d = _open_below(run_top, enc, create=False)
-            if d is not None:
+            old_run = _open_below(run_top, enc, create=False)
+            if old_run is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(f"{role}.json", dir_fd=d.fd)
-                d.close()
+                    os.unlink(f"{role}.json", dir_fd=old_run.fd)
+                old_run.close()
     return True

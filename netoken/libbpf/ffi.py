@@ -34,6 +34,7 @@ from ctypes import (
     c_void_p,
     sizeof,
 )
+from typing import TypeVar
 
 from ..errors import BPFError, NetokenError
 
@@ -240,7 +241,10 @@ def _check_layouts() -> None:
 _check_layouts()
 
 
-def make_opts(struct: type[Structure], **fields: int) -> Structure:
+S = TypeVar("S", bound=Structure)
+
+
+def make_opts(struct: type[S], **fields: int) -> S:
     # libbpf uses `sz` for ABI versioning and rejects non-zero bytes it does
     # not know about, so always start from a zeroed struct.
     o = struct()

@@ -153,7 +153,7 @@ def _decode_name(raw: bytes | None) -> str:
 
 
 def _attr(from_ptr: Callable[[int], object], field: str,
-          convert: Callable[[object], object] = lambda v: v, doc: str = "") -> property:
+          convert: Callable[[Any], object] = lambda v: v, doc: str = "") -> property:
     """An attribute libbpf knows for a borrowed object (``from_ptr``) and the
     kernel's info struct knows (``field``) for an fd opened on its own."""
     def get(self: _KernelObject) -> object:
