@@ -8,7 +8,7 @@ BPF_CFLAGS  := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
 BPF_SRC     := $(wildcard bpf/*.bpf.c)
 # One source, several objects: the guard for each hook and link layer, the
 # marker for devices without an Ethernet header (bpf/hook.h, parse_l2() in
-# bpf/parsing.h).  The loader picks one when it attaches (netoken/guard.py,
+# bpf/parsing.h).  The loader picks one when it attaches (netoken/guard/,
 # netoken/marker.py).
 BPF_VARIANTS := guard_tc guard_tc_l3 marker_l3
 BPF_OBJ     := $(patsubst bpf/%.bpf.c,netoken/bpf/%.bpf.o,$(BPF_SRC)) \
@@ -66,8 +66,10 @@ demo: build
 bench: build
 	$(VENV)/bin/netoken bench -o bench/latest.json > bench/latest.txt; rc=$$?; cat bench/latest.txt; exit $$rc
 
+# ruff for style and likely bugs, mypy for types (settings in pyproject.toml).
 lint: deps
 	$(VENV)/bin/ruff check netoken tests scripts/test-kernels
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf netoken/bpf/*.o build *.egg-info

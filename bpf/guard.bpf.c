@@ -68,7 +68,7 @@ struct {
 
 /* The replay cache: direct-mapped slots, one accepted token each (see
  * nt_replay_slot()).  Sized from the config's replay_cache, rounded up to a
- * power of two, before load (netoken/guard.py). */
+ * power of two, before load (netoken/guard/program.py). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1 << 20);

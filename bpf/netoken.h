@@ -69,7 +69,8 @@ struct nt_config {
 	__u8  kind;
 	__u8  make_room;         /* 1: remove Timestamps when the option does not fit */
 	__u16 exid;              /* host byte order */
-	__u32 generation;        /* bumped by every configure (netoken/marker.py):
+	__u32 generation;        /* bumped by every configure (netoken/marker.py,
+				  * netoken/entries.py):
 				  * its low bit is the half of the policy array
 				  * that is live, and the destination cache
 				  * (bpf/dest.h) keeps what it looked up under
@@ -143,7 +144,7 @@ struct nt_mark_event {
 
 /* ------------------------------------------------------------------ guard */
 
-#define NT_MAX_PROTECT     4096  /* protect entries, both halves (see netoken/guard.py) */
+#define NT_MAX_PROTECT     4096  /* protect entries, both halves (see netoken/entries.py) */
 #define NT_MAX_STATIC      4096  /* accepted static tokens, all entries together */
 #define NT_MAX_EVENT_RATE  1000000   /* events per second per CPU */
 #define NT_KEY_STAT_OK     0     /* nt_key_stats index: key id * 2 + NT_KEY_STAT_* */

@@ -65,13 +65,17 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import config as nconfig
 from . import state
 from .config import Config
 from .errors import NetokenError
+from .present import error_line
 from .schedule import iso
+
+if TYPE_CHECKING:
+    from .program import ProgramRole
 
 # Coalesce a burst of file events (a `..data` swap is several) into one load.
 DEBOUNCE = 0.1
@@ -267,18 +271,10 @@ class LinkEvents:
 # roles, as the agent drives them
 
 
-def _module(role: str) -> Any:
-    if role == "marker":
-        from . import marker
+def _role(name: str) -> ProgramRole:
+    from .roles import ROLES
 
-        return marker
-    from . import guard
-
-    return guard
-
-
-def _role(role: str) -> Any:
-    return _module(role).ROLE
+    return ROLES[name]
 
 
 def _running(st: state.RoleState, role: str) -> bool:
@@ -293,30 +289,6 @@ def _running(st: state.RoleState, role: str) -> bool:
     except (OSError, NetokenError):
         return False
     return live == pid
-
-
-def _sync_clock(st: state.RoleState, role: str, want: int) -> int | None:
-    """Make ST's REALTIME-TAI offset WANT; the old value if it was not."""
-    from .datapath import u32
-    from .libbpf import Map
-
-    prog = _role(role).PROGRAM
-    # A guard's config map is the namespace's, shared by all its guards.
-    path = prog.map_pin(st, prog.CONFIG_MAP)
-    if path is None:
-        return None
-    with Map.from_pinned(path) as m:
-        if prog.read_config(m).realtime_minus_tai_ns == want:
-            return None
-        # Read again under the lock: an `apply` may be flipping the generation.
-        with state.locked():
-            cur = prog.read_config(m)
-            old = cur.realtime_minus_tai_ns
-            if old == want:
-                return None
-            cur.realtime_minus_tai_ns = want
-            m.update(u32(0), bytes(cur))
-    return old
 
 
 def _fingerprint(paths: Iterable[Path]) -> tuple[Any, ...]:
@@ -394,9 +366,9 @@ class Agent:
         """Everything a role would refuse, before any map is touched."""
         a = cfg.agent
         if a is not None and a.mark:
-            _module("marker").check(cfg)
+            _role("marker").check(cfg)
         if a is not None and a.guard:
-            _module("guard").check(cfg)
+            _role("guard").check(cfg)
 
     def _files(self) -> list[Path]:
         keys = [k.file for k in self.cfg.keys.values()] if self.cfg is not None else []
@@ -447,9 +419,7 @@ class Agent:
         return selected(self.cfg, [name for _, name in socket.if_nameindex()])
 
     def _fail(self, pair: tuple[str, str], action: str, e: Exception) -> None:
-        from .cli import _error_line
-
-        msg = _error_line(e)
+        msg = error_line(e)
         if self.failing.get(pair) != msg:
             self.failing[pair] = msg
             self.log(f"{action} failed", level="error", iface=pair[0], role=pair[1], error=msg)
@@ -470,10 +440,7 @@ class Agent:
                 continue
             ifname, role = pair
             try:
-                if role == "marker":
-                    res = _module(role).apply(ifname, cfg, now)
-                else:
-                    res = _module(role).apply(ifname, cfg)
+                res = _role(role).apply(ifname, cfg, now)
             except Exception as e:  # noqa: BLE001 - one interface must not stop the others
                 self._fail(pair, "apply", e)
                 continue
@@ -501,8 +468,8 @@ class Agent:
             # devices, XDP on NICs (design.md §2 "Hooks").  The agent owns
             # what it manages, so auto also undoes a hook forced by hand.
             kw = {"hook": "auto"} if role == "guard" else {}
-            res = _module(role).attach_pinned(ifname, self.cfg, **kw)
-            st = _module(role).state_of(ifname)
+            res = _role(role).attach(ifname, self.cfg, **kw)
+            st = _role(role).state_of(ifname)
             with state.locked():
                 meta = st.read_meta() or {}
                 meta["managed_by"] = MANAGED_BY
@@ -520,7 +487,7 @@ class Agent:
     def _detach(self, pair: tuple[str, str], reason: str) -> None:
         ifname, role = pair
         try:
-            res = _module(role).detach_pinned(ifname)
+            res = _role(role).detach(ifname)
         except Exception as e:  # noqa: BLE001
             self._fail(pair, "detach", e)
             return
@@ -543,7 +510,7 @@ class Agent:
                 self._attach(pair)
 
     def _state(self, pair: tuple[str, str]) -> state.RoleState:
-        return _module(pair[1]).state_of(pair[0])
+        return _role(pair[1]).state_of(pair[0])
 
     def _adopt(self) -> None:
         """What an earlier agent attached in this namespace is ours to manage."""
@@ -578,7 +545,7 @@ class Agent:
         want = realtime_minus_tai_ns()
         for pair in _order(self.managed):
             try:
-                old = _sync_clock(self._state(pair), pair[1], want)
+                old = _role(pair[1]).PROGRAM.sync_clock(self._state(pair), want)
             except Exception as e:  # noqa: BLE001
                 self._fail(pair, "clock offset update", e)
                 continue
@@ -651,10 +618,9 @@ class Agent:
         cfg = nconfig.load(self.path)
         self._check(cfg)
         self.cfg = cfg
-        for role in ROLES:
-            # libbpf and the role modules load now, not on the first interface
-            # that appears (whose attach must take well under 2 s).
-            _module(role)
+        # libbpf and the role modules load now, not on the first interface
+        # that appears (whose attach must take well under 2 s).
+        _role("marker")
         with contextlib.ExitStack() as stack, self._signals() as wake:
             self.links = links = LinkEvents()
             stack.callback(links.close)

@@ -20,13 +20,17 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, state
+from . import __version__, present, state
 from .config import generate_key, key_file_bytes
 from .config import load as load_config
 from .errors import BPFError, NetokenError
+from .present import error_line
 from .state import RoleState
+
+if TYPE_CHECKING:
+    from .program import ProgramRole
 
 DEFAULT_CONFIG = "/etc/netoken/netoken.toml"
 
@@ -57,16 +61,18 @@ def _note(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
-def _policies(n: int) -> str:
-    return f"{n} polic{'y' if n == 1 else 'ies'}"
+def _print(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
 
 
-def _protects(n: int) -> str:
-    return f"{n} protect entr{'y' if n == 1 else 'ies'}"
-
-
-def _keys(ids: list[int]) -> str:
-    return f"key id{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}" if ids else "no keys"
+def _output(args: argparse.Namespace, doc: Any, text: Callable[[Any], list[str]]) -> int:
+    """DOC as JSON with --json, else as TEXT(DOC) says."""
+    if args.json:
+        _emit_json(doc, args.pretty)
+    else:
+        _print(text(doc))
+    return 0
 
 
 def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
@@ -89,7 +95,7 @@ def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
 def _note_others() -> None:
     if not _noted[0]:
         # once: `stats --watch` calls this every interval
-        _noted[0] = _others_text(state.other_netns()) or "-"
+        _noted[0] = present.other_netns(state.other_netns()) or "-"
         if _noted[0] != "-":
             _note(_noted[0])
 
@@ -97,33 +103,20 @@ def _note_others() -> None:
 _noted = [""]
 
 
-def _others_text(others: list[state.OtherNetns], limit: int = 4) -> str:
-    """One line naming the other namespaces with netoken state, and what is there."""
-    others = [o for o in others if o.roles]
-    if not others:
-        return ""
-    parts = []
-    for o in others[:limit]:
-        what = ", ".join(f"{ifname} {role}" for ifname, role in o.roles)
-        parts.append(f"{state.netns_label(o.netns)} ({what})")
-    more = f" and {len(others) - limit} more" if len(others) > limit else ""
-    n = sum(len(o.roles) for o in others)
-    return (f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
-            f"(netoken -n NAME ..., or status --all-netns)")
-
-
 def _require_iface_or_state(ifname: str | None, states: list[RoleState]) -> None:
     if ifname is None or states:
         return
-    from .marker import ifindex
+    from .program import ifindex
 
-    ifindex(ifname)  # raises "interface ... does not exist"
+    ifindex(ifname, CliError)  # raises "interface ... does not exist"
 
 
-def _with_role(states: list[RoleState]) -> list[tuple[RoleState, state.Role]]:
+def _with_role(states: list[RoleState]) -> list[tuple[RoleState, ProgramRole]]:
+    from .roles import role
+
     out = []
     for st in states:
-        r = state.role(st.role)
+        r = role(st.role)
         if r is not None and st.exists():
             out.append((st, r))
     return out
@@ -140,46 +133,14 @@ def cmd_mark_attach(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not cfg.policies:
         _note(f"{args.config}: no [[policy]] entries; the marker will mark nothing")
-    res = marker.attach_pinned(args.iface, cfg)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    how = f"replaced prog {res['replaced_prog_id']}" if res["replaced_prog_id"] else "new"
-    print(
-        f"marker attached to {res['ifname']} egress: prog {res['prog_id']} tag {res['tag']}, "
-        f"tc handle 0x{res['handle']:x} prio {res['priority']} ({how})"
-    )
-    print(f"  {_policies(res['policies'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
-    return 0
+    return _output(args, marker.attach_pinned(args.iface, cfg), present.mark_attached)
 
 
 def cmd_mark_detach(args: argparse.Namespace) -> int:
     from . import marker
 
     state.require_privileges()
-    res = marker.detach_pinned(args.iface)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    where = _where(res)
-    if res["removed_prog_id"] is not None:
-        print(f"marker detached from {where}: removed prog {res['removed_prog_id']}, "
-              f"clsact {res['clsact']}")
-    elif not res["interface_present"]:
-        print(f"{where} is gone from this network namespace (its filter went with it); "
-              f"pins removed")
-    else:
-        print(f"no marker filter was attached to {where}; pins removed")
-    return 0
-
-
-def _where(res: dict[str, Any]) -> str:
-    """The interface a detach acted on, and the name it was attached under
-    if that differs (renamed since)."""
-    was = res.get("attached_as")
-    if was and was != res["ifname"] and res["interface_present"]:
-        return f"{res['ifname']} (attached as {was}, ifindex {res['ifindex']})"
-    return res["ifname"]
+    return _output(args, marker.detach_pinned(args.iface), present.mark_detached)
 
 
 def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
@@ -189,14 +150,14 @@ def apply(ifname: str, cfg: Any) -> list[dict[str, Any]]:
     that one of them cannot take changes nothing."""
     states = _states(ifname)
     _require_iface_or_state(ifname, states)
-    roles = [(st, r) for st, r in _with_role(states) if hasattr(r, "apply")]
+    roles = _with_role(states)
     if not roles:
         raise CliError(
             f"no marker on {ifname} and no guard either; attach one first "
             f"(netoken mark|guard attach {ifname} -c FILE)"
         )
     for _, r in roles:
-        r.check(cfg)
+        r.check_apply(cfg)
     return [r.apply(ifname, cfg) for _, r in roles]
 
 
@@ -204,37 +165,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     state.require_privileges()
     cfg = load_config(args.config)
     results = apply(args.iface, cfg)
-    if args.json:
-        _emit_json(results, args.pretty)
-        return 0
-    for res in results:
-        if res["role"] == "marker":
-            print(f"applied {args.config} to the marker on {res['ifname']} (prog {res['prog_id']}): "
-                  f"{_policies(res['policies'])}, {_keys(res['keys'])}")
-            for what in ("added", "removed"):
-                if res[what]:
-                    print(f"  {what}: {', '.join(res[what])}")
-            from .schedule import lines
-
-            in_use = res["schedule"]["in_use"]
-            if any(len(p.keys) > 1 for p in cfg.policies):
-                print("  keys in use: " + ", ".join(f"{n} key {k}" for n, k in in_use.items()))
-            for line in lines(res["schedule"]):
-                print(f"  {line}")
-        elif res["role"] == "guard":
-            print(f"applied {args.config} to the guard on {res['ifname']} (prog {res['prog_id']}): "
-                  f"{_protects(res['protect'])}, {_keys(res['keys'])}, action {res['action']}")
-            if res["action_override"]:
-                print(_override_line(res))
-            if res["shared_by"] > 1:
-                print(_shared_line(res))
-            for what in ("added", "removed"):
-                if res[f"keys_{what}"]:
-                    print(f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}")
-            for note in res["notes"]:
+    several_keys = any(len(p.keys) > 1 for p in cfg.policies)
+    _output(args, results, lambda rs: [line for res in rs
+                                       for line in present.applied(res, args.config, several_keys)])
+    if not args.json:
+        for res in results:
+            for note in res.get("notes", []):
                 _note(note)
-        else:
-            print(f"applied {args.config} to the {res['role']} on {res['ifname']}")
     return 0
 
 
@@ -247,7 +184,6 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
 
     state.require_privileges()
     cfg = load_config(args.config)
-    guard.check(cfg)
     res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode,
                               hook=args.hook)
     try:
@@ -258,81 +194,18 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
     res["unguarded"] = [d.to_json() for d in doors]
     for d in doors:
         _note(d.message)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    if res["replaced_prog_id"] is None:
-        how = "new"
-    else:
-        how = f"replaced prog {res['replaced_prog_id']}"
-        if res["hook_switched"]:
-            how += f", hook switched {res['hook_switched']}: new one attached, then old removed"
-        elif res["mode_switched"]:
-            how += ", XDP mode switched: detach + attach"
-    cache = res["replay_cache"]
-    cache_text = {
-        "new": f"replay cache {cache['entries']} entries",
-        "kept": f"replay cache kept ({cache['entries']} entries)",
-        "resized": f"new replay cache of {cache['entries']} entries "
-                   f"({cache['copied']} live entries copied)",
-    }[cache["state"]]
-    where = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
-    print(f"guard attached to {res['ifname']} ({where}; hook {res['hook_reason']}): "
-          f"prog {res['prog_id']} tag {res['tag']} ({how})")
-    print(f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
-          f"{_protects(res['protect'])}, {_keys(res['keys'])}; pinned at {res['pinned']}")
-    if res["action_override"]:
-        print(_override_line(res))
-    if res["shared_by"] > 1:
-        print(_shared_line(res))
-    for note in res["notes"]:
-        _note(note)
+    _output(args, res, present.guard_attached)
+    if not args.json:
+        for note in res["notes"]:
+            _note(note)
     return 0
-
-
-def _shared_line(res: dict[str, Any]) -> str:
-    n = res["shared_by"] - 1
-    others = f"the {n} other guards here run" if n > 1 else "the other guard here runs"
-    return (f"  config, keys and replay cache are per network namespace: {others} this "
-            f"config too")
-
-
-def _override_line(res: dict[str, Any]) -> str:
-    """The one line that says a sticky --mode decides, not the config."""
-    return (f"  action {res['action']} is a --mode override (the config says "
-            f"{res['config_action']}); it stays until `netoken guard attach {res['ifname']} "
-            f"-c FILE --mode config`")
 
 
 def cmd_guard_detach(args: argparse.Namespace) -> int:
     from . import guard
 
     state.require_privileges()
-    res = guard.detach_pinned(args.iface)
-    if args.json:
-        _emit_json(res, args.pretty)
-        return 0
-    f = res["foreign_prog"]
-    where = _where(res)
-    if res["removed_prog_id"] is not None:
-        how = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
-        qdisc = f", clsact qdisc {res['clsact']}" if res.get("clsact") else ""
-        print(f"guard detached from {where}: removed prog {res['removed_prog_id']} "
-              f"({how}{qdisc}); pins removed")
-    elif not res["interface_present"]:
-        print(f"{where} is gone from this network namespace (its guard program went with it); "
-              f"pins removed")
-    elif f is not None:
-        what = "XDP program" if f["hook"] == "xdp" else "tc ingress filter's program"
-        print(f"{what} {f['name']!r} (id {f['id']}) on {where} was not installed "
-              f"by netoken and stays attached; netoken's guard pins removed")
-    else:
-        print(f"no guard was attached to {where}; pins removed")
-    left = res["guards_left"]
-    if left:
-        print(f"  the shared guard state stays for the {left} other guard{'s' if left > 1 else ''} "
-              f"of this network namespace")
-    return 0
+    return _output(args, guard.detach_pinned(args.iface), present.guard_detached)
 
 
 # --------------------------------------------------------------------------
@@ -342,8 +215,9 @@ def cmd_guard_detach(args: argparse.Namespace) -> int:
 def _generic_status(st: RoleState) -> dict[str, Any]:
     """For a role whose module is missing: what the pins alone tell."""
     from .libbpf import Program
+    from .roles import role
 
-    why = ("incomplete pinned state (no program pin)" if state.role(st.role) is not None
+    why = ("incomplete pinned state (no program pin)" if role(st.role) is not None
            else "unknown (no support for this role installed)")
     d: dict[str, Any] = {"ifname": st.ifname, "role": st.role, "pinned": str(st.pin_dir),
                          "state": why}
@@ -357,22 +231,20 @@ def _generic_status(st: RoleState) -> dict[str, Any]:
 def status(ifname: str | None = None, quiet: bool = False) -> list[dict[str, Any]]:
     """What netoken has attached in this network namespace, role by role,
     and netoken programs attached without pinned state (ghosts)."""
+    from .roles import ROLES
+
     states = state.all_states(ifname) if quiet else _states(ifname)
     out = []
     for st in states:
-        r = state.role(st.role)
+        r = ROLES.get(st.role)
         out.append(r.status(st) if r is not None and st.exists() else _generic_status(st))
     target = states[0].ifindex if states else None
     if ifname is not None and target is None:
         target = _ifindex_or_none(ifname)
     if ifname is None or target is not None:
-        for name in state.ROLE_MODULES:
-            r = state.role(name)
-            find = getattr(r, "ghosts", None)
-            if find is None:
-                continue
+        for name, r in ROLES.items():
             pinned = {st.ifindex for st in states if st.role == name}
-            out += [g for g in find(pinned) if ifname is None or g["ifindex"] == target]
+            out += [g for g in r.ghosts(pinned) if ifname is None or g["ifindex"] == target]
     if ifname is not None and not out:
         _require_iface_or_state(ifname, states)
     if out:
@@ -418,7 +290,7 @@ def status_all_netns() -> list[dict[str, Any]]:
                 continue
             except (OSError, NetokenError, BPFError) as e:
                 # It went away, or its state changed while being read.
-                why = f"cannot read: {_error_line(e)}"
+                why = f"cannot read: {error_line(e)}"
         else:
             why = "network namespace not found (gone?)"
         run = state.RUN_DIR / other.netns.dirname
@@ -441,63 +313,6 @@ def status_all_netns() -> list[dict[str, Any]]:
     return items
 
 
-def _netns_header(ns: dict[str, Any] | None) -> str:
-    if ns is None:
-        return "state of an older netoken"
-    name = f"{ns['name']} " if ns.get("name") else ""
-    return f"network namespace {name}(net:[{ns['inode']}], cookie {ns['cookie']})"
-
-
-def _print_status(items: list[dict[str, Any]], all_netns: bool) -> None:
-    last: tuple[Any, Any] | None = None
-    ns_last: Any = ()
-    for d in items:
-        ns = d.get("netns")
-        key = ns.get("cookie") if isinstance(ns, dict) else None
-        if all_netns and key != ns_last:
-            print(_netns_header(ns))
-            ns_last, last = key, None
-        indent = "  " if all_netns else ""
-        if (d["ifname"], key) != last:
-            idx = d.get("ifindex")
-            was = d.get("attached_as")
-            extra = f" (ifindex {idx}" + (f", attached as {was})" if was else ")") if idx else ""
-            print(f"{indent}{d['ifname']}{extra}")
-            last = (d["ifname"], key)
-        r = state.role(d["role"]) if d.get("role") else None
-        if d.get("ghost"):
-            head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
-                    f"program runs here without pinned state")
-            lines = [head, f"remove it with: {d['remove']}"]
-        elif r is not None and "attach" in d:
-            lines = r.status_lines(d)
-        else:
-            lines = [f"{d['state']}", f"pinned   {d['pinned']}"]
-            if d.get("prog"):
-                lines[0] = f"prog {d['prog']['id']}  {d['state']}"
-            if d.get("remove"):
-                lines.append(f"remove   {d['remove']}")
-        role = d.get("role") or "?"
-        print(f"{indent}  {role:<7} {lines[0]}")
-        for line in lines[1:]:
-            print(f"{indent}  {'':<7} {line}")
-
-
-def _memory_line(items: list[dict[str, Any]]) -> str | None:
-    """Total kernel memory of netoken's maps in this namespace, shared state once."""
-    mems = [d["memory"] for d in items if isinstance(d.get("memory"), dict)]
-    if not mems:
-        return None
-    own = sum(m["own"] for m in mems)
-    shared = max((m.get("shared", 0) for m in mems if m.get("shared_by")), default=0)
-    from .program import fmt_bytes
-
-    text = f"memory: {fmt_bytes(own + shared)} in netoken's maps here"
-    if shared:
-        text += f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
-    return text
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
     items = status_all_netns() if args.all_netns else status(args.iface)
@@ -507,16 +322,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not items:
         print(f"nothing attached{' to ' + args.iface if args.iface else ''}")
         return 0
-    _print_status(items, args.all_netns)
+    _print(present.status(items, args.all_netns))
     if not args.all_netns and args.iface is None:
-        line = _memory_line(items)
+        line = present.memory_line(items)
         if line:
             print(line)
-    doors = next((d["unguarded"] for d in items if d.get("unguarded")), [])
+    doors: list[dict[str, Any]] = next((d["unguarded"] for d in items if d.get("unguarded")), [])
     if doors:
-        print("\nnot guarded (traffic enters this host past every guard):")
-        for door in doors:
-            print(f"  {door['message']}")
+        _print(present.unguarded(doors))
     return 0
 
 
@@ -527,52 +340,19 @@ def stats(ifname: str | None = None) -> list[dict[str, Any]]:
     out = []
     for st, r in _with_role(states):
         item: dict[str, Any] = {"ifname": st.ifname, "role": r.name, "counters": r.stats(st)}
-        extra = getattr(r, "stats_extra", None)
-        if extra is not None:
-            item.update(extra(st))
+        item.update(r.stats_extra(st))
         out.append(item)
     return out
 
 
-def _flat(d: dict[str, Any]) -> dict[str, int]:
-    """Counters plus the role's extra ones (e.g. per key), as name -> count."""
-    r = state.role(d["role"])
-    extra = getattr(r, "extra_counters", None)
-    return {**d["counters"], **(extra(d) if extra is not None else {})}
-
-
 def _rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]], dt: float) -> None:
-    before = {(d["ifname"], d["role"]): _flat(d) for d in prev}
+    before = {(d["ifname"], d["role"]): present.counters(d) for d in prev}
     for d in cur:
         old = before.get((d["ifname"], d["role"]), {})
         d["rates"] = {
             k: round(max(0, v - old.get(k, v)) / dt, 1) if dt > 0 else 0.0
-            for k, v in _flat(d).items()
+            for k, v in present.counters(d).items()
         }
-
-
-def _print_stats(items: list[dict[str, Any]]) -> None:
-    if not items:
-        print("nothing attached")
-    for d in items:
-        print(f"{d['ifname']}  {d['role']}")
-        for k, v in _flat(d).items():
-            print(f"  {k:<17} {v:>14}")
-
-
-def _stats_table(items: list[dict[str, Any]], interval: float):
-    from rich.table import Table
-
-    t = Table(title=f"netoken stats (every {interval:g}s, Ctrl-C to quit)", title_justify="left")
-    for col, just in (("IFACE", "left"), ("ROLE", "left"), ("REASON", "left"),
-                      ("COUNT", "right"), ("RATE/s", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for d in items:
-        for k, v in _flat(d).items():
-            rate = d.get("rates", {}).get(k, 0.0)
-            style = "bold" if rate else ("dim" if not v else None)
-            t.add_row(d["ifname"], d["role"], k, f"{v:,}", f"{rate:,.1f}", style=style)
-    return t
 
 
 def watch_stats(
@@ -582,7 +362,7 @@ def watch_stats(
     prev = stats(ifname)
     t_prev = time.monotonic()
     for d in prev:
-        d["rates"] = dict.fromkeys(_flat(d), 0.0)
+        d["rates"] = dict.fromkeys(present.counters(d), 0.0)
     emit(prev, time.time())
     while True:
         time.sleep(interval)
@@ -596,45 +376,27 @@ def watch_stats(
 def cmd_stats(args: argparse.Namespace) -> int:
     state.require_privileges(net_admin=False)
     if not args.watch:
-        items = stats(args.iface)
-        if args.json:
-            _emit_json(items, args.pretty)
-        else:
-            _print_stats(items)
-        return 0
+        return _output(args, stats(args.iface), present.stats)
     if args.interval <= 0:
         raise CliError("--interval must be positive")
     try:
         if args.json:
             watch_stats(args.iface, args.interval, lambda items, now: _emit_json(
-                {"time": _iso(now), "interval": args.interval, "stats": items}, args.pretty))
+                {"time": present.iso(now), "interval": args.interval, "stats": items},
+                args.pretty))
         elif sys.stdout.isatty():
             from rich.console import Console
             from rich.live import Live
 
             with Live(console=Console(), auto_refresh=False) as live:
                 watch_stats(args.iface, args.interval, lambda items, _now: live.update(
-                    _stats_table(items, args.interval), refresh=True))
+                    present.stats_table(items, args.interval), refresh=True))
         else:
-            watch_stats(args.iface, args.interval, _stats_lines)
+            watch_stats(args.iface, args.interval,
+                        lambda items, now: _print(present.stats_watch_lines(items, now)))
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _iso(t: float) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
-
-
-def _stats_lines(items: list[dict[str, Any]], now: float) -> None:
-    """Piped --watch: one self-contained line per role and interval."""
-    for d in items:
-        parts = [f"{k}={v} ({d['rates'].get(k, 0):g}/s)" for k, v in _flat(d).items() if v]
-        print(f"{_iso(now)} {d['ifname']} {d['role']} " + (" ".join(parts) or "all zero"),
-              flush=True)
 
 
 def monitor(
@@ -643,7 +405,7 @@ def monitor(
     on_lost: Callable[[dict[str, Any]], None],
     count: int | None = None,
     backlog: bool = False,
-    ready: Callable[[list[tuple[RoleState, state.Role]]], None] | None = None,
+    ready: Callable[[list[tuple[RoleState, ProgramRole]]], None] | None = None,
 ) -> tuple[int, int]:
     """Follow ring-buffer events of every role with state until COUNT events
     (or forever); returns (events seen, events lost meanwhile)."""
@@ -687,9 +449,8 @@ def monitor(
         for st, r in roles:
             with contextlib.suppress(OSError):
                 out[(st.ifname, r.name, "lost")] = r.lost_events(st)
-                suppressed = getattr(r, "suppressed_events", None)
-                if suppressed is not None:
-                    out[(st.ifname, r.name, "suppressed")] = suppressed(st)
+                if r.RATE_LIMITED:
+                    out[(st.ifname, r.name, "suppressed")] = r.suppressed_events(st)
         return out
 
     def check_lost() -> None:
@@ -699,25 +460,21 @@ def monitor(
             if n > missed.get(key, n):
                 if what == "lost":
                     lost_total += n - missed[key]
-                on_lost({"time": _iso(time.time()), "ifname": ifname, "role": role,
+                on_lost({"time": present.iso(time.time()), "ifname": ifname, "role": role,
                          what: n - missed[key], f"{what}_total": n})
             missed[key] = n
 
     try:
         rings: dict[tuple[str, int], Any] = {}
         for st, r in roles:
-            ring = getattr(r, "events_id", None)
-            if ring is not None:
-                key = (r.name, ring(st))
-                if key in rings:
-                    # Read once, but every program writing to it is told
-                    # that someone listens.
-                    for m in r.listen_maps(st):
-                        rings[key].listen_also(m)
-                    continue
-                rings[key] = rb = r.open_events(st, on_event)
-            else:
-                rb = r.open_events(st, on_event)
+            key = (r.name, r.events_id(st))
+            if key in rings:
+                # Read once, but every program writing to it is told
+                # that someone listens.
+                for m in r.listen_maps(st):
+                    rings[key].listen_also(m)
+                continue
+            rings[key] = rb = r.open_events(st, on_event)
             rbs.append(rb)
         # Records queued while nobody listened may be hours old: skip them
         # unless asked, so the stream shows what happens now.
@@ -759,34 +516,28 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     headers_done: list[bool] = []
     suppressed: list[int] = []  # empty: no role followed has a rate limit
 
-    def ready(roles: list[tuple[RoleState, state.Role]]) -> None:
+    def ready(roles: list[tuple[RoleState, ProgramRole]]) -> None:
         where = ", ".join(f"{st.ifname} {r.name}" for st, r in roles)
         _note(f"following events of {where}; Ctrl-C to stop")
         if not args.json:
-            for header in dict.fromkeys(r.event_header() for _, r in roles):
-                print(header, flush=True)
+            _print(list(dict.fromkeys(present.VIEWS[r.name].event_header() for _, r in roles)))
         headers_done.append(True)
-        if any(hasattr(r, "suppressed_events") for _, r in roles):
+        if any(r.RATE_LIMITED for _, r in roles):
             suppressed.append(0)
 
     def emit(e: dict[str, Any]) -> None:
         if args.json:
             _emit_json(e, args.pretty)
         else:
-            r = state.role(e["role"])
-            print(r.event_line(e) if r is not None else json.dumps(e), flush=True)
+            print(present.event_line(e), flush=True)
 
     def on_lost(d: dict[str, Any]) -> None:
         if "suppressed" in d:
             suppressed.append(d["suppressed"])
         if args.json:
             _emit_json(d, args.pretty)
-        elif "suppressed" in d:
-            print(f"-- {d['suppressed']} event(s) suppressed on {d['ifname']} {d['role']} "
-                  f"(rate limit; {d['suppressed_total']} since attach) --", flush=True)
         else:
-            print(f"-- {d['lost']} event(s) lost on {d['ifname']} {d['role']} "
-                  f"(ring buffer full; {d['lost_total']} lost since attach) --", flush=True)
+            print(present.missed_line(d), flush=True)
 
     seen = lost = 0
     try:
@@ -825,31 +576,20 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Everything `attach` would refuse, without touching the kernel."""
-    from .schedule import lines, plan
+    from .entries import check
+    from .schedule import plan
 
     cfg = load_config(args.file)
-    protects = len(cfg.guard.protect) if cfg.guard else 0
-    sched = plan(cfg, time.time())
+    check(cfg)
     agent = cfg.agent
-    if args.json:
-        _emit_json({"file": os.path.abspath(args.file), "valid": True,
-                    "keys": sorted(cfg.keys), "policies": len(cfg.policies),
-                    "protect": protects, "schedule": sched,
-                    "agent": None if agent is None else {
-                        "mark": list(agent.mark), "guard": list(agent.guard),
-                        "metrics": agent.metrics}}, args.pretty)
-    else:
-        print(f"{args.file}: valid: {_keys(sorted(cfg.keys))}, {_policies(len(cfg.policies))}, "
-              f"{_protects(protects)}")
-        if any(len(p.keys) > 1 for p in cfg.policies):
-            print("  keys in use now: " + ", ".join(f"{n} key {k}"
-                                                    for n, k in sched["in_use"].items()))
-        for line in lines(sched):
-            print(f"  {line}")
-        if agent is not None:
-            print(f"  agent: marker on {' '.join(agent.mark) or 'nothing'}, guard on "
-                  f"{' '.join(agent.guard) or 'nothing'}, metrics {agent.metrics or 'off'}")
-    return 0
+    doc = {"file": os.path.abspath(args.file), "valid": True,
+           "keys": sorted(cfg.keys), "policies": len(cfg.policies),
+           "protect": len(cfg.guard.protect) if cfg.guard else 0,
+           "schedule": plan(cfg, time.time()),
+           "agent": None if agent is None else {
+               "mark": list(agent.mark), "guard": list(agent.guard), "metrics": agent.metrics}}
+    several_keys = any(len(p.keys) > 1 for p in cfg.policies)
+    return _output(args, doc, lambda d: present.config_checked(d, args.file, several_keys))
 
 
 # --------------------------------------------------------------------------
@@ -936,6 +676,14 @@ def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
     return p
 
 
+def _object(sub: argparse._SubParsersAction, name: str, help_: str, description: str | None,
+            epilog: str) -> argparse._SubParsersAction:
+    """`netoken NAME VERB ...`: an object and the subparsers of its verbs."""
+    p = sub.add_parser(name, help=help_, description=description,
+                       epilog="examples:\n" + epilog, formatter_class=_Formatter)
+    return p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -952,12 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--pretty", action="store_true", help="indented JSON output")
     sub = parser.add_subparsers(dest="object", metavar="OBJECT", required=True)
 
-    mark = sub.add_parser("mark", help="attach/detach the TC egress marker",
-                          description="The marker: adds a keyed option to selected SYNs.",
-                          epilog="examples:\n  netoken mark attach eth0 -c netoken.toml\n"
-                                 "  netoken mark detach eth0\n",
-                          formatter_class=_Formatter)
-    msub = mark.add_subparsers(dest="verb", metavar="VERB", required=True)
+    msub = _object(sub, "mark", "attach/detach the TC egress marker",
+                   "The marker: adds a keyed option to selected SYNs.",
+                   "  netoken mark attach eth0 -c netoken.toml\n  netoken mark detach eth0\n")
     p = _verb(msub, "attach", "load the marker and attach it on IFACE egress (replaces "
               "netoken's own filter atomically, keeps counters)",
               "  netoken mark attach eth0 -c /etc/netoken/netoken.toml\n"
@@ -970,12 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
               "  netoken mark detach eth0\n", cmd_mark_detach)
     p.add_argument("iface", metavar="IFACE")
 
-    guard = sub.add_parser("guard", help="attach/detach the guard (XDP or TC ingress)",
-                           description="The guard: verifies tokens on ingress SYNs.",
-                           epilog="examples:\n  netoken guard attach eth0 -c netoken.toml "
-                                  "--mode monitor\n  netoken guard detach eth0\n",
-                           formatter_class=_Formatter)
-    gsub = guard.add_subparsers(dest="verb", metavar="VERB", required=True)
+    gsub = _object(sub, "guard", "attach/detach the guard (XDP or TC ingress)",
+                   "The guard: verifies tokens on ingress SYNs.",
+                   "  netoken guard attach eth0 -c netoken.toml --mode monitor\n"
+                   "  netoken guard detach eth0\n")
     p = _verb(gsub, "attach", "load the guard and attach it to IFACE at XDP or TC ingress "
               "(--hook auto: TC on veths and L3 devices such as tun and WireGuard, XDP "
               "otherwise); replaces netoken's own guard atomically, keeps counters and the "
@@ -1042,19 +785,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", action="store_true",
                    help="also show events queued before monitor started")
 
-    key = sub.add_parser("key", help="manage key files",
-                         epilog="examples:\n  netoken key generate /etc/netoken/keys/1.key\n",
-                         formatter_class=_Formatter)
-    ksub = key.add_subparsers(dest="verb", metavar="VERB", required=True)
+    ksub = _object(sub, "key", "manage key files", None,
+                   "  netoken key generate /etc/netoken/keys/1.key\n")
     p = _verb(ksub, "generate", "write a new random key file (16 bytes as hex, mode 0600; "
               "never overwrites)", "  netoken key generate /etc/netoken/keys/2.key\n",
               cmd_key_generate)
     p.add_argument("file", metavar="FILE")
 
-    cfgp = sub.add_parser("config", help="check config files",
-                          epilog="examples:\n  netoken config check /etc/netoken/netoken.toml\n",
-                          formatter_class=_Formatter)
-    csub = cfgp.add_subparsers(dest="verb", metavar="VERB", required=True)
+    csub = _object(sub, "config", "check config files", None,
+                   "  netoken config check /etc/netoken/netoken.toml\n")
     p = _verb(csub, "check", "validate a config file and the key files it names, without "
               "touching the kernel (exit 0 if valid, else one line naming file, entry and "
               "problem, exit 1)", "  netoken config check /etc/netoken/netoken.toml\n",
@@ -1107,10 +846,6 @@ def build_parser() -> argparse.ArgumentParser:
 # entry point
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split("\n")[0].split()) if text else text
-
-
 @contextlib.contextmanager
 def _in_netns(name: str | None) -> Iterator[None]:
     if name is None:
@@ -1159,9 +894,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every error becomes one line
         if args.json:
             # bpftool's convention: scripts reading stdout get the error there.
-            _emit_json({"error": _error_line(e)}, args.pretty)
+            _emit_json({"error": error_line(e)}, args.pretty)
         else:
-            _note(_error_line(e))
+            _note(error_line(e))
         if args.debug:
             if isinstance(e, BPFError) and e.detail:
                 print(e.detail, file=sys.stderr)
@@ -1177,24 +912,6 @@ def _sigint(signum: int, frame: object) -> None:
         lb.interrupt_handler(signum, frame)
         return
     raise KeyboardInterrupt
-
-
-def _error_line(e: Exception) -> str:
-    # State directories are used through their fds; say which path they are.
-    return state.shown(_error_text(e))
-
-
-def _error_text(e: Exception) -> str:
-    if isinstance(e, NetokenError):
-        return _one_line(str(e))
-    if isinstance(e, BPFError):
-        return e.user_message()
-    if isinstance(e, FileNotFoundError) and e.filename is None:
-        return _one_line(str(e))  # ours: object file or namespace missing
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    return f"internal error: {type(e).__name__}: {_one_line(str(e))} (--debug for a traceback)"
 
 
 if __name__ == "__main__":

@@ -83,10 +83,11 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeGuard
 
 from .errors import NetokenError
 from .schedule import iso, next_switch, scheduled_key
+from .token import BIND_SADDR, BIND_SPORT, DEFAULT_EXID, DEFAULT_KIND, KEY_LEN
 
 __all__ = [
     "BIND_SADDR",
@@ -108,20 +109,14 @@ __all__ = [
     "scheduled_key",
 ]
 
-# Bits of Key.bind_mask; must agree with the bind flags in bpf/netoken.h.
-BIND_SADDR = 1
-BIND_SPORT = 2
 _BIND_BITS = {"saddr": BIND_SADDR, "sport": BIND_SPORT}
 
-KEY_LEN = 16  # SipHash-2-4 key: k0/k1 as two little-endian u64
 _KEY_HEX_LEN = 2 * KEY_LEN
 # Generous bound so a key path pointing at a large file fails fast instead of
 # being slurped; a valid key file is 32 hex chars plus a little whitespace.
 _KEY_FILE_MAX = 4096
 
 OPTION_KINDS = (253, 254)  # RFC 6994 shared experimental option kinds
-DEFAULT_KIND = 253
-DEFAULT_EXID = 0x6E74
 DEFAULT_WINDOW = 30
 MAX_WINDOW = 86400
 DEFAULT_SKEW = 1
@@ -477,7 +472,7 @@ def _got(value: Any) -> str:
     return kind if shown == kind else f"{kind} {shown}"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -528,13 +523,14 @@ class _Parser:
                 )
 
     def table(self, entry: str, value: Any, form: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(entry, f"must be a table ({form}), got {_got(value)}")
-        return value
+        return self._of(entry, value, dict, f"a table ({form})")
 
     def tables(self, entry: str, value: Any, form: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(entry, f"must be an array of tables ({form}), got {_got(value)}")
+        return self._of(entry, value, list, f"an array of tables ({form})")
+
+    def _of(self, entry: str, value: Any, kind: type, what: str) -> Any:
+        if not isinstance(value, kind):
+            self.fail(entry, f"must be {what}, got {_got(value)}")
         return value
 
     def integer(

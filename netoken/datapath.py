@@ -1,14 +1,24 @@
-"""Pieces the marker and the guard share on the user-space side."""
+"""Pieces the marker and the guard share on the user-space side.
+
+Importing it loads no libbpf (maps are only passed in), so the kernel-free
+verbs can use what is here: the clock offset and key bytes the config
+compiles to (netoken/entries.py).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import layout
-from .config import Key, OptionConfig
-from .libbpf import Map
+from .config import Key
+
+if TYPE_CHECKING:
+    from .libbpf import Map
 
 BPF_DIR = Path(__file__).parent / "bpf"
 
@@ -31,18 +41,6 @@ def realtime_minus_tai_ns() -> int:
     return round(diff / 1e9) * 1_000_000_000
 
 
-def config_value(option: OptionConfig, generation: int = 0) -> bytes:
-    return bytes(
-        layout.NtConfig(
-            kind=option.kind,
-            make_room=option.make_room,
-            exid=option.exid,
-            generation=generation,
-            realtime_minus_tai_ns=realtime_minus_tai_ns(),
-        )
-    )
-
-
 def key_value(key: Key) -> bytes:
     return bytes(
         layout.NtKey(
@@ -59,6 +57,31 @@ def event_addr(family: int, raw) -> str:
     if family == 4:
         return str(ipaddress.IPv4Address(bytes(raw[:4])))
     return str(ipaddress.IPv6Address(bytes(raw[:16])))
+
+
+@dataclass(frozen=True)
+class SynEvent:
+    """What every event record says of its SYN: when, on which interface,
+    between which endpoints, and the nonce and tag of its token (empty
+    where there is none)."""
+
+    ts_ns: int
+    ifindex: int
+    family: int
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    nonce: bytes
+    tag: bytes
+
+    @staticmethod
+    def flow(e: Any) -> dict[str, Any]:
+        """The fields of the record E (a layout struct) that every event has,
+        but for its token."""
+        return {"ts_ns": e.ts_ns, "ifindex": e.ifindex, "family": e.family,
+                "saddr": event_addr(e.family, e.saddr), "daddr": event_addr(e.family, e.daddr),
+                "sport": e.sport, "dport": e.dport}
 
 
 def u32(i: int) -> bytes:
@@ -78,13 +101,26 @@ def sync_map(m: Map, desired: dict[bytes, bytes]) -> None:
             m.delete(k)
 
 
-def sync_keys(m: Map, keys: dict[int, Key]) -> None:
+def update_changed(m: Map, entries: Mapping[bytes, bytes]) -> None:
+    """Write the ENTRIES that M does not hold as they are (an array's or
+    hash's update replaces the value in one step)."""
+    for k, v in entries.items():
+        if m.lookup(k) != v:
+            m.update(k, v)
+
+
+def add_keys(m: Map, keys: Mapping[int, Key]) -> None:
+    """Write the configured KEYS into nt_keys M, before the entries that name
+    them; the slots of removed keys stay until sync_keys, after no entry
+    points at them any more: a SYN in between must find its key."""
+    update_changed(m, {u32(kid): key_value(key) for kid, key in keys.items()})
+
+
+def sync_keys(m: Map, keys: Mapping[int, Key]) -> None:
     """Write every configured key; zero the slots of keys that were removed."""
     empty = bytes(layout.NtKey())
-    for kid in range(layout.MAX_KEYS):
-        want = key_value(keys[kid]) if kid in keys else empty
-        if m.lookup(u32(kid)) != want:
-            m.update(u32(kid), want)
+    update_changed(m, {u32(kid): key_value(keys[kid]) if kid in keys else empty
+                       for kid in range(layout.MAX_KEYS)})
 
 
 def percpu_counters(m: Map, names: tuple[str, ...]) -> dict[str, int]:

@@ -52,6 +52,7 @@ from . import layout, token
 from .config import DEFAULT_SKEW, Config, ConfigError, Protect
 from .config import load as load_config
 from .errors import NetokenError
+from .present import endpoint
 
 __all__ = [
     "FIELDS",
@@ -486,6 +487,7 @@ class _Judge:
                 else:
                     rec["verdict"] = verdict
                 return
+            assert cfg.guard is not None  # found: an entry covers it
             rec["protect"], entry = found
             rec.update(verdict=verdict, action=cfg.guard.action_for(entry))
             return
@@ -643,17 +645,15 @@ _COLUMNS = (
 )
 
 
-def _endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
 def _cell(rec: dict[str, Any], field: str) -> str:
     v = rec.get(field)
     if field == "time":
+        assert v is not None
         t = time.gmtime(v)
         return time.strftime("%H:%M:%S", t) + f".{int(v * 1e6) % 1_000_000:06d}"
     if field in ("src", "dst"):
-        return _endpoint(v, rec["sport" if field == "src" else "dport"])
+        assert v is not None
+        return endpoint(v, rec["sport" if field == "src" else "dport"])
     if field == "mode" and v is None:
         return "-" if rec["problem"] is None else "?"
     if field == "tag" and v is None:

@@ -166,11 +166,13 @@ def _l4(frame: bytes) -> tuple[int, int, bytes, bytes] | None:
 
 def _is_syn(frame: bytes) -> bool:
     hdr = _l4(frame)
-    return bool(hdr) and frame[hdr[1] + 13] & 0x12 == 0x02
+    return hdr is not None and frame[hdr[1] + 13] & 0x12 == 0x02
 
 
 def describe(frame: bytes, key: bytes, window: int) -> dict:
-    _, l4, saddr, daddr = _l4(frame)
+    hdr = _l4(frame)
+    assert hdr is not None  # a SYN (_is_syn)
+    _, l4, saddr, daddr = hdr
     doff = (frame[l4 + 12] >> 4) * 4
     sport = int.from_bytes(frame[l4:l4 + 2], "big")
     dport = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
@@ -180,6 +182,7 @@ def describe(frame: bytes, key: bytes, window: int) -> dict:
     if len(opts) != 1:
         return row | {"token": "none", "verified": False}
     t = token.decode(opts[0])
+    assert t.nonce is not None and t.tag is not None  # the demo marks in mac mode
     ok, epoch = token.verify(opts[0], key, daddr=daddr, dport=dport, window=window)
     return row | {"token": f"key {t.key_id} epoch {epoch} nonce {t.nonce.hex()} tag {t.tag.hex()}",
                   "verified": ok}

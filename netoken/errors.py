@@ -17,6 +17,14 @@ class NetokenError(Exception):
     """An error message for the user (its first line is what gets printed)."""
 
 
+class MarkerError(NetokenError):
+    """A marker operation failed for a reason the user can act on."""
+
+
+class GuardError(NetokenError):
+    """A guard operation failed for a reason the user can act on."""
+
+
 class BPFError(OSError):
     """A failed libbpf/bpf() call.
 

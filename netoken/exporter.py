@@ -242,16 +242,17 @@ class NetokenCollector:
             self._warn_once(f"cannot list pinned state: {e}")
             self._read_error(s)
             return s
+        from .roles import role
+
         for st in states:
-            r = state.role(st.role)
+            r = role(st.role)
             if r is None or not st.exists():
                 continue
             try:
                 counters = r.stats(st)
-                # Optional Role method (state.py): the sections `netoken stats
-                # --json` shows next to the counters, e.g. the guard's keys.
-                stats_extra = getattr(r, "stats_extra", None)
-                extra = stats_extra(st) if stats_extra is not None else {}
+                # The sections `netoken stats --json` shows next to the
+                # counters, e.g. the guard's keys.
+                extra = r.stats_extra(st)
                 status = r.status(st)
                 _add_configured_keys(extra, status)
             except Exception as e:  # noqa: BLE001 - one bad role must not fail the scrape
@@ -291,6 +292,7 @@ def _families(s: _Samples) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     for f in s.families:
+        fam: CounterMetricFamily | GaugeMetricFamily
         if f.kind == "counter":
             fam = CounterMetricFamily(f.name, f.help, labels=f.labels)
         else:
@@ -305,7 +307,7 @@ def registry(interfaces: Sequence[str] | None = None, process: bool = False) -> 
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     reg = CollectorRegistry()
-    reg.register(NetokenCollector(interfaces))  # type: ignore[arg-type]
+    reg.register(NetokenCollector(interfaces))
     if process:
         ProcessCollector(registry=reg)
     return reg
@@ -336,7 +338,7 @@ def agent_registry(agent: Any) -> Any:
     """What `netoken agent` serves: every attachment's metrics, the agent's
     own counters and the process metrics."""
     reg = registry(process=True)
-    reg.register(AgentCollector(agent))  # type: ignore[arg-type]
+    reg.register(AgentCollector(agent))
     return reg
 
 
@@ -449,7 +451,8 @@ def _server_classes() -> tuple[type, type]:
             # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup
             # that can hang for seconds at boot or in a namespace without DNS.
             socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = self.server_address[:2]
+            host, self.server_port = self.server_address[:2]
+            self.server_name = str(host)
             self.setup_environ()
 
     return Server, Handler

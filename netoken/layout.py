@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import ctypes as C
 
-MAC_OPT_LEN = 16
-STATIC_OPT_LEN = 12
-TAG_LEN = 4
-NONCE_LEN = 6
+# The wire format's constants are token.py's, the executable form of the
+# format; the header states them again for C (tests/test_layout.py).
+from . import token
+
+MAC_OPT_LEN = token.MAC_LEN
+STATIC_OPT_LEN = token.STATIC_LEN
+TAG_LEN = token.TAG_LEN
+NONCE_LEN = token.NONCE_LEN
+BIND_SADDR = token.BIND_SADDR
+BIND_SPORT = token.BIND_SPORT
 MAX_KEYS = 256
 MAX_PORT_RULES = 32
 MAX_POLICIES = 4096
@@ -22,9 +28,6 @@ MAX_IP6_EXT = 16
 MODE_MAC = 1
 MODE_STATIC = 2
 MODES = {"mac": MODE_MAC, "static": MODE_STATIC}
-
-BIND_SADDR = 1
-BIND_SPORT = 2
 
 # enum nt_mark_reason, in order.  The names are what users see in `stats`,
 # events and metrics, so they are part of the interface.
@@ -53,6 +56,8 @@ MARK_EVENTS: tuple[str, ...] = ("events_lost",)
 MARK_PACKET_REASONS: tuple[str, ...] = tuple(
     r for r in MARK_REASONS if r not in MARK_ACTIONS + MARK_EVENTS)
 
+# max_entries of the LPM tries nt_dst_v4 / nt_dst_v6 (bpf/dest.h).
+LPM_MAX_ENTRIES = 65536
 MAX_PROTECT = 4096
 MAX_STATIC = 4096
 MAX_EVENT_RATE = 1_000_000

@@ -125,7 +125,8 @@ def _attrs(data: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
 
 def _link(msg: bytes) -> Link:
     _family, arphrd, index, flags, _change = _IFINFO.unpack_from(msg)
-    name, kind, progs, elsewhere = "", None, set(), False
+    name, kind, elsewhere = "", None, False
+    progs: set[int] = set()
     link = vxlan_link = master = None
     for typ, val in _attrs(msg, _IFINFO.size):
         if typ == IFLA_IFNAME:

@@ -12,27 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config as nconfig
-from . import layout, links, program, schedule, state, tc
-from .config import Config, ConfigError, Policy
-from .datapath import config_value, event_addr, key_value, sync_keys, sync_map, u32
-from .errors import NetokenError
-from .libbpf import Map, RingBuffer, TcFilter
-from .program import PinnedProgram, ProgramRole, Replacement
-from .rules import RuleError, compile_lpm, expand
+from . import layout, program, schedule, tc
+from .config import Config, Policy
+from .datapath import SynEvent, add_keys, sync_keys, sync_map, u32
+from .entries import POLICY_HALF, marker_config_value, marker_entries, policy_value
+from .errors import MarkerError
+from .libbpf import Map, TcFilter
+from .program import ListeningRing, PinnedProgram, ProgramRole
 from .state import RoleState
-
-# netoken's own filter on the egress hook (netoken/tc.py): attach replaces
-# only ours and detach removes only ours.
-TC_HANDLE = tc.HANDLE
-TC_PRIORITY = tc.PRIORITY
-
-# The policy array is used in two halves.  `apply` writes the new policies to
-# the idle half and then repoints the LPM entries one atomic update at a time,
-# so a SYN never sees a prefix that points at a half-written policy.
-POLICY_HALF = layout.MAX_POLICIES // 2
-
-# max_entries of nt_dst_v4 / nt_dst_v6 in bpf/marker.bpf.c.
-LPM_MAX_ENTRIES = 65536
 
 ROLE_NAME = "marker"
 PROG_NAME = "netoken_mark"
@@ -50,44 +37,15 @@ MAPS = (
 )
 
 
-class MarkerError(NetokenError):
-    """A marker operation failed for a reason the user can act on."""
-
-
-def ifindex(ifname: str) -> int:
-    return program.ifindex(ifname, MarkerError)
-
-
-def policy_value(policy: Policy, index: int, key_id: int | None = None) -> bytes:
-    """POLICY at INDEX as the marker reads it; KEY_ID is the key its key
-    schedule has in use (mac mode)."""
-    v = layout.NtPolicy(id=index, mode=layout.MODES[policy.mode])
-    if policy.mode == "mac":
-        assert key_id is not None and key_id in policy.keys
-        v.key_id = key_id
-    else:
-        v.token[:] = list(policy.token.to_bytes(8, "big"))
-    return bytes(v)
-
-
 @dataclass(frozen=True)
-class MarkEvent:
+class MarkEvent(SynEvent):
     """One marked SYN, as the ring buffer reports it."""
 
-    ts_ns: int
-    ifindex: int
     policy: int
     epoch: int
-    family: int
     mode: str
     key_id: int
     reason: str
-    saddr: str
-    daddr: str
-    sport: int
-    dport: int
-    nonce: bytes
-    tag: bytes
     room_from_ts: bool = False  # the Timestamps option was removed to make room
 
     @classmethod
@@ -95,20 +53,14 @@ class MarkEvent:
         e = layout.NtMarkEvent.from_bytes(data)
         mac = e.mode == layout.MODE_MAC
         return cls(
-            ts_ns=e.ts_ns,
-            ifindex=e.ifindex,
+            **SynEvent.flow(e),
+            nonce=bytes(e.nonce) if mac else b"",
+            tag=bytes(e.tag[: layout.TAG_LEN]) if mac else bytes(e.tag),
             policy=e.policy,
             epoch=e.epoch,
-            family=e.family,
             mode="mac" if mac else "static",
             key_id=e.key_id,
             reason=layout.MARK_REASONS[e.reason],
-            saddr=event_addr(e.family, e.saddr),
-            daddr=event_addr(e.family, e.daddr),
-            sport=e.sport,
-            dport=e.dport,
-            nonce=bytes(e.nonce) if mac else b"",
-            tag=bytes(e.tag[: layout.TAG_LEN]) if mac else bytes(e.tag),
             room_from_ts=bool(e.room_from_ts),
         )
 
@@ -130,7 +82,6 @@ class Marker(PinnedProgram):
     EVENT = MarkEvent
 
     policies: tuple[Policy, ...] = ()  # what configure() last wrote
-    framing = "ethernet"  # what the loaded object parses: see load()
 
     @classmethod
     def load(cls, reuse: Mapping[str, Map] | None = None, framing: str = "ethernet") -> Marker:
@@ -151,106 +102,49 @@ class Marker(PinnedProgram):
         (Unix time; default the current time).
 
         Safe on a live, attached marker: every SYN sees either the old or the
-        new policy for its destination, never none (see POLICY_HALF).
+        new policy for its destination, never none (see entries.py).
         """
-        check(cfg)
-        in_use = cfg.marking_keys(time.time() if now is None else now)
         # A new generation: its low bit picks the half written now, and the
         # program's destination cache forgets what it looked up before.
         gen = self._config().generation + 1 & 0xFFFFFFFF
         base = (gen & 1) * POLICY_HALF
-        keys = self.maps["nt_keys"]
-        # New keys before the policies that name them, removed keys only after
-        # no policy points at them any more: a SYN in between must find its key.
-        for kid, key in cfg.keys.items():
-            if keys.lookup(u32(kid)) != key_value(key):
-                keys.update(u32(kid), key_value(key))
+        entries = marker_entries(cfg, base)
+        in_use = cfg.marking_keys(time.time() if now is None else now)
+        add_keys(self.maps["nt_keys"], cfg.keys)
         for i, policy in enumerate(cfg.policies):
             self.maps["nt_policies"].update(
                 u32(base + i), policy_value(policy, i, in_use.get(policy.name))
             )
-        v4, v6 = _compile(cfg, base)
-        sync_map(self.maps["nt_dst_v4"], v4)
-        sync_map(self.maps["nt_dst_v6"], v6)
-        self.maps["nt_config"].update(u32(0), config_value(cfg.option, gen))
-        sync_keys(keys, cfg.keys)
+        sync_map(self.maps["nt_dst_v4"], entries.v4)
+        sync_map(self.maps["nt_dst_v6"], entries.v6)
+        self.maps["nt_config"].update(u32(0), marker_config_value(cfg.option, gen))
+        sync_keys(self.maps["nt_keys"], cfg.keys)
         self.policies = cfg.policies
 
     def attach(self, ifname: str) -> TcFilter:
         """Attach on IFNAME's egress, replacing only netoken's own filter."""
-        idx = ifindex(ifname)
-        framing = framing_of(ifname, idx)
-        if framing != self.framing:
-            raise MarkerError(f"{ifname} is an {framing} device; this marker was loaded for "
-                              f"{self.framing} (Marker.load(framing={framing!r}))")
+        idx = self.check_device(ifname)
         tc.ensure_clsact(idx)
         return tc.attach(idx, "egress", self.prog.fd)
 
-    def events(self, callback: Callable[[MarkEvent], object]) -> RingBuffer:
+    def events(self, callback: Callable[[MarkEvent], object]) -> ListeningRing:
         """A ring buffer that calls CALLBACK(MarkEvent) per marked SYN."""
         return super().events(callback)
-
-
-def detach(ifname: str) -> bool:
-    """Remove netoken's marker filter from IFNAME's egress; False if none was there."""
-    idx = ifindex(ifname)
-    if tc.query(idx, "egress") is None:
-        return False
-    tc.detach(idx, "egress")
-    return True
-
-
-def framing_of(ifname: str, idx: int) -> str:
-    """IFNAME's link layer as the marker objects know it (OBJECTS), or a
-    one-line MarkerError: a marker that cannot parse a device's packets
-    would attach and mark nothing."""
-    try:
-        return links.framing_of(ifname, links.link(idx))
-    except ValueError as e:
-        raise MarkerError(str(e)) from None
-
-
-
-# --------------------------------------------------------------------------
-# checks that need no kernel
-
-
-def _compile(cfg: Config, base: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    try:
-        return compile_lpm(
-            expand(
-                (p.destinations, [(r.lo, r.hi) for r in p.ports], base + i)
-                for i, p in enumerate(cfg.policies)
-            )
-        )
-    except RuleError as e:
-        raise ConfigError(cfg.path, None, str(e)) from None
 
 
 def check(cfg: Config) -> None:
     """Reject, as a ConfigError, what the marker's maps could not hold; run
     before anything is loaded so a bad config never half-applies."""
-    if len(cfg.policies) > POLICY_HALF:
-        raise ConfigError(
-            cfg.path, None, f"{len(cfg.policies)} policies; the marker holds at most {POLICY_HALF}"
-        )
-    for family, entries in zip(("IPv4", "IPv6"), _compile(cfg, 0), strict=True):
-        if len(entries) > LPM_MAX_ENTRIES:
-            raise ConfigError(
-                cfg.path,
-                None,
-                f"{len(entries)} distinct {family} destination prefixes; "
-                f"the marker holds at most {LPM_MAX_ENTRIES}",
-            )
+    marker_entries(cfg)
 
 
-# --------------------------------------------------------------------------
-# pinned lifecycle: what `netoken mark attach|detach` and `netoken apply` do
-
-
-def state_of(ifname: str, create: bool = False) -> RoleState:
-    """The marker's pinned state for IFNAME (bpffs mounted first with CREATE)."""
-    return Marker.state_of(ifname, create)
+def detach(ifname: str) -> bool:
+    """Remove netoken's marker filter from IFNAME's egress; False if none was there."""
+    idx = Marker.ifindex(ifname)
+    if tc.query(idx, "egress") is None:
+        return False
+    tc.detach(idx, "egress")
+    return True
 
 
 def _policy_meta(p: Policy) -> dict[str, Any]:
@@ -282,49 +176,35 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     any, is put back.
     """
     check(cfg)
-    idx = program.existing(ifname, MarkerError)
-    framing = framing_of(ifname, idx)
-    with state.locked():
-        st = state_of(ifname, create=True)
-        old_meta = st.read_meta()
+    with Marker.attaching(ifname) as t:
+        idx, old_meta = t.idx, t.old_meta
         prev_prog_id = tc.query(idx, "egress")
-        with Replacement(Marker, ifname, st) as r:
-            if old_meta and old_meta.get("config"):
-                # The shared maps already hold the new config: give the old
-                # program its own back if that config still loads.
-                r.restore_old = lambda old: old.configure(nconfig.load(old_meta["config"]))
-            r.new = new = Marker.load(reuse=r.old.maps if r.old else None, framing=framing)
-            new.configure(cfg)
-            new.pin(st)
-            owned = tc.netoken_created_clsact(ifname, idx, old_meta)
-            created_clsact = tc.ensure_clsact(idx)
-            if created_clsact:
-                r.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
-            filt = tc.attach(idx, "egress", new.prog.fd)
-            r.on_failure(lambda: tc.restore(idx, "egress", prev_prog_id))
-            new.commit_pin(st)
-            attachment = {
-                "tc": {"hook": "egress", "handle": TC_HANDLE, "priority": TC_PRIORITY},
-                "created_clsact": created_clsact or owned,
-                "link": framing,
-            }
-            st.write_meta(program.attach_meta(ROLE_NAME, ifname, idx, attachment, _config_meta(cfg)))
-            prog_id, tag = new.prog.id, new.prog.tag
-    return {
-        "ifname": ifname,
-        "ifindex": idx,
-        "role": ROLE_NAME,
-        "prog_id": prog_id,
-        "tag": tag,
-        "handle": filt.handle,
-        "priority": filt.priority,
-        "replaced_prog_id": prev_prog_id,
-        "created_clsact": created_clsact,
-        "link": framing,
-        "pinned": str(st.pin_dir),
-        "policies": len(cfg.policies),
-        "keys": sorted(cfg.keys),
-    }
+        if old_meta and old_meta.get("config"):
+            # The shared maps already hold the new config: give the old
+            # program its own back if that config still loads.
+            t.restore_old = lambda old: old.configure(nconfig.load(old_meta["config"]))
+        t.new = new = Marker.load(reuse=t.old.maps if t.old else None, framing=t.framing)
+        new.configure(cfg)
+        new.pin(t.st)
+        owned = tc.netoken_created_clsact(ifname, idx, old_meta)
+        created_clsact = tc.ensure_clsact(idx)
+        if created_clsact:
+            t.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
+        filt = tc.attach(idx, "egress", new.prog.fd)
+        t.on_failure(lambda: tc.restore(idx, "egress", prev_prog_id))
+        t.commit({"tc": {"hook": "egress", "handle": tc.HANDLE, "priority": tc.PRIORITY},
+                  "created_clsact": created_clsact or owned, "link": t.framing},
+                 _config_meta(cfg))
+    return t.result(
+        handle=filt.handle,
+        priority=filt.priority,
+        replaced_prog_id=prev_prog_id,
+        created_clsact=created_clsact,
+        link=t.framing,
+        pinned=str(t.st.pin_dir),
+        policies=len(cfg.policies),
+        keys=sorted(cfg.keys),
+    )
 
 
 def apply(ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
@@ -387,7 +267,7 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
 
 
 class MarkerRole(ProgramRole):
-    """status/stats/monitor for pinned markers (see state.Role)."""
+    """The marker as netoken/roles.py lists it (see program.ProgramRole)."""
 
     name = ROLE_NAME
     PROGRAM = Marker
@@ -396,8 +276,14 @@ class MarkerRole(ProgramRole):
     def check(self, cfg: Config) -> None:
         check(cfg)
 
-    def apply(self, ifname: str, cfg: Config) -> dict[str, Any]:
-        return apply(ifname, cfg)
+    def attach(self, ifname: str, cfg: Config, **opts: Any) -> dict[str, Any]:
+        return attach_pinned(ifname, cfg, **opts)
+
+    def apply(self, ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
+        return apply(ifname, cfg, now)
+
+    def detach(self, ifname: str) -> dict[str, Any]:
+        return detach_pinned(ifname)
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         live = tc.query(idx, "egress") if idx is not None else None
@@ -405,8 +291,8 @@ class MarkerRole(ProgramRole):
             "type": "tc",
             "qdisc": "clsact",
             "hook": "egress",
-            "handle": TC_HANDLE,
-            "priority": TC_PRIORITY,
+            "handle": tc.HANDLE,
+            "priority": tc.PRIORITY,
             "mode": "direct-action",
         }
 
@@ -427,32 +313,6 @@ class MarkerRole(ProgramRole):
                 if p.get("mode") == "mac" and raw:
                     p["key"] = layout.NtPolicy.from_bytes(raw).key_id
         d["schedule"] = schedule.from_meta(meta, d["policies"], time.time())
-
-    def status_lines(self, d: dict[str, Any]) -> list[str]:
-        a = d["attach"]
-        lines = self.status_head(
-            d,
-            f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-            + f"prio {a['priority']}, {a['mode']}"
-            + (", L3 device (packets start at the IP header)" if d.get("link") == "l3" else ""),
-        )
-        lines.append(program.keys_line(d["keys"]))
-        if not d["policies"]:
-            lines.append("policies none (nothing is marked)")
-        width = max((len(str(p.get("name"))) for p in d["policies"]), default=0)
-        for p in d["policies"]:
-            how = "static"
-            if p.get("mode") == "mac":
-                how = f"mac key {p.get('key')}"
-                if len(p.get("keys") or []) > 1:
-                    how += f" of {','.join(map(str, p['keys']))}"
-            ports = ",".join(str(x) for x in p.get("ports", [])) or "all"
-            lines.append(
-                f"policy   {p.get('name')!s:<{width}}  {how:<10} ports {ports:<14} "
-                + " ".join(p.get("destinations", []))
-            )
-        lines.extend(schedule.lines(d.get("schedule") or {}))
-        return lines
 
     def event_fields(self, st: RoleState) -> Callable[[MarkEvent], dict[str, Any]]:
         names = _PolicyNames(st)
@@ -475,24 +335,6 @@ class MarkerRole(ProgramRole):
             return d
 
         return fields
-
-    def event_header(self) -> str:
-        return (
-            f"{'TIME':<12} {'IFACE':<15} {'POLICY':<12} {'SOURCE':<22} {'DESTINATION':<22} "
-            f"{'MODE':<6} {'KEY':>3} {'EPOCH':>10} {'NONCE':<12} TAG"
-        )
-
-    def event_line(self, e: dict[str, Any]) -> str:
-        ep = program.endpoint
-        t = e["time"][11:23]
-        mac = e["mode"] == "mac"
-        return (
-            f"{t:<12} {e['ifname']:<15} {e['policy'] or e['policy_id']!s:<12} "
-            f"{ep(e['saddr'], e['sport']):<22} {ep(e['daddr'], e['dport']):<22} "
-            f"{e['mode']:<6} "
-            f"{e['key_id'] if mac else '-':>3} {e['epoch'] if mac else '-':>10} "
-            f"{e['nonce'] if mac else '-':<12} {e['tag'] if mac else '-'}"
-        )
 
 
 class _PolicyNames:

@@ -36,26 +36,24 @@ def netns(name: str | None) -> Iterator[None]:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FileNotFoundError(f"network namespace {name!r} does not exist ({path})") from None
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target, name)
-        try:
-            yield
-        finally:
-            _setns(home, "original namespace")
-    finally:
-        os.close(target)
-        os.close(home)
+    with _switched(target, name):
+        yield
 
 
 @contextmanager
 def entered(path: str) -> Iterator[None]:
     """Enter the network namespace file PATH (/run/netns/NAME, /proc/PID/ns/net)
     for the duration of the block."""
-    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with _switched(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path):
+        yield
+
+
+@contextmanager
+def _switched(target: int, what: str) -> Iterator[None]:
+    """In the namespace of fd TARGET (closed after) for the block, WHAT in messages."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(target, path)
+        _setns(target, what)
         try:
             yield
         finally:

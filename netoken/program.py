@@ -1,13 +1,17 @@
 """A loaded BPF program and its maps, pinned per interface and role.
 
-The marker (tc, netoken/marker.py) and the guard (XDP, netoken/guard.py) are
-both this: an ELF object loaded with some maps shared from the program it
-replaces, pinned per network namespace, interface and role with a metadata
-file in /run (netoken/state.py), reopened from those pins by any later
-process, and shown by the generic status / stats / monitor views.  Maps a
-role names in SHARED_MAPS are pinned once per namespace and reused by every
-instance of it there (the guard's replay cache and config).  What is the
-same for both lives here, once; each module specialises it with its object and program
+The marker (tc, netoken/marker.py) and the guard (XDP or tc, netoken/guard/)
+are both this: an ELF object loaded with some maps shared from the program
+it replaces, pinned per network namespace, interface and role with a
+metadata file in /run (netoken/state.py), reopened from those pins by any
+later process, and shown by the generic status / stats / monitor views.
+Maps a role names in SHARED_MAPS are pinned once per namespace and reused by
+every instance of it there (the guard's replay cache and config).
+
+What is the same for both lives here, once: loading and pinning
+(PinnedProgram), the attach transaction (PinnedProgram.attaching, Attach),
+apply and detach (updating, removing), and the role's status, counters and
+events (ProgramRole).  Each role specialises it with its object and program
 name, its maps, its error class and its CLI verb, and keeps what really
 differs (the attach hook, the config maps, the entries, the events) to itself.
 """
@@ -23,9 +27,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-from . import kernel, layout, state
+from . import kernel, layout, links, state
 from .config import Config, iso
-from .datapath import object_path, percpu_counters, realtime_minus_tai_ns, u32
+from .datapath import object_path, percpu_counters, u32
 from .libbpf import BpfObject, Map, Program, RingBuffer, unpin
 from .state import PROG_PIN, PROG_PIN_NEW, RoleState
 from .token import key_fingerprint_int
@@ -168,6 +172,8 @@ class PinnedProgram:
     # one, and the name each is pinned under until commit_pin().
     STAGED_MAPS: ClassVar[Mapping[str, str]] = {}
 
+    framing = "ethernet"  # the link layer the loaded object parses (a subclass's load)
+
     def __init__(
         self,
         obj: BpfObject | None = None,
@@ -194,6 +200,20 @@ class PinnedProgram:
     @classmethod
     def state_of(cls, ifname: str, create: bool = False) -> RoleState:
         return state_of(cls.ROLE, ifname, cls.Error, create)
+
+    @classmethod
+    def ifindex(cls, ifname: str) -> int:
+        return ifindex(ifname, cls.Error)
+
+    @classmethod
+    def framing_of(cls, ifname: str, dev: links.Link | None) -> str:
+        """IFNAME's link layer as the objects know it ("ethernet" or "l3"),
+        or a one-line Error: a program that cannot parse a device's packets
+        would attach and check or mark nothing."""
+        try:
+            return links.framing_of(ifname, dev)
+        except ValueError as e:
+            raise cls.Error(str(e)) from None
 
     @classmethod
     def shared_state(cls, st: RoleState) -> state.SharedState:
@@ -301,6 +321,19 @@ class PinnedProgram:
             raise
         return cls(prog=prog, maps=maps)
 
+    def check_device(self, ifname: str) -> int:
+        """IFNAME's index, if this program can run there (it was loaded for
+        the device's link layer); a one-line Error otherwise."""
+        idx = self.ifindex(ifname)
+        self._check_framing(ifname, self.framing_of(ifname, links.link(idx)))
+        return idx
+
+    def _check_framing(self, ifname: str, framing: str) -> None:
+        if framing != self.framing:
+            raise self.Error(
+                f"{ifname} is an {framing} device; this {self.ROLE} was loaded for "
+                f"{self.framing} ({type(self).__name__}.load(framing={framing!r}))")
+
     @classmethod
     def _home(cls, st: RoleState, name: str) -> state.PinnedState:
         """Where map NAME of ST's program is pinned from now on."""
@@ -379,11 +412,26 @@ class PinnedProgram:
     def _config(self) -> Any:
         return self.read_config(self.maps[self.CONFIG_MAP])
 
-    def sync_clock(self) -> None:
-        """Refresh the REALTIME-TAI offset (changes only with the TAI-UTC offset)."""
-        cur = self._config()
-        cur.realtime_minus_tai_ns = realtime_minus_tai_ns()
-        self.maps[self.CONFIG_MAP].update(u32(0), bytes(cur))
+    @classmethod
+    def sync_clock(cls, st: RoleState, want: int) -> int | None:
+        """Make the REALTIME-TAI offset in ST's config map WANT (it changes
+        only with the kernel's TAI-UTC offset); the old value if it was not.
+        A guard's config map is the namespace's, shared by all its guards."""
+        path = cls.map_pin(st, cls.CONFIG_MAP)
+        if path is None:
+            return None
+        with Map.from_pinned(path) as m:
+            if cls.read_config(m).realtime_minus_tai_ns == want:
+                return None
+            # Read again under the lock: an `apply` may be flipping the generation.
+            with state.locked():
+                cur = cls.read_config(m)
+                old: int = cur.realtime_minus_tai_ns
+                if old == want:
+                    return None
+                cur.realtime_minus_tai_ns = want
+                m.update(u32(0), bytes(cur))
+        return old
 
     def stats(self) -> dict[str, int]:
         """Counters by REASONS, summed over CPUs."""
@@ -398,6 +446,20 @@ class PinnedProgram:
 
     # ----------------------------------------------------------------------
     # pinned lifecycle: the shape of attach_pinned / apply / detach_pinned
+
+    @classmethod
+    @contextlib.contextmanager
+    def attaching(cls, ifname: str) -> Iterator[Attach[Self]]:
+        """One attach_pinned on IFNAME (see Attach), under the state lock,
+        its state directories created."""
+        idx = existing(ifname, cls.Error)
+        dev = links.link(idx)
+        framing = cls.framing_of(ifname, dev)
+        assert dev is not None
+        with state.locked():
+            st = cls.state_of(ifname, create=True)
+            with Attach(cls, ifname, st, dev, framing) as t:
+                yield t
 
     @classmethod
     @contextlib.contextmanager
@@ -442,30 +504,60 @@ class Removal:
 P = TypeVar("P", bound=PinnedProgram)
 
 
-class Replacement(Generic[P]):
-    """One attach_pinned: the program pinned on ST before (if any), the new
-    one that replaces it, and how a failure half way is undone.
+class Attach(Generic[P]):
+    """One attach_pinned, from the state lock to the metadata: where
+    (``ifname``, ``idx``, ``dev``, ``framing``, its state ``st`` and the
+    metadata ``old_meta`` it had), the program pinned there before
+    (``old``), the one that replaces it (``new``), and how a failure half way
+    is undone.
 
     Creating it opens the old program (after removing a pin directory that
     a crash left without a program pin).  If the block fails, the undo steps
     registered with :meth:`on_failure` run (last first), the staged pins go,
     and then either all of ST goes (there was no old program) or, once a new
     program was loaded, :attr:`restore_old` gives the old program back the
-    contents of the maps they share.  Both programs are closed either way.
+    contents of the maps they share.  Then what :attr:`closing` holds is
+    closed, and both programs are, either way.  The block ends with
+    :meth:`commit`.
     """
 
-    def __init__(self, kind: type[P], ifname: str, st: RoleState) -> None:
+    def __init__(self, kind: type[P], ifname: str, st: RoleState, dev: links.Link,
+                 framing: str) -> None:
         self.kind = kind
+        self.ifname = ifname
+        self.idx = dev.ifindex
+        self.dev = dev
+        self.framing = framing
         self.st = st
+        self.old_meta = st.read_meta()
         if not st.exists() and st.has_pin_dir():
             st.remove()  # a crash between mkdir and the first pin left it
         self.old: P | None = kind.from_pins(ifname, st) if st.exists() else None
         self.new: P | None = None
         self.restore_old: Callable[[P], object] | None = None
+        # Kept open for the whole attach, also for the undo steps.
+        self.closing = contextlib.ExitStack()
         self._undo: list[Callable[[], object]] = []
+        self.prog_id: int | None = None  # the new program's, once committed
+        self.tag: str | None = None
 
     def on_failure(self, undo: Callable[[], object]) -> None:
         self._undo.append(undo)
+
+    def commit(self, attachment: dict[str, Any], config: dict[str, Any]) -> None:
+        """The new program runs: its pins become the current ones, and the
+        metadata says how it is attached (ATTACHMENT) and what config it
+        runs (CONFIG, see config_meta)."""
+        assert self.new is not None
+        self.new.commit_pin(self.st)
+        self.st.write_meta(attach_meta(self.kind.ROLE, self.ifname, self.idx, attachment, config))
+        self.prog_id, self.tag = self.new.prog.id, self.new.prog.tag
+
+    def result(self, **fields: Any) -> dict[str, Any]:
+        """What a committed attach returns: where, which program now runs
+        there, then FIELDS."""
+        return {"ifname": self.ifname, "ifindex": self.idx, "role": self.kind.ROLE,
+                "prog_id": self.prog_id, "tag": self.tag, **fields}
 
     def __enter__(self) -> Self:
         return self
@@ -482,6 +574,7 @@ class Replacement(Generic[P]):
                     with contextlib.suppress(Exception):
                         self.restore_old(self.old)
         finally:
+            self.closing.close()
             if self.new is not None:
                 self.new.close()
             if self.old is not None:
@@ -527,25 +620,6 @@ def config_meta(cfg: Config) -> dict[str, Any]:
 # a pinned program as a role of the generic status / stats / monitor views
 
 
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def memory_text(mem: dict[str, Any]) -> str:
-    """A status "memory" section for people."""
-    text = f"{fmt_bytes(mem['own'])} in maps"
-    if mem.get("shared_by"):
-        n = mem["shared_by"]
-        who = f"by the namespace's {n} guards" if n > 1 else "state (the namespace's only guard)"
-        text += f" + {fmt_bytes(mem['shared'])} shared {who}"
-    elif "shared" in mem:
-        text += " (its own replay cache and config: attach it again to share the namespace's)"
-    return text
-
-
 def bind_names(mask: int) -> list[str]:
     return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
 
@@ -553,10 +627,6 @@ def bind_names(mask: int) -> list[str]:
 def fmt_ts(ts_ns: int, offset_ns: int) -> str:
     t = _dt.datetime.fromtimestamp((ts_ns + offset_ns) / 1e9, _dt.UTC)
     return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def live_keys(path: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -577,20 +647,16 @@ def live_keys(path: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
     return keys
 
 
-def keys_line(keys: list[dict[str, Any]]) -> str:
-    ks = []
-    for k in keys:
-        extra = f", bind {'+'.join(k['bind'])}" if k["bind"] else ""
-        ks.append(f"{k['id']} (fp {k['fingerprint']}, window {k['window']}s{extra})")
-    return "keys     " + (", ".join(ks) or "none")
-
-
 class ProgramRole:
-    """status/stats/monitor of a pinned program (see state.Role).
+    """One role (marker, guard) as the CLI, the agent and the exporter drive
+    it: attach, apply and detach on an interface, and the status, counters
+    and events of what is pinned (netoken/roles.py lists them).
 
-    Subclasses name their PinnedProgram and say how to find what runs on the
-    hook (:meth:`attachment`), what else their status holds
-    (:meth:`status_details`) and what their events carry (:meth:`event_fields`).
+    Subclasses name their PinnedProgram, implement the lifecycle, and say
+    how to find what runs on the hook (:meth:`attachment`), what else their
+    status holds (:meth:`status_details`) and what their events carry
+    (:meth:`event_fields`).  Everything else has a default here, so callers
+    never ask a role whether it has a method.
     """
 
     name: str
@@ -598,10 +664,42 @@ class ProgramRole:
     # What runs another program: "filter" (tc), "XDP"; an attachment may
     # say otherwise ("runs" in its status section).
     RUNS: ClassVar[str]
+    # Whether the role's events pass an in-kernel rate limit, whose
+    # withheld events `monitor` reports (see suppressed_events).
+    RATE_LIMITED: ClassVar[bool] = False
 
     def __init__(self) -> None:
         # netns cookie -> (when, shared bytes, instances): see memory()
         self._shared_memory: dict[int, tuple[float, int, int]] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def check(self, cfg: Config) -> None:
+        """Raise ConfigError if CFG cannot be attached in this role (no kernel access)."""
+        raise NotImplementedError
+
+    def check_apply(self, cfg: Config) -> None:
+        """Raise ConfigError if CFG cannot be applied to this role where it
+        is attached already (no kernel access)."""
+        self.check(cfg)
+
+    def attach(self, ifname: str, cfg: Config, **opts: Any) -> dict[str, Any]:
+        """Load, configure, pin and attach on IFNAME (atomic replace)."""
+        raise NotImplementedError
+
+    def apply(self, ifname: str, cfg: Config, now: float | None = None) -> dict[str, Any]:
+        """Make the live maps of IFNAME's pinned program hold CFG (key
+        schedule as of NOW); no reattach."""
+        raise NotImplementedError
+
+    def detach(self, ifname: str) -> dict[str, Any]:
+        """Remove the program and its pins from IFNAME."""
+        raise NotImplementedError
+
+    def state_of(self, ifname: str) -> RoleState:
+        return self.PROGRAM.state_of(ifname)
+
+    # -- status, counters, events -------------------------------------------
 
     def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
         """(id of the program on IDX's hook or None, the status "attach" section)."""
@@ -681,27 +779,21 @@ class ProgramRole:
         with Map.from_pinned(self.map_path(st, self.PROGRAM.CONFIG_MAP)) as m:
             return self.PROGRAM.read_config(m)
 
-    def status_head(self, d: dict[str, Any], attach_line: str) -> list[str]:
-        """The first status lines: state, ATTACH_LINE, pins, config, option."""
-        lines = [
-            f"{d['state']}  prog {d['prog']['id']}  tag {d['prog']['tag']}",
-            attach_line,
-            f"pinned   {d['pinned']}",
-            f"memory   {memory_text(d['memory'])}",
-        ]
-        if d.get("config"):
-            lines.append(f"config   {d['config']}  (applied {d.get('applied_at') or '?'})")
-        o = d["option"]
-        room = "" if "make_room" not in o else f"  make_room {'on' if o['make_room'] else 'off'}"
-        lines.append(f"option   kind {o['kind']}  exid 0x{o['exid']:04x}{room}")
-        return lines
-
     def stats(self, st: RoleState) -> dict[str, int]:
         with Map.from_pinned(st.pin(self.PROGRAM.STATS_MAP)) as m:
             return percpu_counters(m, self.PROGRAM.REASONS)
 
+    def stats_extra(self, st: RoleState) -> dict[str, Any]:
+        """More JSON sections next to "counters" in `stats` (none by default)."""
+        return {}
+
     def lost_events(self, st: RoleState) -> int:
         return self.stats(st)["events_lost"]
+
+    def suppressed_events(self, st: RoleState) -> int:
+        """Events withheld on purpose by the in-kernel rate limit (the
+        packets were still counted); 0 for a role without one."""
+        return 0
 
     def events_id(self, st: RoleState) -> int:
         """The id of ST's event ring: instances that share one have one reader."""

@@ -88,17 +88,3 @@ def from_meta(meta: dict[str, Any], policies: list[dict[str, Any]], now: float) 
     if at is not None:
         nxt = {"at": iso(at), "policies": {n: k for n, k in then.items() if k != due[n]}}
     return {"next_switch": nxt, "overdue": overdue}
-
-
-def lines(sched: dict[str, Any]) -> list[str]:
-    """The schedule part of `status`, `apply` and `config check`, for humans."""
-    out = []
-    for o in sched.get("overdue", []):
-        out.append(f"schedule {o['policy']} should mark with key {o['key']} since {o['since']}; "
-                   "only `netoken agent` switches on time (or run `netoken apply`)")
-    nxt = sched.get("next_switch")
-    if nxt:
-        to = ", ".join(f"{n} -> key {k}" for n, k in nxt["policies"].items())
-        out.append(f"schedule next switch {nxt['at']}: {to} (performed by `netoken agent`; "
-                   "without it, run `netoken apply` then)")
-    return out

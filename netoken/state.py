@@ -36,10 +36,8 @@ bpffs refuses dots in names (they are reserved there), which is why no
 directory is named after an interface any more and the staging pins are
 ``prog_new``, ``nt_replay_new``.
 
-Roles are pluggable: a role module exposes ``ROLE``, an object with the
-methods of :class:`Role`, and is listed in :data:`ROLE_MODULES`.  ``status``,
-``stats`` and ``monitor`` iterate over whatever roles have state, so a new role
-appears in them without touching the CLI.
+Directories are named by role (``marker``, ``guard``); what each role is
+lives in netoken/roles.py.  Nothing here knows more than the names it finds.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
-import importlib
 import json
 import os
 import re
@@ -57,10 +54,10 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import NetokenError
 
@@ -73,10 +70,6 @@ PROG_PIN = "prog"
 # cannot be "prog.new".
 PROG_PIN_NEW = "prog_new"
 META_VERSION = 2  # 2: per-namespace layout, netns as {cookie, inode}
-
-# Role name -> module exposing ROLE.  Roles whose module does not exist (yet)
-# are skipped by the generic views; their pins are still listed.
-ROLE_MODULES: dict[str, str] = {"marker": "netoken.marker", "guard": "netoken.guard"}
 
 # linux/capability.h bit numbers.
 CAP_NET_ADMIN = 12
@@ -619,16 +612,7 @@ class PinnedState:
 
     def read_meta(self) -> dict[str, Any] | None:
         d = self._dir("run")
-        if d is None:
-            return None
-        try:
-            fd = os.open(self._meta_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=d.fd)
-            with os.fdopen(fd) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return _read_json(d, self._meta_name) if d is not None else None
 
     def meta_mtime(self) -> float | None:
         """When the metadata was last written (None: there is none)."""
@@ -724,6 +708,17 @@ class SharedState(PinnedState):
         self.role = role
 
 
+def _read_json(d: StateDir, name: str) -> dict[str, Any] | None:
+    """The JSON object in file NAME of D; None if there is none, or no object."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
+        with os.fdopen(fd) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _lexists(d: StateDir, name: str) -> bool:
     try:
         os.stat(name, dir_fd=d.fd, follow_symlinks=False)
@@ -804,6 +799,23 @@ def role_count(ns: Netns, role: str, root: Path) -> int:
         return n
     finally:
         for d in base:
+            d.close()
+
+
+def interface_metas(idx: int) -> list[dict[str, Any]]:
+    """The metadata of every role on interface IDX of this network namespace
+    (what an unsafe or missing directory hides is left out)."""
+    try:
+        run = open_dirs(RUN_ROOT, [ROOT_NAME, this_netns().dirname, f"{IFACE_PREFIX}{idx}"])
+    except (StateError, OSError):
+        return []
+    try:
+        if len(run) < 4:
+            return []
+        names = sorted(n for n in os.listdir(run[-1].fd) if n.endswith(".json"))
+        return [m for m in (_read_json(run[-1], n) for n in names) if m is not None]
+    finally:
+        for d in run:
             d.close()
 
 
@@ -938,14 +950,9 @@ def _old_meta(run_top: StateDir | None, enc: str, role: str) -> dict[str, Any] |
     if d is None:
         return None
     try:
-        fd = os.open(f"{role}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
-        with os.fdopen(fd) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
+        return _read_json(d, f"{role}.json")
     finally:
         d.close()
-    return data if isinstance(data, dict) else None
 
 
 def migrate_old_layout(root: Path, ns: Netns) -> list[str]:
@@ -1016,71 +1023,9 @@ def _migrate_one(root: Path, ns: Netns, old: StateDir, run_top: StateDir | None,
         meta.setdefault("ifname", ifname)
         new.write_meta(meta)
         if run_top is not None:
-            d = _open_below(run_top, enc, create=False)
-            if d is not None:
+            old_run = _open_below(run_top, enc, create=False)
+            if old_run is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(f"{role}.json", dir_fd=d.fd)
-                d.close()
+                    os.unlink(f"{role}.json", dir_fd=old_run.fd)
+                old_run.close()
     return True
-
-
-# --------------------------------------------------------------------------
-# role plug-ins
-
-
-class Role(Protocol):
-    """What a role module's ``ROLE`` object provides to the generic views."""
-
-    name: str
-
-    def status(self, st: RoleState) -> dict[str, Any]:
-        """JSON-able description: ids, attachment, configuration (no secrets)."""
-
-    def status_lines(self, status: dict[str, Any]) -> list[str]:
-        """The same for humans, a few indented lines."""
-
-    def stats(self, st: RoleState) -> dict[str, int]:
-        """Counters by reason, summed over CPUs."""
-
-    def open_events(self, st: RoleState, callback: Callable[[dict[str, Any]], None]) -> Any:
-        """A RingBuffer-like object (poll/consume/fileno/close) that calls
-        CALLBACK with one JSON-able dict per event."""
-
-    def lost_events(self, st: RoleState) -> int:
-        """How many events the BPF side could not queue."""
-
-    def listen_maps(self, st: RoleState) -> list[Any]:
-        """The maps whose heartbeat keeps ST's program writing events (a
-        reader of a ring another instance shares tells them all)."""
-
-    def event_header(self) -> str:
-        """Column header for :meth:`event_line`."""
-
-    def event_line(self, event: dict[str, Any]) -> str:
-        """One event as an aligned human-readable line."""
-
-    def check(self, config: Any) -> None:
-        """Raise ConfigError if CONFIG cannot be applied to this role (no kernel access)."""
-
-    def apply(self, ifname: str, config: Any) -> dict[str, Any]:
-        """Make the live maps of IFNAME's pinned role hold CONFIG; no reattach."""
-
-
-# Optional Role methods, looked up with getattr by the views:
-#   stats_extra(st) -> dict          more JSON sections next to "counters"
-#   extra_counters(item) -> dict     those sections as flat name -> count, for
-#                                    the line and table views (--watch rates)
-#   suppressed_events(st) -> int     events withheld on purpose (rate limit),
-#                                    reported by `monitor` like lost ones
-
-
-def role(name: str) -> Role | None:
-    """The plug-in for role NAME, or None if its module is not there."""
-    module = ROLE_MODULES.get(name)
-    if module is None:
-        return None
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return None
-    return getattr(mod, "ROLE", None)

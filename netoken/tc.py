@@ -121,8 +121,5 @@ def netoken_created_clsact(ifname: str, idx: int, meta: dict | None = None) -> b
     finds it there: it inherits the first one's word, so the qdisc goes with
     the last of them, not with the first to leave."""
     metas = [meta] if meta is not None else []
-    root = state.bpffs(create=False) or state.BPFFS
-    for role in state.ROLE_MODULES:
-        with contextlib.suppress(state.StateError, OSError, ValueError):
-            metas.append(state.RoleState(state.this_netns(), idx, role, root).read_meta())
+    metas += state.interface_metas(idx)
     return any(m and m.get("created_clsact") and m.get("ifindex") == idx for m in metas)

@@ -615,7 +615,7 @@ def _failing_xdp_attach(*args, **kw):
 def _fail_attach(g: G, monkeypatch) -> None:
     """Make the next attach at G's hook fail as the kernel would (EBUSY)."""
     if g.hook == "xdp":
-        monkeypatch.setattr(nguard, "xdp_attach", _failing_xdp_attach)
+        monkeypatch.setattr(nguard.program, "xdp_attach", _failing_xdp_attach)
     else:
         monkeypatch.setattr(nt_tc, "tc_attach", _failing_xdp_attach)
 

@@ -105,8 +105,58 @@ def test_enums_match_the_header(anchor_btf):
         assert values == expected, f"enum {name} differs"
 
 
+def test_constants_match_the_header():
+    # #defines are not in BTF: read them as the compiler does, from the text.
+    text = (ROOT / "bpf" / "netoken.h").read_text()
+    defines = dict(re.findall(r"^#define NT_([A-Z0-9_]+)\s+(\d+)\b", text, re.MULTILINE))
+    names = ("MAC_OPT_LEN", "STATIC_OPT_LEN", "TAG_LEN", "NONCE_LEN", "MODE_MAC",
+             "MODE_STATIC", "BIND_SADDR", "BIND_SPORT", "MAX_KEYS", "MAX_PORT_RULES",
+             "MAX_POLICIES", "MAX_PROTECT", "MAX_STATIC", "MAX_EVENT_RATE", "KEY_STAT_OK",
+             "KEY_STAT_BAD")
+    for name in names:
+        assert int(defines[name]) == getattr(layout, name), name
+
+
 def test_ipv6_walk_bound_matches_the_header():
     # A #define, so not in BTF: read it where the datapath takes it from.
     text = (ROOT / "bpf" / "parsing.h").read_text()
     (value,) = re.findall(r"^#define NT_MAX_IP6_EXT (\d+)$", text, re.MULTILINE)
     assert int(value) == layout.MAX_IP6_EXT
+
+
+# max_entries of the maps whose size Python relies on (limits in
+# netoken/entries.py, the halves of the policy and protect arrays).
+MAP_SIZES = {
+    "nt_keys": layout.MAX_KEYS,
+    "nt_policies": layout.MAX_POLICIES,
+    "nt_protect": layout.MAX_PROTECT,
+    "nt_static": layout.MAX_STATIC,
+    "nt_dst_v4": layout.LPM_MAX_ENTRIES,
+    "nt_dst_v6": layout.LPM_MAX_ENTRIES,
+}
+
+
+def map_max_entries(obj: Path) -> dict[str, int]:
+    """max_entries of every map OBJ declares, from its BTF (libbpf's
+    __uint(max_entries, N) is a pointer to an array of N)."""
+    by_id = btf_types(obj)["__by_id__"]
+    out = {}
+    for sec in by_id.values():
+        if sec["kind"] != "DATASEC" or sec["name"] != ".maps":
+            continue
+        for v in sec["vars"]:
+            var = by_id[v["type_id"]]
+            for m in by_id[var["type_id"]]["members"]:
+                if m["name"] == "max_entries":
+                    out[var["name"]] = by_id[by_id[m["type_id"]]["type_id"]]["nr_elems"]
+    return out
+
+
+def test_map_sizes_match_the_objects():
+    seen = set()
+    for obj in production_objects():
+        for name, n in map_max_entries(obj).items():
+            if name in MAP_SIZES:
+                assert n == MAP_SIZES[name], f"{obj.name}: {name} has {n} entries"
+                seen.add(name)
+    assert seen == set(MAP_SIZES)
