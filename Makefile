@@ -18,7 +18,7 @@ VENV        := .venv
 PYTEST_ARGS ?=
 KERNELS_ARGS ?=
 
-.PHONY: all build bpf deps test test-kernels demo bench lint clean
+.PHONY: all build bpf deps test test-unit test-kernels demo bench lint clean
 
 all: build
 
@@ -52,6 +52,18 @@ netoken/bpf/marker_%.bpf.o: bpf/marker.bpf.c $(BPF_HDR)
 
 test: build
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# tests/unit as nobody, without privileges and without write access to the
+# checkout: proof that they need neither root nor the kernel.  The venv's
+# interpreter lives under root's home, so the system python3 (the same
+# minor version) runs them on the venv's packages.  As any user elsewhere:
+# python -m pytest tests/unit.
+UNPRIVILEGED := setpriv --reuid=65534 --regid=65534 --clear-groups
+SITE_PACKAGES = $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages)
+test-unit: build
+	$(UNPRIVILEGED) env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
+		PYTHONPATH=$(CURDIR):$(SITE_PACKAGES) sh -c 'HYPOTHESIS_STORAGE_DIRECTORY=$$(mktemp -d) \
+		exec python3 -m pytest tests/unit -p no:cacheprovider -q $(PYTEST_ARGS)'
 
 # The kernel-facing suites on Debian's 6.1 and 6.12 under QEMU and on the
 # running kernel; table and JSON in build/test-kernels/ (scripts/test-kernels).
