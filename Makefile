@@ -18,16 +18,29 @@ VENV        := .venv
 PYTEST_ARGS ?=
 KERNELS_ARGS ?=
 
-.PHONY: all build bpf deps test test-unit test-kernels demo bench lint clean
+.PHONY: all build bpf manual deps test test-unit test-kernels demo bench lint clean
 
 all: build
 
 deps:
 	@scripts/install-deps.sh
 
-build: deps bpf
+build: deps bpf manual
 
 bpf: $(BPF_OBJ)
+
+# The man page and the bash completion, read off the CLI's parser
+# (netoken/manual.py); docs/operations.md says where they go.
+MANUAL := build/netoken.1 build/netoken.bash
+manual: $(MANUAL)
+
+build/netoken.1: $(wildcard netoken/*.py netoken/*/*.py)
+	@mkdir -p build
+	$(VENV)/bin/python -m netoken.manual --man > $@.tmp && mv $@.tmp $@
+
+build/netoken.bash: $(wildcard netoken/*.py netoken/*/*.py)
+	@mkdir -p build
+	$(VENV)/bin/python -m netoken.manual --bash > $@.tmp && mv $@.tmp $@
 
 define compile_bpf
 	@test -n "$(CLANG)" || { echo "netoken: clang not found; install it with: apt-get install clang-19" >&2; exit 1; }
