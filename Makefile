@@ -18,16 +18,29 @@ VENV        := .venv
 PYTEST_ARGS ?=
 KERNELS_ARGS ?=
 
-.PHONY: all build bpf deps test test-kernels demo bench lint clean
+.PHONY: all build bpf manual deps test test-unit test-kernels demo bench lint clean
 
 all: build
 
 deps:
 	@scripts/install-deps.sh
 
-build: deps bpf
+build: deps bpf manual
 
 bpf: $(BPF_OBJ)
+
+# The man page and the bash completion, read off the CLI's parser
+# (netoken/manual.py); docs/operations.md says where they go.
+MANUAL := build/netoken.1 build/netoken.bash
+manual: $(MANUAL)
+
+build/netoken.1: $(wildcard netoken/*.py netoken/*/*.py)
+	@mkdir -p build
+	$(VENV)/bin/python -m netoken.manual --man > $@.tmp && mv $@.tmp $@
+
+build/netoken.bash: $(wildcard netoken/*.py netoken/*/*.py)
+	@mkdir -p build
+	$(VENV)/bin/python -m netoken.manual --bash > $@.tmp && mv $@.tmp $@
 
 define compile_bpf
 	@test -n "$(CLANG)" || { echo "netoken: clang not found; install it with: apt-get install clang-19" >&2; exit 1; }
@@ -52,6 +65,18 @@ netoken/bpf/marker_%.bpf.o: bpf/marker.bpf.c $(BPF_HDR)
 
 test: build
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# tests/unit as nobody, without privileges and without write access to the
+# checkout: proof that they need neither root nor the kernel.  The venv's
+# interpreter lives under root's home, so the system python3 (the same
+# minor version) runs them on the venv's packages.  As any user elsewhere:
+# python -m pytest tests/unit.
+UNPRIVILEGED := setpriv --reuid=65534 --regid=65534 --clear-groups
+SITE_PACKAGES = $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages)
+test-unit: build
+	$(UNPRIVILEGED) env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 \
+		PYTHONPATH=$(CURDIR):$(SITE_PACKAGES) sh -c 'HYPOTHESIS_STORAGE_DIRECTORY=$$(mktemp -d) \
+		exec python3 -m pytest tests/unit -p no:cacheprovider -q $(PYTEST_ARGS)'
 
 # The kernel-facing suites on Debian's 6.1 and 6.12 under QEMU and on the
 # running kernel; table and JSON in build/test-kernels/ (scripts/test-kernels).

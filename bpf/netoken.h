@@ -2,7 +2,7 @@
 /*
  * Every struct and enum that crosses the kernel/user boundary lives here and
  * nowhere else.  netoken/layout.py mirrors it with ctypes, and
- * tests/test_layout.py compares that mirror against the BTF of the compiled
+ * tests/unit/test_layout.py compares that mirror against the BTF of the compiled
  * objects, so a field added on one side only fails the test suite.
  *
  * Fixed-width types only, explicit padding, no bitfields: the layout must be

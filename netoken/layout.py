@@ -1,7 +1,7 @@
 """ctypes mirrors of bpf/netoken.h.
 
 bpf/netoken.h is the single source of truth; this module restates it for
-Python and tests/test_layout.py proves, against the BTF that clang emits into
+Python and tests/unit/test_layout.py proves, against the BTF that clang emits into
 every compiled object, that sizes, field names, offsets and enum values agree.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes as C
 
 # The wire format's constants are token.py's, the executable form of the
-# format; the header states them again for C (tests/test_layout.py).
+# format; the header states them again for C (tests/unit/test_layout.py).
 from . import token
 
 MAC_OPT_LEN = token.MAC_LEN

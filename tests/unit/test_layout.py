@@ -20,7 +20,7 @@ import pytest
 from netoken import layout
 from netoken.datapath import BPF_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def btf_types(obj: Path) -> dict[str, dict]:
