@@ -611,7 +611,7 @@ class Agent:
     def run(self) -> int:
         state.require_privileges()
         if self.metrics_override is not None:
-            from .exporter import parse_listen
+            from .config import parse_listen
 
             parse_listen(self.metrics_override)
         state.bpffs(create=True)

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeGuard
 
-from .errors import NetokenError
+from .errors import ExporterError, NetokenError
 from .schedule import iso, next_switch, scheduled_key
 from .token import BIND_SADDR, BIND_SPORT, DEFAULT_EXID, DEFAULT_KIND, KEY_LEN
 
@@ -470,6 +470,26 @@ def _got(value: Any) -> str:
     shown = _show(value)
     kind = _typename(value)
     return kind if shown == kind else f"{kind} {shown}"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """"ADDR:PORT" or "[V6ADDR]:PORT" -> (host, port); ExporterError if bad."""
+    example = "expected ADDR:PORT, e.g. 127.0.0.1:9917 or [::1]:9917"
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise ExporterError(f"--listen {value!r}: {example}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ExporterError(f"--listen {value!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ExporterError(f"--listen {value!r}: put an IPv6 address in brackets, "
+                            f"e.g. [{host}]:{port_s}")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ExporterError(f"--listen {value!r}: port must be a number 0-65535")
+    return host, int(port_s)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -883,8 +903,6 @@ class _Parser:
         if metrics is not None:
             if not isinstance(metrics, str):
                 self.fail(entry, f'metrics must be a string "ADDR:PORT", got {_got(metrics)}')
-            from .exporter import ExporterError, parse_listen
-
             try:
                 parse_listen(metrics)
             except ExporterError as e:

@@ -25,6 +25,10 @@ class GuardError(NetokenError):
     """A guard operation failed for a reason the user can act on."""
 
 
+class ExporterError(NetokenError):
+    """A problem with the metrics endpoint the user can fix (bad flag, address in use)."""
+
+
 class BPFError(OSError):
     """A failed libbpf/bpf() call.
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import ipaddress
 import os
 import signal
 import socket
@@ -44,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, layout, state
-from .errors import NetokenError
+from .config import parse_listen
+from .errors import ExporterError
 from .state import RoleState, StateError
 
 DEFAULT_LISTEN = "127.0.0.1:9917"
@@ -59,10 +59,6 @@ examples:
 """
 
 _PROG = "netoken"
-
-
-class ExporterError(NetokenError):
-    """A problem the user can fix (bad flag, address in use); one line."""
 
 
 # --------------------------------------------------------------------------
@@ -409,26 +405,6 @@ def _run_textfile(reg: Any, path: Path, interval: float | None) -> int:
 
 # --------------------------------------------------------------------------
 # HTTP mode
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """"ADDR:PORT" or "[V6ADDR]:PORT" -> (host, port); ExporterError if bad."""
-    example = "expected ADDR:PORT, e.g. 127.0.0.1:9917 or [::1]:9917"
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not host:
-        raise ExporterError(f"--listen {value!r}: {example}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ExporterError(f"--listen {value!r}: {host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ExporterError(f"--listen {value!r}: put an IPv6 address in brackets, "
-                            f"e.g. [{host}]:{port_s}")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ExporterError(f"--listen {value!r}: port must be a number 0-65535")
-    return host, int(port_s)
 
 
 def _server_classes() -> tuple[type, type]:
