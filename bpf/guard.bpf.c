@@ -415,9 +415,11 @@ static __always_inline int nt_replay_check(__u64 nonce, __u64 tag)
 
 /*
  * The verdict on one SYN to protect entry c->protect.
- * Global: verified once for all the header layouts that lead here.
+ * Global: verified once for all the header layouts that lead here (inlined,
+ * it costs the verifier a state per layout, beyond its limit once a 6.1
+ * verifier's needs are met, for a few ns at run time).
  */
-static __always_inline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
+__noinline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 			const struct nt_guard_config *cfg, const struct nt_protect *prot,
 			struct nt_check *c)
 {
@@ -444,14 +446,9 @@ static __always_inline int nt_check(NT_CTX *ctx, const struct nt_gpkt *p,
 	NT_BARRIER_VAR(opt_off);
 	if (opt_off > NT_MAX_HDR_OFF)
 		return NT_GUARD_MALFORMED;
-	/* The same offset as the distance of two packet pointers: the verifier
-	 * knows only its bound, so the header layouts that lead here (VLANs,
-	 * IPv4 options, IPv6 extension headers) go on as one state. */
-	o = data + opt_off;
-	NT_BARRIER_VAR(o);
-	opt_off = o - (__u8 *)data;
-	if (opt_off > NT_MAX_HDR_OFF)
-		return NT_GUARD_MALFORMED;
+	/* What flows on is the value checked, not a copy taken before the
+	 * check (older verifiers, 6.1, do not carry a bound over to one). */
+	NT_BARRIER_VAR(opt_off);
 	/* The XDP program is not xdp.frags, so the whole frame is linear; at
 	 * TC the entry point has pulled the headers in (nt_cut_short()). */
 	if (opt_off + optlen > data_end - data)
