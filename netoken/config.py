@@ -110,6 +110,7 @@ __all__ = [
 ]
 
 _BIND_BITS = {"saddr": BIND_SADDR, "sport": BIND_SPORT}
+Table = Mapping[str, Any]  # a TOML table
 
 _KEY_HEX_LEN = 2 * KEY_LEN
 # Generous bound so a key path pointing at a large file fails fast instead of
@@ -450,20 +451,14 @@ def _show(value: Any) -> str:
     return _typename(value)
 
 
+# TOML's value types by the names its spec gives them, bool before int (a
+# bool is an int); anything else is one of its date-times.
+_TOML_TYPES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
+               (list, "array"), (dict, "table"))
+
+
 def _typename(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "table"
-    return "datetime"  # the only other TOML value types
+    return next((name for kind, name in _TOML_TYPES if isinstance(value, kind)), "datetime")
 
 
 def _got(value: Any) -> str:
@@ -554,14 +549,7 @@ class _Parser:
         return value
 
     def integer(
-        self,
-        entry: str,
-        t: Mapping[str, Any],
-        name: str,
-        default: Any,
-        lo: int,
-        hi: int,
-        what: str = "",
+        self, entry: str, t: Table, name: str, default: Any, lo: int, hi: int, what: str = ""
     ) -> int:
         value = t.get(name, default)
         if value is _REQUIRED:
@@ -573,12 +561,7 @@ class _Parser:
         return value
 
     def choice(
-        self,
-        entry: str,
-        t: Mapping[str, Any],
-        name: str,
-        default: Any,
-        choices: tuple[str, ...],
+        self, entry: str, t: Table, name: str, default: Any, choices: tuple[str, ...]
     ) -> Any:
         value = t.get(name, default)
         if value is None:

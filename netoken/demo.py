@@ -10,6 +10,7 @@ also on Ctrl-C or an error.  Nothing is pinned: the demo leaves no state.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -109,23 +110,18 @@ class _Service:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        while True:
-            try:
+        # accept() fails once close() shut the socket down, which ends the thread.
+        with contextlib.suppress(OSError):
+            while True:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
+                with conn, contextlib.suppress(OSError):
+                    conn.settimeout(2)
                     conn.sendall(b"hello from the protected service\n")
-                except OSError:
-                    pass
 
     def close(self) -> None:
-        try:
+        # close() alone does not wake the thread blocked in accept().
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 

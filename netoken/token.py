@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "BIND_SADDR",
@@ -247,6 +247,13 @@ def _check_port(port: int, what: str) -> None:
         raise ValueError(f"{what} must be 0..65535, got {port}")
 
 
+def _check_key_id_nonce(key_id: int, nonce: bytes) -> None:
+    if not 0 <= key_id <= 0xFF:
+        raise ValueError(f"key_id must be 0..255, got {key_id}")
+    if len(nonce) != NONCE_LEN:
+        raise ValueError(f"nonce must be {NONCE_LEN} bytes, got {len(nonce)}")
+
+
 def mac_message(
     exid: int,
     key_id: int,
@@ -267,12 +274,9 @@ def mac_message(
     """
     if not 0 <= exid <= 0xFFFF:
         raise ValueError(f"exid must be 0..0xffff, got {exid:#x}")
-    if not 0 <= key_id <= 0xFF:
-        raise ValueError(f"key_id must be 0..255, got {key_id}")
+    _check_key_id_nonce(key_id, nonce)
     if not 0 <= epoch <= _MASK32:
         raise ValueError(f"epoch must be an unsigned 32-bit integer, got {epoch}")
-    if len(nonce) != NONCE_LEN:
-        raise ValueError(f"nonce must be {NONCE_LEN} bytes, got {len(nonce)}")
     if bind & ~(BIND_SADDR | BIND_SPORT):
         raise ValueError(f"unknown bind bits {bind:#x}")
     _check_port(dport, "dport")
@@ -303,21 +307,11 @@ def mac_message(
     return b"".join(parts)
 
 
-def compute_tag(
-    key: bytes,
-    exid: int,
-    key_id: int,
-    epoch: int,
-    nonce: bytes,
-    daddr: Addr,
-    dport: int,
-    saddr: Addr | None = None,
-    sport: int | None = None,
-    bind: int = 0,
-) -> bytes:
-    """The 4-byte tag: the first TAG_LEN bytes of siphash24(key, mac_message(...))."""
-    msg = mac_message(exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind)
-    return siphash24(key, msg)[:TAG_LEN]
+def compute_tag(key: bytes, *fields: Any, **named: Any) -> bytes:
+    """The 4-byte tag: the first TAG_LEN bytes of SipHash-2-4 under KEY of
+    mac_message(*FIELDS, **NAMED), whose arguments they are (ExID, key id,
+    epoch, nonce, daddr, dport, and saddr, sport, bind as the key binds)."""
+    return siphash24(key, mac_message(*fields, **named))[:TAG_LEN]
 
 
 # ------------------------------------------------------------------ encode / decode
@@ -337,12 +331,9 @@ def encode_mac(
 ) -> bytes:
     """Serialize a 16-byte mac-mode option; only the low 8 bits of `epoch` are sent."""
     _check_kind_exid(kind, exid)
-    if not 0 <= key_id <= 0xFF:
-        raise ValueError(f"key_id must be 0..255, got {key_id}")
+    _check_key_id_nonce(key_id, nonce)
     if epoch < 0:
         raise ValueError(f"epoch must be non-negative, got {epoch}")
-    if len(nonce) != NONCE_LEN:
-        raise ValueError(f"nonce must be {NONCE_LEN} bytes, got {len(nonce)}")
     if len(tag) != TAG_LEN:
         raise ValueError(f"tag must be {TAG_LEN} bytes, got {len(tag)}")
     return (

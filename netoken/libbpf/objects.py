@@ -19,7 +19,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from ctypes import Structure, c_uint32, sizeof
-from typing import Any, NamedTuple, Self, Union
+from typing import Any, ClassVar, NamedTuple, Self, TypeVar, Union, cast
 
 from ..errors import BPFError
 from .ffi import (
@@ -185,11 +185,25 @@ class _KernelObject(Closing):
     """What maps and programs share: an fd that is either borrowed from a
     :class:`BpfObject` (``ptr`` set) or owned, and the kernel's info for it.
 
-    Subclasses name their kind and the libbpf accessors for it."""
+    Subclasses name their kind and the libbpf accessors for it (class
+    keywords, see __init_subclass__)."""
 
-    _KIND = ""        # "map" or "prog", as in the fd's anon-inode name
-    _NOUN = ""        # for messages
-    _INFO: type[Structure]
+    _KIND: ClassVar[str]
+    _NOUN: ClassVar[str]
+    _INFO: ClassVar[type[Structure]]
+    _fd_by_id: ClassVar[Callable[[int], int]]
+    _ptr_fd: ClassVar[Callable[[int], int]]
+
+    def __init_subclass__(cls, *, kind: str, noun: str, info: type[Structure],
+                          fd_by_id: Callable[[int], int], ptr_fd: Callable[[int], int],
+                          **kw: Any) -> None:
+        """KIND as in the fd's anon-inode name ("map", "prog"), NOUN for
+        messages, the kernel's INFO struct, and libbpf's FD_BY_ID (the fd of
+        an id) and PTR_FD (the fd of an object's map or program)."""
+        super().__init_subclass__(**kw)
+        cls._KIND, cls._NOUN, cls._INFO = kind, noun, info
+        cls._fd_by_id = staticmethod(fd_by_id)
+        cls._ptr_fd = staticmethod(ptr_fd)
 
     def __init__(
         self,
@@ -238,14 +252,6 @@ class _KernelObject(Closing):
         fd = call(f"open {cls._NOUN} id {obj_id}", cls._fd_by_id, obj_id)
         return cls(fd, owned=True)
 
-    @staticmethod
-    def _fd_by_id(obj_id: int) -> int:
-        raise NotImplementedError
-
-    @staticmethod
-    def _ptr_fd(ptr: int) -> int:
-        raise NotImplementedError
-
     # -- attributes ---------------------------------------------------------
 
     def _label(self) -> str:
@@ -262,7 +268,7 @@ class _KernelObject(Closing):
         if self._obj is not None and self._obj.closed:
             raise ValueError(f"{self._label()}: its BpfObject is closed")
         if self._ptr is not None and self._fd < 0:
-            fd = self._ptr_fd(self._ptr)
+            fd = type(self)._ptr_fd(self._ptr)
             if fd < 0:
                 raise ValueError(f"{self._label()}: BpfObject not loaded yet")
             self._fd = fd
@@ -296,18 +302,13 @@ class _KernelObject(Closing):
 
 
 
-class Map(_KernelObject):
+class Map(_KernelObject, kind="map", noun="map", info=bpf_map_info,
+          fd_by_id=lib.bpf_map_get_fd_by_id, ptr_fd=lib.bpf_map__fd):
     """A BPF map, either borrowed from a :class:`BpfObject` or owning its fd.
 
     Keys and values are raw bytes (any bytes-like object, e.g. a ctypes
     structure, is accepted) and must match ``key_size``/``value_size``.
     """
-
-    _KIND = "map"
-    _NOUN = "map"
-    _INFO = bpf_map_info
-    _fd_by_id = staticmethod(lib.bpf_map_get_fd_by_id)
-    _ptr_fd = staticmethod(lib.bpf_map__fd)
 
     name = _attr(lib.bpf_map__name, "name", _decode_name)
     type = _attr(lib.bpf_map__type, "type", doc="enum bpf_map_type.")
@@ -481,14 +482,9 @@ class TestRun(NamedTuple):
 TestRun.__test__ = False  # type: ignore[attr-defined]  # not a pytest class
 
 
-class Program(_KernelObject):
+class Program(_KernelObject, kind="prog", noun="program", info=bpf_prog_info,
+              fd_by_id=lib.bpf_prog_get_fd_by_id, ptr_fd=lib.bpf_program__fd):
     """A loaded BPF program, borrowed from a :class:`BpfObject` or owning its fd."""
-
-    _KIND = "prog"
-    _NOUN = "program"
-    _INFO = bpf_prog_info
-    _fd_by_id = staticmethod(lib.bpf_prog_get_fd_by_id)
-    _ptr_fd = staticmethod(lib.bpf_program__fd)
 
     # Full name for object programs; kernel names are cut to 15 chars.
     name = _attr(lib.bpf_program__name, "name", _decode_name)
@@ -609,6 +605,9 @@ class Program(_KernelObject):
 # --------------------------------------------------------------------------
 
 
+K = TypeVar("K", bound="_KernelObject")
+
+
 class BpfObject(Closing):
     """An ELF BPF object (``bpf_object``); owns all its map and program fds."""
 
@@ -616,8 +615,8 @@ class BpfObject(Closing):
         self.path = os.fspath(path)
         self._ptr: int | None = None
         self._loaded = False
-        self._maps: dict[int, Map] = {}
-        self._progs: dict[int, Program] = {}
+        # (Map or Program, its struct pointer) -> the one wrapper of it
+        self._wrapped: dict[tuple[type, int], _KernelObject] = {}
         self._ptr = call_ptr(
             f"open bpf object {self.path}",
             lib.bpf_object__open_file,
@@ -666,46 +665,41 @@ class BpfObject(Closing):
             lib.bpf_object__close(ptr)
 
 
-    def _wrap_map(self, ptr: int) -> Map:
-        m = self._maps.get(ptr)
-        if m is None or m._ptr is None:
-            m = self._maps[ptr] = Map(-1, owned=False, obj=self, ptr=ptr)
-        return m
+    def _wrap(self, kind: type[K], ptr: int) -> K:
+        """The one wrapper of this object's map or program at PTR."""
+        w = self._wrapped.get((kind, ptr))
+        if w is None or w._ptr is None:
+            w = self._wrapped[(kind, ptr)] = kind(-1, owned=False, obj=self, ptr=ptr)
+        return cast(K, w)
 
-    def _wrap_prog(self, ptr: int) -> Program:
-        p = self._progs.get(ptr)
-        if p is None or p._ptr is None:
-            p = self._progs[ptr] = Program(-1, owned=False, obj=self, ptr=ptr)
-        return p
+    def _find(self, kind: type[K], find: Callable[[int, bytes], int], name: str) -> K:
+        ptr = find(self._live(), name.encode())
+        if not ptr:
+            raise KeyError(f"no {kind._NOUN} {name!r} in {self.path}")
+        return self._wrap(kind, ptr)
+
+    def _every(self, kind: type[K], after: Callable[[int, int | None], int]) -> list[K]:
+        obj, out, ptr = self._live(), [], None
+        while ptr := after(obj, ptr):
+            out.append(self._wrap(kind, ptr))
+        return out
 
     def program(self, name: str) -> Program:
         """Program by (function) name; KeyError if absent."""
-        ptr = lib.bpf_object__find_program_by_name(self._live(), name.encode())
-        if not ptr:
-            raise KeyError(f"no program {name!r} in {self.path}")
-        return self._wrap_prog(ptr)
+        return self._find(Program, lib.bpf_object__find_program_by_name, name)
 
     def map(self, name: str) -> Map:
         """Map by name; KeyError if absent."""
-        ptr = lib.bpf_object__find_map_by_name(self._live(), name.encode())
-        if not ptr:
-            raise KeyError(f"no map {name!r} in {self.path}")
-        return self._wrap_map(ptr)
+        return self._find(Map, lib.bpf_object__find_map_by_name, name)
 
     @property
     def programs(self) -> list[Program]:
-        obj, out, p = self._live(), [], None
-        while p := lib.bpf_object__next_program(obj, p):
-            out.append(self._wrap_prog(p))
-        return out
+        return self._every(Program, lib.bpf_object__next_program)
 
     @property
     def maps(self) -> list[Map]:
         """All maps, including libbpf's internal .data/.rodata/.bss maps."""
-        obj, out, m = self._live(), [], None
-        while m := lib.bpf_object__next_map(obj, m):
-            out.append(self._wrap_map(m))
-        return out
+        return self._every(Map, lib.bpf_object__next_map)
 
     def reuse_map(self, name: str, fd_or_map: int | Map) -> None:
         """Make map ``name`` use an existing map instead of creating one

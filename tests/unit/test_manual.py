@@ -41,7 +41,7 @@ def test_the_man_page_renders_without_warnings(tmp_path: Path):
 def test_the_completion_has_every_command_and_option():
     script = manual.bash()
     for cmd in COMMANDS:
-        assert f'"{" ".join(cmd.path)}") echo "{" ".join(cmd.verbs)}"' in script
+        assert f'_netoken_verbs["{cmd.name}"]="{" ".join(cmd.verbs)}"' in script
         for action in cmd.options:
             for flag in action.option_strings:
                 assert flag in script, (cmd.name, flag)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -54,31 +55,11 @@ NOP = bytes([1])
 EOL = bytes([0])
 
 
-def mac_opt(
-    epoch: int = EPOCH,
-    *,
-    key: bytes = KEY,
-    key_id: int = 1,
-    daddr: str = DADDR,
-    dport: int = DPORT,
-    saddr: str | None = None,
-    sport: int | None = None,
-    bind: int = 0,
-    kind: int = nt.DEFAULT_KIND,
-    exid: int = nt.DEFAULT_EXID,
-) -> bytes:
+def mac_opt(epoch: int = EPOCH, *, key: bytes = KEY, **fields: Any) -> bytes:
+    """The option build_mac_option makes of FIELDS, by default key 1 of KEY for
+    DADDR:DPORT with the fixed NONCE."""
     return nt.build_mac_option(
-        key,
-        key_id=key_id,
-        epoch=epoch,
-        daddr=daddr,
-        dport=dport,
-        saddr=saddr,
-        sport=sport,
-        bind=bind,
-        nonce=NONCE,
-        kind=kind,
-        exid=exid,
+        key, epoch=epoch, **{"key_id": 1, "daddr": DADDR, "dport": DPORT, "nonce": NONCE} | fields
     )
 
 
@@ -743,14 +724,7 @@ def test_verdict_honours_configured_kind_and_exid() -> None:
 
 
 def test_verdict_values_are_the_documented_set() -> None:
-    assert set(nt.VERDICTS) == {
-        "ok",
-        "missing",
-        "malformed",
-        "unknown_key",
-        "stale",
-        "bad_tag",
-    }
+    assert set(nt.VERDICTS) == {"ok", "missing", "malformed", "unknown_key", "stale", "bad_tag"}
 
 
 def test_key_fingerprint_is_stable_and_never_a_tag() -> None:
