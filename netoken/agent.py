@@ -133,8 +133,18 @@ IN_MOVE_SELF = 0x800
 IN_IGNORED = 0x8000  # the watch is gone (its directory was deleted)
 IN_ONLYDIR = 0x01000000
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; name follows
-_DIR_EVENTS = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
-               | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+_DIR_EVENTS = (
+    IN_MODIFY
+    | IN_ATTRIB
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+    | IN_ONLYDIR
+)
 
 
 def _check(ret: int, what: str) -> int:
@@ -207,17 +217,22 @@ class ClockTimer:
     def __init__(self) -> None:
         self.fd = _check(
             _libc.timerfd_create(time.CLOCK_REALTIME, os.O_NONBLOCK | os.O_CLOEXEC),
-            "timerfd_create")
+            "timerfd_create",
+        )
 
     def arm(self, at: float) -> None:
         spec = _Itimerspec()
         sec = int(at)
         spec.it_value.tv_sec, spec.it_value.tv_nsec = sec, int((at - sec) * 1e9)
-        _check(_libc.timerfd_settime(self.fd, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET,
-                                     ctypes.byref(spec), None), "timerfd_settime")
+        _check(
+            _libc.timerfd_settime(
+                self.fd, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET, ctypes.byref(spec), None
+            ),
+            "timerfd_settime",
+        )
 
     def read(self) -> str | None:
-        """"expired", "clock-set", or None if nothing happened."""
+        """ "expired", "clock-set", or None if nothing happened."""
         try:
             os.read(self.fd, 8)
         except BlockingIOError:
@@ -239,8 +254,9 @@ class LinkEvents:
     """Link notifications of this network namespace (rtnetlink, RTMGRP_LINK)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                  | socket.SOCK_CLOEXEC, 0)  # NETLINK_ROUTE
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0
+        )  # NETLINK_ROUTE
         # Container churn comes in bursts; an overrun only costs a rescan.
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -296,8 +312,17 @@ def _fingerprint(paths: Iterable[Path]) -> tuple[Any, ...]:
     for p in paths:
         try:
             s = os.stat(p)
-            out.append((str(p), os.path.realpath(p), s.st_dev, s.st_ino, s.st_mtime_ns,
-                        s.st_size, s.st_mode))
+            out.append(
+                (
+                    str(p),
+                    os.path.realpath(p),
+                    s.st_dev,
+                    s.st_ino,
+                    s.st_mtime_ns,
+                    s.st_size,
+                    s.st_mode,
+                )
+            )
         except OSError as e:
             out.append((str(p), None, e.errno))
     return tuple(out)
@@ -337,8 +362,14 @@ def _order(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 class Agent:
     """The node agent; :meth:`run` is the daemon."""
 
-    def __init__(self, config: str | os.PathLike[str], *, detach_on_exit: bool = False,
-                 metrics: str | None = None, out: TextIO = sys.stderr) -> None:
+    def __init__(
+        self,
+        config: str | os.PathLike[str],
+        *,
+        detach_on_exit: bool = False,
+        metrics: str | None = None,
+        out: TextIO = sys.stderr,
+    ) -> None:
         self.path = Path(config)
         self.detach_on_exit = detach_on_exit
         self.metrics_override = metrics
@@ -392,8 +423,12 @@ class Agent:
             if msg != self.last_error:
                 self.config_errors += 1
                 self.last_error = msg
-                self.log("config rejected; keeping the last good one", level="error",
-                         error=msg, cause=cause)
+                self.log(
+                    "config rejected; keeping the last good one",
+                    level="error",
+                    error=msg,
+                    cause=cause,
+                )
             self._rewatch()
             return
         self.last_error = None
@@ -402,10 +437,15 @@ class Agent:
             return
         self.cfg = new
         self._rewatch()
-        self.log("config loaded", config=self.path, cause=cause, keys=_ids(new.keys),
-                 policies=len(new.policies),
-                 protect=len(new.guard.protect) if new.guard else 0,
-                 next_switch=self._next_switch())
+        self.log(
+            "config loaded",
+            config=self.path,
+            cause=cause,
+            keys=_ids(new.keys),
+            policies=len(new.policies),
+            protect=len(new.guard.protect) if new.guard else 0,
+            next_switch=self._next_switch(),
+        )
         want = self._selected()
         self._update(want, "file")
         self._reconcile(want)
@@ -448,14 +488,28 @@ class Agent:
             self.applied[pair] = desired
             if old_cfg is not cfg:
                 self.applies["config"] += 1
-                self.log("applied", iface=ifname, role=role, prog=res["prog_id"],
-                         keys=_ids(res["keys"]), cause=cause)
+                self.log(
+                    "applied",
+                    iface=ifname,
+                    role=role,
+                    prog=res["prog_id"],
+                    keys=_ids(res["keys"]),
+                    cause=cause,
+                )
             else:
                 self.applies["schedule"] += 1
                 assert in_use is not None and old_in_use is not None
-                self.log("key switched", iface=ifname, role=role, cause=cause,
-                         policies=" ".join(f"{n}:{old_in_use.get(n)}->{k}"
-                                           for n, k in in_use.items() if old_in_use.get(n) != k))
+                self.log(
+                    "key switched",
+                    iface=ifname,
+                    role=role,
+                    cause=cause,
+                    policies=" ".join(
+                        f"{n}:{old_in_use.get(n)}->{k}"
+                        for n, k in in_use.items()
+                        if old_in_use.get(n) != k
+                    ),
+                )
 
     def _attach(self, pair: tuple[str, str]) -> None:
         ifname, role = pair
@@ -481,8 +535,15 @@ class Agent:
         self.managed.add(pair)
         self.applied[pair] = desired
         extra = {"hook": res["hook"]} if role == "guard" else {}
-        self.log("attached", iface=ifname, role=role, prog=res["prog_id"],
-                 replaced=res["replaced_prog_id"], keys=_ids(res["keys"]), **extra)
+        self.log(
+            "attached",
+            iface=ifname,
+            role=role,
+            prog=res["prog_id"],
+            replaced=res["replaced_prog_id"],
+            keys=_ids(res["keys"]),
+            **extra,
+        )
 
     def _detach(self, pair: tuple[str, str], reason: str) -> None:
         ifname, role = pair
@@ -516,8 +577,11 @@ class Agent:
         """What an earlier agent attached in this namespace is ours to manage."""
         for st in state.all_states():
             meta = st.read_meta() or {}
-            if (st.role in ROLES and meta.get("managed_by") == MANAGED_BY
-                    and state.in_this_netns(st)):
+            if (
+                st.role in ROLES
+                and meta.get("managed_by") == MANAGED_BY
+                and state.in_this_netns(st)
+            ):
                 self.managed.add((st.ifname, st.role))
 
     # -- key schedule and clock ------------------------------------------------
@@ -550,14 +614,21 @@ class Agent:
                 self._fail(pair, "clock offset update", e)
                 continue
             if old is not None:
-                self.log("clock offset corrected", iface=pair[0], role=pair[1], cause=cause,
-                         was=old / 1e9, now=want / 1e9)
+                self.log(
+                    "clock offset corrected",
+                    iface=pair[0],
+                    role=pair[1],
+                    cause=cause,
+                    was=old / 1e9,
+                    now=want / 1e9,
+                )
 
     # -- metrics -----------------------------------------------------------------
 
     def _serve_metrics(self, fatal: bool = False) -> None:
-        listen = self.metrics_override or (self.cfg.agent.metrics if self.cfg and self.cfg.agent
-                                           else None)
+        listen = self.metrics_override or (
+            self.cfg.agent.metrics if self.cfg and self.cfg.agent else None
+        )
         if listen == self.metrics_listen:
             return
         self._stop_metrics()
@@ -597,8 +668,10 @@ class Agent:
         r.setblocking(False)
         w.setblocking(False)
         old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-        old = {s: signal.signal(s, self._on_signal)
-               for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        old = {
+            s: signal.signal(s, self._on_signal)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         try:
             yield r.fileno()
         finally:
@@ -631,12 +704,16 @@ class Agent:
             stack.callback(self._stop_metrics)
             self._rewatch()
             a = cfg.agent
-            self.log("started", config=self.path, pid=os.getpid(),
-                     mark=" ".join(a.mark) if a else "", guard=" ".join(a.guard) if a else "",
-                     keys=_ids(cfg.keys))
+            self.log(
+                "started",
+                config=self.path,
+                pid=os.getpid(),
+                mark=" ".join(a.mark) if a else "",
+                guard=" ".join(a.guard) if a else "",
+                keys=_ids(cfg.keys),
+            )
             if a is None or not (a.mark or a.guard):
-                self.log("no interfaces selected: [agent] mark and guard are empty",
-                         level="warn")
+                self.log("no interfaces selected: [agent] mark and guard are empty", level="warn")
             self._serve_metrics(fatal=True)
             self._adopt()
             self._reconcile(fresh=True)
@@ -644,28 +721,35 @@ class Agent:
             self._clock("start")
             self.log("watching", attached=len(self.managed), next_switch=self._next_switch())
             poller = select.poll()
-            handlers = {wake: lambda: _drain_socket(wake), links.fileno(): self._links,
-                        self.watch.fd: self._files_changed, self.timer.fd: self._timer}
+            handlers = {
+                wake: lambda: _drain_socket(wake),
+                links.fileno(): self._links,
+                self.watch.fd: self._files_changed,
+                self.timer.fd: self._timer,
+            }
             for fd in handlers:
                 poller.register(fd, select.POLLIN)
             next_tick = time.monotonic() + TICK
             while self.stop_signal is None:
                 now = time.monotonic()
-                deadline = next_tick if self.reload_at is None else min(next_tick,
-                                                                        self.reload_at)
+                deadline = next_tick if self.reload_at is None else min(next_tick, self.reload_at)
                 for fd, _ in poller.poll(max(0.0, deadline - now) * 1000):
                     self._guarded(handlers[fd])
                 if self.stop_signal is not None:
                     break
                 now = time.monotonic()
                 if self.reload_at is not None and now >= self.reload_at:
-                    self._guarded(functools.partial(
-                        self.reload, "signal" if self.reload_at == 0.0 else "file"))
+                    self._guarded(
+                        functools.partial(
+                            self.reload, "signal" if self.reload_at == 0.0 else "file"
+                        )
+                    )
                 if now >= next_tick:
                     next_tick = now + TICK
                     self._guarded(self._tick)
-            self.log("stopping", signal=signal.Signals(self.stop_signal).name,
-                     detach=self.detach_on_exit)
+            self.log(
+                "stopping", signal=signal.Signals(self.stop_signal).name, detach=self.detach_on_exit
+            )
             if self.detach_on_exit:
                 for pair in _order(self.managed):
                     self._detach(pair, "exit")

@@ -84,8 +84,7 @@ def _states(ifname: str | None, others: bool = True) -> list[RoleState]:
         renamed = {st.ifname for st in states if st.present and st.ifname != ifname}
         if renamed and not _noted[0]:
             _noted[0] = f"{ifname} is called {', '.join(sorted(renamed))} now"
-            _note(f"{_noted[0]} (ifindex {states[0].ifindex}; netoken follows interfaces "
-                  f"by index)")
+            _note(f"{_noted[0]} (ifindex {states[0].ifindex}; netoken follows interfaces by index)")
         return states
     if others:
         _note_others()
@@ -166,8 +165,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     results = apply(args.iface, cfg)
     several_keys = any(len(p.keys) > 1 for p in cfg.policies)
-    _output(args, results, lambda rs: [line for res in rs
-                                       for line in present.applied(res, args.config, several_keys)])
+    _output(
+        args,
+        results,
+        lambda rs: [line for res in rs for line in present.applied(res, args.config, several_keys)],
+    )
     if not args.json:
         for res in results:
             for note in res.get("notes", []):
@@ -184,8 +186,9 @@ def cmd_guard_attach(args: argparse.Namespace) -> int:
 
     state.require_privileges()
     cfg = load_config(args.config)
-    res = guard.attach_pinned(args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode,
-                              hook=args.hook)
+    res = guard.attach_pinned(
+        args.iface, cfg, action=args.mode, xdp_mode=args.xdp_mode, hook=args.hook
+    )
     try:
         doors = guard.side_doors()
     except OSError as e:  # the guard is attached: say what could not be checked
@@ -217,13 +220,21 @@ def _generic_status(st: RoleState) -> dict[str, Any]:
     from .libbpf import Program
     from .roles import role
 
-    why = ("incomplete pinned state (no program pin)" if role(st.role) is not None
-           else "unknown (no support for this role installed)")
-    d: dict[str, Any] = {"ifname": st.ifname, "role": st.role, "pinned": str(st.pin_dir),
-                         "state": why}
-    with contextlib.suppress(OSError, ValueError), Program.from_pinned(
-        st.pin(state.PROG_PIN)
-    ) as prog:
+    why = (
+        "incomplete pinned state (no program pin)"
+        if role(st.role) is not None
+        else "unknown (no support for this role installed)"
+    )
+    d: dict[str, Any] = {
+        "ifname": st.ifname,
+        "role": st.role,
+        "pinned": str(st.pin_dir),
+        "state": why,
+    }
+    with (
+        contextlib.suppress(OSError, ValueError),
+        Program.from_pinned(st.pin(state.PROG_PIN)) as prog,
+    ):
         d["prog"] = {"id": prog.id, "tag": prog.tag, "name": prog.name}
     return d
 
@@ -295,21 +306,33 @@ def status_all_netns() -> list[dict[str, Any]]:
             why = "network namespace not found (gone?)"
         run = state.RUN_DIR / other.netns.dirname
         for ifname, role in other.roles:
-            items.append({
-                "ifname": ifname, "ifindex": None, "role": role, "attached": False,
-                "state": why, "pinned": str(other.path),
-                "netns": {**other.netns.as_meta(), "name": None},
-                "remove": f"rm -r {other.path} {run}",
-            })
+            items.append(
+                {
+                    "ifname": ifname,
+                    "ifindex": None,
+                    "role": role,
+                    "attached": False,
+                    "state": why,
+                    "pinned": str(other.path),
+                    "netns": {**other.netns.as_meta(), "name": None},
+                    "remove": f"rm -r {other.path} {run}",
+                }
+            )
     if root is not None:
         for entry in state.old_layout_entries(root):
             path = root / state.ROOT_NAME / entry
-            items.append({
-                "ifname": state.decode_ifname(entry), "ifindex": None, "role": None,
-                "attached": False, "pinned": str(path), "netns": None,
-                "state": "left by an older netoken in a namespace it has not run in since "
-                         "(moves to this layout when netoken runs there)",
-            })
+            items.append(
+                {
+                    "ifname": state.decode_ifname(entry),
+                    "ifindex": None,
+                    "role": None,
+                    "attached": False,
+                    "pinned": str(path),
+                    "netns": None,
+                    "state": "left by an older netoken in a namespace it has not run in since "
+                    "(moves to this layout when netoken runs there)",
+                }
+            )
     return items
 
 
@@ -381,19 +404,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise CliError("--interval must be positive")
     try:
         if args.json:
-            watch_stats(args.iface, args.interval, lambda items, now: _emit_json(
-                {"time": present.iso(now), "interval": args.interval, "stats": items},
-                args.pretty))
+            watch_stats(
+                args.iface,
+                args.interval,
+                lambda items, now: _emit_json(
+                    {"time": present.iso(now), "interval": args.interval, "stats": items},
+                    args.pretty,
+                ),
+            )
         elif sys.stdout.isatty():
             from rich.console import Console
             from rich.live import Live
 
             with Live(console=Console(), auto_refresh=False) as live:
-                watch_stats(args.iface, args.interval, lambda items, _now: live.update(
-                    present.stats_table(items, args.interval), refresh=True))
+                watch_stats(
+                    args.iface,
+                    args.interval,
+                    lambda items, _now: live.update(
+                        present.stats_table(items, args.interval), refresh=True
+                    ),
+                )
         else:
-            watch_stats(args.iface, args.interval,
-                        lambda items, now: _print(present.stats_watch_lines(items, now)))
+            watch_stats(
+                args.iface,
+                args.interval,
+                lambda items, now: _print(present.stats_watch_lines(items, now)),
+            )
     except KeyboardInterrupt:
         pass
     return 0
@@ -460,8 +496,15 @@ def monitor(
             if n > missed.get(key, n):
                 if what == "lost":
                     lost_total += n - missed[key]
-                on_lost({"time": present.iso(time.time()), "ifname": ifname, "role": role,
-                         what: n - missed[key], f"{what}_total": n})
+                on_lost(
+                    {
+                        "time": present.iso(time.time()),
+                        "ifname": ifname,
+                        "role": role,
+                        what: n - missed[key],
+                        f"{what}_total": n,
+                    }
+                )
             missed[key] = n
 
     try:
@@ -541,8 +584,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     seen = lost = 0
     try:
-        seen, lost = monitor(args.iface, emit, on_lost, count=args.count,
-                             backlog=args.backlog, ready=ready)
+        seen, lost = monitor(
+            args.iface, emit, on_lost, count=args.count, backlog=args.backlog, ready=ready
+        )
     except KeyboardInterrupt:
         pass
     if headers_done:
@@ -563,8 +607,10 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
     # the key the file really holds.
     fp = key_fingerprint(key_file_bytes(args.file))
     if args.json:
-        _emit_json({"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16,
-                    "fingerprint": fp}, args.pretty)
+        _emit_json(
+            {"file": os.path.abspath(args.file), "mode": "0600", "bytes": 16, "fingerprint": fp},
+            args.pretty,
+        )
     else:
         print(f"wrote a new 16-byte key to {args.file} (mode 0600, fingerprint {fp})")
     return 0
@@ -582,12 +628,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     check(cfg)
     agent = cfg.agent
-    doc = {"file": os.path.abspath(args.file), "valid": True,
-           "keys": sorted(cfg.keys), "policies": len(cfg.policies),
-           "protect": len(cfg.guard.protect) if cfg.guard else 0,
-           "schedule": plan(cfg, time.time()),
-           "agent": None if agent is None else {
-               "mark": list(agent.mark), "guard": list(agent.guard), "metrics": agent.metrics}}
+    doc = {
+        "file": os.path.abspath(args.file),
+        "valid": True,
+        "keys": sorted(cfg.keys),
+        "policies": len(cfg.policies),
+        "protect": len(cfg.guard.protect) if cfg.guard else 0,
+        "schedule": plan(cfg, time.time()),
+        "agent": None
+        if agent is None
+        else {"mark": list(agent.mark), "guard": list(agent.guard), "metrics": agent.metrics},
+    }
     several_keys = any(len(p.keys) > 1 for p in cfg.policies)
     return _output(args, doc, lambda d: present.config_checked(d, args.file, several_keys))
 
@@ -656,31 +707,62 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _common(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: the top-level -j/-p must not be overwritten by the defaults
     # of the subcommand's copy.
-    p.add_argument("-j", "--json", action="store_true", default=argparse.SUPPRESS,
-                   help="JSON output (compact, bpftool style)")
-    p.add_argument("-p", "--pretty", action="store_true", default=argparse.SUPPRESS,
-                   help="indented JSON (implies --json)")
+    p.add_argument(
+        "-j",
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="JSON output (compact, bpftool style)",
+    )
+    p.add_argument(
+        "-p",
+        "--pretty",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="indented JSON (implies --json)",
+    )
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG,
-                   help=f"TOML config (default {DEFAULT_CONFIG})")
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=DEFAULT_CONFIG,
+        help=f"TOML config (default {DEFAULT_CONFIG})",
+    )
 
 
-def _verb(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
-          func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + epilog,
-                       formatter_class=_Formatter)
+def _verb(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help_: str,
+    epilog: str,
+    func: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=help_,
+        description=help_,
+        epilog="examples:\n" + epilog,
+        formatter_class=_Formatter,
+    )
     _common(p)
     p.set_defaults(func=func)
     return p
 
 
-def _object(sub: argparse._SubParsersAction, name: str, help_: str, description: str | None,
-            epilog: str) -> argparse._SubParsersAction:
+def _object(
+    sub: argparse._SubParsersAction, name: str, help_: str, description: str | None, epilog: str
+) -> argparse._SubParsersAction:
     """`netoken NAME VERB ...`: an object and the subparsers of its verbs."""
-    p = sub.add_parser(name, help=help_, description=description,
-                       epilog="examples:\n" + epilog, formatter_class=_Formatter)
+    p = sub.add_parser(
+        name,
+        help=help_,
+        description=description,
+        epilog="examples:\n" + epilog,
+        formatter_class=_Formatter,
+    )
     return p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
 
@@ -692,150 +774,270 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("-n", "--netns", metavar="NAME",
-                        help="run in network namespace NAME (as `ip -n NAME`)")
-    parser.add_argument("-d", "--debug", action="store_true",
-                        help="on errors, print details and the traceback")
+    parser.add_argument(
+        "-n", "--netns", metavar="NAME", help="run in network namespace NAME (as `ip -n NAME`)"
+    )
+    parser.add_argument(
+        "-d", "--debug", action="store_true", help="on errors, print details and the traceback"
+    )
     parser.add_argument("-j", "--json", action="store_true", help="JSON output")
     parser.add_argument("-p", "--pretty", action="store_true", help="indented JSON output")
     sub = parser.add_subparsers(dest="object", metavar="OBJECT", required=True)
 
-    msub = _object(sub, "mark", "attach/detach the TC egress marker",
-                   "The marker: adds a keyed option to selected SYNs.",
-                   "  netoken mark attach eth0 -c netoken.toml\n  netoken mark detach eth0\n")
-    p = _verb(msub, "attach", "load the marker and attach it on IFACE egress (replaces "
-              "netoken's own filter atomically, keeps counters)",
-              "  netoken mark attach eth0 -c /etc/netoken/netoken.toml\n"
-              "  netoken -n client mark attach veth0 -c lab.toml --json\n",
-              cmd_mark_attach)
+    msub = _object(
+        sub,
+        "mark",
+        "attach/detach the TC egress marker",
+        "The marker: adds a keyed option to selected SYNs.",
+        "  netoken mark attach eth0 -c netoken.toml\n  netoken mark detach eth0\n",
+    )
+    p = _verb(
+        msub,
+        "attach",
+        "load the marker and attach it on IFACE egress (replaces "
+        "netoken's own filter atomically, keeps counters)",
+        "  netoken mark attach eth0 -c /etc/netoken/netoken.toml\n"
+        "  netoken -n client mark attach veth0 -c lab.toml --json\n",
+        cmd_mark_attach,
+    )
     p.add_argument("iface", metavar="IFACE")
     _config_arg(p)
-    p = _verb(msub, "detach", "remove netoken's marker filter and pins from IFACE (other "
-              "filters and a shared clsact qdisc stay)",
-              "  netoken mark detach eth0\n", cmd_mark_detach)
+    p = _verb(
+        msub,
+        "detach",
+        "remove netoken's marker filter and pins from IFACE (other "
+        "filters and a shared clsact qdisc stay)",
+        "  netoken mark detach eth0\n",
+        cmd_mark_detach,
+    )
     p.add_argument("iface", metavar="IFACE")
 
-    gsub = _object(sub, "guard", "attach/detach the guard (XDP or TC ingress)",
-                   "The guard: verifies tokens on ingress SYNs.",
-                   "  netoken guard attach eth0 -c netoken.toml --mode monitor\n"
-                   "  netoken guard detach eth0\n")
-    p = _verb(gsub, "attach", "load the guard and attach it to IFACE at XDP or TC ingress "
-              "(--hook auto: TC on veths and L3 devices such as tun and WireGuard, XDP "
-              "otherwise); replaces netoken's own guard atomically, keeps counters and the "
-              "replay cache; never replaces an XDP program or tc filter netoken did not "
-              "install; then name the devices that still let traffic in without a guard "
-              "(tunnels, other NICs, pod veths)",
-              "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
-              "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
-              "  netoken guard attach eth0 -c netoken.toml --mode config    # back to [guard] action\n"
-              "  netoken guard attach wg0 -c netoken.toml                   # L3: TC ingress\n"
-              "  netoken -n server guard attach veth0 -c lab.toml --hook xdp --xdp-mode generic\n",
-              cmd_guard_attach)
+    gsub = _object(
+        sub,
+        "guard",
+        "attach/detach the guard (XDP or TC ingress)",
+        "The guard: verifies tokens on ingress SYNs.",
+        "  netoken guard attach eth0 -c netoken.toml --mode monitor\n  netoken guard detach eth0\n",
+    )
+    p = _verb(
+        gsub,
+        "attach",
+        "load the guard and attach it to IFACE at XDP or TC ingress "
+        "(--hook auto: TC on veths and L3 devices such as tun and WireGuard, XDP "
+        "otherwise); replaces netoken's own guard atomically, keeps counters and the "
+        "replay cache; never replaces an XDP program or tc filter netoken did not "
+        "install; then name the devices that still let traffic in without a guard "
+        "(tunnels, other NICs, pod veths)",
+        "  netoken guard attach eth0 -c /etc/netoken/netoken.toml\n"
+        "  netoken guard attach eth0 -c netoken.toml --mode monitor   # count, never drop\n"
+        "  netoken guard attach eth0 -c netoken.toml --mode config    # back to [guard] action\n"
+        "  netoken guard attach wg0 -c netoken.toml                   # L3: TC ingress\n"
+        "  netoken -n server guard attach veth0 -c lab.toml --hook xdp --xdp-mode generic\n",
+        cmd_guard_attach,
+    )
     p.add_argument("iface", metavar="IFACE")
     _config_arg(p)
-    p.add_argument("--mode", choices=("drop", "monitor", "config"),
-                   help="drop or monitor: override the action of every protect entry; the "
-                        "override is sticky (`apply` and a later attach keep it); config: "
-                        "clear it and use the config's actions")
-    p.add_argument("--hook", choices=("auto", "xdp", "tc"), default=None,
-                   help="where the guard runs: auto picks tc (clsact ingress) for veths and L3 "
-                        "devices and xdp otherwise (default: auto, or the hook forced at the "
-                        "last attach, which is sticky like --mode); switching hooks attaches "
-                        "the new one before removing the old")
-    p.add_argument("--xdp-mode", choices=("native", "generic"), default=None,
-                   help="XDP attach mode (default: native if the driver supports it); "
-                        "implies --hook xdp")
-    p = _verb(gsub, "detach", "remove netoken's guard and its pins from IFACE, at either "
-              "hook (other XDP programs and tc filters stay; the clsact qdisc goes only if "
-              "netoken created it and nothing else uses it)",
-              "  netoken guard detach eth0\n", cmd_guard_detach)
+    p.add_argument(
+        "--mode",
+        choices=("drop", "monitor", "config"),
+        help="drop or monitor: override the action of every protect entry; the "
+        "override is sticky (`apply` and a later attach keep it); config: "
+        "clear it and use the config's actions",
+    )
+    p.add_argument(
+        "--hook",
+        choices=("auto", "xdp", "tc"),
+        default=None,
+        help="where the guard runs: auto picks tc (clsact ingress) for veths and L3 "
+        "devices and xdp otherwise (default: auto, or the hook forced at the "
+        "last attach, which is sticky like --mode); switching hooks attaches "
+        "the new one before removing the old",
+    )
+    p.add_argument(
+        "--xdp-mode",
+        choices=("native", "generic"),
+        default=None,
+        help="XDP attach mode (default: native if the driver supports it); implies --hook xdp",
+    )
+    p = _verb(
+        gsub,
+        "detach",
+        "remove netoken's guard and its pins from IFACE, at either "
+        "hook (other XDP programs and tc filters stay; the clsact qdisc goes only if "
+        "netoken created it and nothing else uses it)",
+        "  netoken guard detach eth0\n",
+        cmd_guard_detach,
+    )
     p.add_argument("iface", metavar="IFACE")
 
-    p = _verb(sub, "status", "show what netoken has attached where (prog ids, tc handle, "
-              "XDP mode, policies, protect entries, key ids and fingerprints, memory), "
-              "netoken programs that lost their pins and, where a guard runs, the devices "
-              "that let traffic in without one",
-              "  netoken status\n  netoken status eth0 --json --pretty\n"
-              "  netoken status --all-netns      # every network namespace\n", cmd_status)
+    p = _verb(
+        sub,
+        "status",
+        "show what netoken has attached where (prog ids, tc handle, "
+        "XDP mode, policies, protect entries, key ids and fingerprints, memory), "
+        "netoken programs that lost their pins and, where a guard runs, the devices "
+        "that let traffic in without one",
+        "  netoken status\n  netoken status eth0 --json --pretty\n"
+        "  netoken status --all-netns      # every network namespace\n",
+        cmd_status,
+    )
     p.add_argument("iface", metavar="IFACE", nargs="?")
-    p.add_argument("--all-netns", action="store_true",
-                   help="every network namespace netoken keeps state for, each under its "
-                        "`ip netns` name where it has one")
+    p.add_argument(
+        "--all-netns",
+        action="store_true",
+        help="every network namespace netoken keeps state for, each under its "
+        "`ip netns` name where it has one",
+    )
 
-    p = _verb(sub, "apply", "update keys, policies and protect entries of the live marker "
-              "and/or guard on IFACE (no reattach; removed entries disappear)",
-              "  netoken apply eth0 -c /etc/netoken/netoken.toml\n", cmd_apply)
+    p = _verb(
+        sub,
+        "apply",
+        "update keys, policies and protect entries of the live marker "
+        "and/or guard on IFACE (no reattach; removed entries disappear)",
+        "  netoken apply eth0 -c /etc/netoken/netoken.toml\n",
+        cmd_apply,
+    )
     p.add_argument("iface", metavar="IFACE")
     _config_arg(p)
 
-    p = _verb(sub, "stats", "counters by reason, summed over CPUs",
-              "  netoken stats\n  netoken stats eth0 --watch\n"
-              "  netoken stats eth0 --watch --json | jq .stats\n", cmd_stats)
+    p = _verb(
+        sub,
+        "stats",
+        "counters by reason, summed over CPUs",
+        "  netoken stats\n  netoken stats eth0 --watch\n"
+        "  netoken stats eth0 --watch --json | jq .stats\n",
+        cmd_stats,
+    )
     p.add_argument("iface", metavar="IFACE", nargs="?")
-    p.add_argument("-w", "--watch", action="store_true",
-                   help="refresh every interval with per-second rates (Ctrl-C to stop)")
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
-                   help="--watch refresh interval (default 1)")
+    p.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="refresh every interval with per-second rates (Ctrl-C to stop)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="--watch refresh interval (default 1)",
+    )
 
-    p = _verb(sub, "monitor", "print events as they happen (ring buffer); lost events are "
-              "reported", "  netoken monitor eth0\n  netoken monitor --json --count 10\n",
-              cmd_monitor)
+    p = _verb(
+        sub,
+        "monitor",
+        "print events as they happen (ring buffer); lost events are reported",
+        "  netoken monitor eth0\n  netoken monitor --json --count 10\n",
+        cmd_monitor,
+    )
     p.add_argument("iface", metavar="IFACE", nargs="?")
     p.add_argument("--count", type=int, metavar="N", help="exit after N events")
-    p.add_argument("--backlog", action="store_true",
-                   help="also show events queued before monitor started")
+    p.add_argument(
+        "--backlog", action="store_true", help="also show events queued before monitor started"
+    )
 
-    ksub = _object(sub, "key", "manage key files", None,
-                   "  netoken key generate /etc/netoken/keys/1.key\n")
-    p = _verb(ksub, "generate", "write a new random key file (16 bytes as hex, mode 0600; "
-              "never overwrites)", "  netoken key generate /etc/netoken/keys/2.key\n",
-              cmd_key_generate)
+    ksub = _object(
+        sub, "key", "manage key files", None, "  netoken key generate /etc/netoken/keys/1.key\n"
+    )
+    p = _verb(
+        ksub,
+        "generate",
+        "write a new random key file (16 bytes as hex, mode 0600; never overwrites)",
+        "  netoken key generate /etc/netoken/keys/2.key\n",
+        cmd_key_generate,
+    )
     p.add_argument("file", metavar="FILE")
 
-    csub = _object(sub, "config", "check config files", None,
-                   "  netoken config check /etc/netoken/netoken.toml\n")
-    p = _verb(csub, "check", "validate a config file and the key files it names, without "
-              "touching the kernel (exit 0 if valid, else one line naming file, entry and "
-              "problem, exit 1)", "  netoken config check /etc/netoken/netoken.toml\n",
-              cmd_config_check)
+    csub = _object(
+        sub,
+        "config",
+        "check config files",
+        None,
+        "  netoken config check /etc/netoken/netoken.toml\n",
+    )
+    p = _verb(
+        csub,
+        "check",
+        "validate a config file and the key files it names, without "
+        "touching the kernel (exit 0 if valid, else one line naming file, entry and "
+        "problem, exit 1)",
+        "  netoken config check /etc/netoken/netoken.toml\n",
+        cmd_config_check,
+    )
     p.add_argument("file", metavar="FILE", nargs="?", default=DEFAULT_CONFIG)
 
-    p = _verb(sub, "decode", "list netoken options in a capture and verify them with keys",
-              "  netoken decode syn.pcap -c netoken.toml\n"
-              "  netoken decode syn.pcapng --json\n", cmd_decode)
+    p = _verb(
+        sub,
+        "decode",
+        "list netoken options in a capture and verify them with keys",
+        "  netoken decode syn.pcap -c netoken.toml\n  netoken decode syn.pcapng --json\n",
+        cmd_decode,
+    )
     from . import decode
 
     decode.add_arguments(p)
 
     from . import exporter
 
-    p = sub.add_parser("exporter", help=exporter.HELP, description=exporter.HELP,
-                       epilog=exporter.EPILOG, formatter_class=_Formatter)
+    p = sub.add_parser(
+        "exporter",
+        help=exporter.HELP,
+        description=exporter.HELP,
+        epilog=exporter.EPILOG,
+        formatter_class=_Formatter,
+    )
     p.set_defaults(func=cmd_exporter)
     exporter.add_arguments(p)
 
-    p = _verb(sub, "agent", "node daemon: keep the interfaces [agent] selects attached and "
-              "configured as FILE says (interfaces that appear later, config and key file "
-              "changes, key schedule, clock), serve /metrics; logfmt lines on stderr",
-              "  netoken agent -c /etc/netoken/netoken.toml\n"
-              "  netoken agent -c netoken.toml --metrics 10.0.0.5:9917\n"
-              "  netoken -n blue agent -c lab.toml --detach-on-exit\n", cmd_agent)
+    p = _verb(
+        sub,
+        "agent",
+        "node daemon: keep the interfaces [agent] selects attached and "
+        "configured as FILE says (interfaces that appear later, config and key file "
+        "changes, key schedule, clock), serve /metrics; logfmt lines on stderr",
+        "  netoken agent -c /etc/netoken/netoken.toml\n"
+        "  netoken agent -c netoken.toml --metrics 10.0.0.5:9917\n"
+        "  netoken -n blue agent -c lab.toml --detach-on-exit\n",
+        cmd_agent,
+    )
     _config_arg(p)
-    p.add_argument("--detach-on-exit", action="store_true",
-                   help="on SIGTERM/SIGINT detach what the agent attached (default: leave the "
-                        "programs running, so restarts and upgrades leave no gap)")
-    p.add_argument("--metrics", metavar="ADDR:PORT", default=None,
-                   help="serve /metrics here, overriding [agent] metrics (e.g. the node's own "
-                        "address, which differs per node while the config is shared)")
+    p.add_argument(
+        "--detach-on-exit",
+        action="store_true",
+        help="on SIGTERM/SIGINT detach what the agent attached (default: leave the "
+        "programs running, so restarts and upgrades leave no gap)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        default=None,
+        help="serve /metrics here, overriding [agent] metrics (e.g. the node's own "
+        "address, which differs per node while the config is shared)",
+    )
 
-    p = _verb(sub, "demo", "the whole system in a private network-namespace lab",
-              "  netoken demo\n  netoken demo --connections 10\n", cmd_demo)
-    p.add_argument("--connections", type=int, default=4, metavar="N",
-                   help="connections to make through the marker (default 4)")
+    p = _verb(
+        sub,
+        "demo",
+        "the whole system in a private network-namespace lab",
+        "  netoken demo\n  netoken demo --connections 10\n",
+        cmd_demo,
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=4,
+        metavar="N",
+        help="connections to make through the marker (default 4)",
+    )
 
-    p = _verb(sub, "bench", "datapath, end-to-end and control-plane benchmarks",
-              "  netoken bench\n  netoken bench --quick --json\n"
-              "  netoken bench --only datapath -o results.json\n", cmd_bench)
+    p = _verb(
+        sub,
+        "bench",
+        "datapath, end-to-end and control-plane benchmarks",
+        "  netoken bench\n  netoken bench --quick --json\n"
+        "  netoken bench --only datapath -o results.json\n",
+        cmd_bench,
+    )
     from . import bench
 
     bench.add_arguments(p)

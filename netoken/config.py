@@ -284,7 +284,9 @@ class Config:
     def marking_keys(self, now: float) -> dict[str, int]:
         """Policy name -> the key its SYNs get at Unix time NOW (mac policies)."""
         starts = self.starts
-        return {p.name: scheduled_key(p.keys, starts, now) for p in self.policies if p.mode == "mac"}
+        return {
+            p.name: scheduled_key(p.keys, starts, now) for p in self.policies if p.mode == "mac"
+        }
 
     def next_switch(self, now: float) -> float | None:
         """The first Unix time after NOW at which a policy changes keys."""
@@ -300,9 +302,7 @@ def load(path: str | os.PathLike[str]) -> Config:
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError(
-            path, None, f"cannot read config: {e.strerror or e}"
-        ) from None
+        raise ConfigError(path, None, f"cannot read config: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -317,9 +317,7 @@ def parse(
 ) -> Config:
     """Validate TOML ``text``; ``path`` is used in messages and, unless
     ``base_dir`` is given, to resolve relative key file paths."""
-    p = _Parser(
-        str(path), Path(base_dir) if base_dir is not None else Path(path).parent
-    )
+    p = _Parser(str(path), Path(base_dir) if base_dir is not None else Path(path).parent)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -361,9 +359,7 @@ def key_file_bytes(path: str | os.PathLike[str]) -> bytes:
         try:
             data = os.read(fd, _KEY_FILE_MAX + 1)
         except OSError as e:
-            raise ConfigError(
-                name, None, f"cannot be read: {e.strerror or e}"
-            ) from None
+            raise ConfigError(name, None, f"cannot be read: {e.strerror or e}") from None
     finally:
         os.close(fd)
     if len(data) > _KEY_FILE_MAX:
@@ -379,9 +375,7 @@ def key_file_bytes(path: str | os.PathLike[str]) -> bytes:
             name, None, f"is not hex (expected {_KEY_HEX_LEN} hex characters)"
         ) from None
     if not re.fullmatch(r"[0-9a-fA-F]*", body):
-        raise ConfigError(
-            name, None, f"is not hex (expected {_KEY_HEX_LEN} hex characters)"
-        )
+        raise ConfigError(name, None, f"is not hex (expected {_KEY_HEX_LEN} hex characters)")
     if len(body) != _KEY_HEX_LEN:
         raise ConfigError(
             name,
@@ -453,8 +447,14 @@ def _show(value: Any) -> str:
 
 # TOML's value types by the names its spec gives them, bool before int (a
 # bool is an int); anything else is one of its date-times.
-_TOML_TYPES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
-               (list, "array"), (dict, "table"))
+_TOML_TYPES = (
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+)
 
 
 def _typename(value: Any) -> str:
@@ -468,7 +468,7 @@ def _got(value: Any) -> str:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """"ADDR:PORT" or "[V6ADDR]:PORT" -> (host, port); ExporterError if bad."""
+    """ "ADDR:PORT" or "[V6ADDR]:PORT" -> (host, port); ExporterError if bad."""
     example = "expected ADDR:PORT, e.g. 127.0.0.1:9917 or [::1]:9917"
     host, sep, port_s = value.rpartition(":")
     if not sep or not host:
@@ -480,8 +480,9 @@ def parse_listen(value: str) -> tuple[str, int]:
         except ValueError:
             raise ExporterError(f"--listen {value!r}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
-        raise ExporterError(f"--listen {value!r}: put an IPv6 address in brackets, "
-                            f"e.g. [{host}]:{port_s}")
+        raise ExporterError(
+            f"--listen {value!r}: put an IPv6 address in brackets, e.g. [{host}]:{port_s}"
+        )
     if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
         raise ExporterError(f"--listen {value!r}: port must be a number 0-65535")
     return host, int(port_s)
@@ -524,9 +525,7 @@ class _Parser:
 
     # -- generic field helpers ---------------------------------------------
 
-    def known(
-        self, entry: str, table: Mapping[str, Any], allowed: Iterable[str]
-    ) -> None:
+    def known(self, entry: str, table: Mapping[str, Any], allowed: Iterable[str]) -> None:
         allowed = tuple(allowed)
         for k in table:
             if k not in allowed:
@@ -571,9 +570,7 @@ class _Parser:
             self.fail(entry, f"{name} must be {alts}, got {_got(value)}")
         return value
 
-    def array(
-        self, entry: str, t: Mapping[str, Any], name: str, required: bool
-    ) -> list[Any]:
+    def array(self, entry: str, t: Mapping[str, Any], name: str, required: bool) -> list[Any]:
         if name not in t:
             if required:
                 self.fail(entry, f"{name} is required")
@@ -597,9 +594,7 @@ class _Parser:
             try:
                 net = ipaddress.ip_network(item.strip(), strict=False)
             except ValueError:
-                self.fail(
-                    entry, f"destination {_show(item)} is not an IPv4 or IPv6 prefix"
-                )
+                self.fail(entry, f"destination {_show(item)} is not an IPv4 or IPv6 prefix")
             if net.network_address != ipaddress.ip_interface(item.strip()).ip:
                 self.fail(
                     entry,
@@ -639,9 +634,7 @@ class _Parser:
             ranges.append(PortRange(lo, hi))
         return tuple(ranges)
 
-    def key_ref(
-        self, entry: str, field_name: str, key_id: int, keys: Mapping[int, Key]
-    ) -> None:
+    def key_ref(self, entry: str, field_name: str, key_id: int, keys: Mapping[int, Key]) -> None:
         if key_id not in keys:
             known = ", ".join(str(k) for k in sorted(keys)) or "none"
             self.fail(
@@ -711,16 +704,12 @@ class _Parser:
             if file is _REQUIRED:
                 self.fail(entry, "file is required")
             if not isinstance(file, str) or not file.strip():
-                self.fail(
-                    entry, f"file must be a non-empty string path, got {_got(file)}"
-                )
+                self.fail(entry, f"file must be a non-empty string path, got {_got(file)}")
             path = Path(file)
             if not path.is_absolute():
                 path = self.base_dir / path
             path = Path(os.path.abspath(path))
-            window = self.integer(
-                entry, t, "window", DEFAULT_WINDOW, 1, MAX_WINDOW, " (seconds)"
-            )
+            window = self.integer(entry, t, "window", DEFAULT_WINDOW, 1, MAX_WINDOW, " (seconds)")
             bind: set[str] = set()
             for b in self.array(entry, t, "bind", required=False):
                 if not isinstance(b, str) or b not in _BIND_BITS:
@@ -748,11 +737,7 @@ class _Parser:
         names: dict[str, int] = {}
         for i, item in enumerate(self.tables("policy", value, "[[policy]]"), 1):
             name = item.get("name") if isinstance(item, dict) else None
-            ok_name = (
-                isinstance(name, str)
-                and name.strip() != ""
-                and not _CONTROL_RE.search(name)
-            )
+            ok_name = isinstance(name, str) and name.strip() != "" and not _CONTROL_RE.search(name)
             entry = f"policy {_show(name)}" if ok_name else f"policy #{i}"
             t = self.table(entry, item, "[[policy]]")
             self.known(entry, t, _POLICY_KEYS)
@@ -769,9 +754,7 @@ class _Parser:
                     f"name {_show(name)} must be non-empty and free of control characters",
                 )
             if name in names:
-                self.fail(
-                    entry, f"duplicate policy name (policies #{names[name]} and #{i})"
-                )
+                self.fail(entry, f"duplicate policy name (policies #{names[name]} and #{i})")
             names[name] = i
             dests = self.destinations(entry, t)
             ports = self.ports(entry, t)
@@ -780,9 +763,7 @@ class _Parser:
             token: int | None = None
             if mode == "mac":
                 if "token" in t:
-                    self.fail(
-                        entry, 'token is only for mode = "static"; mode "mac" uses key'
-                    )
+                    self.fail(entry, 'token is only for mode = "static"; mode "mac" uses key')
                 key_ids = self.schedule(entry, t, keys)
             else:
                 for ref in ("key", "keys"):
@@ -791,9 +772,7 @@ class _Parser:
                             entry, f'{ref} is only for mode = "mac"; mode "static" uses token'
                         )
                 if "token" not in t:
-                    self.fail(
-                        entry, 'mode "static" requires token = "0x<16 hex digits>"'
-                    )
+                    self.fail(entry, 'mode "static" requires token = "0x<16 hex digits>"')
                 token = self.token(entry, t["token"])
             policies.append(
                 Policy(
@@ -807,14 +786,13 @@ class _Parser:
             )
             entries.append(entry)
         self.no_conflicts(
-            [
-                (e, p.destinations, p.ports)
-                for e, p in zip(entries, policies, strict=True)
-            ]
+            [(e, p.destinations, p.ports) for e, p in zip(entries, policies, strict=True)]
         )
         return tuple(policies)
 
-    def schedule(self, entry: str, t: Mapping[str, Any], keys: Mapping[int, Key]) -> tuple[int, ...]:
+    def schedule(
+        self, entry: str, t: Mapping[str, Any], keys: Mapping[int, Key]
+    ) -> tuple[int, ...]:
         """A mac policy's keys: ``key = N`` or ``keys = [...]``, each defined,
         one of them already started."""
         if "key" in t and "keys" in t:
@@ -854,13 +832,18 @@ class _Parser:
             try:
                 value = _dt.datetime.fromisoformat(value.strip())
             except ValueError:
-                self.fail(entry, f"{name} {_show(t[name])} is not an RFC 3339 date-time ({example})")
+                self.fail(
+                    entry, f"{name} {_show(t[name])} is not an RFC 3339 date-time ({example})"
+                )
         if not isinstance(value, _dt.datetime):
-            self.fail(entry, f"{name} must be a date-time with a UTC offset ({example}), "
-                             f"got {_got(value)}")
+            self.fail(
+                entry,
+                f"{name} must be a date-time with a UTC offset ({example}), got {_got(value)}",
+            )
         if value.tzinfo is None or value.utcoffset() is None:
-            self.fail(entry, f"{name} {value.isoformat()} has no UTC offset; add Z or +HH:MM "
-                             f"({example})")
+            self.fail(
+                entry, f"{name} {value.isoformat()} has no UTC offset; add Z or +HH:MM ({example})"
+            )
         return value.astimezone(_dt.UTC)
 
     def agent(self, value: Any, guard: GuardConfig | None) -> AgentConfig:
@@ -872,10 +855,13 @@ class _Parser:
             patterns = []
             for item in self.array(entry, t, name, required=False):
                 if not isinstance(item, str):
-                    self.fail(entry, f"{name} must hold interface names or patterns, "
-                                     f"got {_got(item)}")
-                if not item or item in (".", "..") or any(
-                    c == "/" or c.isspace() or c in "\x00" for c in item
+                    self.fail(
+                        entry, f"{name} must hold interface names or patterns, got {_got(item)}"
+                    )
+                if (
+                    not item
+                    or item in (".", "..")
+                    or any(c == "/" or c.isspace() or c in "\x00" for c in item)
                 ):
                     self.fail(entry, f"{name}: {_show(item)} is not an interface name or pattern")
                 patterns.append(item)
@@ -907,9 +893,7 @@ class _Parser:
                     f'token {_show(value)} is not a number ("0x…" hex or decimal)',
                 )
         else:
-            self.fail(
-                entry, f'token must be an integer or a "0x…" string, got {_got(value)}'
-            )
+            self.fail(entry, f'token must be an integer or a "0x…" string, got {_got(value)}')
         if not 0 <= token <= U64_MAX:
             self.fail(
                 entry,
@@ -936,9 +920,7 @@ class _Parser:
         entries: list[str] = []
         items = self.tables("guard.protect", t.get("protect", []), "[[guard.protect]]")
         if not items:
-            self.fail(
-                entry, "no [[guard.protect]] entries; the guard would protect nothing"
-            )
+            self.fail(entry, "no [[guard.protect]] entries; the guard would protect nothing")
         for i, item in enumerate(items, 1):
             pentry = f"guard.protect #{i}"
             pt = self.table(pentry, item, "[[guard.protect]]")
@@ -946,8 +928,7 @@ class _Parser:
             dests = self.destinations(pentry, pt)
             ports = self.ports(pentry, pt)
             tokens = [
-                self.token(pentry, v)
-                for v in self.array(pentry, pt, "tokens", required=False)
+                self.token(pentry, v) for v in self.array(pentry, pt, "tokens", required=False)
             ]
             ids: list[int] = []
             for k in self.array(pentry, pt, "keys", required=not tokens):
@@ -969,10 +950,7 @@ class _Parser:
             )
             entries.append(pentry)
         self.no_conflicts(
-            [
-                (e, p.destinations, p.ports)
-                for e, p in zip(entries, protects, strict=True)
-            ]
+            [(e, p.destinations, p.ports) for e, p in zip(entries, protects, strict=True)]
         )
         return GuardConfig(
             action=action,

@@ -27,7 +27,9 @@ def object_path(name: str) -> Path:
     """Path of a compiled BPF object shipped in the package (bpf/NAME.bpf.o)."""
     path = BPF_DIR / f"{name}.bpf.o"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `make build` (needs clang-19 and libbpf-dev)")
+        raise FileNotFoundError(
+            f"{path} is missing: run `make build` (needs clang-19 and libbpf-dev)"
+        )
     return path
 
 
@@ -79,9 +81,15 @@ class SynEvent:
     def flow(e: Any) -> dict[str, Any]:
         """The fields of the record E (a layout struct) that every event has,
         but for its token."""
-        return {"ts_ns": e.ts_ns, "ifindex": e.ifindex, "family": e.family,
-                "saddr": event_addr(e.family, e.saddr), "daddr": event_addr(e.family, e.daddr),
-                "sport": e.sport, "dport": e.dport}
+        return {
+            "ts_ns": e.ts_ns,
+            "ifindex": e.ifindex,
+            "family": e.family,
+            "saddr": event_addr(e.family, e.saddr),
+            "daddr": event_addr(e.family, e.daddr),
+            "sport": e.sport,
+            "dport": e.dport,
+        }
 
 
 def u32(i: int) -> bytes:
@@ -119,8 +127,13 @@ def add_keys(m: Map, keys: Mapping[int, Key]) -> None:
 def sync_keys(m: Map, keys: Mapping[int, Key]) -> None:
     """Write every configured key; zero the slots of keys that were removed."""
     empty = bytes(layout.NtKey())
-    update_changed(m, {u32(kid): key_value(keys[kid]) if kid in keys else empty
-                       for kid in range(layout.MAX_KEYS)})
+    update_changed(
+        m,
+        {
+            u32(kid): key_value(keys[kid]) if kid in keys else empty
+            for kid in range(layout.MAX_KEYS)
+        },
+    )
 
 
 def percpu_counters(m: Map, names: tuple[str, ...]) -> dict[str, int]:

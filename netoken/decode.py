@@ -71,9 +71,28 @@ PROG = "netoken"
 # Keys of every record decode_capture returns, in display order; absent
 # values are None so `--json` consumers see the same shape for every SYN.
 FIELDS = (
-    "packet", "time", "family", "src", "sport", "dst", "dport",
-    "kind", "exid", "mode", "key_id", "key_fingerprint", "epoch_low", "nonce", "tag", "token",
-    "epoch", "epoch_offset", "protect", "verdict", "action", "problem",
+    "packet",
+    "time",
+    "family",
+    "src",
+    "sport",
+    "dst",
+    "dport",
+    "kind",
+    "exid",
+    "mode",
+    "key_id",
+    "key_fingerprint",
+    "epoch_low",
+    "nonce",
+    "tag",
+    "token",
+    "epoch",
+    "epoch_offset",
+    "protect",
+    "verdict",
+    "action",
+    "problem",
 )
 
 LINKTYPES = {
@@ -91,9 +110,9 @@ LINKTYPES = {
 _ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
 _VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
 _IPV6_SKIPPABLE = (0, 43, 60)  # Hop-by-Hop, Routing, Destination Options
-_IPV6_AH = 51                  # walked too, in 4-byte units
+_IPV6_AH = 51  # walked too, in 4-byte units
 _IPV6_FRAGMENT = 44
-_MAX_RECORD = 1 << 24          # no link layer has frames this large: corruption
+_MAX_RECORD = 1 << 24  # no link layer has frames this large: corruption
 _PCAP_MAGIC = {
     b"\xd4\xc3\xb2\xa1": ("<", 1_000_000),
     b"\xa1\xb2\xc3\xd4": (">", 1_000_000),
@@ -155,9 +174,7 @@ def _frames(f: IO[bytes], path: str) -> Iterator[_Frame]:
     elif not head:
         raise CaptureError(f"{path}: empty file, not a capture")
     else:
-        raise CaptureError(
-            f"{path}: not a pcap or pcapng file (starts with {head.hex(' ')})"
-        )
+        raise CaptureError(f"{path}: not a pcap or pcapng file (starts with {head.hex(' ')})")
 
 
 def _pcap_frames(f: IO[bytes], magic: bytes, path: str) -> Iterator[_Frame]:
@@ -246,7 +263,9 @@ def _pcapng_frames(f: IO[bytes], path: str) -> Iterator[_Frame]:
         body = body[:-4]  # the trailing copy of the length
         need = {1: 8, 2: 20, 3: 4, 6: 20}.get(btype, 0)
         if len(body) < need:
-            raise CaptureError(f"{path}: {what} is shorter than its own header; the file is corrupt")
+            raise CaptureError(
+                f"{path}: {what} is shorter than its own header; the file is corrupt"
+            )
         if btype == 1:  # Interface Description Block
             linktype, _, snaplen = struct.unpack(endian + "HHI", body[:8])
             iface = _Iface(linktype, snaplen or _MAX_RECORD)
@@ -507,9 +526,17 @@ class _Judge:
             verdict = "malformed"
         else:
             verdict = token.verdict(
-                syn.options, keys, daddr=syn.daddr, dport=syn.dport, saddr=syn.saddr,
-                sport=syn.sport, now=at, skew=skew, kind=cfg.option.kind,
-                exid=cfg.option.exid, static_tokens=tokens,
+                syn.options,
+                keys,
+                daddr=syn.daddr,
+                dport=syn.dport,
+                saddr=syn.saddr,
+                sport=syn.sport,
+                now=at,
+                skew=skew,
+                kind=cfg.option.kind,
+                exid=cfg.option.exid,
+                static_tokens=tokens,
             )
         kid = rec["key_id"]
         if rec["mode"] == "mac":
@@ -549,8 +576,9 @@ def _describe(rec: dict[str, Any], syn: _Syn, kind: int, exid: int) -> None:
     rec.update(kind=tok.kind, exid=tok.exid, mode=tok.mode)
     if tok.mode == "mac":
         assert tok.nonce is not None and tok.tag is not None
-        rec.update(key_id=tok.key_id, epoch_low=tok.epoch_low, nonce=tok.nonce.hex(),
-                   tag=tok.tag.hex())
+        rec.update(
+            key_id=tok.key_id, epoch_low=tok.epoch_low, nonce=tok.nonce.hex(), tag=tok.tag.hex()
+        )
     else:
         assert tok.token is not None
         rec["token"] = f"0x{tok.token:016x}"
@@ -627,8 +655,16 @@ def _record(
     if syn is None:
         return None
     rec: dict[str, Any] = dict.fromkeys(FIELDS)
-    rec.update(packet=frame.number, time=round(frame.time, 9), family=family, src=syn.src,
-               sport=syn.sport, dst=syn.dst, dport=syn.dport, problem=syn.problem)
+    rec.update(
+        packet=frame.number,
+        time=round(frame.time, 9),
+        family=family,
+        src=syn.src,
+        sport=syn.sport,
+        dst=syn.dst,
+        dport=syn.dport,
+        problem=syn.problem,
+    )
     _describe(rec, syn, kind, exid)
     if judge is not None:
         judge.judge(rec, syn, scope, frame.time)
@@ -638,9 +674,18 @@ def _record(
 # ---------------------------------------------------------------------------- CLI
 
 _COLUMNS = (
-    ("NO", "packet"), ("TIME", "time"), ("SOURCE", "src"), ("DESTINATION", "dst"),
-    ("MODE", "mode"), ("KEY", "key_id"), ("EPOCH", "epoch_low"), ("SKEW", "epoch_offset"),
-    ("NONCE", "nonce"), ("TAG/TOKEN", "tag"), ("VERDICT", "verdict"), ("ACTION", "action"),
+    ("NO", "packet"),
+    ("TIME", "time"),
+    ("SOURCE", "src"),
+    ("DESTINATION", "dst"),
+    ("MODE", "mode"),
+    ("KEY", "key_id"),
+    ("EPOCH", "epoch_low"),
+    ("SKEW", "epoch_offset"),
+    ("NONCE", "nonce"),
+    ("TAG/TOKEN", "tag"),
+    ("VERDICT", "verdict"),
+    ("ACTION", "action"),
     ("NOTE", "problem"),
 )
 
@@ -675,8 +720,9 @@ def format_table(records: list[dict[str, Any]], config: Config | None) -> list[s
     cols = [(h, f) for h, f in _COLUMNS if f not in skip]
     rows = [[h for h, _ in cols]] + [[_cell(r, f) for _, f in cols] for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
 
 
 def summary(records: list[dict[str, Any]], packets: int | None = None) -> str:
@@ -695,12 +741,19 @@ def summary(records: list[dict[str, Any]], packets: int | None = None) -> str:
 def config_line(cfg: Config) -> str:
     """Where keys and actions come from: the config's key fingerprints (to
     compare with `netoken status` on each host) and the action's source."""
-    fps = ", ".join(f"{k.id} fp {token.key_fingerprint(k.secret)}"
-                    for k in sorted(cfg.keys.values(), key=lambda k: k.id)) or "none"
+    fps = (
+        ", ".join(
+            f"{k.id} fp {token.key_fingerprint(k.secret)}"
+            for k in sorted(cfg.keys.values(), key=lambda k: k.id)
+        )
+        or "none"
+    )
     line = f"keys in {cfg.path}: {fps}"
     if cfg.guard is not None:
-        line += (f"; ACTION is what [guard] in {cfg.path} says, not what a live guard does "
-                 f"(a --mode override shows in `netoken status`)")
+        line += (
+            f"; ACTION is what [guard] in {cfg.path} says, not what a live guard does "
+            f"(a --mode override shows in `netoken status`)"
+        )
     return line
 
 
@@ -711,13 +764,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     every verb); run() reads them with getattr, defaulting to False.
     """
     parser.add_argument("pcap", metavar="PCAP", help="pcap or pcapng capture file")
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="TOML config whose keys (and [guard]) judge the tokens")
-    parser.add_argument("--now", action="store_true",
-                        help="judge epochs against the current clock instead of each "
-                             "packet's capture time")
-    for flags, help_ in ((("-j", "--json"), "JSON list, one object per SYN"),
-                         (("-p", "--pretty"), "indented JSON (implies --json)")):
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="TOML config whose keys (and [guard]) judge the tokens",
+    )
+    parser.add_argument(
+        "--now",
+        action="store_true",
+        help="judge epochs against the current clock instead of each packet's capture time",
+    )
+    for flags, help_ in (
+        (("-j", "--json"), "JSON list, one object per SYN"),
+        (("-p", "--pretty"), "indented JSON (implies --json)"),
+    ):
         try:
             parser.add_argument(*flags, action="store_true", help=help_)
         except argparse.ArgumentError:
@@ -750,8 +811,12 @@ def run(args: argparse.Namespace) -> int:
         _note(str(e))
         return 1
     if as_json:
-        print(json.dumps(records, indent=2 if pretty else None,
-                         separators=None if pretty else (",", ":")), flush=True)
+        print(
+            json.dumps(
+                records, indent=2 if pretty else None, separators=None if pretty else (",", ":")
+            ),
+            flush=True,
+        )
     else:
         if records:
             print("\n".join(format_table(records, cfg)))
@@ -770,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"{PROG} decode",
         description="List every SYN in a capture with its netoken option and verdict.",
         epilog="examples:\n  netoken decode syn.pcap\n  netoken decode syn.pcapng -c "
-               "/etc/netoken/netoken.toml --json\n",
+        "/etc/netoken/netoken.toml --json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)

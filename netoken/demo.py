@@ -56,8 +56,8 @@ class Lab:
     server: str
     attacker: str
     client_if: str
-    server_if: str         # faces the client
-    server_if_at: str      # faces the attacker
+    server_if: str  # faces the client
+    server_if_at: str  # faces the attacker
     attacker_if: str
 
 
@@ -78,14 +78,40 @@ def lab():
             _ip("netns", "add", ns)
             created.append(ns)
             _ip("link", "set", "lo", "up", ns=ns)
-        _ip("link", "add", l.client_if, "netns", cl, "type", "veth", "peer", "name",
-            l.server_if, "netns", sv)
-        _ip("link", "add", l.attacker_if, "netns", at, "type", "veth", "peer", "name",
-            l.server_if_at, "netns", sv)
-        for ns, dev, a4, a6 in ((cl, l.client_if, CLIENT_IP, CLIENT_IP6),
-                                (sv, l.server_if, SERVER_IP, SERVER_IP6),
-                                (at, l.attacker_if, ATTACKER_IP, None),
-                                (sv, l.server_if_at, SERVER_IP_AT, None)):
+        _ip(
+            "link",
+            "add",
+            l.client_if,
+            "netns",
+            cl,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            l.server_if,
+            "netns",
+            sv,
+        )
+        _ip(
+            "link",
+            "add",
+            l.attacker_if,
+            "netns",
+            at,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            l.server_if_at,
+            "netns",
+            sv,
+        )
+        for ns, dev, a4, a6 in (
+            (cl, l.client_if, CLIENT_IP, CLIENT_IP6),
+            (sv, l.server_if, SERVER_IP, SERVER_IP6),
+            (at, l.attacker_if, ATTACKER_IP, None),
+            (sv, l.server_if_at, SERVER_IP_AT, None),
+        ):
             _ip("addr", "add", f"{a4}/24", "dev", dev, ns=ns)
             if a6:
                 _ip("addr", "add", f"{a6}/64", "dev", dev, "nodad", ns=ns)
@@ -170,18 +196,20 @@ def describe(frame: bytes, key: bytes, window: int) -> dict:
     assert hdr is not None  # a SYN (_is_syn)
     _, l4, saddr, daddr = hdr
     doff = (frame[l4 + 12] >> 4) * 4
-    sport = int.from_bytes(frame[l4:l4 + 2], "big")
-    dport = int.from_bytes(frame[l4 + 2:l4 + 4], "big")
+    sport = int.from_bytes(frame[l4 : l4 + 2], "big")
+    dport = int.from_bytes(frame[l4 + 2 : l4 + 4], "big")
     addr = ipaddress.ip_address
     row = {"flow": f"{addr(saddr)}:{sport} -> {addr(daddr)}:{dport}", "options": doff - 20}
-    opts = token.find_options(frame[l4 + 20:l4 + doff])
+    opts = token.find_options(frame[l4 + 20 : l4 + doff])
     if len(opts) != 1:
         return row | {"token": "none", "verified": False}
     t = token.decode(opts[0])
     assert t.nonce is not None and t.tag is not None  # the demo marks in mac mode
     ok, epoch = token.verify(opts[0], key, daddr=daddr, dport=dport, window=window)
-    return row | {"token": f"key {t.key_id} epoch {epoch} nonce {t.nonce.hex()} tag {t.tag.hex()}",
-                  "verified": ok}
+    return row | {
+        "token": f"key {t.key_id} epoch {epoch} nonce {t.nonce.hex()} tag {t.tag.hex()}",
+        "verified": ok,
+    }
 
 
 def _connect(ns: str, addr: str, timeout: float) -> bool:
@@ -201,9 +229,26 @@ def _flood(ns: str, seconds: float) -> subprocess.Popen | None:
     """A spoofed-source SYN flood with hping3, if it is installed."""
     try:
         return subprocess.Popen(
-            ["ip", "netns", "exec", ns, "timeout", "-s", "INT", str(seconds), "hping3",
-             "--flood", "--rand-source", "-S", "-p", str(PORT), SERVER_IP_AT],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "timeout",
+                "-s",
+                "INT",
+                str(seconds),
+                "hping3",
+                "--flood",
+                "--rand-source",
+                "-S",
+                "-p",
+                str(PORT),
+                SERVER_IP_AT,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     except FileNotFoundError:
         return None
 
@@ -246,11 +291,15 @@ keys = [1]
 """)
         cfg = nconfig.load(cfg_path)
         key = cfg.keys[1].secret
-        ui.step(f"generated key 1 ({key_path.name}, mode 0600); policy and guard: "
-                f"{SERVER_IP}, {SERVER_IP6} port {PORT}")
+        ui.step(
+            f"generated key 1 ({key_path.name}, mode 0600); policy and guard: "
+            f"{SERVER_IP}, {SERVER_IP6} port {PORT}"
+        )
 
-        services = [_Service(lab_.server, socket.AF_INET, "0.0.0.0"),
-                    _Service(lab_.server, socket.AF_INET6, SERVER_IP6)]
+        services = [
+            _Service(lab_.server, socket.AF_INET, "0.0.0.0"),
+            _Service(lab_.server, socket.AF_INET6, SERVER_IP6),
+        ]
         for s in services:
             stack.callback(s.close)
         cap = _Capture(lab_.server, lab_.server_if)
@@ -260,36 +309,50 @@ keys = [1]
             marker = stack.enter_context(Marker.load())
             marker.configure(cfg)
             filt = marker.attach(lab_.client_if)
-        ui.step(f"marker attached on the client's {lab_.client_if} egress "
-                f"(prog id {filt.prog_id}, tc handle {filt.handle:#x} priority {filt.priority})")
+        ui.step(
+            f"marker attached on the client's {lab_.client_if} egress "
+            f"(prog id {filt.prog_id}, tc handle {filt.handle:#x} priority {filt.priority})"
+        )
         with netns(lab_.server):
             guard = stack.enter_context(Guard.load())
             guard.configure(cfg)
             for dev in (lab_.server_if, lab_.server_if_at):
                 # XDP goes away with the veth when the lab is removed
                 att = guard.attach(dev)
-        ui.step(f"guard attached on the server's {lab_.server_if} and {lab_.server_if_at} "
-                f"(XDP {att.mode}, prog id {att.prog_id}), action drop")
+        ui.step(
+            f"guard attached on the server's {lab_.server_if} and {lab_.server_if_at} "
+            f"(XDP {att.mode}, prog id {att.prog_id}), action drop"
+        )
 
-        ok_conns = sum(_connect(lab_.client, SERVER_IP6 if i % 2 else SERVER_IP, 3)
-                       for i in range(connections))
+        ok_conns = sum(
+            _connect(lab_.client, SERVER_IP6 if i % 2 else SERVER_IP, 3) for i in range(connections)
+        )
         cap.drain()
         rows = [describe(f, key, 30) for f in cap.frames]
-        ui.table("SYNs the client sent, as the server's interface saw them", rows,
-                 ["flow", "options", "token", "verified"])
+        ui.table(
+            "SYNs the client sent, as the server's interface saw them",
+            rows,
+            ["flow", "options", "token", "verified"],
+        )
         verified = sum(r["verified"] for r in rows)
-        ui.step(f"{ok_conns}/{connections} marked connections succeeded; "
-                f"{verified}/{len(rows)} SYNs carried a token that verifies with key 1")
+        ui.step(
+            f"{ok_conns}/{connections} marked connections succeeded; "
+            f"{verified}/{len(rows)} SYNs carried a token that verifies with key 1"
+        )
 
         unmarked = _connect(lab_.attacker, SERVER_IP_AT, 1)
-        ui.step(f"an unmarked connection from the attacker namespace: "
-                f"{'succeeded (unexpected!)' if unmarked else 'dropped by the guard'}")
+        ui.step(
+            f"an unmarked connection from the attacker namespace: "
+            f"{'succeeded (unexpected!)' if unmarked else 'dropped by the guard'}"
+        )
 
         flood = _flood(lab_.attacker, FLOOD_SECONDS)
         during = 0
         if flood:
-            ui.step(f"attacker floods {SERVER_IP_AT}:{PORT} with spoofed SYNs (hping3) for "
-                    f"{FLOOD_SECONDS}s while the client keeps connecting")
+            ui.step(
+                f"attacker floods {SERVER_IP_AT}:{PORT} with spoofed SYNs (hping3) for "
+                f"{FLOOD_SECONDS}s while the client keeps connecting"
+            )
             time.sleep(0.3)
             n = 20
             during = sum(_connect(lab_.client, SERVER_IP, 3) for _ in range(n))
@@ -300,10 +363,12 @@ keys = [1]
 
         mstats = {k: v for k, v in marker.stats().items() if v}
         gstats = {k: v for k, v in guard.stats().items() if v}
-        ui.table("counters", [{"program": "marker", "reason": k, "packets": v}
-                              for k, v in mstats.items()]
-                 + [{"program": "guard", "reason": k, "packets": v} for k, v in gstats.items()],
-                 ["program", "reason", "packets"])
+        ui.table(
+            "counters",
+            [{"program": "marker", "reason": k, "packets": v} for k, v in mstats.items()]
+            + [{"program": "guard", "reason": k, "packets": v} for k, v in gstats.items()],
+            ["program", "reason", "packets"],
+        )
         ui.step("removing the lab")
     good = verified == ok_conns == connections and not unmarked
     return good
@@ -319,4 +384,3 @@ def main(connections: int = 4) -> int:
         print(f"netoken: demo failed: {e}")
         return 1
     return 0 if good else 1
-

@@ -41,8 +41,9 @@ class Entries:
     statics: dict[bytes, bytes] = field(default_factory=dict)
 
 
-def _destinations(cfg: Config, section: str | None, entries: Sequence[Policy | Protect],
-                  base: int) -> tuple[Lpm, Lpm]:
+def _destinations(
+    cfg: Config, section: str | None, entries: Sequence[Policy | Protect], base: int
+) -> tuple[Lpm, Lpm]:
     """ENTRIES' destinations and ports as LPM tries whose rules point at
     BASE + the entry's index."""
     try:
@@ -63,8 +64,14 @@ def _fits(cfg: Config, section: str | None, role: str, n: int, most: int, what: 
 
 def _lpm_fits(cfg: Config, section: str | None, role: str, v4: Lpm, v6: Lpm) -> None:
     for family, lpm in (("IPv4", v4), ("IPv6", v6)):
-        _fits(cfg, section, role, len(lpm), layout.LPM_MAX_ENTRIES,
-              f"distinct {family} destination prefixes")
+        _fits(
+            cfg,
+            section,
+            role,
+            len(lpm),
+            layout.LPM_MAX_ENTRIES,
+            f"distinct {family} destination prefixes",
+        )
 
 
 # --------------------------------------------------------------------------
@@ -122,8 +129,9 @@ def static_key(protect: int, token: int) -> bytes:
     return bytes(k)
 
 
-def guard_config_value(cfg: Config, generation: int, action: str | None, event_rate: int,
-                       event_burst: int) -> bytes:
+def guard_config_value(
+    cfg: Config, generation: int, action: str | None, event_rate: int, event_burst: int
+) -> bytes:
     assert cfg.guard is not None
     return bytes(
         layout.NtGuardConfig(
@@ -149,8 +157,11 @@ def guard_entries(cfg: Config, base: int = 0) -> Entries:
             cfg.path, None, "no [guard] section; the guard needs one with [[guard.protect]] entries"
         )
     _fits(cfg, "guard", "guard", len(g.protect), PROTECT_HALF, "protect entries")
-    statics = {static_key(base + i, tok): u32(1)
-               for i, entry in enumerate(g.protect) for tok in entry.tokens}
+    statics = {
+        static_key(base + i, tok): u32(1)
+        for i, entry in enumerate(g.protect)
+        for tok in entry.tokens
+    }
     _fits(cfg, "guard", "guard", len(statics), STATIC_HALF, "static tokens")
     v4, v6 = _destinations(cfg, "guard", g.protect, base)
     _lpm_fits(cfg, "guard", "guard", v4, v6)

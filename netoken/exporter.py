@@ -67,8 +67,8 @@ _PROG = "netoken"
 
 @dataclass(frozen=True)
 class Family:
-    name: str            # as exposed; counters end in _total
-    kind: str            # "counter" or "gauge"
+    name: str  # as exposed; counters end in _total
+    kind: str  # "counter" or "gauge"
     labels: tuple[str, ...]
     help: str
 
@@ -78,56 +78,113 @@ class Family:
 # packet reason (what the guard did with a rejected SYN, events) has a family
 # of its own.
 FAMILIES: tuple[Family, ...] = (
-    Family("netoken_marker_packets_total", "counter", ("interface", "reason"),
-           "Egress packets the netoken marker (TC) handled, one reason per packet: marked "
-           "and marked_payload got a token, the others say why a packet passed unmarked."),
-    Family("netoken_marker_actions_total", "counter", ("interface", "action"),
-           "What the marker did on top of marking a SYN: room_from_ts removed its "
-           "Timestamps option to make room for the token (counted again under marked)."),
-    Family("netoken_syn_marked_total", "counter", ("interface",),
-           "SYNs the marker gave a token (reasons marked + marked_payload)."),
-    Family("netoken_guard_packets_total", "counter", ("interface", "reason"),
-           "Ingress packets the netoken guard handled, one reason per packet: a SYN verdict "
-           "(ok, missing, malformed, unknown_key, stale, bad_tag, replay, ...) or why a "
-           "packet passed without one (not_syn, unprotected, ...)."),
-    Family("netoken_guard_syn_verdicts_total", "counter", ("interface", "verdict"),
-           "SYNs to protected destinations, by the guard's verdict on their token "
-           "(ok = valid; anything else is rejected: dropped, or passed in monitor mode)."),
-    Family("netoken_guard_actions_total", "counter", ("interface", "action"),
-           "What the guard did with rejected SYNs: dropped (drop mode) or monitored "
-           "(passed and counted, monitor mode).  Sums to the rejected verdicts."),
-    Family("netoken_guard_replay_cache_errors_total", "counter", ("interface",),
-           "Valid SYNs the guard accepted but could not record in its replay cache "
-           "(the insert failed), so a replay of them would not be caught."),
-    Family("netoken_guard_key_syns_total", "counter", ("interface", "key_id", "result"),
-           "SYNs with a mac token, by the token's key id: result ok verified, bad was "
-           "rejected (unknown_key, stale, bad_tag or replay)."),
-    Family("netoken_events_total", "counter", ("interface", "role", "result"),
-           "Ring-buffer events: written, suppressed by the guard's rate limit, or lost "
-           "because the buffer was full (the counters stay exact either way)."),
-    Family("netoken_attached", "gauge", ("interface", "role"),
-           "1 if netoken's program for this role runs on the interface; 0 if its state "
-           "is pinned but the kernel no longer runs it there (filter or XDP program "
-           "removed behind netoken's back)."),
-    Family("netoken_exporter_read_errors_total", "counter", (),
-           "Attachments this process could not read while collecting metrics (their "
-           "series are missing from that scrape); detaches during a scrape do not count."),
-    Family("netoken_key_info", "gauge", ("interface", "role", "key_id", "fingerprint"),
-           "Always 1 per key the program holds; fingerprint is a non-secret hash of the "
-           "key bytes the kernel really has, so hosts with different keys under one id "
-           "show different values."),
-    Family("netoken_info", "gauge", ("version",),
-           "Always 1; the netoken version of this exporter."),
+    Family(
+        "netoken_marker_packets_total",
+        "counter",
+        ("interface", "reason"),
+        "Egress packets the netoken marker (TC) handled, one reason per packet: marked "
+        "and marked_payload got a token, the others say why a packet passed unmarked.",
+    ),
+    Family(
+        "netoken_marker_actions_total",
+        "counter",
+        ("interface", "action"),
+        "What the marker did on top of marking a SYN: room_from_ts removed its "
+        "Timestamps option to make room for the token (counted again under marked).",
+    ),
+    Family(
+        "netoken_syn_marked_total",
+        "counter",
+        ("interface",),
+        "SYNs the marker gave a token (reasons marked + marked_payload).",
+    ),
+    Family(
+        "netoken_guard_packets_total",
+        "counter",
+        ("interface", "reason"),
+        "Ingress packets the netoken guard handled, one reason per packet: a SYN verdict "
+        "(ok, missing, malformed, unknown_key, stale, bad_tag, replay, ...) or why a "
+        "packet passed without one (not_syn, unprotected, ...).",
+    ),
+    Family(
+        "netoken_guard_syn_verdicts_total",
+        "counter",
+        ("interface", "verdict"),
+        "SYNs to protected destinations, by the guard's verdict on their token "
+        "(ok = valid; anything else is rejected: dropped, or passed in monitor mode).",
+    ),
+    Family(
+        "netoken_guard_actions_total",
+        "counter",
+        ("interface", "action"),
+        "What the guard did with rejected SYNs: dropped (drop mode) or monitored "
+        "(passed and counted, monitor mode).  Sums to the rejected verdicts.",
+    ),
+    Family(
+        "netoken_guard_replay_cache_errors_total",
+        "counter",
+        ("interface",),
+        "Valid SYNs the guard accepted but could not record in its replay cache "
+        "(the insert failed), so a replay of them would not be caught.",
+    ),
+    Family(
+        "netoken_guard_key_syns_total",
+        "counter",
+        ("interface", "key_id", "result"),
+        "SYNs with a mac token, by the token's key id: result ok verified, bad was "
+        "rejected (unknown_key, stale, bad_tag or replay).",
+    ),
+    Family(
+        "netoken_events_total",
+        "counter",
+        ("interface", "role", "result"),
+        "Ring-buffer events: written, suppressed by the guard's rate limit, or lost "
+        "because the buffer was full (the counters stay exact either way).",
+    ),
+    Family(
+        "netoken_attached",
+        "gauge",
+        ("interface", "role"),
+        "1 if netoken's program for this role runs on the interface; 0 if its state "
+        "is pinned but the kernel no longer runs it there (filter or XDP program "
+        "removed behind netoken's back).",
+    ),
+    Family(
+        "netoken_exporter_read_errors_total",
+        "counter",
+        (),
+        "Attachments this process could not read while collecting metrics (their "
+        "series are missing from that scrape); detaches during a scrape do not count.",
+    ),
+    Family(
+        "netoken_key_info",
+        "gauge",
+        ("interface", "role", "key_id", "fingerprint"),
+        "Always 1 per key the program holds; fingerprint is a non-secret hash of the "
+        "key bytes the kernel really has, so hosts with different keys under one id "
+        "show different values.",
+    ),
+    Family(
+        "netoken_info", "gauge", ("version",), "Always 1; the netoken version of this exporter."
+    ),
 )
 
 # Only `netoken agent` serves these (next to FAMILIES).
 AGENT_FAMILIES: tuple[Family, ...] = (
-    Family("netoken_agent_config_errors_total", "counter", (),
-           "Config changes the agent rejected (it kept running on the last good config)."),
-    Family("netoken_agent_applies_total", "counter", ("cause",),
-           "Updates the agent applied to an attached program in place, one per interface "
-           "and role: cause config (the config or a key file changed) or schedule (a "
-           "key's mark_from came)."),
+    Family(
+        "netoken_agent_config_errors_total",
+        "counter",
+        (),
+        "Config changes the agent rejected (it kept running on the last good config).",
+    ),
+    Family(
+        "netoken_agent_applies_total",
+        "counter",
+        ("cause",),
+        "Updates the agent applied to an attached program in place, one per interface "
+        "and role: cause config (the config or a key file changed) or schedule (a "
+        "key's mark_from came).",
+    ),
 )
 APPLY_CAUSES = ("config", "schedule")
 
@@ -154,8 +211,11 @@ def _marker(s: _Samples, ifname: str, counters: dict[str, int], extra: dict[str,
         s.add("netoken_marker_packets_total", (ifname, reason), counters.get(reason, 0))
     for action in layout.MARK_ACTIONS:
         s.add("netoken_marker_actions_total", (ifname, action), counters.get(action, 0))
-    s.add("netoken_syn_marked_total", (ifname,),
-          counters.get("marked", 0) + counters.get("marked_payload", 0))
+    s.add(
+        "netoken_syn_marked_total",
+        (ifname,),
+        counters.get("marked", 0) + counters.get("marked_payload", 0),
+    )
     s.add("netoken_events_total", (ifname, "marker", "lost"), counters.get("events_lost", 0))
 
 
@@ -169,8 +229,7 @@ def _guard(s: _Samples, ifname: str, counters: dict[str, int], extra: dict[str, 
     s.add("netoken_guard_replay_cache_errors_total", (ifname,), counters.get("error", 0))
     for k in sorted(extra.get("keys", []), key=lambda k: k["id"]):
         for result in KEY_RESULTS:
-            s.add("netoken_guard_key_syns_total", (ifname, str(k["id"]), result),
-                  k.get(result, 0))
+            s.add("netoken_guard_key_syns_total", (ifname, str(k["id"]), result), k.get(result, 0))
     for reason, result in layout.GUARD_EVENTS.items():
         s.add("netoken_events_total", (ifname, "guard", result), counters.get(reason, 0))
 
@@ -259,12 +318,14 @@ class NetokenCollector:
                     with self._lock:
                         self.read_errors += 1
                 continue
-            s.add("netoken_attached", (st.ifname, st.role),
-                  1 if status.get("attached", True) else 0)
+            s.add(
+                "netoken_attached", (st.ifname, st.role), 1 if status.get("attached", True) else 0
+            )
             for k in status.get("keys") or []:
                 if isinstance(k, dict) and k.get("fingerprint"):
-                    s.add("netoken_key_info", (st.ifname, st.role, str(k["id"]),
-                                               k["fingerprint"]), 1)
+                    s.add(
+                        "netoken_key_info", (st.ifname, st.role, str(k["id"]), k["fingerprint"]), 1
+                    )
             export = ROLE_EXPORTS.get(st.role)
             if export is not None:
                 export(s, st.ifname, counters, extra)
@@ -375,16 +436,22 @@ def write_textfile(path: Path, data: bytes) -> None:
 
 def _run_textfile(reg: Any, path: Path, interval: float | None) -> int:
     if not path.name.endswith(".prom"):
-        print(f"{_PROG}: note: node_exporter's textfile collector only reads *.prom files",
-              file=sys.stderr, flush=True)
+        print(
+            f"{_PROG}: note: node_exporter's textfile collector only reads *.prom files",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         write_textfile(path, exposition(reg))
     except OSError as e:
         raise ExporterError(f"cannot write {path}: {e.strerror or e}") from None
     if interval is None:
         return 0
-    print(f"{_PROG}: rewriting {path} every {interval:g}s; Ctrl-C to stop",
-          file=sys.stderr, flush=True)
+    print(
+        f"{_PROG}: rewriting {path} every {interval:g}s; Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
     failing = False
     with _stop_on_sigterm():
         while True:
@@ -395,8 +462,11 @@ def _run_textfile(reg: Any, path: Path, interval: float | None) -> int:
                 # Keep trying: the directory may come back (remount, cleanup
                 # job); node_exporter's file mtime metric shows the gap.
                 if not failing:
-                    print(f"{_PROG}: cannot write {path}: {e.strerror or e}; retrying",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{_PROG}: cannot write {path}: {e.strerror or e}; retrying",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 failing = True
             else:
                 failing = False
@@ -440,8 +510,9 @@ def make_server(listen: str, reg: Any) -> Any:
 
     host, port = parse_listen(listen)
     try:
-        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
     except socket.gaierror as e:
         raise ExporterError(f"--listen {listen!r}: cannot resolve {host!r}: {e.strerror}") from None
     family, _, _, _, sockaddr = infos[0]
@@ -490,8 +561,11 @@ def serve(listen: str, interfaces: Sequence[str] | None = None) -> None:
     server = make_server(listen, registry(interfaces, process=True))
     try:
         where = ", ".join(interfaces) if interfaces else "every interface in this network namespace"
-        print(f"{_PROG}: serving metrics on {metrics_url(server)} ({where}); Ctrl-C to stop",
-              file=sys.stderr, flush=True)
+        print(
+            f"{_PROG}: serving metrics on {metrics_url(server)} ({where}); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         with _stop_on_sigterm():
             server.serve_forever()
     finally:
@@ -505,23 +579,40 @@ def serve(listen: str, interfaces: Sequence[str] | None = None) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `netoken exporter` flags."""
     parser.add_argument(
-        "--listen", metavar="ADDR:PORT", default=None,
+        "--listen",
+        metavar="ADDR:PORT",
+        default=None,
         help=f"serve /metrics here (default {DEFAULT_LISTEN}: loopback only, because the "
-             "endpoint is unauthenticated and shows interfaces, key ids and attack rates; "
-             "use the node's private address or 0.0.0.0 deliberately)")
+        "endpoint is unauthenticated and shows interfaces, key ids and attack rates; "
+        "use the node's private address or 0.0.0.0 deliberately)",
+    )
     parser.add_argument(
-        "--textfile", metavar="PATH", type=Path, default=None,
+        "--textfile",
+        metavar="PATH",
+        type=Path,
+        default=None,
         help="instead of serving, write the metrics to PATH (atomically: temporary file "
-             "+ rename) for node_exporter's textfile collector, and exit; PATH should "
-             "end in .prom")
+        "+ rename) for node_exporter's textfile collector, and exit; PATH should "
+        "end in .prom",
+    )
     parser.add_argument(
-        "--interval", metavar="SECONDS", type=float, default=None,
-        help="with --textfile: keep rewriting the file every SECONDS")
+        "--interval",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="with --textfile: keep rewriting the file every SECONDS",
+    )
     parser.add_argument(
-        "-i", "--interface", dest="interfaces", metavar="IFACE", action="extend", nargs="+",
+        "-i",
+        "--interface",
+        dest="interfaces",
+        metavar="IFACE",
+        action="extend",
+        nargs="+",
         default=None,
         help="only these interfaces (repeatable; default: every interface netoken is "
-             "attached to in this network namespace, including ones attached later)")
+        "attached to in this network namespace, including ones attached later)",
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -529,16 +620,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ExporterError("--listen and --textfile are alternatives; pick one")
     if args.interval is not None:
         if args.textfile is None:
-            raise ExporterError("--interval only applies to --textfile (Prometheus decides "
-                                "how often to scrape --listen)")
+            raise ExporterError(
+                "--interval only applies to --textfile (Prometheus decides "
+                "how often to scrape --listen)"
+            )
         if not args.interval > 0:
             raise ExporterError("--interval must be a positive number of seconds")
     if args.listen is not None:
         parse_listen(args.listen)
     for name in args.interfaces or []:
         # The name becomes a path under bpffs: never let it climb out.
-        if not 0 < len(name) <= 15 or name in (".", "..") or any(
-            c == "/" or c.isspace() for c in name
+        if (
+            not 0 < len(name) <= 15
+            or name in (".", "..")
+            or any(c == "/" or c.isspace() for c in name)
         ):
             raise ExporterError(f"-i {name!r}: not an interface name")
 
@@ -548,8 +643,12 @@ def _note_missing(interfaces: Iterable[str]) -> None:
         try:
             socket.if_nametoindex(name)
         except OSError:
-            print(f"{_PROG}: note: no interface {name} in this network namespace (yet); its "
-                  f"metrics appear once netoken attaches to it", file=sys.stderr, flush=True)
+            print(
+                f"{_PROG}: note: no interface {name} in this network namespace (yet); its "
+                f"metrics appear once netoken attaches to it",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def run(args: argparse.Namespace) -> int:

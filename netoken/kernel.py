@@ -27,8 +27,8 @@ MINIMUM = "6.1"
 # (helper, BPF_FUNC_ number, a program type that calls it, first Linux with it)
 HELPERS = (
     ("bpf_ktime_get_tai_ns", 208, lb.BPF_PROG_TYPE_SCHED_CLS, "6.1"),  # marker, guard
-    ("bpf_ktime_get_coarse_ns", 160, lb.BPF_PROG_TYPE_XDP, "5.11"),    # guard's event limit
-    ("bpf_ringbuf_query", 134, lb.BPF_PROG_TYPE_SCHED_CLS, "5.8"),     # events of both
+    ("bpf_ktime_get_coarse_ns", 160, lb.BPF_PROG_TYPE_XDP, "5.11"),  # guard's event limit
+    ("bpf_ringbuf_query", 134, lb.BPF_PROG_TYPE_SCHED_CLS, "5.8"),  # events of both
     ("bpf_ringbuf_submit", 132, lb.BPF_PROG_TYPE_SCHED_CLS, "5.8"),
     ("bpf_ringbuf_reserve", 131, lb.BPF_PROG_TYPE_SCHED_CLS, "5.8"),
 )
@@ -37,12 +37,17 @@ HELPERS = (
 @functools.cache
 def missing(helpers: tuple[tuple[str, int, int, str], ...] = HELPERS) -> str | None:
     """One line naming what of HELPERS this kernel lacks, or None if nothing."""
-    absent = [f"{name} (Linux {since})" for name, helper, prog_type, since in helpers
-              if not lb.probe_helper(prog_type, helper)]
+    absent = [
+        f"{name} (Linux {since})"
+        for name, helper, prog_type, since in helpers
+        if not lb.probe_helper(prog_type, helper)
+    ]
     if not absent:
         return None
-    return (f"this kernel ({os.uname().release}) lacks the BPF helper{'s' * (len(absent) > 1)} "
-            f"{', '.join(absent)}; netoken needs Linux {MINIMUM} or newer")
+    return (
+        f"this kernel ({os.uname().release}) lacks the BPF helper{'s' * (len(absent) > 1)} "
+        f"{', '.join(absent)}; netoken needs Linux {MINIMUM} or newer"
+    )
 
 
 def require(error: type[Exception]) -> None:

@@ -54,7 +54,8 @@ MARK_REASON = {name: i for i, name in enumerate(MARK_REASONS)}
 MARK_ACTIONS: tuple[str, ...] = tuple(r for r in MARK_REASONS if r == "room_from_ts")
 MARK_EVENTS: tuple[str, ...] = ("events_lost",)
 MARK_PACKET_REASONS: tuple[str, ...] = tuple(
-    r for r in MARK_REASONS if r not in MARK_ACTIONS + MARK_EVENTS)
+    r for r in MARK_REASONS if r not in MARK_ACTIONS + MARK_EVENTS
+)
 
 # max_entries of the LPM tries nt_dst_v4 / nt_dst_v6 (bpf/dest.h).
 LPM_MAX_ENTRIES = 65536
@@ -100,8 +101,11 @@ GUARD_OUTCOMES: tuple[str, ...] = (
 GUARD_REASONS = GUARD_VERDICTS + GUARD_PASS_REASONS + GUARD_OUTCOMES
 # The outcomes by kind: what happened to a rejected SYN, and its event.
 GUARD_ACTIONS_TAKEN: tuple[str, ...] = ("dropped", "monitored")
-GUARD_EVENTS: dict[str, str] = {"events": "written", "events_suppressed": "suppressed",
-                                "events_lost": "lost"}
+GUARD_EVENTS: dict[str, str] = {
+    "events": "written",
+    "events_suppressed": "suppressed",
+    "events_lost": "lost",
+}
 GUARD_REASON = {name: i for i, name in enumerate(GUARD_REASONS)}
 
 # enum nt_guard_fragments: [guard] fragments.
@@ -240,7 +244,9 @@ _U64 = (1 << 64) - 1
 
 
 def replay_entry(nonce: bytes, tag: bytes) -> int:
-    return ((int.from_bytes(nonce, "little") << 16) | (int.from_bytes(tag, "little") & 0xFFFF)) & _U64
+    return (
+        (int.from_bytes(nonce, "little") << 16) | (int.from_bytes(tag, "little") & 0xFFFF)
+    ) & _U64
 
 
 def replay_index(entry: int, slots: int) -> int:

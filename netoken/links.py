@@ -46,7 +46,14 @@ NETLINK_ROUTE, NETLINK_GENERIC = 0, 16  # the socket module names only the first
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_XDP = 3, 5, 10, 18, 37, 43
+IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_XDP = (
+    3,
+    5,
+    10,
+    18,
+    37,
+    43,
+)
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VXLAN_LINK = 3
 # IFLA_XDP_PROG_ID, then DRV, SKB, HW: every way a program can be reported.
@@ -69,20 +76,52 @@ _RTA = struct.Struct("=HH")
 
 # Kinds that decapsulate: what reaches them came in as UDP/GRE/IP on another
 # device, where the guard could not see the SYN inside.
-TUNNEL_KINDS = frozenset({
-    "vxlan", "geneve", "gre", "gretap", "ip6gre", "ip6gretap", "erspan", "ip6erspan",
-    "ipip", "sit", "ip6tnl", "wireguard", "bareudp", "gtp", "vti", "vti6", "xfrm", "amt",
-    "l2tp", "macsec",
-})
+TUNNEL_KINDS = frozenset(
+    {
+        "vxlan",
+        "geneve",
+        "gre",
+        "gretap",
+        "ip6gre",
+        "ip6gretap",
+        "erspan",
+        "ip6erspan",
+        "ipip",
+        "sit",
+        "ip6tnl",
+        "wireguard",
+        "bareudp",
+        "gtp",
+        "vti",
+        "vti6",
+        "xfrm",
+        "amt",
+        "l2tp",
+        "macsec",
+    }
+)
 # Kinds whose traffic comes from another network namespace or a local program.
 FROM_NAMESPACE_KINDS = frozenset({"veth", "netkit"})
 FROM_PROGRAM_KINDS = frozenset({"tun"})
 # Kinds that are not a way in of their own (see the module docstring).
 _STACKED = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
-COVERED_KINDS = frozenset({
-    "vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team", "vrf",
-    "dummy", "ifb", "nlmon", "openvswitch",
-})
+COVERED_KINDS = frozenset(
+    {
+        "vlan",
+        "macvlan",
+        "macvtap",
+        "ipvlan",
+        "ipvtap",
+        "bridge",
+        "bond",
+        "team",
+        "vrf",
+        "dummy",
+        "ifb",
+        "nlmon",
+        "openvswitch",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +149,7 @@ class Link:
 
     @property
     def framing(self) -> str | None:
-        """"ethernet", "l3", or None for a link type netoken cannot parse."""
+        """ "ethernet", "l3", or None for a link type netoken cannot parse."""
         return "ethernet" if self.ethernet else "l3" if self.l3 else None
 
 
@@ -119,7 +158,7 @@ def _attrs(data: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
         length, typ = _RTA.unpack_from(data, off)
         if length < _RTA.size:
             return
-        yield typ & NLA_TYPE_MASK, data[off + _RTA.size:off + length]
+        yield typ & NLA_TYPE_MASK, data[off + _RTA.size : off + length]
         off += (length + 3) & ~3
 
 
@@ -140,17 +179,28 @@ def _link(msg: bytes) -> Link:
                 if t == IFLA_INFO_KIND:
                     kind = v.split(b"\0", 1)[0].decode(errors="replace")
                 elif t == IFLA_INFO_DATA:
-                    vxlan_link = next((_u32(x) for a, x in _attrs(v) if a == IFLA_VXLAN_LINK),
-                                      None)
+                    vxlan_link = next((_u32(x) for a, x in _attrs(v) if a == IFLA_VXLAN_LINK), None)
         elif typ == IFLA_LINK_NETNSID:
             elsewhere = True
         elif typ == IFLA_XDP:
-            progs.update(struct.unpack("=I", v)[0] for t, v in _attrs(val)
-                         if t in IFLA_XDP_PROG_IDS and len(v) == 4)
+            progs.update(
+                struct.unpack("=I", v)[0]
+                for t, v in _attrs(val)
+                if t in IFLA_XDP_PROG_IDS and len(v) == 4
+            )
     # IFLA_LINK of a veth is its peer, not a lower device.
-    lower = (vxlan_link if kind == "vxlan" else link if kind in _STACKED else None)
-    return Link(index, name, kind, arphrd, flags, frozenset(p for p in progs if p), elsewhere,
-                lower if not elsewhere else None, master or None)
+    lower = vxlan_link if kind == "vxlan" else link if kind in _STACKED else None
+    return Link(
+        index,
+        name,
+        kind,
+        arphrd,
+        flags,
+        frozenset(p for p in progs if p),
+        elsewhere,
+        lower if not elsewhere else None,
+        master or None,
+    )
 
 
 def _u32(val: bytes) -> int | None:
@@ -168,8 +218,9 @@ def _dump(protocol: int, msg_type: int, body: bytes) -> Iterator[tuple[int, byte
     """(type, payload) of every message a netlink dump request answers."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol) as s:
         s.bind((0, 0))
-        s.send(_NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-               + body)
+        s.send(
+            _NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+        )
         while True:
             data = s.recv(1 << 16)
             off = 0
@@ -177,7 +228,7 @@ def _dump(protocol: int, msg_type: int, body: bytes) -> Iterator[tuple[int, byte
                 length, typ, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
                 if length < _NLMSG.size:
                     raise OSError("netlink: malformed message")
-                payload = data[off + _NLMSG.size:off + length]
+                payload = data[off + _NLMSG.size : off + length]
                 off += (length + 3) & ~3
                 if typ == NLMSG_DONE:
                     return
@@ -192,8 +243,7 @@ def _dump(protocol: int, msg_type: int, body: bytes) -> Iterator[tuple[int, byte
 def links() -> list[Link]:
     """Every network device of the calling thread's network namespace."""
     body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    out = [_link(p) for t, p in _dump(NETLINK_ROUTE, RTM_GETLINK, body)
-           if t == RTM_NEWLINK]
+    out = [_link(p) for t, p in _dump(NETLINK_ROUTE, RTM_GETLINK, body) if t == RTM_NEWLINK]
     return sorted(out, key=lambda link: link.ifindex)
 
 
@@ -251,8 +301,7 @@ class FouPort:
 
 def _genl_family(name: str) -> int | None:
     # A dump, not a lookup by name: that would load the module if missing.
-    for _, payload in _dump(NETLINK_GENERIC, GENL_ID_CTRL,
-                            _GENL.pack(CTRL_CMD_GETFAMILY, 1)):
+    for _, payload in _dump(NETLINK_GENERIC, GENL_ID_CTRL, _GENL.pack(CTRL_CMD_GETFAMILY, 1)):
         attrs = dict(_attrs(payload, _GENL.size))
         if attrs.get(CTRL_ATTR_FAMILY_NAME, b"").split(b"\0", 1)[0] == name.encode():
             return struct.unpack("=H", attrs[CTRL_ATTR_FAMILY_ID][:2])[0]
@@ -267,8 +316,7 @@ def parse_fou(payload: bytes) -> FouPort:
         return attrs[attr][0] if attrs.get(attr) else 0
 
     port = struct.unpack("!H", attrs[FOU_ATTR_PORT][:2])[0] if FOU_ATTR_PORT in attrs else 0
-    return FouPort(port, u8(FOU_ATTR_AF), u8(FOU_ATTR_IPPROTO),
-                   u8(FOU_ATTR_TYPE) == FOU_ENCAP_GUE)
+    return FouPort(port, u8(FOU_ATTR_AF), u8(FOU_ATTR_IPPROTO), u8(FOU_ATTR_TYPE) == FOU_ENCAP_GUE)
 
 
 def fou_ports() -> list[FouPort]:
@@ -277,8 +325,7 @@ def fou_ports() -> list[FouPort]:
     family = _genl_family("fou")
     if family is None:
         return []
-    return [parse_fou(p) for _, p in _dump(NETLINK_GENERIC, family,
-                                            _GENL.pack(FOU_CMD_GET, 1))]
+    return [parse_fou(p) for _, p in _dump(NETLINK_GENERIC, family, _GENL.pack(FOU_CMD_GET, 1))]
 
 
 _WHAT = {
@@ -302,8 +349,9 @@ class SideDoor:
 
     @classmethod
     def of_link(cls, link: Link, why: str) -> SideDoor:
-        return cls(link.ifname, link.ifindex, link.kind or "physical", why,
-                   link.framing is not None)
+        return cls(
+            link.ifname, link.ifindex, link.kind or "physical", why, link.framing is not None
+        )
 
     @classmethod
     def of_fou(cls, fou: FouPort) -> SideDoor:
@@ -313,16 +361,27 @@ class SideDoor:
     def message(self) -> str:
         if self.why == "fou":
             port = self.name.removeprefix("udp/")
-            return (f"{self.name} ({self.kind}) hands decapsulated packets straight to this "
-                    f"host's stack, past every device: no guard can run there; remove it "
-                    f"(ip fou del port {port}) unless it is needed")
-        fix = ("attach one" if self.guardable
-               else "netoken cannot guard it (neither Ethernet nor IP without a link layer)")
+            return (
+                f"{self.name} ({self.kind}) hands decapsulated packets straight to this "
+                f"host's stack, past every device: no guard can run there; remove it "
+                f"(ip fou del port {port}) unless it is needed"
+            )
+        fix = (
+            "attach one"
+            if self.guardable
+            else "netoken cannot guard it (neither Ethernet nor IP without a link layer)"
+        )
         return f"{self.name} ({self.kind}) {_WHAT[self.why]} and has no guard: {fix}"
 
     def to_json(self) -> dict[str, object]:
-        return {"ifname": self.name, "ifindex": self.ifindex, "kind": self.kind,
-                "path": self.why, "guardable": self.guardable, "message": self.message}
+        return {
+            "ifname": self.name,
+            "ifindex": self.ifindex,
+            "kind": self.kind,
+            "path": self.why,
+            "guardable": self.guardable,
+            "message": self.message,
+        }
 
 
 def way_in(link: Link) -> str | None:
@@ -340,9 +399,12 @@ def way_in(link: Link) -> str | None:
     return "device"
 
 
-def side_doors(guard_prog_ids: set[int], devices: list[Link] | None = None,
-               fou: list[FouPort] | None = None,
-               tc_guarded: frozenset[int] = frozenset()) -> list[SideDoor]:
+def side_doors(
+    guard_prog_ids: set[int],
+    devices: list[Link] | None = None,
+    fou: list[FouPort] | None = None,
+    tc_guarded: frozenset[int] = frozenset(),
+) -> list[SideDoor]:
     """The ways into this namespace that bypass every guard, given the ids
     of netoken's guard programs and the devices (TC_GUARDED, ifindexes)
     where one of them runs at TC ingress; none when no device here runs one."""

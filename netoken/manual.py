@@ -38,13 +38,19 @@ class Command:
 
     @property
     def options(self) -> list[argparse.Action]:
-        return [a for a in self.parser._actions
-                if a.option_strings and not isinstance(a, argparse._HelpAction)]
+        return [
+            a
+            for a in self.parser._actions
+            if a.option_strings and not isinstance(a, argparse._HelpAction)
+        ]
 
     @property
     def positionals(self) -> list[argparse.Action]:
-        return [a for a in self.parser._actions
-                if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+        return [
+            a
+            for a in self.parser._actions
+            if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+        ]
 
 
 def commands(parser: argparse.ArgumentParser | None = None) -> list[Command]:
@@ -52,8 +58,9 @@ def commands(parser: argparse.ArgumentParser | None = None) -> list[Command]:
     return list(_walk(parser or build_parser(), (), None))
 
 
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...], help_: str | None
-          ) -> Iterator[Command]:
+def _walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...], help_: str | None
+) -> Iterator[Command]:
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {c.dest: c.help or "" for s in subs for c in s._choices_actions}
     verbs = tuple(name for s in subs for name in s.choices)
@@ -102,8 +109,9 @@ def synopsis(cmd: Command) -> list[str]:
 
 def _roff(text: str) -> str:
     text = text.replace("\\", "\\e").replace("-", "\\-")
-    return "\n".join("\\&" + line if line.startswith((".", "'")) else line
-                     for line in text.split("\n"))
+    return "\n".join(
+        "\\&" + line if line.startswith((".", "'")) else line for line in text.split("\n")
+    )
 
 
 def _bold(text: str) -> str:
@@ -146,13 +154,11 @@ def man(parser: argparse.ArgumentParser | None = None) -> str:
         out += _option_items(cmd, shared)
         for action in cmd.positionals:
             if action.help:
-                out += [".TP", _italic(_name(action)),
-                        _roff(_help(cmd.parser, action))]
+                out += [".TP", _italic(_name(action)), _roff(_help(cmd.parser, action))]
         examples = _examples(cmd.parser.epilog)
         if examples:
             out += [".PP", "Examples:", ".RS", ".nf", *map(_roff, examples), ".fi", ".RE"]
-    out += [".SH EXAMPLES", ".nf", *map(_roff, _examples(parser.epilog)), ".fi",
-            ".SH FILES"]
+    out += [".SH EXAMPLES", ".nf", *map(_roff, _examples(parser.epilog)), ".fi", ".SH FILES"]
     for path, what in _FILES:
         out += [".TP", _italic(path), _roff(what)]
     out += [".SH EXIT STATUS", _roff(_EXIT), ".SH SEE ALSO", _SEE_ALSO]
@@ -162,16 +168,21 @@ def man(parser: argparse.ArgumentParser | None = None) -> str:
 _DESCRIPTION = _roff(
     "Each command is one call of the netoken library.  With --json (and --pretty) a "
     'command prints its result as JSON instead, errors included, as {"error": "..."} '
-    "on standard output.")
+    "on standard output."
+)
 _FILES = (
     (DEFAULT_CONFIG, "The config read by -c by default (TOML; docs/design.md)."),
     ("/sys/fs/bpf/netoken/", "Pinned programs and maps, by network namespace, interface, role."),
     ("/run/netoken/", "What the pins cannot say (names, config path, times), and the lock."),
 )
-_EXIT = ("0 on success, 1 on an error (one line on standard error, or the "
-         '{"error": ...} object under --json), 2 on a usage error.')
-_SEE_ALSO = ("\\fBbpftool\\fR(8), \\fBtc\\fR(8), \\fBip-netns\\fR(8); docs/design.md "
-             "(wire format, config and CLI), docs/operations.md, docs/architecture.md.")
+_EXIT = (
+    "0 on success, 1 on an error (one line on standard error, or the "
+    '{"error": ...} object under --json), 2 on a usage error.'
+)
+_SEE_ALSO = (
+    "\\fBbpftool\\fR(8), \\fBtc\\fR(8), \\fBip-netns\\fR(8); docs/design.md "
+    "(wire format, config and CLI), docs/operations.md, docs/architecture.md."
+)
 
 
 def _option_items(cmd: Command, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -182,8 +193,7 @@ def _option_items(cmd: Command, skip: set[str] | frozenset[str] = frozenset()) -
             continue
         value = _value(a)
         names = ", ".join(_bold(o) for o in a.option_strings)
-        out += [".TP", names + (f" {_italic(value)}" if value else ""),
-                _roff(_help(cmd.parser, a))]
+        out += [".TP", names + (f" {_italic(value)}" if value else ""), _roff(_help(cmd.parser, a))]
     return out
 
 
@@ -214,8 +224,12 @@ def bash(parser: argparse.ArgumentParser | None = None) -> str:
         rows.append(("verbs", key, " ".join(cmd.verbs)))
         words = ["-h", "--help", *(o for a in cmd.options for o in a.option_strings)]
         rows.append(("opts", key, " ".join(words)))
-        rows += [("value", f"{key}|{o}", _kind(a))
-                 for a in cmd.options if a.nargs != 0 for o in a.option_strings]
+        rows += [
+            ("value", f"{key}|{o}", _kind(a))
+            for a in cmd.options
+            if a.nargs != 0
+            for o in a.option_strings
+        ]
         if cmd.positionals:
             rows.append(("arg", key, _kind(cmd.positionals[0])))
     tables = "\n".join(f'_{PROG}_{table}["{key}"]="{value}"' for table, key, value in rows)
@@ -272,8 +286,9 @@ complete -F _{prog} {prog}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m netoken.manual",
-                                description="Write netoken's man page or bash completion.")
+    p = argparse.ArgumentParser(
+        prog="python -m netoken.manual", description="Write netoken's man page or bash completion."
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--man", action="store_true", help="the man page (roff)")
     what.add_argument("--bash", action="store_true", help="the bash completion script")
@@ -284,4 +299,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

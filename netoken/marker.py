@@ -163,8 +163,6 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
     return {**program.config_meta(cfg), "policies": [_policy_meta(p) for p in cfg.policies]}
 
 
-
-
 def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
     """Load, configure, pin and attach the marker on IFNAME's egress.
 
@@ -192,9 +190,14 @@ def attach_pinned(ifname: str, cfg: Config) -> dict[str, Any]:
             t.on_failure(lambda: tc.destroy_clsact_if_empty(ifname, idx))
         filt = tc.attach(idx, "egress", new.prog.fd)
         t.on_failure(lambda: tc.restore(idx, "egress", prev_prog_id))
-        t.commit({"tc": {"hook": "egress", "handle": tc.HANDLE, "priority": tc.PRIORITY},
-                  "created_clsact": created_clsact or owned, "link": t.framing},
-                 _config_meta(cfg))
+        t.commit(
+            {
+                "tc": {"hook": "egress", "handle": tc.HANDLE, "priority": tc.PRIORITY},
+                "created_clsact": created_clsact or owned,
+                "link": t.framing,
+            },
+            _config_meta(cfg),
+        )
     return t.result(
         handle=filt.handle,
         priority=filt.priority,
@@ -285,7 +288,9 @@ class MarkerRole(ProgramRole):
     def detach(self, ifname: str) -> dict[str, Any]:
         return detach_pinned(ifname)
 
-    def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+    def attachment(
+        self, idx: int | None, meta: dict[str, Any]
+    ) -> tuple[int | None, dict[str, Any]]:
         live = tc.query(idx, "egress") if idx is not None else None
         return live, {
             "type": "tc",

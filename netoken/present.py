@@ -74,21 +74,26 @@ def endpoint(addr: str, port: int) -> str:
 
 def iso(t: float) -> str:
     """Unix time T as an ISO 8601 UTC time to the second."""
-    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return (
+        _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
 
 
 def schedule_lines(sched: Doc) -> list[str]:
     """The key schedule (schedule.plan) of `status`, `apply` and `config check`."""
     out = []
     for o in sched.get("overdue", []):
-        out.append(f"schedule {o['policy']} should mark with key {o['key']} since {o['since']}; "
-                   "only `netoken agent` switches on time (or run `netoken apply`)")
+        out.append(
+            f"schedule {o['policy']} should mark with key {o['key']} since {o['since']}; "
+            "only `netoken agent` switches on time (or run `netoken apply`)"
+        )
     nxt = sched.get("next_switch")
     if nxt:
         to = ", ".join(f"{n} -> key {k}" for n, k in nxt["policies"].items())
-        out.append(f"schedule next switch {nxt['at']}: {to} (performed by `netoken agent`; "
-                   "without it, run `netoken apply` then)")
+        out.append(
+            f"schedule next switch {nxt['at']}: {to} (performed by `netoken agent`; "
+            "without it, run `netoken apply` then)"
+        )
     return out
 
 
@@ -112,8 +117,10 @@ def where(res: Doc) -> str:
 def mark_attached(res: Doc) -> list[str]:
     how = f"replaced prog {res['replaced_prog_id']}" if res["replaced_prog_id"] else "new"
     return [
-        (f"marker attached to {res['ifname']} egress: prog {res['prog_id']} tag {res['tag']}, "
-        f"tc handle 0x{res['handle']:x} prio {res['priority']} ({how})"),
+        (
+            f"marker attached to {res['ifname']} egress: prog {res['prog_id']} tag {res['tag']}, "
+            f"tc handle 0x{res['handle']:x} prio {res['priority']} ({how})"
+        ),
         f"  {policies(res['policies'])}, {keys(res['keys'])}; pinned at {res['pinned']}",
     ]
 
@@ -121,11 +128,16 @@ def mark_attached(res: Doc) -> list[str]:
 def mark_detached(res: Doc) -> list[str]:
     at = where(res)
     if res["removed_prog_id"] is not None:
-        return [(f"marker detached from {at}: removed prog {res['removed_prog_id']}, "
-                f"clsact {res['clsact']}")]
+        return [
+            (
+                f"marker detached from {at}: removed prog {res['removed_prog_id']}, "
+                f"clsact {res['clsact']}"
+            )
+        ]
     if not res["interface_present"]:
-        return [(f"{at} is gone from this network namespace (its filter went with it); "
-                f"pins removed")]
+        return [
+            (f"{at} is gone from this network namespace (its filter went with it); pins removed")
+        ]
     return [f"no marker filter was attached to {at}; pins removed"]
 
 
@@ -143,14 +155,18 @@ def guard_attached(res: Doc) -> list[str]:
         "new": f"replay cache {cache['entries']} entries",
         "kept": f"replay cache kept ({cache['entries']} entries)",
         "resized": f"new replay cache of {cache['entries']} entries "
-                   f"({cache['copied']} live entries copied)",
+        f"({cache['copied']} live entries copied)",
     }[cache["state"]]
     at = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
     return [
-        (f"guard attached to {res['ifname']} ({at}; hook {res['hook_reason']}): "
-        f"prog {res['prog_id']} tag {res['tag']} ({how})"),
-        (f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
-        f"{protects(res['protect'])}, {keys(res['keys'])}; pinned at {res['pinned']}"),
+        (
+            f"guard attached to {res['ifname']} ({at}; hook {res['hook_reason']}): "
+            f"prog {res['prog_id']} tag {res['tag']} ({how})"
+        ),
+        (
+            f"  action {res['action']}, skew {res['skew']}, {cache_text}; "
+            f"{protects(res['protect'])}, {keys(res['keys'])}; pinned at {res['pinned']}"
+        ),
         *_guard_config_lines(res),
     ]
 
@@ -160,14 +176,17 @@ def _guard_config_lines(res: Doc) -> list[str]:
     namespace's other guards."""
     lines = []
     if res["action_override"]:
-        lines.append(f"  action {res['action']} is a --mode override (the config says "
-                     f"{res['config_action']}); it stays until `netoken guard attach "
-                     f"{res['ifname']} -c FILE --mode config`")
+        lines.append(
+            f"  action {res['action']} is a --mode override (the config says "
+            f"{res['config_action']}); it stays until `netoken guard attach "
+            f"{res['ifname']} -c FILE --mode config`"
+        )
     if res["shared_by"] > 1:
         n = res["shared_by"] - 1
         others = f"the {n} other guards here run" if n > 1 else "the other guard here runs"
-        lines.append(f"  config, keys and replay cache are per network namespace: {others} "
-                     f"this config too")
+        lines.append(
+            f"  config, keys and replay cache are per network namespace: {others} this config too"
+        )
     return lines
 
 
@@ -177,21 +196,35 @@ def guard_detached(res: Doc) -> list[str]:
     if res["removed_prog_id"] is not None:
         how = f"XDP {res['xdp_mode']}" if res["hook"] == "xdp" else "tc ingress"
         qdisc = f", clsact qdisc {res['clsact']}" if res.get("clsact") else ""
-        lines = [(f"guard detached from {at}: removed prog {res['removed_prog_id']} "
-                 f"({how}{qdisc}); pins removed")]
+        lines = [
+            (
+                f"guard detached from {at}: removed prog {res['removed_prog_id']} "
+                f"({how}{qdisc}); pins removed"
+            )
+        ]
     elif not res["interface_present"]:
-        lines = [(f"{at} is gone from this network namespace (its guard program went with it); "
-                 f"pins removed")]
+        lines = [
+            (
+                f"{at} is gone from this network namespace (its guard program went with it); "
+                f"pins removed"
+            )
+        ]
     elif f is not None:
         what = "XDP program" if f["hook"] == "xdp" else "tc ingress filter's program"
-        lines = [(f"{what} {f['name']!r} (id {f['id']}) on {at} was not installed "
-                 f"by netoken and stays attached; netoken's guard pins removed")]
+        lines = [
+            (
+                f"{what} {f['name']!r} (id {f['id']}) on {at} was not installed "
+                f"by netoken and stays attached; netoken's guard pins removed"
+            )
+        ]
     else:
         lines = [f"no guard was attached to {at}; pins removed"]
     left = res["guards_left"]
     if left:
-        lines.append(f"  the shared guard state stays for the {left} other "
-                     f"guard{'s' if left > 1 else ''} of this network namespace")
+        lines.append(
+            f"  the shared guard state stays for the {left} other "
+            f"guard{'s' if left > 1 else ''} of this network namespace"
+        )
     return lines
 
 
@@ -199,19 +232,29 @@ def applied(res: Doc, path: str, several_keys: bool) -> list[str]:
     """One role's `apply` result; SEVERAL_KEYS: some policy has more than one
     key, so which is in use is worth a line."""
     if res["role"] == "marker":
-        lines = [(f"applied {path} to the marker on {res['ifname']} (prog {res['prog_id']}): "
-                 f"{policies(res['policies'])}, {keys(res['keys'])}")]
-        lines += [f"  {what}: {', '.join(res[what])}" for what in ("added", "removed")
-                  if res[what]]
+        lines = [
+            (
+                f"applied {path} to the marker on {res['ifname']} (prog {res['prog_id']}): "
+                f"{policies(res['policies'])}, {keys(res['keys'])}"
+            )
+        ]
+        lines += [f"  {what}: {', '.join(res[what])}" for what in ("added", "removed") if res[what]]
         if several_keys:
             lines.append("  keys in use: " + keys_in_use(res["schedule"]["in_use"]))
         return lines + [f"  {line}" for line in schedule_lines(res["schedule"])]
     if res["role"] == "guard":
-        lines = [(f"applied {path} to the guard on {res['ifname']} (prog {res['prog_id']}): "
-                 f"{protects(res['protect'])}, {keys(res['keys'])}, action {res['action']}"),
-                 *_guard_config_lines(res)]
-        return lines + [f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}"
-                        for what in ("added", "removed") if res[f"keys_{what}"]]
+        lines = [
+            (
+                f"applied {path} to the guard on {res['ifname']} (prog {res['prog_id']}): "
+                f"{protects(res['protect'])}, {keys(res['keys'])}, action {res['action']}"
+            ),
+            *_guard_config_lines(res),
+        ]
+        return lines + [
+            f"  keys {what}: {', '.join(map(str, res[f'keys_{what}']))}"
+            for what in ("added", "removed")
+            if res[f"keys_{what}"]
+        ]
     return [f"applied {path} to the {res['role']} on {res['ifname']}"]
 
 
@@ -240,7 +283,9 @@ def memory_line(items: list[Doc]) -> str | None:
     shared = max((m.get("shared", 0) for m in mems if m.get("shared_by")), default=0)
     text = f"memory: {fmt_bytes(own + shared)} in netoken's maps here"
     if shared:
-        text += f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
+        text += (
+            f" ({fmt_bytes(own)} per interface in total, {fmt_bytes(shared)} shared guard state)"
+        )
     return text
 
 
@@ -273,8 +318,10 @@ def _item_lines(d: Doc) -> list[str]:
     pins alone tell (state of an unknown role, or of another namespace)."""
     view = VIEWS.get(d.get("role") or "")
     if d.get("ghost"):
-        head = (f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
-                f"program runs here without pinned state")
+        head = (
+            f"ghost  prog {d['prog']['id']}  tag {d['prog']['tag']}: netoken's "
+            f"program runs here without pinned state"
+        )
         return [head, f"remove it with: {d['remove']}"]
     if view is not None and "attach" in d:
         return view.status_lines(d)
@@ -321,8 +368,11 @@ def status(items: list[Doc], all_netns: bool) -> list[str]:
 
 def unguarded(doors: list[Doc]) -> list[str]:
     """The devices that let traffic in past every guard, as `status` ends."""
-    return ["", "not guarded (traffic enters this host past every guard):",
-            *(f"  {door['message']}" for door in doors)]
+    return [
+        "",
+        "not guarded (traffic enters this host past every guard):",
+        *(f"  {door['message']}" for door in doors),
+    ]
 
 
 def other_netns(others: list[state.OtherNetns], limit: int = 4) -> str:
@@ -336,8 +386,10 @@ def other_netns(others: list[state.OtherNetns], limit: int = 4) -> str:
         parts.append(f"{state.netns_label(o.netns)} ({what})")
     more = f" and {len(others) - limit} more" if len(others) > limit else ""
     n = sum(len(o.roles) for o in others)
-    return (f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
-            f"(netoken -n NAME ..., or status --all-netns)")
+    return (
+        f"{n} attachment(s) in other network namespaces not shown: {'; '.join(parts)}{more} "
+        f"(netoken -n NAME ..., or status --all-netns)"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -376,8 +428,13 @@ def stats_table(items: list[Doc], interval: float) -> Any:
     from rich.table import Table
 
     t = Table(title=f"netoken stats (every {interval:g}s, Ctrl-C to quit)", title_justify="left")
-    for col, just in (("IFACE", "left"), ("ROLE", "left"), ("REASON", "left"),
-                      ("COUNT", "right"), ("RATE/s", "right")):
+    for col, just in (
+        ("IFACE", "left"),
+        ("ROLE", "left"),
+        ("REASON", "left"),
+        ("COUNT", "right"),
+        ("RATE/s", "right"),
+    ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for d in items:
         for k, v in counters(d).items():
@@ -403,10 +460,14 @@ def event_line(e: Doc) -> str:
 def missed_line(d: Doc) -> str:
     """Events a role could not queue (ring full) or withheld (rate limit)."""
     if "suppressed" in d:
-        return (f"-- {d['suppressed']} event(s) suppressed on {d['ifname']} {d['role']} "
-                f"(rate limit; {d['suppressed_total']} since attach) --")
-    return (f"-- {d['lost']} event(s) lost on {d['ifname']} {d['role']} "
-            f"(ring buffer full; {d['lost_total']} lost since attach) --")
+        return (
+            f"-- {d['suppressed']} event(s) suppressed on {d['ifname']} {d['role']} "
+            f"(rate limit; {d['suppressed_total']} since attach) --"
+        )
+    return (
+        f"-- {d['lost']} event(s) lost on {d['ifname']} {d['role']} "
+        f"(ring buffer full; {d['lost_total']} lost since attach) --"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -445,8 +506,10 @@ class View:
 
 
 def _tc_line(a: Doc) -> str:
-    return (f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
-            f"prio {a['priority']}, {a['mode']}")
+    return (
+        f"tc       {a['hook']} ({a['qdisc']}) handle 0x{a['handle']:x} "
+        f"prio {a['priority']}, {a['mode']}"
+    )
 
 
 class MarkerView(View):
@@ -525,7 +588,9 @@ class GuardView(View):
             ks = ",".join(map(str, p["keys"])) or "-"
             if p["tokens"]:
                 ks += f" +{p['tokens']} static"
-            ports = ",".join(str(x) for x in p["ports"] or []) or ("all" if p["ports"] == [] else "?")
+            ports = ",".join(str(x) for x in p["ports"] or []) or (
+                "all" if p["ports"] == [] else "?"
+            )
             dests = " ".join(p["destinations"] or ["?"])
             lines.append(
                 f"protect  #{p['id']:<3} {p['action']:<7} keys {ks:<10} ports {ports:<14} {dests}"
@@ -545,13 +610,16 @@ VIEWS: dict[str, View] = {"marker": MarkerView(), "guard": GuardView()}
 def config_checked(d: Doc, path: str, several_keys: bool) -> list[str]:
     """`config check` of a valid config at PATH: what it holds, the key
     schedule, what the agent would manage."""
-    lines = [(f"{path}: valid: {keys(d['keys'])}, {policies(d['policies'])}, "
-             f"{protects(d['protect'])}")]
+    lines = [
+        (f"{path}: valid: {keys(d['keys'])}, {policies(d['policies'])}, {protects(d['protect'])}")
+    ]
     if several_keys:
         lines.append("  keys in use now: " + keys_in_use(d["schedule"]["in_use"]))
     lines += [f"  {line}" for line in schedule_lines(d["schedule"])]
     agent = d["agent"]
     if agent is not None:
-        lines.append(f"  agent: marker on {' '.join(agent['mark']) or 'nothing'}, guard on "
-                     f"{' '.join(agent['guard']) or 'nothing'}, metrics {agent['metrics'] or 'off'}")
+        lines.append(
+            f"  agent: marker on {' '.join(agent['mark']) or 'nothing'}, guard on "
+            f"{' '.join(agent['guard']) or 'nothing'}, metrics {agent['metrics'] or 'off'}"
+        )
     return lines

@@ -57,8 +57,9 @@ class ListeningRing(RingBuffer):
     and consume().  poll() waits in steps of at most BEAT_S, so that a long
     wait keeps listening."""
 
-    def __init__(self, ring: Map, callback: Callable[[bytes], object],
-                 listen: list[Map] | None = None) -> None:
+    def __init__(
+        self, ring: Map, callback: Callable[[bytes], object], listen: list[Map] | None = None
+    ) -> None:
         self._listen: list[Map] = []
         super().__init__(ring, callback)
         self._next = 0.0
@@ -144,7 +145,8 @@ def existing(ifname: str, error: type[Exception]) -> int:
         st = found[0]
         raise error(
             f"interface {ifname!r} does not exist; netoken attached to it under that name and it "
-            f"is {st.ifname} now (ifindex {st.ifindex}): use {st.ifname}")
+            f"is {st.ifname} now (ifindex {st.ifindex}): use {st.ifname}"
+        )
     return ifindex(ifname, error)
 
 
@@ -254,8 +256,11 @@ class PinnedProgram:
     @classmethod
     def siblings(cls, st: RoleState) -> list[RoleState]:
         """The other interfaces of ST's namespace with this role pinned."""
-        return [o for o in state.netns_states(st.netns, st.root)
-                if o.role == cls.ROLE and o.ifindex != st.ifindex]
+        return [
+            o
+            for o in state.netns_states(st.netns, st.root)
+            if o.role == cls.ROLE and o.ifindex != st.ifindex
+        ]
 
     @classmethod
     def _check_compatible(cls, want: Map, have: Map) -> None:
@@ -332,7 +337,8 @@ class PinnedProgram:
         if framing != self.framing:
             raise self.Error(
                 f"{ifname} is an {framing} device; this {self.ROLE} was loaded for "
-                f"{self.framing} ({type(self).__name__}.load(framing={framing!r}))")
+                f"{self.framing} ({type(self).__name__}.load(framing={framing!r}))"
+            )
 
     @classmethod
     def _home(cls, st: RoleState, name: str) -> state.PinnedState:
@@ -441,8 +447,11 @@ class PinnedProgram:
         """A ring buffer that calls CALLBACK(EVENT) per event record; the
         program writes events while it is in use (ListeningRing)."""
         listen = listen_map(self.prog)
-        return ListeningRing(self.maps[self.EVENTS_MAP], lambda b: callback(self.EVENT.from_bytes(b)),
-                             [listen] if listen is not None else [])
+        return ListeningRing(
+            self.maps[self.EVENTS_MAP],
+            lambda b: callback(self.EVENT.from_bytes(b)),
+            [listen] if listen is not None else [],
+        )
 
     # ----------------------------------------------------------------------
     # pinned lifecycle: the shape of attach_pinned / apply / detach_pinned
@@ -521,8 +530,9 @@ class Attach(Generic[P]):
     :meth:`commit`.
     """
 
-    def __init__(self, kind: type[P], ifname: str, st: RoleState, dev: links.Link,
-                 framing: str) -> None:
+    def __init__(
+        self, kind: type[P], ifname: str, st: RoleState, dev: links.Link, framing: str
+    ) -> None:
         self.kind = kind
         self.ifname = ifname
         self.idx = dev.ifindex
@@ -556,8 +566,14 @@ class Attach(Generic[P]):
     def result(self, **fields: Any) -> dict[str, Any]:
         """What a committed attach returns: where, which program now runs
         there, then FIELDS."""
-        return {"ifname": self.ifname, "ifindex": self.idx, "role": self.kind.ROLE,
-                "prog_id": self.prog_id, "tag": self.tag, **fields}
+        return {
+            "ifname": self.ifname,
+            "ifindex": self.idx,
+            "role": self.kind.ROLE,
+            "prog_id": self.prog_id,
+            "tag": self.tag,
+            **fields,
+        }
 
     def __enter__(self) -> Self:
         return self
@@ -609,8 +625,13 @@ def config_meta(cfg: Config) -> dict[str, Any]:
         "applied_at": state.now_iso(),
         "option": {"kind": cfg.option.kind, "exid": cfg.option.exid},
         "keys": [
-            {"id": k.id, "window": k.window, "bind": list(k.bind), "file": str(k.file),
-             "mark_from": None if k.mark_from is None else iso(k.mark_from)}
+            {
+                "id": k.id,
+                "window": k.window,
+                "bind": list(k.bind),
+                "file": str(k.file),
+                "mark_from": None if k.mark_from is None else iso(k.mark_from),
+            }
             for k in sorted(cfg.keys.values(), key=lambda k: k.id)
         ],
     }
@@ -621,7 +642,9 @@ def config_meta(cfg: Config) -> dict[str, Any]:
 
 
 def bind_names(mask: int) -> list[str]:
-    return [n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit]
+    return [
+        n for n, bit in (("saddr", layout.BIND_SADDR), ("sport", layout.BIND_SPORT)) if mask & bit
+    ]
 
 
 def fmt_ts(ts_ns: int, offset_ns: int) -> str:
@@ -641,8 +664,13 @@ def live_keys(path: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
             k = layout.NtKey.from_bytes(raw) if raw else None
             if k is not None and k.window:
                 keys.append(
-                    {"id": kid, "window": k.window, "bind": bind_names(k.bind),
-                     "file": files.get(kid), "fingerprint": key_fingerprint_int(k.k0, k.k1)}
+                    {
+                        "id": kid,
+                        "window": k.window,
+                        "bind": bind_names(k.bind),
+                        "file": files.get(kid),
+                        "fingerprint": key_fingerprint_int(k.k0, k.k1),
+                    }
                 )
     return keys
 
@@ -701,7 +729,9 @@ class ProgramRole:
 
     # -- status, counters, events -------------------------------------------
 
-    def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+    def attachment(
+        self, idx: int | None, meta: dict[str, Any]
+    ) -> tuple[int | None, dict[str, Any]]:
         """(id of the program on IDX's hook or None, the status "attach" section)."""
         raise NotImplementedError
 
@@ -800,8 +830,9 @@ class ProgramRole:
         with Map.from_pinned(self.map_path(st, self.PROGRAM.EVENTS_MAP)) as m:
             return m.id
 
-    def open_events(self, st: RoleState,
-                    callback: Callable[[dict[str, Any]], None]) -> ListeningRing:
+    def open_events(
+        self, st: RoleState, callback: Callable[[dict[str, Any]], None]
+    ) -> ListeningRing:
         """A reader of ST's event ring.  A ring of ST alone names ST's
         interface in every event; a ring the namespace's instances share
         names the interface the event happened on (by its name now)."""
@@ -810,7 +841,8 @@ class ProgramRole:
         offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
         event_type = self.PROGRAM.EVENT
         shared = self.PROGRAM.EVENTS_MAP in self.PROGRAM.SHARED_MAPS and not st.has_pin(
-            self.PROGRAM.EVENTS_MAP)
+            self.PROGRAM.EVENTS_MAP
+        )
         names: dict[int, str] = {st.ifindex: st.ifname}
 
         def name(idx: int) -> str:
@@ -825,8 +857,15 @@ class ProgramRole:
 
         def on_event(data: bytes) -> None:
             e = event_type.from_bytes(data)
-            callback({"time": fmt_ts(e.ts_ns, offset), "ifname": name(e.ifindex),
-                      "ifindex": e.ifindex, "role": self.name, **fields(e)})
+            callback(
+                {
+                    "time": fmt_ts(e.ts_ns, offset),
+                    "ifname": name(e.ifindex),
+                    "ifindex": e.ifindex,
+                    "role": self.name,
+                    **fields(e),
+                }
+            )
 
         with Map.from_pinned(self.map_path(st, self.PROGRAM.EVENTS_MAP)) as m:
             return ListeningRing(Map.from_fd(os.dup(m.fd)), on_event, self.listen_maps(st))
@@ -853,11 +892,18 @@ class ProgramRole:
                 with Program.from_id(live) as prog:
                     if prog.name != self.PROGRAM.PROG_NAME:
                         continue
-                    out.append({
-                        "ifname": ifname, "ifindex": idx, "role": self.name, "state": "ghost",
-                        "attached": True, "ghost": True, "pinned": None,
-                        "prog": {"id": prog.id, "tag": prog.tag, "name": prog.name},
-                        "attach": attach,
-                        "remove": f"netoken {self.PROGRAM.VERB} detach {ifname}",
-                    })
+                    out.append(
+                        {
+                            "ifname": ifname,
+                            "ifindex": idx,
+                            "role": self.name,
+                            "state": "ghost",
+                            "attached": True,
+                            "ghost": True,
+                            "pinned": None,
+                            "prog": {"id": prog.id, "tag": prog.tag, "name": prog.name},
+                            "attach": attach,
+                            "remove": f"netoken {self.PROGRAM.VERB} detach {ifname}",
+                        }
+                    )
         return out

@@ -55,8 +55,10 @@ def plan(cfg: Any, now: float) -> dict[str, Any]:
     at = cfg.next_switch(now)
     nxt = None
     if at is not None:
-        nxt = {"at": iso(at),
-               "policies": {n: k for n, k in cfg.marking_keys(at).items() if k != in_use[n]}}
+        nxt = {
+            "at": iso(at),
+            "policies": {n: k for n, k in cfg.marking_keys(at).items() if k != in_use[n]},
+        }
     return {"in_use": in_use, "next_switch": nxt}
 
 
@@ -82,7 +84,8 @@ def from_meta(meta: dict[str, Any], policies: list[dict[str, Any]], now: float) 
         return {"next_switch": None, "overdue": []}  # metadata from an older netoken
     overdue = [
         {"policy": p["name"], "key": due[p["name"]], "since": iso(starts[due[p["name"]]])}
-        for p in mac if "key" in p and p["key"] != due[p["name"]]
+        for p in mac
+        if "key" in p and p["key"] != due[p["name"]]
     ]
     nxt = None
     if at is not None:

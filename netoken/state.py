@@ -225,8 +225,9 @@ class StateDir:
 def shown(text: str) -> str:
     """TEXT with /proc/self/fd/N/ paths of open state directories written as
     the paths they stand for (for messages)."""
-    return re.sub(r"/proc/self/fd/(\d+)",
-                  lambda m: _FD_PATHS.get(int(m.group(1)), m.group(0)), text)
+    return re.sub(
+        r"/proc/self/fd/(\d+)", lambda m: _FD_PATHS.get(int(m.group(1)), m.group(0)), text
+    )
 
 
 def _trusted_owner(uid: int) -> bool:
@@ -242,8 +243,10 @@ def _check_anchor(fd: int, path: Path) -> None:
     users from renaming or removing root's entries in it."""
     st = os.fstat(fd)
     if not _trusted_owner(st.st_uid):
-        raise StateError(f"{path} is owned by uid {st.st_uid}, not root; netoken keeps its "
-                         f"state only below root-owned directories")
+        raise StateError(
+            f"{path} is owned by uid {st.st_uid}, not root; netoken keeps its "
+            f"state only below root-owned directories"
+        )
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         raise StateError(
             f"{path} is writable by {_who_writes(st.st_mode)} without the sticky bit "
@@ -267,16 +270,18 @@ def _refuse_entry(parent: int, name: str, path: Path) -> StateError:
             target = f" (to {os.readlink(name, dir_fd=parent)})"
         except OSError:
             target = ""
-        return StateError(f"{path} is a symbolic link{target}, not a directory: "
-                          f"remove it (rm {path}) and retry")
+        return StateError(
+            f"{path} is a symbolic link{target}, not a directory: remove it (rm {path}) and retry"
+        )
     return StateError(f"{path} is not a directory: remove it (rm {path}) and retry")
 
 
 def _check_dir(d: StateDir) -> None:
     st = os.fstat(d.fd)
     if not _trusted_owner(st.st_uid):
-        raise StateError(f"{d.path} is owned by uid {st.st_uid}, not root: "
-                         f"remove it (rm -r {d.path}) and retry")
+        raise StateError(
+            f"{d.path} is owned by uid {st.st_uid}, not root: remove it (rm -r {d.path}) and retry"
+        )
     if st.st_mode & 0o022:
         raise StateError(
             f"{d.path} is writable by {_who_writes(st.st_mode)} "
@@ -481,8 +486,9 @@ def locked() -> Iterator[None]:
             _LOCK_DEPTH[0] -= 1
         return
     run = open_dirs(RUN_ROOT, [ROOT_NAME], create=True)[-1]
-    fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=run.fd)
+    fd = os.open(
+        "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=run.fd
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         _LOCK_DEPTH[0] = 1
@@ -618,8 +624,11 @@ class PinnedState:
         """When the metadata was last written (None: there is none)."""
         d = self._dir("run")
         try:
-            return os.stat(self._meta_name, dir_fd=d.fd, follow_symlinks=False).st_mtime \
-                if d is not None else None
+            return (
+                os.stat(self._meta_name, dir_fd=d.fd, follow_symlinks=False).st_mtime
+                if d is not None
+                else None
+            )
         except OSError:
             return None
 
@@ -631,8 +640,12 @@ class PinnedState:
         tmp = f"{name}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=d.fd)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=d.fd)
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=d.fd,
+        )
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
@@ -671,8 +684,9 @@ class RoleState(PinnedState):
     ``ifname`` is the interface's name now, or, once it is gone, the name
     it had when the role was attached (``present`` says which)."""
 
-    def __init__(self, netns: Netns, ifindex: int, role: str, root: Path = BPFFS,
-                 here: bool = True) -> None:
+    def __init__(
+        self, netns: Netns, ifindex: int, role: str, root: Path = BPFFS, here: bool = True
+    ) -> None:
         super().__init__(netns, (f"{IFACE_PREFIX}{ifindex}", role), root)
         self.ifindex = ifindex
         self.role = role
@@ -751,8 +765,9 @@ def _ifindex_present(idx: int) -> bool:
     return True
 
 
-def netns_states(ns: Netns, root: Path, here: bool = True,
-                 ifindex: int | None = None) -> list[RoleState]:
+def netns_states(
+    ns: Netns, root: Path, here: bool = True, ifindex: int | None = None
+) -> list[RoleState]:
     """Every per-interface role state of namespace NS (only interface
     IFINDEX's, if given), checked level by level (StateError if a directory
     is not safe).  HERE: NS is the namespace this thread runs in, so
@@ -763,14 +778,18 @@ def netns_states(ns: Netns, root: Path, here: bool = True,
         if len(base) < 3:
             return []
         top = base[-1]
-        entries = [e for e in os.listdir(top.fd)
-                   if e.startswith(IFACE_PREFIX) and e[len(IFACE_PREFIX):].isdigit()
-                   and (ifindex is None or e == f"{IFACE_PREFIX}{ifindex}")]
-        for entry in sorted(entries, key=lambda e: int(e[len(IFACE_PREFIX):])):
+        entries = [
+            e
+            for e in os.listdir(top.fd)
+            if e.startswith(IFACE_PREFIX)
+            and e[len(IFACE_PREFIX) :].isdigit()
+            and (ifindex is None or e == f"{IFACE_PREFIX}{ifindex}")
+        ]
+        for entry in sorted(entries, key=lambda e: int(e[len(IFACE_PREFIX) :])):
             iface = _open_below(top, entry, create=False)
             if iface is None:
                 continue
-            idx = int(entry[len(IFACE_PREFIX):])
+            idx = int(entry[len(IFACE_PREFIX) :])
             for role in sorted(os.listdir(iface.fd)):
                 d = _open_below(iface, role, create=False)
                 if d is not None:
@@ -871,7 +890,7 @@ def other_netns(root: Path | None = None) -> list[OtherNetns]:
             d.close()
     out = []
     for entry in names:
-        cookie = entry[len(NETNS_PREFIX):]
+        cookie = entry[len(NETNS_PREFIX) :]
         if not entry.startswith(NETNS_PREFIX) or not cookie.isdigit() or int(cookie) == me.cookie:
             continue
         probe = Netns(int(cookie), 0)
@@ -883,8 +902,9 @@ def other_netns(root: Path | None = None) -> list[OtherNetns]:
                 inode = ns_meta["inode"]
                 break
         ns = Netns(int(cookie), inode)
-        out.append(OtherNetns(ns, [(st.ifname, st.role) for st in states],
-                              root / ROOT_NAME / entry))
+        out.append(
+            OtherNetns(ns, [(st.ifname, st.role) for st in states], root / ROOT_NAME / entry)
+        )
     return out
 
 
@@ -992,8 +1012,9 @@ def migrate_old_layout(root: Path, ns: Netns) -> list[str]:
     return moved
 
 
-def _migrate_one(root: Path, ns: Netns, old: StateDir, run_top: StateDir | None, enc: str,
-                 role: str) -> bool:
+def _migrate_one(
+    root: Path, ns: Netns, old: StateDir, run_top: StateDir | None, enc: str, role: str
+) -> bool:
     meta = _old_meta(run_top, enc, role)
     ifname = decode_ifname(enc)
     if meta is not None and meta.get("netns") not in (None, ns.kernel_name):

@@ -232,13 +232,9 @@ def _addr_bytes(addr: Addr, what: str) -> bytes:
         packed = ipaddress.ip_address(addr).packed
     else:
         kind = type(addr).__name__
-        raise TypeError(
-            f"{what}: expected bytes, str or an ipaddress object, not {kind}"
-        )
+        raise TypeError(f"{what}: expected bytes, str or an ipaddress object, not {kind}")
     if len(packed) not in (4, 16):
-        raise ValueError(
-            f"{what} must be 4 (IPv4) or 16 (IPv6) bytes, got {len(packed)}"
-        )
+        raise ValueError(f"{what} must be 4 (IPv4) or 16 (IPv6) bytes, got {len(packed)}")
     return packed
 
 
@@ -326,9 +322,7 @@ def _check_kind_exid(kind: int, exid: int) -> None:
         raise ValueError(f"exid must be 0..0xffff, got {exid:#x}")
 
 
-def encode_mac(
-    kind: int, exid: int, key_id: int, epoch: int, nonce: bytes, tag: bytes
-) -> bytes:
+def encode_mac(kind: int, exid: int, key_id: int, epoch: int, nonce: bytes, tag: bytes) -> bytes:
     """Serialize a 16-byte mac-mode option; only the low 8 bits of `epoch` are sent."""
     _check_kind_exid(kind, exid)
     _check_key_id_nonce(key_id, nonce)
@@ -350,9 +344,7 @@ def encode_static(kind: int, exid: int, token: int) -> bytes:
     _check_kind_exid(kind, exid)
     if not 0 <= token <= _MASK64:
         raise ValueError(f"token must be an unsigned 64-bit integer, got {token}")
-    return (
-        bytes((kind, STATIC_LEN)) + exid.to_bytes(2, "big") + token.to_bytes(8, "big")
-    )
+    return bytes((kind, STATIC_LEN)) + exid.to_bytes(2, "big") + token.to_bytes(8, "big")
 
 
 def build_mac_option(
@@ -411,9 +403,7 @@ def decode(option: bytes | bytearray | memoryview) -> Token:
         raise MalformedOption(f"option too short ({len(raw)} bytes, need at least 4)")
     kind, length = raw[0], raw[1]
     if length != len(raw):
-        raise MalformedOption(
-            f"length byte says {length} but {len(raw)} bytes were given"
-        )
+        raise MalformedOption(f"length byte says {length} but {len(raw)} bytes were given")
     exid = int.from_bytes(raw[2:4], "big")
     if length == MAC_LEN:
         return Token(
@@ -439,9 +429,7 @@ def decode(option: bytes | bytearray | memoryview) -> Token:
             token=int.from_bytes(raw[4:12], "big"),
             raw=raw,
         )
-    raise MalformedOption(
-        f"length {length} is neither {MAC_LEN} (mac) nor {STATIC_LEN} (static)"
-    )
+    raise MalformedOption(f"length {length} is neither {MAC_LEN} (mac) nor {STATIC_LEN} (static)")
 
 
 def find_options(
@@ -472,9 +460,7 @@ def find_options(
             raise MalformedOption(f"option kind {k} at offset {i} has no length byte")
         length = data[i + 1]
         if length < 2:
-            raise MalformedOption(
-                f"option kind {k} at offset {i} has length {length} < 2"
-            )
+            raise MalformedOption(f"option kind {k} at offset {i} has length {length} < 2")
         if i + length > len(data):
             raise MalformedOption(
                 f"option kind {k} at offset {i} has length {length}, "
@@ -531,9 +517,7 @@ def verify(
         return False, epoch
     if _epoch_distance(epoch, current) > skew:
         return False, epoch
-    expected = compute_tag(
-        key, exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind
-    )
+    expected = compute_tag(key, exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind)
     # Constant-time compare: the tag is the secret-derived part of the token.
     return hmac.compare_digest(expected, tag), epoch
 
@@ -587,7 +571,5 @@ def verdict(
     epoch = expand_epoch(epoch_low, current)
     if _epoch_distance(epoch, current) > skew:
         return "stale"
-    expected = compute_tag(
-        key, exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind
-    )
+    expected = compute_tag(key, exid, key_id, epoch, nonce, daddr, dport, saddr, sport, bind)
     return "ok" if hmac.compare_digest(expected, tag) else "bad_tag"

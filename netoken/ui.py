@@ -41,11 +41,13 @@ class Console:
         cells = [[_cell(r.get(c)) for c in columns] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
         print(title, file=self.stream)
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
-              file=self.stream)
+        print(
+            "  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=self.stream
+        )
         for row in cells:
-            print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(),
-                  file=self.stream)
+            print(
+                "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=self.stream
+            )
         self.stream.flush()
 
 

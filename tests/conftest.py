@@ -25,7 +25,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if kernel and os.geteuid() != 0:
         raise pytest.UsageError(
             f"{len(kernel)} of the selected tests load BPF and build namespaces: they must "
-            f"run as root (tests/unit runs as any user)")
+            f"run as root (tests/unit runs as any user)"
+        )
+
 
 _ids = itertools.count()
 TEST_KEY = bytes(range(16))
@@ -104,7 +106,7 @@ class Topology:
     client_ip6: str
     server_ip6: str
     router: str | None = None
-    router_in: str | None = None   # router side facing the client
+    router_in: str | None = None  # router side facing the client
     router_out: str | None = None  # router side facing the server
 
 
@@ -116,8 +118,9 @@ def build_topology(lab: Lab, router: bool = False) -> Topology:
         lab.addr(s, si, "198.18.1.2/24")
         lab.addr(c, ci, "fd6e:7400:1::1/64")
         lab.addr(s, si, "fd6e:7400:1::2/64")
-        return Topology(c, s, ci, si, "198.18.1.1", "198.18.1.2",
-                        "fd6e:7400:1::1", "fd6e:7400:1::2")
+        return Topology(
+            c, s, ci, si, "198.18.1.1", "198.18.1.2", "fd6e:7400:1::1", "fd6e:7400:1::2"
+        )
     r = lab.ns("rt")
     ci, ri = lab.link(c, r)
     ro, si = lab.link(r, s)
@@ -139,8 +142,9 @@ def build_topology(lab: Lab, router: bool = False) -> Topology:
     # neighbour discovery and comes back as a retransmission.
     for dst in ("198.18.3.1", "fd6e:7400:3::1"):
         run("ping", "-c", "1", "-W", "3", dst, ns=c)
-    return Topology(c, s, ci, si, "198.18.2.1", "198.18.3.1",
-                    "fd6e:7400:2::1", "fd6e:7400:3::1", r, ri, ro)
+    return Topology(
+        c, s, ci, si, "198.18.2.1", "198.18.3.1", "fd6e:7400:2::1", "fd6e:7400:3::1", r, ri, ro
+    )
 
 
 def write_key(directory: Path, name: str = "1.key", secret: bytes = TEST_KEY) -> Path:
@@ -151,20 +155,27 @@ def write_key(directory: Path, name: str = "1.key", secret: bytes = TEST_KEY) ->
     return path
 
 
-def make_config(directory: Path, body: str, keys: dict[int, bytes] | None = None,
-                window: int = 30, bind: tuple[str, ...] = ()) -> nconfig.Config:
+def make_config(
+    directory: Path,
+    body: str,
+    keys: dict[int, bytes] | None = None,
+    window: int = 30,
+    bind: tuple[str, ...] = (),
+) -> nconfig.Config:
     """A Config from a TOML body plus [[key]] tables for KEYS (default: key 1)."""
     keys = {1: TEST_KEY} if keys is None else keys
     parts = []
     for kid, secret in keys.items():
         path = write_key(directory, f"{kid}.key", secret)
-        parts.append(textwrap.dedent(f"""
+        parts.append(
+            textwrap.dedent(f"""
             [[key]]
             id = {kid}
             file = "{path}"
             window = {window}
             bind = {list(bind)!r}
-        """).replace("'", '"'))
+        """).replace("'", '"')
+        )
     text = "\n".join(parts) + "\n" + textwrap.dedent(body)
     path = directory / "netoken.toml"
     path.write_text(text)

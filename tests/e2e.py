@@ -114,8 +114,11 @@ class ConnectionLoop:
         """Wait until N connections succeeded; fail if LIMIT seconds pass
         first (or, with STOP_AT_FAILURE, once one failed)."""
         deadline = time.monotonic() + limit
-        while (self.done < n and time.monotonic() < deadline
-               and not (stop_at_failure and self.failures)):
+        while (
+            self.done < n
+            and time.monotonic() < deadline
+            and not (stop_at_failure and self.failures)
+        ):
             time.sleep(0.01)
         assert self.done >= n, f"only {self.done} connections ({self.failures[:3]})"
 
@@ -132,16 +135,22 @@ class ConnectionLoop:
 
 def curl(ns: str, addr: str, port: int) -> str:
     host = f"[{addr}]" if ":" in addr else addr
-    out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "5",
-                          f"http://{host}:{port}/"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "5", f"http://{host}:{port}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, f"curl failed: {out.stderr.strip()}"
     return out.stdout
 
 
 # libpcap's tcp[] only reaches IPv4; for IPv6 (no extension headers) the
 # flags are at byte 40 + 13, and only if the next header is TCP.
-SYN_ONLY = ("tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
-            " or (ip6 and ip6[6] == 6 and ip6[53] & 0x12 == 0x02)")
+SYN_ONLY = (
+    "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"
+    " or (ip6 and ip6[6] == 6 and ip6[53] & 0x12 == 0x02)"
+)
 
 
 @contextmanager
@@ -156,9 +165,25 @@ def capture(ns: str, iface: str, path: Path, bpf_filter: str = "tcp") -> Iterato
     proc = subprocess.Popen(
         # --immediate-mode: without it packets sit in a TPACKET_V3 block for
         # up to a second; -B: a burst of SYNs fits in the ring.
-        ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-U", "-n", "--immediate-mode",
-         "-B", "65536", "-w", str(path), bpf_filter],
-        stderr=subprocess.PIPE, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "-i",
+            iface,
+            "-U",
+            "-n",
+            "--immediate-mode",
+            "-B",
+            "65536",
+            "-w",
+            str(path),
+            bpf_filter,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     err = ""
     try:
@@ -181,7 +206,7 @@ def pcap_records(path: Path) -> int:
     data = path.read_bytes() if path.exists() else b""
     n, off = 0, 24
     while off + 16 <= len(data):
-        caplen = int.from_bytes(data[off + 8:off + 12], "little")
+        caplen = int.from_bytes(data[off + 8 : off + 12], "little")
         if off + 16 + caplen > len(data):
             break
         n, off = n + 1, off + 16 + caplen
@@ -227,15 +252,27 @@ def verify_syn(raw: bytes, key: bytes, window: int = 30, bind: int = 0) -> bool:
     opts = token.find_options(p.options)
     if len(opts) != 1:
         return False
-    ok, _ = token.verify(opts[0], key, daddr=p.daddr, dport=p.dport, saddr=p.saddr,
-                         sport=p.sport, bind=bind, window=window)
+    ok, _ = token.verify(
+        opts[0],
+        key,
+        daddr=p.daddr,
+        dport=p.dport,
+        saddr=p.saddr,
+        sport=p.sport,
+        bind=bind,
+        window=window,
+    )
     return ok
 
 
 def counters(ns: str) -> dict[str, int]:
     """The namespace's SNMP counters as {"Tcp.InCsumErrors": n, "TcpExt.ListenDrops": n, ...}."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp", "/proc/net/netstat"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp", "/proc/net/netstat"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = out.splitlines()
     result = {}
     for head, vals in zip(lines[::2], lines[1::2]):
@@ -251,8 +288,12 @@ def tcp_in_csum_errors(ns: str) -> int:
 
 def link_stats(ns: str, dev: str) -> dict[str, int]:
     """rx/tx packet counters of DEV plus its ethtool -S counters (veth XDP stats)."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-S", dev],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ethtool", "-S", dev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     stats = {}
     for line in out.splitlines()[1:]:
         name, _, value = line.strip().partition(":")
@@ -260,7 +301,9 @@ def link_stats(ns: str, dev: str) -> dict[str, int]:
             stats[name.strip()] = int(value)
     for what in ("rx", "tx"):
         path = f"/sys/class/net/{dev}/statistics/{what}_packets"
-        stats[f"{what}_packets"] = int(subprocess.run(
-            ["ip", "netns", "exec", ns, "cat", path], capture_output=True, text=True,
-            check=True).stdout)
+        stats[f"{what}_packets"] = int(
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "cat", path], capture_output=True, text=True, check=True
+            ).stdout
+        )
     return stats

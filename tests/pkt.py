@@ -44,7 +44,7 @@ class Parsed:
     l4: int
     tcp_len: int
     ip_end: int
-    proto: int = 6   # IPv4 protocol / IPv6 upper-layer header (after HBH, RH, DO)
+    proto: int = 6  # IPv4 protocol / IPv6 upper-layer header (after HBH, RH, DO)
 
     @property
     def ihl(self) -> int:
@@ -52,39 +52,51 @@ class Parsed:
 
     @property
     def tcp(self) -> bytes:
-        return self.raw[self.l4:self.ip_end]
+        return self.raw[self.l4 : self.ip_end]
 
     @property
     def options(self) -> bytes:
-        return self.raw[self.l4 + 20:self.l4 + self.tcp_len]
+        return self.raw[self.l4 + 20 : self.l4 + self.tcp_len]
 
     @property
     def payload(self) -> bytes:
-        return self.raw[self.l4 + self.tcp_len:self.ip_end]
+        return self.raw[self.l4 + self.tcp_len : self.ip_end]
 
     @property
     def saddr(self) -> bytes:
-        return self.raw[self.l3 + 12:self.l3 + 16] if self.family == 4 else self.raw[self.l3 + 8:self.l3 + 24]
+        return (
+            self.raw[self.l3 + 12 : self.l3 + 16]
+            if self.family == 4
+            else self.raw[self.l3 + 8 : self.l3 + 24]
+        )
 
     @property
     def daddr(self) -> bytes:
-        return self.raw[self.l3 + 16:self.l3 + 20] if self.family == 4 else self.raw[self.l3 + 24:self.l3 + 40]
+        return (
+            self.raw[self.l3 + 16 : self.l3 + 20]
+            if self.family == 4
+            else self.raw[self.l3 + 24 : self.l3 + 40]
+        )
 
     @property
     def sport(self) -> int:
-        return struct.unpack("!H", self.raw[self.l4:self.l4 + 2])[0]
+        return struct.unpack("!H", self.raw[self.l4 : self.l4 + 2])[0]
 
     @property
     def dport(self) -> int:
-        return struct.unpack("!H", self.raw[self.l4 + 2:self.l4 + 4])[0]
+        return struct.unpack("!H", self.raw[self.l4 + 2 : self.l4 + 4])[0]
 
     def ip_checksum_ok(self) -> bool:
-        return self.family == 6 or inet_sum(self.raw[self.l3:self.l4]) == 0xFFFF
+        return self.family == 6 or inet_sum(self.raw[self.l3 : self.l4]) == 0xFFFF
 
     def tcp_checksum_ok(self) -> bool:
         seg = self.tcp
         pseudo = self.saddr + self.daddr
-        pseudo += struct.pack("!HH", 6, len(seg)) if self.family == 4 else struct.pack("!IxxxB", len(seg), 6)
+        pseudo += (
+            struct.pack("!HH", 6, len(seg))
+            if self.family == 4
+            else struct.pack("!IxxxB", len(seg), 6)
+        )
         return inet_sum(pseudo + seg) == 0xFFFF
 
 
@@ -92,15 +104,15 @@ def parse(raw: bytes) -> Parsed:
     off = 14
     etype = struct.unpack("!H", raw[12:14])[0]
     while etype in (0x8100, 0x88A8):
-        etype = struct.unpack("!H", raw[off + 2:off + 4])[0]
+        etype = struct.unpack("!H", raw[off + 2 : off + 4])[0]
         off += 4
     if etype == 0x0800:
         ihl = (raw[off] & 0x0F) * 4
-        ip_end = off + struct.unpack("!H", raw[off + 2:off + 4])[0]
+        ip_end = off + struct.unpack("!H", raw[off + 2 : off + 4])[0]
         l4, family, proto = off + ihl, 4, raw[off + 9]
     else:
         assert etype == 0x86DD
-        ip_end = off + 40 + struct.unpack("!H", raw[off + 4:off + 6])[0]
+        ip_end = off + 40 + struct.unpack("!H", raw[off + 4 : off + 6])[0]
         l4, family, proto = off + 40, 6, raw[off + 6]
         while proto in (0, 43, 60, 51):  # Hop-by-Hop, Routing, Destination Options, AH
             unit, extra = (4, 2) if proto == 51 else (8, 1)
@@ -109,9 +121,19 @@ def parse(raw: bytes) -> Parsed:
     return Parsed(raw, off, family, l4, tcp_len, ip_end, proto)
 
 
-def syn(dst: str = "198.51.100.7", dport: int = 443, src: str | None = None, sport: int = 40000,
-        options=(), payload: bytes = b"", flags: str = "S", vlans: int = 0, ip_opts=None,
-        ext=None, **ipkw) -> bytes:
+def syn(
+    dst: str = "198.51.100.7",
+    dport: int = 443,
+    src: str | None = None,
+    sport: int = 40000,
+    options=(),
+    payload: bytes = b"",
+    flags: str = "S",
+    vlans: int = 0,
+    ip_opts=None,
+    ext=None,
+    **ipkw,
+) -> bytes:
     """An Ethernet frame carrying a TCP segment (v4 or v6 by the address;
     IPv6 behind the extension headers EXT, if given)."""
     if ":" in dst:
@@ -127,8 +149,11 @@ def syn(dst: str = "198.51.100.7", dport: int = 443, src: str | None = None, spo
         l2 = l2 / Dot1AD(vlan=100) / Dot1Q(vlan=200)
     elif vlans == 1:
         l2 = l2 / Dot1Q(vlan=100)
-    pkt = l2 / l3 / TCP(sport=sport, dport=dport, flags=flags, seq=1000, window=64240,
-                        options=list(options))
+    pkt = (
+        l2
+        / l3
+        / TCP(sport=sport, dport=dport, flags=flags, seq=1000, window=64240, options=list(options))
+    )
     if payload:
         pkt = pkt / payload
     return bytes(pkt)
@@ -140,8 +165,13 @@ def syn_with_options(options: bytes, payload: bytes = b"", **kw) -> bytes:
     return rebuild_with_option(syn(payload=payload, **kw), options)
 
 
-LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123, 0)), ("NOP", None),
-                  ("WScale", 7)]                         # 20 bytes, what Linux sends
+LINUX_SYN_OPTS = [
+    ("MSS", 1460),
+    ("SAckOK", b""),
+    ("Timestamp", (123, 0)),
+    ("NOP", None),
+    ("WScale", 7),
+]  # 20 bytes, what Linux sends
 
 
 def _skip_opt(n: int) -> HBHOptUnknown:
@@ -179,7 +209,7 @@ def ipv6_fragments(pkt, first: int, size: int, ident: int) -> list:
     out, off = [], 0
     while off < len(payload):
         n = first if off == 0 else size
-        chunk = payload[off:off + n]
+        chunk = payload[off : off + n]
         more = off + n < len(payload)
         h = head.copy()
         h.nh, h.plen = 44, None
@@ -196,8 +226,16 @@ def options_of_len(n: int):
     return LINUX_SYN_OPTS + [("NOP", None)] * (n - 20)
 
 
-def expected_marked(before: bytes, after: bytes, key: bytes, *, exid=token.DEFAULT_EXID,
-                    kind=token.DEFAULT_KIND, window=30, bind=0) -> bytes:
+def expected_marked(
+    before: bytes,
+    after: bytes,
+    key: bytes,
+    *,
+    exid=token.DEFAULT_EXID,
+    kind=token.DEFAULT_KIND,
+    window=30,
+    bind=0,
+) -> bytes:
     """What the marker must output for BEFORE, built independently of the BPF code.
 
     The nonce and epoch come from AFTER (they are random/time-dependent); the
@@ -208,8 +246,18 @@ def expected_marked(before: bytes, after: bytes, key: bytes, *, exid=token.DEFAU
     assert len(opts) == 1, f"expected exactly one netoken option, got {opts}"
     got = token.decode(opts[0])
     epoch = token.expand_epoch(got.epoch_low, token.epoch_now(window))
-    tag = token.compute_tag(key, exid, got.key_id, epoch, got.nonce, b.daddr, b.dport,
-                            saddr=b.saddr, sport=b.sport, bind=bind)
+    tag = token.compute_tag(
+        key,
+        exid,
+        got.key_id,
+        epoch,
+        got.nonce,
+        b.daddr,
+        b.dport,
+        saddr=b.saddr,
+        sport=b.sport,
+        bind=bind,
+    )
     option = token.encode_mac(kind, exid, got.key_id, epoch, got.nonce, tag)
     return rebuild_with_option(before, option)
 
@@ -230,7 +278,7 @@ def made_room(options: bytes, need: int) -> bytes | None:
         if options[i] == 8 and size == 10:
             ts = True
         else:
-            kept.append(options[i:i + size])
+            kept.append(options[i : i + size])
         i += size
     body = b"".join(kept)
     area = max(-(-len(body) // 4) * 4, len(options) - need)
@@ -253,21 +301,23 @@ def rebuild_with_option(before: bytes, option: bytes) -> bytes:
     elif 0 in _kinds_until_eol(bytes(old)):
         i = _eol_index(bytes(old))
         old[i:] = b"\x01" * (len(old) - i)
-    raw = bytearray(before[:b.l4 + 20] + bytes(old) + option + b.payload)
+    raw = bytearray(before[: b.l4 + 20] + bytes(old) + option + b.payload)
     grow = len(old) + len(option) - len(b.options)
     new_tcp_len = b.tcp_len + grow
     raw[b.l4 + 12] = (new_tcp_len // 4) << 4 | (raw[b.l4 + 12] & 0x0F)
     if b.family == 4:
         struct.pack_into("!H", raw, b.l3 + 2, b.ip_end - b.l3 + grow)
         struct.pack_into("!H", raw, b.l3 + 10, 0)
-        struct.pack_into("!H", raw, b.l3 + 10, 0xFFFF - inet_sum(bytes(raw[b.l3:b.l4])))
+        struct.pack_into("!H", raw, b.l3 + 10, 0xFFFF - inet_sum(bytes(raw[b.l3 : b.l4])))
     else:
         struct.pack_into("!H", raw, b.l3 + 4, b.ip_end - b.l3 - 40 + grow)
     struct.pack_into("!H", raw, b.l4 + 16, 0)
     p = parse(bytes(raw))
     seg = p.tcp
     pseudo = p.saddr + p.daddr
-    pseudo += struct.pack("!HH", 6, len(seg)) if p.family == 4 else struct.pack("!IxxxB", len(seg), 6)
+    pseudo += (
+        struct.pack("!HH", 6, len(seg)) if p.family == 4 else struct.pack("!IxxxB", len(seg), 6)
+    )
     csum = 0xFFFF - inet_sum(pseudo + seg)
     struct.pack_into("!H", raw, b.l4 + 16, csum)
     return bytes(raw)
@@ -302,6 +352,6 @@ def normalize_zero(raw: bytes) -> bytes:
     out = bytearray(raw)
     offs = [p.l4 + 16] + ([p.l3 + 10] if p.family == 4 else [])
     for off in offs:
-        if out[off:off + 2] == b"\xff\xff":
-            out[off:off + 2] = b"\0\0"
+        if out[off : off + 2] == b"\xff\xff":
+            out[off : off + 2] = b"\0\0"
     return bytes(out)

@@ -36,9 +36,9 @@ def fastopen(cookie: bytes = b"") -> bytes:
 
 COOKIE8 = bytes.fromhex("5a1f0c3e9b7d2468")
 COOKIE16 = bytes.fromhex("00112233445566778899aabbccddeeff")
-MP_CAPABLE_V1 = bytes((30, 4, 0x01, 0x01))              # SYN: version 1, HMAC-SHA256
+MP_CAPABLE_V1 = bytes((30, 4, 0x01, 0x01))  # SYN: version 1, HMAC-SHA256
 MP_JOIN = bytes((30, 12, 0x10, 0x02)) + bytes.fromhex("3c5a7e11") + bytes.fromhex("d00dfeed")
-MP_CAPABLE_V0 = bytes((30, 12, 0x00, 0x81)) + bytes.fromhex("0123456789abcdef")   # key
+MP_CAPABLE_V0 = bytes((30, 12, 0x00, 0x81)) + bytes.fromhex("0123456789abcdef")  # key
 MD5SIG = bytes((19, 18)) + bytes(range(16))
 
 
@@ -46,7 +46,7 @@ MD5SIG = bytes((19, 18)) + bytes(range(16))
 class Layout:
     name: str
     options: bytes
-    expect: str        # "fits", "make_room" (Timestamps removed) or "no_room"
+    expect: str  # "fits", "make_room" (Timestamps removed) or "no_room"
 
 
 LAYOUTS = [
@@ -54,22 +54,37 @@ LAYOUTS = [
     Layout("linux", mss() + SOK + ts() + NOP + ws(7), "fits"),
     Layout("linux-no-ts", mss() + NOP + NOP + SOK + NOP + ws(7), "fits"),
     Layout("linux-no-sack", mss() + NOP + NOP + ts() + NOP + ws(7), "fits"),
-    Layout("linux-tfo-cookie-request", mss() + SOK + ts() + NOP + ws(7) + fastopen() + NOP + NOP,
-           "fits"),
-    Layout("linux-tfo-cookie", mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE8) + NOP + NOP,
-           "make_room"),
-    Layout("linux-tfo-cookie-no-ts", mss() + NOP + NOP + SOK + NOP + ws(7) + fastopen(COOKIE8)
-           + NOP + NOP, "fits"),
-    Layout("linux-tfo-16-byte-cookie", mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE16)
-           + NOP + NOP, "no_room"),
+    Layout(
+        "linux-tfo-cookie-request",
+        mss() + SOK + ts() + NOP + ws(7) + fastopen() + NOP + NOP,
+        "fits",
+    ),
+    Layout(
+        "linux-tfo-cookie",
+        mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE8) + NOP + NOP,
+        "make_room",
+    ),
+    Layout(
+        "linux-tfo-cookie-no-ts",
+        mss() + NOP + NOP + SOK + NOP + ws(7) + fastopen(COOKIE8) + NOP + NOP,
+        "fits",
+    ),
+    Layout(
+        "linux-tfo-16-byte-cookie",
+        mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE16) + NOP + NOP,
+        "no_room",
+    ),
     Layout("linux-mptcp-mp-capable", mss() + SOK + ts() + NOP + ws(7) + MP_CAPABLE_V1, "fits"),
     Layout("linux-mptcp-mp-join", mss() + SOK + ts() + NOP + ws(7) + MP_JOIN, "make_room"),
-    Layout("linux-mptcp-mp-join-no-sack", mss() + NOP + NOP + ts() + NOP + ws(7) + MP_JOIN,
-           "make_room"),
-    Layout("linux-mptcp-tfo", mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE8) + NOP + NOP
-           + MP_CAPABLE_V1, "make_room"),
-    Layout("linux-tcp-md5", NOP + NOP + MD5SIG + mss() + NOP + NOP + SOK + NOP + ws(7),
-           "no_room"),
+    Layout(
+        "linux-mptcp-mp-join-no-sack", mss() + NOP + NOP + ts() + NOP + ws(7) + MP_JOIN, "make_room"
+    ),
+    Layout(
+        "linux-mptcp-tfo",
+        mss() + SOK + ts() + NOP + ws(7) + fastopen(COOKIE8) + NOP + NOP + MP_CAPABLE_V1,
+        "make_room",
+    ),
+    Layout("linux-tcp-md5", NOP + NOP + MD5SIG + mss() + NOP + NOP + SOK + NOP + ws(7), "no_room"),
     Layout("android", mss(1400) + SOK + ts() + NOP + ws(9), "fits"),
     # Windows 10/11: no timestamps by default; with them when enabled
     Layout("windows", mss() + NOP + ws(8) + NOP + NOP + SOK, "fits"),
@@ -77,14 +92,23 @@ LAYOUTS = [
     # macOS / iOS: EOL padding
     Layout("macos", mss() + NOP + ws(6) + NOP + NOP + ts() + SOK + EOL + EOL, "fits"),
     Layout("ios", mss() + NOP + ws(4) + NOP + NOP + ts() + SOK + EOL + EOL, "fits"),
-    Layout("macos-tfo-cookie", mss() + NOP + ws(6) + NOP + NOP + ts() + SOK + fastopen(COOKIE8),
-           "make_room"),
-    Layout("ios-mptcp-v0", mss() + NOP + ws(4) + MP_CAPABLE_V0 + NOP + NOP + ts() + SOK + EOL
-           + EOL, "make_room"),
+    Layout(
+        "macos-tfo-cookie",
+        mss() + NOP + ws(6) + NOP + NOP + ts() + SOK + fastopen(COOKIE8),
+        "make_room",
+    ),
+    Layout(
+        "ios-mptcp-v0",
+        mss() + NOP + ws(4) + MP_CAPABLE_V0 + NOP + NOP + ts() + SOK + EOL + EOL,
+        "make_room",
+    ),
     # the BSDs
     Layout("freebsd", mss() + NOP + ws(6) + SOK + ts(), "fits"),
-    Layout("freebsd-tfo-cookie", mss() + NOP + ws(6) + SOK + ts() + fastopen(COOKIE8) + EOL + EOL,
-           "make_room"),
+    Layout(
+        "freebsd-tfo-cookie",
+        mss() + NOP + ws(6) + SOK + ts() + fastopen(COOKIE8) + EOL + EOL,
+        "make_room",
+    ),
     Layout("openbsd", mss() + NOP + NOP + SOK + NOP + ws(6) + NOP + NOP + ts(), "fits"),
     Layout("netbsd", mss() + NOP + ws(3) + SOK + NOP + NOP + NOP + NOP + ts(), "fits"),
 ]
@@ -100,6 +124,6 @@ def option_list(options: bytes) -> list[bytes]:
         if options[i] == 1:
             i += 1
             continue
-        out.append(options[i:i + options[i + 1]])
+        out.append(options[i : i + options[i + 1]])
         i += options[i + 1]
     return out

@@ -85,8 +85,11 @@ class AgentProc:
 
     def __init__(self, ns: str, config: Path, log: Path, *extra: str) -> None:
         self.log_path = log
-        self.proc = subprocess.Popen([*NETOKEN, "-n", ns, "agent", "-c", str(config), *extra],
-                                     stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        self.proc = subprocess.Popen(
+            [*NETOKEN, "-n", ns, "agent", "-c", str(config), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
 
     def lines(self) -> list[dict[str, str]]:
         return [logfmt(line) for line in self.log_path.read_text().splitlines()]
@@ -128,8 +131,11 @@ def agent(ns: str, config: Path, log: Path, *extra: str) -> Iterator[AgentProc]:
 def ts(line: dict[str, str]) -> float:
     """A log line's time as a Unix time."""
     t = line["ts"]
-    return time.mktime(time.strptime(t[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone + float(
-        "0." + t[20:23])
+    return (
+        time.mktime(time.strptime(t[:19], "%Y-%m-%dT%H:%M:%S"))
+        - time.timezone
+        + float("0." + t[20:23])
+    )
 
 
 def keys_toml(keys: dict[int, Path], starts: dict[int, str] | None = None) -> str:
@@ -141,8 +147,14 @@ def keys_toml(keys: dict[int, Path], starts: dict[int, str] | None = None) -> st
     return out
 
 
-def client_config(dest: str, keys: dict[int, Path], policy_keys: list[int], iface: str,
-                  starts: dict[int, str] | None = None, extra: str = "") -> str:
+def client_config(
+    dest: str,
+    keys: dict[int, Path],
+    policy_keys: list[int],
+    iface: str,
+    starts: dict[int, str] | None = None,
+    extra: str = "",
+) -> str:
     return keys_toml(keys, starts) + textwrap.dedent(f"""
         [[policy]]
         name = "svc"
@@ -156,8 +168,9 @@ def client_config(dest: str, keys: dict[int, Path], policy_keys: list[int], ifac
         """)
 
 
-def server_config(dest: str, keys: dict[int, Path], accept: list[int], iface: str,
-                  extra: str = "") -> str:
+def server_config(
+    dest: str, keys: dict[int, Path], accept: list[int], iface: str, extra: str = ""
+) -> str:
     return keys_toml(keys) + textwrap.dedent(f"""
         [guard]
         action = "drop"
@@ -185,8 +198,7 @@ def key_file(directory: Path, name: str, secret: bytes) -> Path:
 def live_key(ifname: str) -> int:
     """The key the marker's first policy marks with, from the live maps."""
     d = pin_dir(ifname) / "marker"
-    with Map.from_pinned(str(d / "nt_config")) as c, \
-            Map.from_pinned(str(d / "nt_policies")) as p:
+    with Map.from_pinned(str(d / "nt_config")) as c, Map.from_pinned(str(d / "nt_policies")) as p:
         gen = layout.NtConfig.from_bytes(c.lookup(u32(0))).generation
         return layout.NtPolicy.from_bytes(p.lookup(u32((gen & 1) * marker.POLICY_HALF))).key_id
 
@@ -256,16 +268,23 @@ def test_kubernetes_volumes_swaps_broken_config_metrics_and_exit(nodes, tmp_path
 
     keys = Volume(tmp_path / "keys", {"1.key": TEST_KEY.hex() + "\n"}, mode=0o400)
     both = {1: keys / "1.key", 2: keys / "2.key"}
-    conf = Volume(tmp_path / "config", {"netoken.toml": client_config(
-        t.server_ip, {1: keys / "1.key"}, [1], t.client_if, extra=f'metrics = "{METRICS}"')})
+    conf = Volume(
+        tmp_path / "config",
+        {
+            "netoken.toml": client_config(
+                t.server_ip, {1: keys / "1.key"}, [1], t.client_if, extra=f'metrics = "{METRICS}"'
+            )
+        },
+    )
 
-    with agent(t.server, scfg, tmp_path / "server.log", "--detach-on-exit") as sa, \
-            agent(t.client, conf / "netoken.toml", tmp_path / "client.log") as ca:
+    with (
+        agent(t.server, scfg, tmp_path / "server.log", "--detach-on-exit") as sa,
+        agent(t.client, conf / "netoken.toml", tmp_path / "client.log") as ca,
+    ):
         sa.wait_for("attached", iface=t.server_if, role="guard")
         ca.wait_for("attached", iface=t.client_if, role="marker")
         (m,) = status(t.client, t.client_if)
-        assert m["role"] == "marker" and m["attached"] and m["config"] == str(
-            conf / "netoken.toml")
+        assert m["role"] == "marker" and m["attached"] and m["config"] == str(conf / "netoken.toml")
         (g,) = status(t.server, t.server_if)
         assert g["role"] == "guard" and g["attached"]
         assert live_key(t.client_if) == 1
@@ -274,8 +293,13 @@ def test_kubernetes_volumes_swaps_broken_config_metrics_and_exit(nodes, tmp_path
             loop.wait_for(30, 15)
             # 1. the ConfigMap lands before the Secret: key 2's file is missing
             n = len(ca.lines())
-            conf.publish({"netoken.toml": client_config(t.server_ip, both, [2], t.client_if,
-                                                        extra=f'metrics = "{METRICS}"')})
+            conf.publish(
+                {
+                    "netoken.toml": client_config(
+                        t.server_ip, both, [2], t.client_if, extra=f'metrics = "{METRICS}"'
+                    )
+                }
+            )
             err = ca.wait_for("config rejected; keeping the last good one", after=n)
             assert "2.key does not exist" in err["error"] and err["level"] == "error"
             assert live_key(t.client_if) == 1
@@ -296,8 +320,13 @@ def test_kubernetes_volumes_swaps_broken_config_metrics_and_exit(nodes, tmp_path
             assert live_key(t.client_if) == 2 and ca.proc.poll() is None
             # 4. fixed again: back to key 1 through a ConfigMap swap alone
             t0 = time.time()
-            conf.publish({"netoken.toml": client_config(t.server_ip, both, [2, 1], t.client_if,
-                                                        extra=f'metrics = "{METRICS}"')})
+            conf.publish(
+                {
+                    "netoken.toml": client_config(
+                        t.server_ip, both, [2, 1], t.client_if, extra=f'metrics = "{METRICS}"'
+                    )
+                }
+            )
             t1 = wait_key(t.client_if, 1)
             print(f"ConfigMap ..data swap -> marker on key 1: {(t1 - t0) * 1000:.0f} ms")
             loop.wait_for(loop.done + 30, 15)
@@ -320,10 +349,16 @@ def test_kubernetes_volumes_swaps_broken_config_metrics_and_exit(nodes, tmp_path
         assert sample(text, "netoken_agent_applies_total", cause="schedule") == 0
         assert sample(text, "netoken_exporter_read_errors_total") == 0
         assert sample(text, "netoken_attached", interface=t.client_if, role="marker") == 1
-        assert sample(text, "netoken_events_total", interface=t.client_if, role="marker",
-                      result="lost") == c["events_lost"]
-        assert sample(text, "netoken_marker_packets_total", interface=t.client_if,
-                      reason="marked") >= loop.done
+        assert (
+            sample(
+                text, "netoken_events_total", interface=t.client_if, role="marker", result="lost"
+            )
+            == c["events_lost"]
+        )
+        assert (
+            sample(text, "netoken_marker_packets_total", interface=t.client_if, reason="marked")
+            >= loop.done
+        )
         assert "process_cpu_seconds_total" in text
 
         assert ca.stop() == 0
@@ -341,7 +376,9 @@ def test_interfaces_appearing_later_get_marker_and_guard(lab: Lab, tmp_path):
     base = uid("ag")[:10]
     key = key_file(tmp_path, "1.key", TEST_KEY)
     cfg = tmp_path / "netoken.toml"
-    cfg.write_text(keys_toml({1: key}) + textwrap.dedent(f"""
+    cfg.write_text(
+        keys_toml({1: key})
+        + textwrap.dedent(f"""
         [[policy]]
         name = "p"
         destinations = ["192.0.2.0/24"]
@@ -353,7 +390,8 @@ def test_interfaces_appearing_later_get_marker_and_guard(lab: Lab, tmp_path):
         [agent]
         mark = ["{base}*"]
         guard = ["{base}[xz]"]
-        """))
+        """)
+    )
     names = (base + "x", base + "y")  # x gets both roles, its peer y the marker
     try:
         with agent(ns, cfg, tmp_path / "agent.log", "--detach-on-exit") as a:
@@ -363,10 +401,12 @@ def test_interfaces_appearing_later_get_marker_and_guard(lab: Lab, tmp_path):
             worst = max(ts(line) for line in both) - t0
             print(f"\nveth created -> marker and guard on it: {worst * 1000:.0f} ms")
             a.wait_for("attached", iface=names[1], role="marker")
-            states = {(d["ifname"], d["role"]): d["attached"] for i in names
-                      for d in status(ns, i)}
-            assert states == {(names[0], "marker"): True, (names[0], "guard"): True,
-                              (names[1], "marker"): True}
+            states = {(d["ifname"], d["role"]): d["attached"] for i in names for d in status(ns, i)}
+            assert states == {
+                (names[0], "marker"): True,
+                (names[0], "guard"): True,
+                (names[1], "marker"): True,
+            }
 
             # something detaches behind the agent's back: it is put back
             n = len(a.lines())
@@ -396,8 +436,10 @@ def test_mark_from_switches_on_time_and_guards_take_both_keys(nodes, tmp_path):
     ccfg, scfg = tmp_path / "client.toml", tmp_path / "server.toml"
     ccfg.write_text(client_config(t.server_ip, {1: keys[1]}, [1], t.client_if))
     scfg.write_text(server_config(t.server_ip, {1: keys[1]}, [1], t.server_if))
-    with agent(t.server, scfg, tmp_path / "server.log") as sa, \
-            agent(t.client, ccfg, tmp_path / "client.log") as ca:
+    with (
+        agent(t.server, scfg, tmp_path / "server.log") as sa,
+        agent(t.client, ccfg, tmp_path / "client.log") as ca,
+    ):
         sa.wait_for("attached", iface=t.server_if)
         ca.wait_for("attached", iface=t.client_if)
         with server(t.server, PORT), ConnectionLoop(t.client, t.server_ip, PORT) as loop:
@@ -415,8 +457,10 @@ def test_mark_from_switches_on_time_and_guards_take_both_keys(nodes, tmp_path):
             seen = wait_key(t.client_if, 2, limit=15)
             line = ca.wait_for("key switched", after=n_c, iface=t.client_if)
             loop.wait_for(loop.done + 30, 15)
-    print(f"\nmark_from {at}: marker seen on key 2 {(seen - switch) * 1000:+.0f} ms, "
-          f"logged {(ts(line) - switch) * 1000:+.0f} ms after the instant")
+    print(
+        f"\nmark_from {at}: marker seen on key 2 {(seen - switch) * 1000:+.0f} ms, "
+        f"logged {(ts(line) - switch) * 1000:+.0f} ms after the instant"
+    )
     assert abs(seen - switch) <= 1 and line["cause"] == "mark_from"
     assert line["policies"] == "svc:1->2"
     assert not loop.failures, loop.failures[:3]
@@ -429,8 +473,10 @@ def test_mark_from_switches_on_time_and_guards_take_both_keys(nodes, tmp_path):
     # key 1 marked until the instant, key 2 after it, both verified throughout
     assert per_key(mid).get(2, 0) == 0 < per_key(after)[2]
     assert per_key(after)[1] > per_key(before)[1]
-    print(f"{loop.done} connections, none failed; guard ok {before['counters']['ok']} -> "
-          f"{after['counters']['ok']}, per key before {per_key(before)}, after {per_key(after)}")
+    print(
+        f"{loop.done} connections, none failed; guard ok {before['counters']['ok']} -> "
+        f"{after['counters']['ok']}, per key before {per_key(before)}, after {per_key(after)}"
+    )
 
 
 def test_clock_offset_is_put_right_when_the_clock_is_set(lab: Lab, tmp_path):
@@ -443,14 +489,17 @@ def test_clock_offset_is_put_right_when_the_clock_is_set(lab: Lab, tmp_path):
     run("ip", "-n", ns, "link", "set", iface, "up")
     key = key_file(tmp_path, "1.key", TEST_KEY)
     cfg = tmp_path / "netoken.toml"
-    cfg.write_text(keys_toml({1: key}) + textwrap.dedent(f"""
+    cfg.write_text(
+        keys_toml({1: key})
+        + textwrap.dedent(f"""
         [[policy]]
         name = "p"
         destinations = ["192.0.2.0/24"]
         key = 1
         [agent]
         mark = ["{iface}"]
-        """))
+        """)
+    )
     try:
         with agent(ns, cfg, tmp_path / "agent.log") as a:
             a.wait_for("attached", iface=iface)
@@ -486,8 +535,13 @@ def test_startup_errors_are_one_line(tmp_path, lab: Lab):
         (("-c", str(tmp_path / "none.toml")), "cannot read config"),
         (("-c", str(bad), "--metrics", "nowhere"), "netoken: --listen 'nowhere': expected"),
     ):
-        r = subprocess.run([*NETOKEN, "-n", ns, "agent", *args], capture_output=True, text=True,
-                           timeout=30, check=False)
+        r = subprocess.run(
+            [*NETOKEN, "-n", ns, "agent", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert r.returncode == 1, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and want in lines[0] and "Traceback" not in r.stderr, r.stderr

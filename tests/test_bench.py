@@ -23,10 +23,12 @@ def datapath() -> dict:
 
 
 def _our_namespaces() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                         check=True).stdout
-    return [ln.split()[0] for ln in out.splitlines()
-            if ln.startswith(f"ntbench-{os.getpid() % 100000:05d}-")]
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [
+        ln.split()[0]
+        for ln in out.splitlines()
+        if ln.startswith(f"ntbench-{os.getpid() % 100000:05d}-")
+    ]
 
 
 def test_every_contender_is_reported_next_to_the_floor_of_its_group(datapath):
@@ -49,17 +51,29 @@ def test_every_contender_is_reported_next_to_the_floor_of_its_group(datapath):
 def test_the_contenders_the_issue_asks_for_are_there(datapath):
     names = {r["name"] for g in datapath["groups"] for r in g["rows"]}
     for want in (
-        "marker: IPv4 SYN, mac", "marker: IPv4 SYN, static", "marker: IPv6 SYN, mac",
-        "marker: SYN, no policy", "marker: ACK, no payload", "marker: 1500-byte ACK",
-        "marker: UDP", "guard: valid SYN, first sight", "guard: valid SYN, seen before (replay)",
-        "guard: SYN without token", "guard: SYN with bad tag (forged)", "guard: ACK to protected port",
-        "reference: static appender (seed)", "reference: bare SipHash verifier",
-        "guard: SYN, unprotected destination", "guard: TCP fragment to protected address",
+        "marker: IPv4 SYN, mac",
+        "marker: IPv4 SYN, static",
+        "marker: IPv6 SYN, mac",
+        "marker: SYN, no policy",
+        "marker: ACK, no payload",
+        "marker: 1500-byte ACK",
+        "marker: UDP",
+        "guard: valid SYN, first sight",
+        "guard: valid SYN, seen before (replay)",
+        "guard: SYN without token",
+        "guard: SYN with bad tag (forged)",
+        "guard: ACK to protected port",
+        "reference: static appender (seed)",
+        "reference: bare SipHash verifier",
+        "guard: SYN, unprotected destination",
+        "guard: TCP fragment to protected address",
         f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT} extension headers",
         f"guard: IPv6 SYN behind {layout.MAX_IP6_EXT + 1} (fails closed)",
         # the same paths at the other hook
-        "tc guard: valid SYN, seen before (replay)", "tc guard: SYN without token",
-        "tc guard: SYN with bad tag (forged)", "tc guard: ACK to protected port",
+        "tc guard: valid SYN, seen before (replay)",
+        "tc guard: SYN without token",
+        "tc guard: SYN with bad tag (forged)",
+        "tc guard: ACK to protected port",
     ):
         assert want in names
 

@@ -39,11 +39,17 @@ OTHER_KEY = bytes(range(100, 116))
 EMPTY_OBJ = Path(__file__).resolve().parents[1] / "netoken" / "bpf" / "empty.bpf.o"
 
 
-def netoken(*args: str, ns: str | None = None, pre: tuple[str, ...] = (),
-            timeout: float = 30) -> subprocess.CompletedProcess:
+def netoken(
+    *args: str, ns: str | None = None, pre: tuple[str, ...] = (), timeout: float = 30
+) -> subprocess.CompletedProcess:
     netns = ("-n", ns) if ns else ()
-    return subprocess.run([*pre, sys.executable, "-m", "netoken", *netns, *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [*pre, sys.executable, "-m", "netoken", *netns, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def ok(*args: str, ns: str | None = None) -> str:
@@ -121,8 +127,9 @@ def assert_nothing_left(ns: str, dev: str) -> None:
     assert "clsact" not in qdiscs(ns, dev)
 
 
-def write_config(directory: Path, keys: dict[int, bytes], body: str,
-                 name: str = "netoken.toml") -> Path:
+def write_config(
+    directory: Path, keys: dict[int, bytes], body: str, name: str = "netoken.toml"
+) -> Path:
     parts = []
     for kid, secret in keys.items():
         path = write_key(directory, f"{kid}-{name}.key", secret)
@@ -155,8 +162,9 @@ class Setup:
         return ok(*args, ns=self.t.client)
 
     def attach(self, cfg: Path | None = None) -> dict:
-        return json.loads(self.ok("mark", "attach", self.t.client_if, "-c",
-                                  str(cfg or self.cfg), "--json"))
+        return json.loads(
+            self.ok("mark", "attach", self.t.client_if, "-c", str(cfg or self.cfg), "--json")
+        )
 
     def status(self) -> dict:
         (d,) = json.loads(self.ok("status", self.t.client_if, "--json"))
@@ -171,8 +179,7 @@ class Setup:
 def setup(lab: Lab, tmp_path: Path) -> Iterator[Setup]:
     t = build_topology(lab)
     try:
-        yield Setup(t, write_config(tmp_path, {1: TEST_KEY}, policy(f"{t.server_ip}/32")),
-                    tmp_path)
+        yield Setup(t, write_config(tmp_path, {1: TEST_KEY}, policy(f"{t.server_ip}/32")), tmp_path)
     finally:
         forget(t.client_if, t.server_if)
 
@@ -181,8 +188,14 @@ def setup(lab: Lab, tmp_path: Path) -> Iterator[Setup]:
 # load: a steady loop of real connections while something changes
 
 
-def steady_load(s: Setup, during: Callable[[], None], path: Path,
-                before: int = 30, after: int = 30, workers: int = 4) -> tuple[list[bytes], int]:
+def steady_load(
+    s: Setup,
+    during: Callable[[], None],
+    path: Path,
+    before: int = 30,
+    after: int = 30,
+    workers: int = 4,
+) -> tuple[list[bytes], int]:
     """Connect in loops from WORKERS threads, run DURING once BEFORE
     connections succeeded, stop AFTER more; returns (every SYN the server
     saw, connections made).  Several loops make the change race many SYNs."""
@@ -232,10 +245,23 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     s, t = setup, setup.t
     res = s.attach()
     assert (res["ifname"], res["replaced_prog_id"], res["created_clsact"]) == (
-        t.client_if, None, True)
+        t.client_if,
+        None,
+        True,
+    )
     pins = sorted(os.listdir(pin_dir(t.client_if) / "marker"))
-    assert pins == sorted(["prog", "nt_config", "nt_keys", "nt_policies", "nt_dst_v4",
-                           "nt_dst_v6", "nt_mark_stats", "nt_mark_events"])
+    assert pins == sorted(
+        [
+            "prog",
+            "nt_config",
+            "nt_keys",
+            "nt_policies",
+            "nt_dst_v4",
+            "nt_dst_v6",
+            "nt_mark_stats",
+            "nt_mark_events",
+        ]
+    )
 
     # status from a fresh process agrees with what tc reports
     d = s.status()
@@ -247,20 +273,41 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     assert d["ifindex"] == res["ifindex"]
     assert d["config"] == str(s.cfg)
     assert [k["id"] for k in d["keys"]] == [1]
-    assert d["policies"] == [{"name": "svc", "destinations": [f"{t.server_ip}/32"],
-                              "ports": [PORT], "mode": "mac", "keys": [1], "key": 1}]
+    assert d["policies"] == [
+        {
+            "name": "svc",
+            "destinations": [f"{t.server_ip}/32"],
+            "ports": [PORT],
+            "mode": "mac",
+            "keys": [1],
+            "key": 1,
+        }
+    ]
     assert d["schedule"] == {"next_switch": None, "overdue": []}
     human = s.ok("status")
-    for text in (t.client_if, f"prog {res['prog_id']}", "handle 0x6e74 prio 1", "svc",
-                 "attached"):
+    for text in (t.client_if, f"prog {res['prog_id']}", "handle 0x6e74 prio 1", "svc", "attached"):
         assert text in human
     for out in (human, json.dumps(d)):
         assert TEST_KEY.hex() not in out  # never key bytes
 
     # monitor (JSON lines) sees the SYNs made after it started
     mon = subprocess.Popen(
-        [sys.executable, "-m", "netoken", "-n", t.client, "monitor", t.client_if, "--json",
-         "--count", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "netoken",
+            "-n",
+            t.client,
+            "monitor",
+            t.client_if,
+            "--json",
+            "--count",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "following events" in mon.stderr.readline()
         with server(t.server, PORT):
@@ -274,7 +321,13 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
     assert len(events) == 3
     for e in events:
         assert (e["role"], e["policy"], e["daddr"], e["dport"], e["key_id"], e["mode"]) == (
-            "marker", "svc", t.server_ip, PORT, 1, "mac")
+            "marker",
+            "svc",
+            t.server_ip,
+            PORT,
+            1,
+            "mac",
+        )
         assert len(bytes.fromhex(e["tag"])) == 4 and len(bytes.fromhex(e["nonce"])) == 6
     assert "3 event(s) shown, 0 lost" in err
 
@@ -294,7 +347,10 @@ def test_human_monitor_has_aligned_columns(setup: Setup):
     s.attach()
     mon = subprocess.Popen(
         [sys.executable, "-m", "netoken", "-n", t.client, "monitor", "--count", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = mon.stderr.readline()
         if "in other network namespaces not shown" in line:  # other tests' state
@@ -322,7 +378,10 @@ def test_monitor_reports_lost_events(setup: Setup):
     with out_file.open("w") as out_w:  # a file, not a pipe: 2500 lines would block it
         mon = subprocess.Popen(
             [sys.executable, "-m", "netoken", "-n", t.client, "monitor", t.client_if, "--json"],
-            stdout=out_w, stderr=subprocess.PIPE, text=True)
+            stdout=out_w,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         assert "following events" in mon.stderr.readline()
         # A stalled consumer: the pinned program, run on the pinned maps,
@@ -353,7 +412,10 @@ def test_stats_watch_piped_prints_lines_and_ctrl_c_exits_0(setup: Setup):
     s.attach()
     proc = subprocess.Popen(
         [sys.executable, "-m", "netoken", "-n", t.client, "stats", "--watch", "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = proc.stdout.readline()
     with server(t.server, PORT):
         connect(t.client, t.server_ip, PORT)
@@ -378,13 +440,19 @@ def test_key_schedule_in_apply_and_status(setup: Setup, tmp_path):
 
     def config(start: float) -> tuple[Path, str]:
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
-        return write_config(tmp_path, {1: TEST_KEY, 2: OTHER_KEY}, f"""
+        return write_config(
+            tmp_path,
+            {1: TEST_KEY, 2: OTHER_KEY},
+            f"""
 [[key]]
 id = 3
 file = "{write_key(tmp_path, "3.key", OTHER_KEY)}"
 mark_from = {at}
-""" + policy(f"{t.server_ip}/32").replace("key = 1", "keys = [1, 3]") + policy(
-            "192.0.2.0/24", key=2, name="other"), name="sched.toml"), at
+"""
+            + policy(f"{t.server_ip}/32").replace("key = 1", "keys = [1, 3]")
+            + policy("192.0.2.0/24", key=2, name="other"),
+            name="sched.toml",
+        ), at
 
     s.attach()
     cfg, at = config(time.time() + 3600)
@@ -392,11 +460,15 @@ mark_from = {at}
     assert "keys in use: svc key 1, other key 2" in out
     assert f"next switch {at}: svc -> key 3 (performed by `netoken agent`" in out
     res = json.loads(s.ok("apply", t.client_if, "-c", str(cfg), "--json"))
-    assert res[0]["schedule"] == {"in_use": {"svc": 1, "other": 2},
-                                  "next_switch": {"at": at, "policies": {"svc": 3}}}
+    assert res[0]["schedule"] == {
+        "in_use": {"svc": 1, "other": 2},
+        "next_switch": {"at": at, "policies": {"svc": 3}},
+    }
     d = s.status()
     assert [(p["name"], p["keys"], p["key"]) for p in d["policies"]] == [
-        ("svc", [1, 3], 1), ("other", [2], 2)]
+        ("svc", [1, 3], 1),
+        ("other", [2], 2),
+    ]
     assert d["schedule"] == {"next_switch": {"at": at, "policies": {"svc": 3}}, "overdue": []}
     human = s.ok("status", t.client_if)
     assert "policy   svc    mac key 1 of 1,3" in human and f"next switch {at}" in human
@@ -407,8 +479,10 @@ mark_from = {at}
     s.ok("apply", t.client_if, "-c", str(cfg))
     time.sleep(max(0.0, start - time.time()))
     d = s.status()
-    assert d["schedule"] == {"next_switch": None,
-                             "overdue": [{"policy": "svc", "key": 3, "since": at}]}
+    assert d["schedule"] == {
+        "next_switch": None,
+        "overdue": [{"policy": "svc", "key": 3, "since": at}],
+    }
     assert f"svc should mark with key 3 since {at}" in s.ok("status", t.client_if)
     res = json.loads(s.ok("apply", t.client_if, "-c", str(cfg), "--json"))
     assert res[0]["schedule"] == {"in_use": {"svc": 3, "other": 2}, "next_switch": None}
@@ -442,18 +516,23 @@ def test_attach_twice_replaces_atomically_and_counters_persist(setup: Setup, tmp
 def test_apply_switches_tokens_with_zero_unmarked_syns(setup: Setup, tmp_path):
     s, t = setup, setup.t
     s.attach()
-    new = write_config(tmp_path, {2: OTHER_KEY}, policy(f"{t.server_ip}/32", key=2),
-                       name="rotated.toml")
+    new = write_config(
+        tmp_path, {2: OTHER_KEY}, policy(f"{t.server_ip}/32", key=2), name="rotated.toml"
+    )
     applied: list[str] = []
-    captured, made = steady_load(s, lambda: applied.append(s.ok("apply", t.client_if, "-c",
-                                                                  str(new))),
-                                 tmp_path / "apply.pcap")
+    captured, made = steady_load(
+        s,
+        lambda: applied.append(s.ok("apply", t.client_if, "-c", str(new))),
+        tmp_path / "apply.pcap",
+    )
     assert "applied" in applied[0]
     assert len(captured) >= made
     tokens = [token_of(raw) for raw in captured]
-    assert None not in tokens, (f"{tokens.count(None)} of {len(captured)} SYNs unmarked; "
-                                f"marker counters {s.counters()}; unmarked: "
-                                f"{[r.hex() for r, tk in zip(captured, tokens) if tk is None]}")
+    assert None not in tokens, (
+        f"{tokens.count(None)} of {len(captured)} SYNs unmarked; "
+        f"marker counters {s.counters()}; unmarked: "
+        f"{[r.hex() for r, tk in zip(captured, tokens) if tk is None]}"
+    )
     by_key: dict[int, list[bytes]] = {1: [], 2: []}
     for raw, tok in zip(captured, tokens, strict=True):
         by_key[tok.key_id].append(raw)
@@ -467,10 +546,14 @@ def test_apply_switches_tokens_with_zero_unmarked_syns(setup: Setup, tmp_path):
 
 def test_apply_removes_entries_that_disappeared(setup: Setup, tmp_path):
     s, t = setup, setup.t
-    two = write_config(tmp_path, {1: TEST_KEY}, policy(f"{t.server_ip}/32")
-                       + policy("192.0.2.0/24", name="gone") + policy("2001:db8::/64",
-                                                                      name="gone6"),
-                       name="two.toml")
+    two = write_config(
+        tmp_path,
+        {1: TEST_KEY},
+        policy(f"{t.server_ip}/32")
+        + policy("192.0.2.0/24", name="gone")
+        + policy("2001:db8::/64", name="gone6"),
+        name="two.toml",
+    )
     s.attach(two)
     v4 = pin_dir(t.client_if) / "marker" / "nt_dst_v4"
     v6 = pin_dir(t.client_if) / "marker" / "nt_dst_v6"
@@ -489,8 +572,23 @@ def test_apply_removes_entries_that_disappeared(setup: Setup, tmp_path):
 def test_foreign_filter_is_left_alone(setup: Setup, hook):
     s, t = setup, setup.t
     run("tc", "qdisc", "add", "dev", t.client_if, "clsact", ns=t.client)
-    run("tc", "filter", "add", "dev", t.client_if, hook, "prio", "49152", "bpf", "da", "obj",
-        str(EMPTY_OBJ), "sec", "tc", ns=t.client)
+    run(
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        t.client_if,
+        hook,
+        "prio",
+        "49152",
+        "bpf",
+        "da",
+        "obj",
+        str(EMPTY_OBJ),
+        "sec",
+        "tc",
+        ns=t.client,
+    )
     foreign = filters(t.client, t.client_if, hook)
     res = s.attach()
     assert res["created_clsact"] is False
@@ -508,8 +606,23 @@ def test_foreign_filter_is_left_alone(setup: Setup, hook):
 def test_clsact_netoken_created_stays_while_others_use_it(setup: Setup):
     s, t = setup, setup.t
     assert s.attach()["created_clsact"] is True
-    run("tc", "filter", "add", "dev", t.client_if, "ingress", "prio", "49152", "bpf", "da",
-        "obj", str(EMPTY_OBJ), "sec", "tc", ns=t.client)
+    run(
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        t.client_if,
+        "ingress",
+        "prio",
+        "49152",
+        "bpf",
+        "da",
+        "obj",
+        str(EMPTY_OBJ),
+        "sec",
+        "tc",
+        ns=t.client,
+    )
     assert "clsact kept" in s.ok("mark", "detach", t.client_if)
     assert "clsact" in qdiscs(t.client, t.client_if)
     assert len(filters(t.client, t.client_if, "ingress")) == 2  # prio header + filter
@@ -546,10 +659,16 @@ def test_missing_bpffs_is_mounted(setup: Setup):
     s, t = setup, setup.t
     # A private mount namespace without bpffs: netoken mounts one there (and
     # its pins vanish with that namespace, which is what this test wants).
-    script = (f"umount /sys/fs/bpf && {sys.executable} -m netoken -n {t.client} mark attach "
-              f"{t.client_if} -c {s.cfg} && grep -c ' /sys/fs/bpf .* - bpf ' /proc/self/mountinfo")
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                       capture_output=True, text=True, check=False)
+    script = (
+        f"umount /sys/fs/bpf && {sys.executable} -m netoken -n {t.client} mark attach "
+        f"{t.client_if} -c {s.cfg} && grep -c ' /sys/fs/bpf .* - bpf ' /proc/self/mountinfo"
+    )
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "marker attached" in r.stdout and r.stdout.strip().endswith("1")
     assert not pin_dir(t.client_if).exists()  # the host's bpffs was never touched
@@ -570,8 +689,9 @@ def test_failed_first_attach_leaves_nothing(setup: Setup, monkeypatch):
 def test_failed_replace_keeps_the_running_marker(setup: Setup, tmp_path, monkeypatch):
     s, t = setup, setup.t
     first = s.attach()
-    other = write_config(tmp_path, {2: OTHER_KEY}, policy(f"{t.server_ip}/32", key=2),
-                         name="other.toml")
+    other = write_config(
+        tmp_path, {2: OTHER_KEY}, policy(f"{t.server_ip}/32", key=2), name="other.toml"
+    )
     monkeypatch.setattr(nt_tc, "tc_attach", _failing_tc_attach)
     with netns(t.client), pytest.raises(BPFError):
         marker.attach_pinned(t.client_if, nconfig.load(other))
@@ -607,8 +727,12 @@ def test_not_root_is_one_line(setup: Setup):
 
 
 def test_ip_netns_exec_is_refused_with_a_hint(setup: Setup):
-    r = subprocess.run(["ip", "netns", "exec", setup.t.client, sys.executable, "-m", "netoken",
-                        "status"], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["ip", "netns", "exec", setup.t.client, sys.executable, "-m", "netoken", "status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     line = one_line_error(r)
     assert f"netoken -n {setup.t.client}" in line
 
@@ -631,42 +755,140 @@ GOOD_KEY = TEST_KEY.hex()
 
 # (id, config text with {key}, key file text, key mode, ENTRY, PROBLEM fragment)
 BAD = [
-    ("unknown-key", KEYS + '[[policy]]\nname = "p"\ndestinations = ["10.0.0.0/8"]\nkey = 1\n'
-     'colour = "red"\n', GOOD_KEY, 0o600, 'policy "p"', 'unknown key "colour"'),
-    ("bad-cidr", KEYS + POLICY.format(dest="10.0.0.0/33", ports=80), GOOD_KEY, 0o600,
-     'policy "p"', "not an IPv4 or IPv6 prefix"),
-    ("host-bits", KEYS + POLICY.format(dest="10.0.0.1/24", ports=80), GOOD_KEY, 0o600,
-     'policy "p"', "host bits set"),
-    ("port-0", KEYS + POLICY.format(dest="10.0.0.0/8", ports=0), GOOD_KEY, 0o600,
-     'policy "p"', "port 0"),
-    ("port-65536", KEYS + POLICY.format(dest="10.0.0.0/8", ports=65536), GOOD_KEY, 0o600,
-     'policy "p"', "port 65536"),
-    ("reversed-range", KEYS + POLICY.format(dest="10.0.0.0/8", ports='"90-80"'), GOOD_KEY,
-     0o600, 'policy "p"', "reversed"),
-    ("duplicate-name", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80)
-     + POLICY.format(dest="10.1.0.0/16", ports=80), GOOD_KEY, 0o600, 'policy "p"',
-     "duplicate policy name"),
-    ("overlap", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80)
-     + POLICY.replace('"p"', '"q"').format(dest="10.0.0.0/8", ports='"70-90"'), GOOD_KEY,
-     0o600, 'policy "q"', "overlaps"),
-    ("key-missing", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80), None, 0o600, "key 1",
-     "does not exist"),
-    ("key-unreadable", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80), GOOD_KEY, 0o200,
-     "key 1", "cannot be read"),
-    ("key-short", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80), GOOD_KEY[:30], 0o600,
-     "key 1", "30 hex characters"),
-    ("key-not-hex", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80), "zz" * 16, 0o600,
-     "key 1", "not hex"),
-    ("key-world-readable", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80), GOOD_KEY, 0o644,
-     "key 1", "readable by group/others"),
-    ("unknown-key-id", KEYS + POLICY.format(dest="10.0.0.0/8", ports=80).replace(
-        "key = 1", "key = 7"), GOOD_KEY, 0o600, 'policy "p"', "refers to key 7"),
-    ("static-token-65-bit", KEYS + '[[policy]]\nname = "p"\ndestinations = ["10.0.0.0/8"]\n'
-     'mode = "static"\ntoken = "0x1_0000_0000_0000_0000"\n', GOOD_KEY, 0o600, 'policy "p"',
-     "does not fit in 64 bits"),
+    (
+        "unknown-key",
+        KEYS + '[[policy]]\nname = "p"\ndestinations = ["10.0.0.0/8"]\nkey = 1\ncolour = "red"\n',
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        'unknown key "colour"',
+    ),
+    (
+        "bad-cidr",
+        KEYS + POLICY.format(dest="10.0.0.0/33", ports=80),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "not an IPv4 or IPv6 prefix",
+    ),
+    (
+        "host-bits",
+        KEYS + POLICY.format(dest="10.0.0.1/24", ports=80),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "host bits set",
+    ),
+    (
+        "port-0",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=0),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "port 0",
+    ),
+    (
+        "port-65536",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=65536),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "port 65536",
+    ),
+    (
+        "reversed-range",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports='"90-80"'),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "reversed",
+    ),
+    (
+        "duplicate-name",
+        KEYS
+        + POLICY.format(dest="10.0.0.0/8", ports=80)
+        + POLICY.format(dest="10.1.0.0/16", ports=80),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "duplicate policy name",
+    ),
+    (
+        "overlap",
+        KEYS
+        + POLICY.format(dest="10.0.0.0/8", ports=80)
+        + POLICY.replace('"p"', '"q"').format(dest="10.0.0.0/8", ports='"70-90"'),
+        GOOD_KEY,
+        0o600,
+        'policy "q"',
+        "overlaps",
+    ),
+    (
+        "key-missing",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=80),
+        None,
+        0o600,
+        "key 1",
+        "does not exist",
+    ),
+    (
+        "key-unreadable",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=80),
+        GOOD_KEY,
+        0o200,
+        "key 1",
+        "cannot be read",
+    ),
+    (
+        "key-short",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=80),
+        GOOD_KEY[:30],
+        0o600,
+        "key 1",
+        "30 hex characters",
+    ),
+    (
+        "key-not-hex",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=80),
+        "zz" * 16,
+        0o600,
+        "key 1",
+        "not hex",
+    ),
+    (
+        "key-world-readable",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=80),
+        GOOD_KEY,
+        0o644,
+        "key 1",
+        "readable by group/others",
+    ),
+    (
+        "unknown-key-id",
+        KEYS + POLICY.format(dest="10.0.0.0/8", ports=80).replace("key = 1", "key = 7"),
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "refers to key 7",
+    ),
+    (
+        "static-token-65-bit",
+        KEYS + '[[policy]]\nname = "p"\ndestinations = ["10.0.0.0/8"]\n'
+        'mode = "static"\ntoken = "0x1_0000_0000_0000_0000"\n',
+        GOOD_KEY,
+        0o600,
+        'policy "p"',
+        "does not fit in 64 bits",
+    ),
     ("kind-252", "[option]\nkind = 252\n" + KEYS, GOOD_KEY, 0o600, "[option]", "253 or 254"),
-    ("exid-17-bit", "[option]\nexid = 0x10000\n" + KEYS, GOOD_KEY, 0o600, "[option]",
-     "out of range"),
+    (
+        "exid-17-bit",
+        "[option]\nexid = 0x10000\n" + KEYS,
+        GOOD_KEY,
+        0o600,
+        "[option]",
+        "out of range",
+    ),
 ]
 
 
@@ -690,8 +912,15 @@ def test_bad_config_is_one_line_and_nothing_is_attached(case, spare_iface, tmp_p
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text.format(key=key))
     # root reads any file; without DAC override an owner-write-only key is unreadable
-    pre = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
-           "--bounding-set=-dac_override,-dac_read_search") if mode == 0o200 else ()
+    pre = (
+        (
+            "setpriv",
+            "--inh-caps=-dac_override,-dac_read_search",
+            "--bounding-set=-dac_override,-dac_read_search",
+        )
+        if mode == 0o200
+        else ()
+    )
     for verb in (["mark", "attach", dev], ["apply", dev]):
         r = netoken(*verb, "-c", str(cfg), ns=ns, pre=pre)
         line = one_line_error(r)

@@ -53,12 +53,22 @@ GUARD_PINS = sorted(["prog", *nguard.OWN_MAPS])  # the rest is shared (test_shar
 WINDOW = 30
 
 
-def config(dest: str, *, guard_dest: str | None = None, policy_key: int = 1,
-           guard_keys: tuple[int, ...] = (1,), action: str = "drop", skew: int = 1,
-           cache: int = 4096, extra: str = "") -> str:
+def config(
+    dest: str,
+    *,
+    guard_dest: str | None = None,
+    policy_key: int = 1,
+    guard_keys: tuple[int, ...] = (1,),
+    action: str = "drop",
+    skew: int = 1,
+    cache: int = 4096,
+    extra: str = "",
+) -> str:
     """A config body (no [[key]]): a marker policy for DEST:PORT and a
     protect entry for GUARD_DEST (default DEST):PORT."""
-    return policy(dest, key=policy_key) + f"""
+    return (
+        policy(dest, key=policy_key)
+        + f"""
 [guard]
 action = "{action}"
 skew = {skew}
@@ -69,6 +79,7 @@ destinations = ["{guard_dest or dest}"]
 ports = [{PORT}]
 keys = {list(guard_keys)}
 {extra}"""
+    )
 
 
 @dataclass
@@ -90,8 +101,9 @@ class G:
     def attach(self, cfg: Path, *extra: str) -> dict:
         if self.hook and not {"--hook", "--xdp-mode"} & set(extra):
             extra = ("--hook", self.hook, *extra)
-        return json.loads(self.srv("guard", "attach", self.t.server_if, "-c", str(cfg),
-                                   *extra, "--json"))
+        return json.loads(
+            self.srv("guard", "attach", self.t.server_if, "-c", str(cfg), *extra, "--json")
+        )
 
     def mark(self, cfg: Path) -> dict:
         return json.loads(self.cli("mark", "attach", self.t.client_if, "-c", str(cfg), "--json"))
@@ -105,16 +117,29 @@ class G:
         return d
 
     def xdp(self) -> dict:
-        (link,) = json.loads(run("ip", "-j", "link", "show", "dev", self.t.server_if,
-                                 ns=self.t.server).stdout)
+        (link,) = json.loads(
+            run("ip", "-j", "link", "show", "dev", self.t.server_if, ns=self.t.server).stdout
+        )
         return link.get("xdp", {})
 
     def tc_ingress(self) -> dict[tuple[int, str], int]:
         """{(pref, handle): prog id} of the server interface's ingress filters."""
-        out = run("tc", "-j", "filter", "show", "dev", self.t.server_if, "ingress",
-                  ns=self.t.server, check=False).stdout
-        return {(f["pref"], f["options"]["handle"]): f["options"]["prog"]["id"]
-                for f in json.loads(out or "[]") if "prog" in f.get("options", {})}
+        out = run(
+            "tc",
+            "-j",
+            "filter",
+            "show",
+            "dev",
+            self.t.server_if,
+            "ingress",
+            ns=self.t.server,
+            check=False,
+        ).stdout
+        return {
+            (f["pref"], f["options"]["handle"]): f["options"]["prog"]["id"]
+            for f in json.loads(out or "[]")
+            if "prog" in f.get("options", {})
+        }
 
     def running(self) -> int | None:
         """The program at netoken's place on either hook, as the kernel reports it."""
@@ -141,8 +166,12 @@ XDP_ONLY = pytest.mark.parametrize("g", ["xdp"], indirect=True)
 
 def follow(ns: str, *args: str) -> subprocess.Popen:
     """`netoken monitor` in the background, once it follows the ring buffers."""
-    mon = subprocess.Popen([sys.executable, "-m", "netoken", "-n", ns, "monitor", *args],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mon = subprocess.Popen(
+        [sys.executable, "-m", "netoken", "-n", ns, "monitor", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = ""
     # Attachments of other tests' namespaces are announced first.
     while "following events" not in (line := mon.stderr.readline()):
@@ -162,8 +191,9 @@ def refused(t: Topology) -> bool:
     return False
 
 
-def connection_loop(t: Topology, steps: list[Callable[[], object]], between: int = 25,
-                    workers: int = 4) -> tuple[int, list[Exception]]:
+def connection_loop(
+    t: Topology, steps: list[Callable[[], object]], between: int = 25, workers: int = 4
+) -> tuple[int, list[Exception]]:
     """Connect in loops from WORKERS threads; run each step after BETWEEN
     more connections succeeded, and let BETWEEN more through after the last.
     Returns (connections made, failures)."""
@@ -177,8 +207,15 @@ def connection_loop(t: Topology, steps: list[Callable[[], object]], between: int
 
 def valid_syn(t: Topology, key: bytes = TEST_KEY, key_id: int = 1) -> bytes:
     """A SYN from the client carrying a fresh reference token."""
-    opt = token.build_mac_option(key, key_id=key_id, epoch=token.epoch_now(WINDOW),
-                                 daddr=t.server_ip, dport=PORT, saddr=t.client_ip, sport=40000)
+    opt = token.build_mac_option(
+        key,
+        key_id=key_id,
+        epoch=token.epoch_now(WINDOW),
+        daddr=t.server_ip,
+        dport=PORT,
+        saddr=t.client_ip,
+        sport=40000,
+    )
     return rebuild_with_option(syn(dst=t.server_ip, dport=PORT, src=t.client_ip), opt)
 
 
@@ -189,16 +226,23 @@ def valid_syn(t: Topology, key: bytes = TEST_KEY, key_id: int = 1) -> bytes:
 @BOTH_HOOKS
 def test_guard_attach_status_stats_monitor_detach(g: G):
     t = g.t
-    cfg = g.cfg("g.toml", extra="""
+    cfg = g.cfg(
+        "g.toml",
+        extra="""
 [[guard.protect]]
 destinations = ["192.0.2.0/24", "2001:db8::/64"]
 keys = [1]
 action = "monitor"
-""")
+""",
+    )
     res = g.attach(cfg)
     xdp_mode = "native" if g.hook == "xdp" else None
     assert (res["ifname"], res["hook"], res["xdp_mode"], res["replaced_prog_id"]) == (
-        t.server_if, g.hook, xdp_mode, None)
+        t.server_if,
+        g.hook,
+        xdp_mode,
+        None,
+    )
     assert res["replay_cache"] == {"entries": 4096, "state": "new", "copied": 0}
     assert sorted(os.listdir(pin_dir(t.server_if) / "guard")) == GUARD_PINS
     meta = run_dir(t.server_if) / "guard.json"
@@ -213,24 +257,55 @@ action = "monitor"
     assert d["prog"]["id"] == res["prog_id"] == g.running()
     assert d["prog"]["name"] == "netoken_guard"
     why = {"selected": "forced", "reason": f"forced (--hook {g.hook})", "link": "ethernet"}
-    attach = {"type": "xdp", "mode": "native", "requested": "auto", **why} if g.hook == "xdp" \
-        else {"type": "tc", "qdisc": "clsact", "hook": "ingress", "handle": 0x6E74, "priority": 1,
-              "mode": "direct-action", "runs": "filter", **why}
+    attach = (
+        {"type": "xdp", "mode": "native", "requested": "auto", **why}
+        if g.hook == "xdp"
+        else {
+            "type": "tc",
+            "qdisc": "clsact",
+            "hook": "ingress",
+            "handle": 0x6E74,
+            "priority": 1,
+            "mode": "direct-action",
+            "runs": "filter",
+            **why,
+        }
+    )
     assert (d["state"], d["attached"], d["attach"]) == ("attached", True, attach)
     assert (d["action"], d["action_override"], d["skew"]) == ("per entry", None, 1)
     assert d["replay_cache"] == {"entries": 4096}
     assert d["option"] == {"kind": 253, "exid": 0x6E74}
     assert [k["id"] for k in d["keys"]] == [1]
     assert d["protect"] == [
-        {"id": 1, "destinations": [f"{t.server_ip}/32"], "ports": [PORT], "keys": [1],
-         "tokens": 0, "action": "drop"},
-        {"id": 2, "destinations": ["192.0.2.0/24", "2001:db8::/64"], "ports": [], "keys": [1],
-         "tokens": 0, "action": "monitor"},
+        {
+            "id": 1,
+            "destinations": [f"{t.server_ip}/32"],
+            "ports": [PORT],
+            "keys": [1],
+            "tokens": 0,
+            "action": "drop",
+        },
+        {
+            "id": 2,
+            "destinations": ["192.0.2.0/24", "2001:db8::/64"],
+            "ports": [],
+            "keys": [1],
+            "tokens": 0,
+            "action": "monitor",
+        },
     ]
     human = g.srv("status")
     where = "xdp      native" if g.hook == "xdp" else "tc       ingress (clsact) handle 0x6e74"
-    for text in (t.server_if, f"prog {res['prog_id']}", where, "skew ±1",
-                 "replay cache 4096", "#1   drop    keys 1", f"{t.server_ip}/32", "monitor"):
+    for text in (
+        t.server_if,
+        f"prog {res['prog_id']}",
+        where,
+        "skew ±1",
+        "replay cache 4096",
+        "#1   drop    keys 1",
+        f"{t.server_ip}/32",
+        "monitor",
+    ):
         assert text in human, (text, human)
     for out in (human, json.dumps(d), meta.read_text(), shared_meta.read_text()):
         assert TEST_KEY.hex() not in out  # never key bytes
@@ -250,9 +325,19 @@ action = "monitor"
     assert mon.returncode == 0, err
     (e,) = [json.loads(line) for line in out.splitlines()]
     assert (e["role"], e["ifname"], e["verdict"], e["action"], e["protect"]) == (
-        "guard", t.server_if, "missing", "drop", 1)
+        "guard",
+        t.server_if,
+        "missing",
+        "drop",
+        1,
+    )
     assert (e["saddr"], e["daddr"], e["dport"], e["key_id"], e["epoch"]) == (
-        t.client_ip, t.server_ip, PORT, None, None)
+        t.client_ip,
+        t.server_ip,
+        PORT,
+        None,
+        None,
+    )
     assert "1 event(s) shown, 0 lost while following, 0 suppressed by the rate limit" in err
 
     s = g.stats()
@@ -269,8 +354,10 @@ action = "monitor"
     assert not pin_dir(t.server_if).exists() and not meta.exists()
     # the namespace's last guard takes the shared state with it
     assert not shared_dir(t.server_if).exists() and not shared_meta.exists()
-    assert g.running() is None and "clsact" not in run(
-        "tc", "qdisc", "show", "dev", t.server_if, ns=t.server).stdout
+    assert (
+        g.running() is None
+        and "clsact" not in run("tc", "qdisc", "show", "dev", t.server_if, ns=t.server).stdout
+    )
     assert "nothing attached" in g.srv("status")
 
 
@@ -285,10 +372,19 @@ def test_human_monitor_shows_guard_columns(g: G):
         finally:
             mon.kill()
     header, line = out.splitlines()
-    assert header.split() == ["TIME", "IFACE", "VERDICT", "ACTION", "SOURCE", "DESTINATION",
-                              "KEY", "EPOCH", "PROTECT"]
-    assert line[header.index("VERDICT"):].startswith("missing")
-    assert line[header.index("DESTINATION"):].startswith(f"{t.server_ip}:{PORT}")
+    assert header.split() == [
+        "TIME",
+        "IFACE",
+        "VERDICT",
+        "ACTION",
+        "SOURCE",
+        "DESTINATION",
+        "KEY",
+        "EPOCH",
+        "PROTECT",
+    ]
+    assert line[header.index("VERDICT") :].startswith("missing")
+    assert line[header.index("DESTINATION") :].startswith(f"{t.server_ip}:{PORT}")
     assert line.endswith("#1")
 
 
@@ -373,14 +469,20 @@ def test_resized_replay_cache_still_knows_what_it_saw(g: G):
 def test_apply_updates_the_guard_in_place(g: G):
     t = g.t
     res = g.attach(g.cfg("one.toml"))
-    two = g.cfg("two.toml", keys={1: TEST_KEY, 2: OTHER_KEY}, guard_keys=(2,), skew=2,
-                action="monitor", extra="""
+    two = g.cfg(
+        "two.toml",
+        keys={1: TEST_KEY, 2: OTHER_KEY},
+        guard_keys=(2,),
+        skew=2,
+        action="monitor",
+        extra="""
 [[guard.protect]]
 destinations = ["2001:db8::/64"]
 ports = [443, "7000-7100"]
 keys = [1]
 action = "drop"
-""")
+""",
+    )
     out = g.srv("apply", t.server_if, "-c", str(two))
     assert f"to the guard on {t.server_if} (prog {res['prog_id']})" in out
     assert "2 protect entries" in out and "keys added: 2" in out
@@ -389,7 +491,9 @@ action = "drop"
     assert (d["skew"], d["action"], d["config"]) == (2, "per entry", str(two))
     assert [k["id"] for k in d["keys"]] == [1, 2]
     assert [(p["keys"], p["action"], p["ports"]) for p in d["protect"]] == [
-        ([2], "monitor", [PORT]), ([1], "drop", [443, "7000-7100"])]
+        ([2], "monitor", [PORT]),
+        ([1], "drop", [443, "7000-7100"]),
+    ]
     v6 = shared_dir(t.server_if) / "nt_dst_v6"
     with Map.from_pinned(str(v6)) as m:
         assert len(list(m.keys())) == 1
@@ -404,14 +508,19 @@ action = "drop"
 def test_apply_updates_marker_and_guard_on_one_interface(g: G):
     t = g.t
     # A host that both makes marked connections and is guarded.
-    cfg = write_config(g.dir, {1: TEST_KEY}, config(f"{t.server_ip}/32",
-                                                    guard_dest=f"{t.client_ip}/32"),
-                       name="both.toml")
+    cfg = write_config(
+        g.dir,
+        {1: TEST_KEY},
+        config(f"{t.server_ip}/32", guard_dest=f"{t.client_ip}/32"),
+        name="both.toml",
+    )
     g.cli("mark", "attach", t.client_if, "-c", str(cfg))
     g.cli("guard", "attach", t.client_if, "-c", str(cfg))
     status = json.loads(g.cli("status", "--json"))
     assert [(d["ifname"], d["role"], d["state"]) for d in status] == [
-        (t.client_if, "guard", "attached"), (t.client_if, "marker", "attached")]
+        (t.client_if, "guard", "attached"),
+        (t.client_if, "marker", "attached"),
+    ]
     res = json.loads(g.cli("apply", t.client_if, "-c", str(cfg), "--json"))
     assert sorted(r["role"] for r in res) == ["guard", "marker"]
     stats = json.loads(g.cli("stats", t.client_if, "--json"))
@@ -481,7 +590,10 @@ def test_monitor_mode_passes_and_counts(g: G):
     assert g.status()["action"] == "monitor"
     res = g.attach(g.cfg("g.toml"))
     assert (res["action"], res["action_override"], res["config_action"]) == (
-        "monitor", True, "drop")
+        "monitor",
+        True,
+        "drop",
+    )
     with server(t.server, PORT):
         assert refused(t) is False
         # --mode config clears it: back to the config's drop, and drops again
@@ -503,9 +615,14 @@ def test_generic_xdp_mode_shows_in_status(g: G):
     res = g.attach(g.cfg("g.toml"), "--xdp-mode", "generic")
     assert (res["hook"], res["xdp_mode"]) == ("xdp", "generic")  # --xdp-mode means XDP
     d = g.status()
-    assert d["attach"] == {"type": "xdp", "mode": "generic", "requested": "generic",
-                           "selected": "forced", "reason": "forced (--hook xdp)",
-                           "link": "ethernet"}
+    assert d["attach"] == {
+        "type": "xdp",
+        "mode": "generic",
+        "requested": "generic",
+        "selected": "forced",
+        "reason": "forced (--hook xdp)",
+        "link": "ethernet",
+    }
     assert g.xdp()["mode"] == 2  # XDP_ATTACHED_SKB
     assert "xdp      generic (forced)" in g.srv("status", t.server_if)
     res = g.attach(g.cfg("g.toml"))  # the mode it runs in is kept by a plain replace
@@ -522,11 +639,23 @@ def test_generic_xdp_mode_shows_in_status(g: G):
 @XDP_ONLY
 def test_foreign_xdp_program_is_refused_and_left_alone(g: G):
     t = g.t
-    run("ip", "link", "set", "dev", t.server_if, "xdpgeneric", "obj", str(EMPTY_OBJ), "sec",
-        "xdp", ns=t.server)
+    run(
+        "ip",
+        "link",
+        "set",
+        "dev",
+        t.server_if,
+        "xdpgeneric",
+        "obj",
+        str(EMPTY_OBJ),
+        "sec",
+        "xdp",
+        ns=t.server,
+    )
     foreign = g.xdp()["prog"]["id"]
-    r = netoken("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")), "--hook", "xdp",
-                ns=t.server)
+    r = netoken(
+        "guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")), "--hook", "xdp", ns=t.server
+    )
     line = one_line_error(r)
     assert f"'netoken_empty_x' (id {foreign}" in line and "not installed by netoken" in line
     assert "refusing to replace" in line
@@ -536,8 +665,9 @@ def test_foreign_xdp_program_is_refused_and_left_alone(g: G):
     assert f"id {foreign}" in line and "refusing to detach" in line
     assert g.xdp()["prog"]["id"] == foreign
     # The guard at TC leaves it alone and runs next to it.
-    res = json.loads(g.srv("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")),
-                           "--hook", "tc", "--json"))
+    res = json.loads(
+        g.srv("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")), "--hook", "tc", "--json")
+    )
     assert g.running() == res["prog_id"] and g.xdp()["prog"]["id"] == foreign
     g.srv("guard", "detach", t.server_if)
     assert g.xdp()["prog"]["id"] == foreign
@@ -547,12 +677,25 @@ def test_foreign_xdp_program_is_refused_and_left_alone(g: G):
 def test_foreign_program_over_ours_keeps_it_and_detach_only_removes_pins(g: G):
     t = g.t
     g.attach(g.cfg("g.toml"))
-    run("ip", "-force", "link", "set", "dev", t.server_if, "xdp", "obj", str(EMPTY_OBJ), "sec",
-        "xdp", ns=t.server)
+    run(
+        "ip",
+        "-force",
+        "link",
+        "set",
+        "dev",
+        t.server_if,
+        "xdp",
+        "obj",
+        str(EMPTY_OBJ),
+        "sec",
+        "xdp",
+        ns=t.server,
+    )
     foreign = g.xdp()["prog"]["id"]
     assert g.status()["state"] == f"XDP runs prog {foreign}, not the pinned one"
-    line = one_line_error(netoken("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")),
-                                  ns=t.server))
+    line = one_line_error(
+        netoken("guard", "attach", t.server_if, "-c", str(g.cfg("g.toml")), ns=t.server)
+    )
     assert f"id {foreign}" in line
     out = g.srv("guard", "detach", t.server_if)
     assert "was not installed by netoken and stays attached" in out
@@ -562,12 +705,16 @@ def test_foreign_program_over_ours_keeps_it_and_detach_only_removes_pins(g: G):
 
 BAD = [
     ("no-guard", "", "no [guard] section"),
-    ("unknown-key-in-protect",
-     '[guard]\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1, 7]\n',
-     "guard.protect #1: keys refers to key 7"),
-    ("bad-fragments",
-     '[guard]\nfragments = "maybe"\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1]\n',
-     'guard: fragments must be "drop" or "pass", got string "maybe"'),
+    (
+        "unknown-key-in-protect",
+        '[guard]\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1, 7]\n',
+        "guard.protect #1: keys refers to key 7",
+    ),
+    (
+        "bad-fragments",
+        '[guard]\nfragments = "maybe"\n[[guard.protect]]\ndestinations = ["10.0.0.0/8"]\nkeys = [1]\n',
+        'guard: fragments must be "drop" or "pass", got string "maybe"',
+    ),
 ]
 
 
@@ -600,8 +747,18 @@ def test_native_mode_where_the_driver_has_none_is_one_line(g: G):
     br = uid("ntbr")
     run("ip", "link", "add", br, "type", "bridge", ns=g.t.server)
     try:
-        line = one_line_error(netoken("guard", "attach", br, "-c", str(g.cfg("g.toml")),
-                                      "--xdp-mode", "native", ns=g.t.server))
+        line = one_line_error(
+            netoken(
+                "guard",
+                "attach",
+                br,
+                "-c",
+                str(g.cfg("g.toml")),
+                "--xdp-mode",
+                "native",
+                ns=g.t.server,
+            )
+        )
         assert "does not support native XDP" in line
         assert not pin_dir(br).exists()
     finally:

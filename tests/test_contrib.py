@@ -33,7 +33,7 @@ from .test_cli import forget
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
-NETOKEN = Path(sys.executable).parent / "netoken"   # the venv's console script
+NETOKEN = Path(sys.executable).parent / "netoken"  # the venv's console script
 INSTALLED = "/usr/local/bin/netoken"
 CONFIG = "/etc/netoken/netoken.toml"
 
@@ -44,7 +44,7 @@ def marker_config(directory: Path) -> nconfig.Config:
     path.write_text(f"""
 [[key]]
 id = 1
-file = "{directory / '1.key'}"
+file = "{directory / "1.key"}"
 
 [[policy]]
 name = "web"
@@ -66,8 +66,12 @@ FIELDS = ("kind", "len", "exid", "mode", "key_id", "epoch", "nonce", "tag", "tok
 
 
 def tshark(pcap: Path, *args: str) -> list[list[str]]:
-    r = subprocess.run(["tshark", "-n", "-X", f"lua_script:{LUA}", "-r", str(pcap), *args],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["tshark", "-n", "-X", f"lua_script:{LUA}", "-r", str(pcap), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     # Lua errors do not fail tshark; they show on stderr.
     assert r.returncode == 0 and "Lua" not in r.stderr and "rror" not in r.stderr, r.stderr
     return [line.split("\t") for line in r.stdout.splitlines()]
@@ -91,15 +95,20 @@ def dissector_capture(tmp_path_factory) -> tuple[Path, list[bytes | None]]:
     cfg = marker_config(d)
     with Marker.load() as m:
         m.configure(cfg)
-        marker_out = [m.prog.test_run(syn(dst=dst, options=opts, vlans=v)).data_out
-                      for dst, opts, v in (("198.51.100.7", LINUX_SYN_OPTS, 0),
-                                           ("2001:db8:100::7", options_of_len(24), 2))]
+        marker_out = [
+            m.prog.test_run(syn(dst=dst, options=opts, vlans=v)).data_out
+            for dst, opts, v in (
+                ("198.51.100.7", LINUX_SYN_OPTS, 0),
+                ("2001:db8:100::7", options_of_len(24), 2),
+            )
+        ]
     # The marker drew the nonce: take its option from the frame it produced.
     frames = list(marker_out)
     options: list[bytes | None] = [token.find_options(parse(f).options)[0] for f in marker_out]
     static = token.encode_static(253, 0x6E74, 0x1122334455667788)
-    kind254 = token.build_mac_option(bytes(16), key_id=7, epoch=0x1234, daddr="192.0.2.9",
-                                     dport=80, kind=254)
+    kind254 = token.build_mac_option(
+        bytes(16), key_id=7, epoch=0x1234, daddr="192.0.2.9", dport=80, kind=254
+    )
     for opt in (static, kind254):
         frames.append(rebuild_with_option(syn(options=LINUX_SYN_OPTS), opt))
         options.append(opt)
@@ -120,8 +129,7 @@ def test_dissector_leaves_other_experiments_to_wireshark(tmp_path, dissector_cap
     other = bytes((253, 8)) + (0x1234).to_bytes(2, "big") + b"abcd"
     path = tmp_path / "other.pcap"
     wrpcap(str(path), [Ether(rebuild_with_option(syn(), other))])
-    rows = tshark(path, "-T", "fields", "-e", "netoken.exid", "-e",
-                  "tcp.options.experimental.exid")
+    rows = tshark(path, "-T", "fields", "-e", "netoken.exid", "-e", "tcp.options.experimental.exid")
     assert rows == [["", "0x1234"]]
     # and the ExID preference moves netoken's own option to the built-in dissector
     path, _ = dissector_capture
@@ -133,16 +141,21 @@ def test_dissector_flags_a_bad_length(tmp_path):
     bad = bytes((253, 14)) + (0x6E74).to_bytes(2, "big") + bytes(10)
     path = tmp_path / "bad.pcap"
     wrpcap(str(path), [Ether(rebuild_with_option(syn(), bad + b"\x01\x01"))])
-    rows = tshark(path, "-Y", "netoken.bad_len", "-T", "fields", "-e", "netoken.len",
-                  "-e", "netoken.key_id")
+    rows = tshark(
+        path, "-Y", "netoken.bad_len", "-T", "fields", "-e", "netoken.len", "-e", "netoken.key_id"
+    )
     assert rows == [["14", ""]]
 
 
 # ---------------------------------------------------------------- systemd
 
 UNITS = CONTRIB / "systemd"
-UNIT_FILES = ("netoken-mark@.service", "netoken-guard@.service", "netoken-exporter.service",
-              "netoken-agent.service")
+UNIT_FILES = (
+    "netoken-mark@.service",
+    "netoken-guard@.service",
+    "netoken-exporter.service",
+    "netoken-agent.service",
+)
 
 
 def unit_settings(name: str) -> dict[str, list[str]]:
@@ -157,9 +170,13 @@ def unit_settings(name: str) -> dict[str, list[str]]:
 
 def netoken_argv(command: str, iface: str = "eth0") -> list[str]:
     """A unit's or a script's netoken command line, as the CLI will receive it."""
-    for var, value in (("%I", iface), ("%i", iface), ('"$i"', iface),
-                       ("${NETOKEN_EXPORTER_LISTEN}", "0.0.0.0:9917"),
-                       ("$NETOKEN_GUARD_ARGS", "")):
+    for var, value in (
+        ("%I", iface),
+        ("%i", iface),
+        ('"$i"', iface),
+        ("${NETOKEN_EXPORTER_LISTEN}", "0.0.0.0:9917"),
+        ("$NETOKEN_GUARD_ARGS", ""),
+    ):
         command = command.replace(var, value)
     argv = shlex.split(command)
     assert Path(argv[0]).name == "netoken", command
@@ -172,10 +189,19 @@ def test_units_verify_with_systemd_analyze(tmp_path):
         assert INSTALLED in text, f"{name} must run the installed {INSTALLED}"
         # systemd-analyze checks that ExecStart= exists: point it at this checkout's.
         (tmp_path / name).write_text(text.replace(INSTALLED, str(NETOKEN)))
-    instances = [tmp_path / "netoken-mark@eth0.service", tmp_path / "netoken-guard@eth0.service",
-                 tmp_path / "netoken-exporter.service", tmp_path / "netoken-agent.service"]
-    r = subprocess.run(["systemd-analyze", "verify", *map(str, instances)], cwd=tmp_path,
-                       capture_output=True, text=True, check=False)
+    instances = [
+        tmp_path / "netoken-mark@eth0.service",
+        tmp_path / "netoken-guard@eth0.service",
+        tmp_path / "netoken-exporter.service",
+        tmp_path / "netoken-agent.service",
+    ]
+    r = subprocess.run(
+        ["systemd-analyze", "verify", *map(str, instances)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     # Unknown keys and bad values are only warnings: any output is a failure.
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
 
@@ -204,7 +230,8 @@ def test_unit_commands_are_real_cli_commands():
     assert seen[("netoken-agent.service", "ExecReload")] == ("SIGHUP", None)
     # loopback unless the operator says otherwise: /metrics has no authentication
     assert unit_settings("netoken-exporter.service")["Environment"] == [
-        "NETOKEN_EXPORTER_LISTEN=127.0.0.1:9917"]
+        "NETOKEN_EXPORTER_LISTEN=127.0.0.1:9917"
+    ]
     for name in UNIT_FILES[:2]:
         s = unit_settings(name)
         assert s["RemainAfterExit"] == ["yes"]
@@ -217,14 +244,18 @@ def bounding_set(name: str) -> list[str]:
 
 
 def test_unit_capabilities_exist_and_are_minimal():
-    known = set(subprocess.run(["setpriv", "--list-caps"], capture_output=True, text=True,
-                               check=True).stdout.split())
+    known = set(
+        subprocess.run(
+            ["setpriv", "--list-caps"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
     for name in UNIT_FILES:
         caps = bounding_set(name)
         assert caps and all(c.startswith("CAP_") and c[4:].lower() in known for c in caps), caps
     assert bounding_set("netoken-mark@.service") == ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
     assert bounding_set("netoken-guard@.service") == bounding_set("netoken-mark@.service") + [
-        "CAP_SYS_ADMIN"]
+        "CAP_SYS_ADMIN"
+    ]
     assert bounding_set("netoken-exporter.service") == ["CAP_BPF"]
     assert bounding_set("netoken-agent.service") == bounding_set("netoken-guard@.service")
 
@@ -235,9 +266,23 @@ def with_caps(caps: list[str], netns: str, *argv: str) -> subprocess.CompletedPr
     nsenter rather than `ip netns exec`, which remounts /sys and hides bpffs.
     """
     keep = ",".join(["-all"] + [f"+{c[4:].lower()}" for c in caps])
-    return subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "setpriv", "--bounding-set",
-                           keep, "--inh-caps", "-all", "--", *argv],
-                          capture_output=True, text=True, check=False, timeout=60)
+    return subprocess.run(
+        [
+            "nsenter",
+            f"--net=/run/netns/{netns}",
+            "setpriv",
+            "--bounding-set",
+            keep,
+            "--inh-caps",
+            "-all",
+            "--",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -246,8 +291,10 @@ def veth_ns():
     try:
         ns = lab.ns("caps")
         iface = uid("ntc")
-        subprocess.run(["ip", "-n", ns, "link", "add", iface, "type", "veth", "peer", "name",
-                        iface + "p"], check=True)
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", iface, "type", "veth", "peer", "name", iface + "p"],
+            check=True,
+        )
         for dev in (iface, iface + "p"):
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
         yield ns, iface
@@ -261,9 +308,11 @@ def test_marker_unit_capabilities_are_enough(tmp_path, veth_ns):
     caps = bounding_set("netoken-mark@.service")
     cfg = str(tmp_path / "netoken.toml")
     try:
-        for argv in (["mark", "attach", iface, "-c", cfg],      # load + attach
-                     ["mark", "attach", iface, "-c", cfg],      # replace our own
-                     ["apply", iface, "-c", cfg]):
+        for argv in (
+            ["mark", "attach", iface, "-c", cfg],  # load + attach
+            ["mark", "attach", iface, "-c", cfg],  # replace our own
+            ["apply", iface, "-c", cfg],
+        ):
             r = with_caps(caps, ns, str(NETOKEN), *argv)
             assert r.returncode == 0, (argv, r.stderr)
         # what the exporter reads: status and counters of the pinned programs
@@ -282,12 +331,27 @@ def test_agent_unit_capabilities_are_enough(tmp_path, veth_ns):
     marker_config(tmp_path)
     cfg = tmp_path / "netoken.toml"
     cfg.write_text(cfg.read_text() + f'[agent]\nmark = ["{iface}"]\nguard = ["{iface}p"]\n')
-    keep = ",".join(["-all"] + [f"+{c[4:].lower()}" for c in bounding_set(
-        "netoken-agent.service")])
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "setpriv", "--bounding-set",
-                             keep, "--inh-caps", "-all", "--", str(NETOKEN), "agent", "-c",
-                             str(cfg), "--detach-on-exit"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    keep = ",".join(["-all"] + [f"+{c[4:].lower()}" for c in bounding_set("netoken-agent.service")])
+    proc = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/{ns}",
+            "setpriv",
+            "--bounding-set",
+            keep,
+            "--inh-caps",
+            "-all",
+            "--",
+            str(NETOKEN),
+            "agent",
+            "-c",
+            str(cfg),
+            "--detach-on-exit",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     try:
         while "msg=watching" not in (line := proc.stderr.readline()):
@@ -326,9 +390,11 @@ def test_guard_unit_capabilities_are_enough(tmp_path, veth_ns):
     assert r.returncode == 0, r.stderr
     # The unit's own command line: --hook auto puts it at TC ingress on a veth.
     try:
-        for verb in (("guard", "attach", iface, "-c", cfg, "--hook", "auto"),
-                     ("guard", "attach", iface, "-c", cfg, "--hook", "auto"),
-                     ("guard", "detach", iface)):
+        for verb in (
+            ("guard", "attach", iface, "-c", cfg, "--hook", "auto"),
+            ("guard", "attach", iface, "-c", cfg, "--hook", "auto"),
+            ("guard", "detach", iface),
+        ):
             r = with_caps(caps, ns, str(NETOKEN), *verb)
             assert r.returncode == 0, r.stderr
         assert "tc ingress" in r.stdout
@@ -428,9 +494,15 @@ CONTAINERFILE = ROOT / "Containerfile"
 
 def containerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in CONTAINERFILE.read_text().splitlines()
-        if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(
+            line
+            for line in CONTAINERFILE.read_text().splitlines()
+            if not line.lstrip().startswith("#")
+        ),
+    )
     out = []
     for line in text.splitlines():
         if line.strip():
@@ -477,8 +549,9 @@ def test_containerfile_builds_bpf_and_wheel_then_runs_the_agent():
 
     # podman reads the capabilities the image needs from this label: the
     # manifest grants exactly those
-    label = re.search(r'io\.containers\.capabilities="([^"]+)"',
-                      " ".join(v for i, v in final if i == "LABEL"))
+    label = re.search(
+        r'io\.containers\.capabilities="([^"]+)"', " ".join(v for i, v in final if i == "LABEL")
+    )
     c = manifest()["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
     assert label and label.group(1).split(",") == c["securityContext"]["capabilities"]["add"]
 
@@ -492,8 +565,12 @@ def test_containerfile_packages_exist_in_debian():
         if ins == "RUN" and m:
             names |= set(m.group(1).split())
     assert {"clang-19", "libbpf-dev", "libbpf1", "python3", "iproute2"} <= names
-    r = subprocess.run(["apt-cache", "show", "--no-all-versions", *sorted(names)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["apt-cache", "show", "--no-all-versions", *sorted(names)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     found = set(re.findall(r"^Package: (\S+)$", r.stdout, re.MULTILINE))
     assert found == names, names - found
 
@@ -530,8 +607,9 @@ VALUES = {
     # "room_from_ts" is the marker's action once its counter exists
     ("netoken_marker_packets_total", "reason"): set(layout.MARK_PACKET_REASONS),
     ("netoken_marker_actions_total", "action"): set(layout.MARK_ACTIONS) | {"room_from_ts"},
-    ("netoken_guard_packets_total", "reason"): set(layout.GUARD_VERDICTS
-                                                   + layout.GUARD_PASS_REASONS),
+    ("netoken_guard_packets_total", "reason"): set(
+        layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS
+    ),
     ("netoken_guard_actions_total", "action"): set(layout.GUARD_ACTIONS_TAKEN),
     ("netoken_events_total", "role"): {"marker", "guard"},
     ("netoken_events_total", "result"): set(layout.GUARD_EVENTS.values()),
@@ -541,10 +619,25 @@ VALUES = {
     ("netoken_attached", "role"): {"marker", "guard"},
 }
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
-             "or", "unless", "offset", "atan2"}
-_TOKEN = re.compile(r'(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)\s*(?P<sel>\{[^}]*\})?\s*(?P<call>\()?'
-                    r'|"(?:[^"\\]|\\.)*"|\[[^\]]*\]|.', re.DOTALL)
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "atan2",
+}
+_TOKEN = re.compile(
+    r"(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)\s*(?P<sel>\{[^}]*\})?\s*(?P<call>\()?"
+    r'|"(?:[^"\\]|\\.)*"|\[[^\]]*\]|.',
+    re.DOTALL,
+)
 _MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -597,8 +690,9 @@ def test_metrics_file_is_the_label_contract():
     for f in exporter.FAMILIES + exporter.AGENT_FAMILIES:
         assert set(f.labels) == LABELS[f.name], f.name
     assert all(re.fullmatch(r"netoken_[a-z0-9_]+", n) for n in names)
-    counters = [n for n in names if n not in ("netoken_attached", "netoken_key_info",
-                                              "netoken_info")]
+    counters = [
+        n for n in names if n not in ("netoken_attached", "netoken_key_info", "netoken_info")
+    ]
     assert all(n.endswith("_total") for n in counters)
 
 
@@ -628,7 +722,8 @@ def test_every_dashboard_query_names_exported_metrics():
 def test_promql_parser_catches_what_it_should():
     sel, grouping = promql_selectors(
         'sum by (reason) (rate(netoken_x_total{reason=~"a|b"}[$__rate_interval])) '
-        '/ on (instance) group_left count(up) or vector(0)')
+        "/ on (instance) group_left count(up) or vector(0)"
+    )
     assert sel == [("netoken_x_total", '{reason=~"a|b"}'), ("up", "")]
     assert grouping == {"reason", "instance"}
     assert promql_selectors("netoken_info")[0] == [("netoken_info", "")]

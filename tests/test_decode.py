@@ -44,8 +44,10 @@ def test_marker_output_decodes_and_verifies(tmp_path, cfg):
     steady_epoch()
     with Marker.load() as m:
         m.configure(cfg)
-        out = [m.prog.test_run(syn(dst=d, dport=443, options=LINUX_SYN_OPTS)).data_out
-               for d in (V4, V6)]
+        out = [
+            m.prog.test_run(syn(dst=d, dport=443, options=LINUX_SYN_OPTS)).data_out
+            for d in (V4, V6)
+        ]
     path = tmp_path / "marker.pcap"
     _scapy_pcap(path, out)
     got = decode_capture(path, cfg)
@@ -63,27 +65,34 @@ def verdict_frames(epoch: int) -> list[bytes]:
     flipped = opt[:-1] + bytes([opt[-1] ^ 1])
     return [
         ok,
-        ok,                                                        # replay
+        ok,  # replay
         marked(V6, 7000, epoch=epoch),
-        syn(options=LINUX_SYN_OPTS),                               # missing
-        marked(option=opt + mac_option(epoch=epoch), before=[]),   # two options: malformed
-        marked(option=flipped),                                    # bad_tag
-        marked(epoch=epoch - 3),                                   # stale
-        marked(key=KEY3, key_id=3, epoch=epoch),                   # unknown_key here
-        marked(key=KEY2, key_id=2, bind=token.BIND_SADDR, epoch=epoch),   # ok, bound
-        marked(option=mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR, epoch=epoch,
-                                 src="10.9.9.9")),                 # source NATed since
-
+        syn(options=LINUX_SYN_OPTS),  # missing
+        marked(option=opt + mac_option(epoch=epoch), before=[]),  # two options: malformed
+        marked(option=flipped),  # bad_tag
+        marked(epoch=epoch - 3),  # stale
+        marked(key=KEY3, key_id=3, epoch=epoch),  # unknown_key here
+        marked(key=KEY2, key_id=2, bind=token.BIND_SADDR, epoch=epoch),  # ok, bound
+        marked(
+            option=mac_option(
+                key=KEY2, key_id=2, bind=token.BIND_SADDR, epoch=epoch, src="10.9.9.9"
+            )
+        ),  # source NATed since
         marked(option=token.encode_static(253, 0x6E74, STATIC)),
         marked(option=token.encode_static(253, 0x6E74, STATIC + 1)),
-        marked(dport=8080, epoch=epoch),                           # port not protected
-        marked(ELSEWHERE, epoch=epoch),                            # prefix not protected
+        marked(dport=8080, epoch=epoch),  # port not protected
+        marked(ELSEWHERE, epoch=epoch),  # prefix not protected
         marked(MON, 80, epoch=epoch),
-        syn(dst=MON, dport=80),                                    # monitor entry
-        first_fragment(marked(epoch=epoch)),                       # fragment, any port
-        first_fragment(marked(ELSEWHERE, epoch=epoch)),            # fragment_passed
-        marked(V6, 443, before=[], epoch=epoch,                    # deeper than the walk
-               ext=ext_chain(layout.MAX_IP6_EXT + 1)),
+        syn(dst=MON, dport=80),  # monitor entry
+        first_fragment(marked(epoch=epoch)),  # fragment, any port
+        first_fragment(marked(ELSEWHERE, epoch=epoch)),  # fragment_passed
+        marked(
+            V6,
+            443,
+            before=[],
+            epoch=epoch,  # deeper than the walk
+            ext=ext_chain(layout.MAX_IP6_EXT + 1),
+        ),
     ]
 
 
@@ -93,9 +102,9 @@ def first_fragment(frame: bytes) -> bytes:
     raw = bytearray(frame)
     p = parse(frame)
     raw[p.l3 + 6] |= 0x20
-    raw[p.l3 + 10:p.l3 + 12] = b"\0\0"
-    csum = 0xFFFF - inet_sum(bytes(raw[p.l3:p.l4]))
-    raw[p.l3 + 10:p.l3 + 12] = csum.to_bytes(2, "big")
+    raw[p.l3 + 10 : p.l3 + 12] = b"\0\0"
+    csum = 0xFFFF - inet_sum(bytes(raw[p.l3 : p.l4]))
+    raw[p.l3 + 10 : p.l3 + 12] = csum.to_bytes(2, "big")
     return bytes(raw)
 
 
@@ -107,10 +116,31 @@ def test_verdicts_agree_with_the_guard(tmp_path, cfg):
     path = tmp_path / "verdicts.pcap"
     _scapy_pcap(path, frames)
     got = decode_capture(path, cfg)
-    assert [r["verdict"] for r in got] == want == [
-        "ok", "replay", "ok", "missing", "malformed", "bad_tag", "stale", "unknown_key", "ok",
-        "bad_tag", "ok", "bad_tag", "unprotected", "unprotected", "ok", "missing",
-        "fragment", "fragment_passed", "ipv6_ext"]
+    assert (
+        [r["verdict"] for r in got]
+        == want
+        == [
+            "ok",
+            "replay",
+            "ok",
+            "missing",
+            "malformed",
+            "bad_tag",
+            "stale",
+            "unknown_key",
+            "ok",
+            "bad_tag",
+            "ok",
+            "bad_tag",
+            "unprotected",
+            "unprotected",
+            "ok",
+            "missing",
+            "fragment",
+            "fragment_passed",
+            "ipv6_ext",
+        ]
+    )
     # the list above must really cover every verdict (bad_header is for
     # packets cut before the TCP flags, which the decoder cannot call SYNs),
     # or this proves less
@@ -128,8 +158,9 @@ def test_verdicts_agree_with_the_guard(tmp_path, cfg):
 def test_real_marked_connections_captured_with_tcpdump_any(lab, tmp_path):
     """A real capture: `tcpdump -i any` (LINUX_SLL2) behind the real marker."""
     t = build_topology(lab)
-    body = CONFIG.replace("198.51.100.0/24", "198.18.1.0/24").replace('"2001:db8:100::/64"',
-                                                                       '"fd6e:7400:1::/64"')
+    body = CONFIG.replace("198.51.100.0/24", "198.18.1.0/24").replace(
+        '"2001:db8:100::/64"', '"fd6e:7400:1::/64"'
+    )
     cfg = write_config(tmp_path, body)
     pcap = tmp_path / "any.pcap"
     with server(t.server, 443), netns(t.client), Marker.load() as m:
@@ -138,10 +169,26 @@ def test_real_marked_connections_captured_with_tcpdump_any(lab, tmp_path):
         # -c: tcpdump exits once it has written the SYNs; stopping an "any"
         # capture with a signal instead sometimes loses its last packets.
         dump = subprocess.Popen(
-            ["ip", "netns", "exec", t.server, "tcpdump", "-i", "any", "-n", "-U",
-             "--immediate-mode", "-c", "3", "-w", str(pcap),
-             "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn"],
-            stderr=subprocess.PIPE, text=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                t.server,
+                "tcpdump",
+                "-i",
+                "any",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-c",
+                "3",
+                "-w",
+                str(pcap),
+                "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             while "listening" not in (line := dump.stderr.readline()):
                 assert line, "tcpdump did not start"

@@ -31,8 +31,9 @@ def test_demo_marks_verifies_guards_and_cleans_up():
 
 def test_demo_cleans_up_on_ctrl_c():
     before = demo_namespaces()
-    p = subprocess.Popen([*NETOKEN, "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+    p = subprocess.Popen(
+        [*NETOKEN, "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     # interrupt once the lab exists (the marker line comes after it is built)
     deadline = time.monotonic() + 20
     for line in p.stdout:

@@ -68,7 +68,7 @@ _CODE = re.compile(r"`([^`]+)`")
 class Unit:
     """Something the doc shows: a fenced block or a command in a table."""
 
-    kind: str          # "sh", "toml", "promql", ... or "cell"
+    kind: str  # "sh", "toml", "promql", ... or "cell"
     text: str
     line: int
     directive: tuple[str, str] | None = None
@@ -83,8 +83,14 @@ def doc_units(text: str = "") -> list[Unit]:
         if m:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
             d = _DIRECTIVE.match(lines[i - 1].strip()) if i else None
-            out.append(Unit(m.group(1), "\n".join(lines[i + 1:end]), i + 2,
-                            (d.group(1), d.group(2)) if d else None))
+            out.append(
+                Unit(
+                    m.group(1),
+                    "\n".join(lines[i + 1 : end]),
+                    i + 2,
+                    (d.group(1), d.group(2)) if d else None,
+                )
+            )
             i = end + 1
             continue
         if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|-: "):
@@ -141,8 +147,10 @@ def test_every_netoken_command_shown_parses():
                 try:
                     parser.parse_args(argv[1:])
                 except SystemExit:
-                    pytest.fail(f"docs/operations.md:{u.line}: `{shlex.join(argv)}` is not a "
-                                "netoken command")
+                    pytest.fail(
+                        f"docs/operations.md:{u.line}: `{shlex.join(argv)}` is not a "
+                        "netoken command"
+                    )
                 count += 1
     assert count >= 15
 
@@ -150,8 +158,10 @@ def test_every_netoken_command_shown_parses():
 def test_unit_names_in_the_doc_exist():
     text = DOC.read_text()
     names = set(re.findall(r"netoken-(?:mark|guard)@|netoken-exporter\.service", text))
-    templates = {p.name.split("@")[0] + "@" if "@" in p.name else p.name
-                 for p in (ROOT / "contrib" / "systemd").glob("*.service")}
+    templates = {
+        p.name.split("@")[0] + "@" if "@" in p.name else p.name
+        for p in (ROOT / "contrib" / "systemd").glob("*.service")
+    }
     assert names and names <= templates, names - templates
 
 
@@ -170,9 +180,14 @@ def config_reference() -> dict[str, list[str]]:
 
 def loader_keys() -> set[str]:
     # The loader's own allow-lists: the doc must follow them, not a copy.
-    tables = {"option": nconfig._OPTION_KEYS, "key": nconfig._KEY_KEYS,
-              "policy": nconfig._POLICY_KEYS, "guard": nconfig._GUARD_KEYS,
-              "guard.protect": nconfig._PROTECT_KEYS, "agent": nconfig._AGENT_KEYS}
+    tables = {
+        "option": nconfig._OPTION_KEYS,
+        "key": nconfig._KEY_KEYS,
+        "policy": nconfig._POLICY_KEYS,
+        "guard": nconfig._GUARD_KEYS,
+        "guard.protect": nconfig._PROTECT_KEYS,
+        "agent": nconfig._AGENT_KEYS,
+    }
     assert set(nconfig._TOP_KEYS) == {"option", "key", "policy", "guard", "agent"}
     return {f"{t}.{k}" for t, keys in tables.items() for k in keys}
 
@@ -182,7 +197,8 @@ def test_config_reference_matches_the_loader():
     accepted = loader_keys()
     assert documented == accepted, (
         f"missing from the doc: {sorted(accepted - documented)}; "
-        f"not accepted by the loader: {sorted(documented - accepted)}")
+        f"not accepted by the loader: {sorted(documented - accepted)}"
+    )
 
 
 MINIMAL = """
@@ -222,8 +238,11 @@ def test_documented_defaults_and_limits_are_the_loaders(tmp_path):
         default = rows[key][2].strip("`")
         want = tomllib.loads(f"v = {default}")["v"]
         assert get(cfg) == want, (key, default)
-    limits = {"key.window": nconfig.MAX_WINDOW, "guard.skew": nconfig.MAX_SKEW,
-              "guard.replay_cache": nconfig.MAX_REPLAY_CACHE}
+    limits = {
+        "key.window": nconfig.MAX_WINDOW,
+        "guard.skew": nconfig.MAX_SKEW,
+        "guard.replay_cache": nconfig.MAX_REPLAY_CACHE,
+    }
     for key, limit in limits.items():
         assert f"{limit:,}".replace(",", "") in " ".join(rows[key]).replace(",", ""), key
     assert str(nconfig.MIN_REPLAY_CACHE) in " ".join(rows["guard.replay_cache"]).replace(",", "")
@@ -272,8 +291,9 @@ def test_operations_doc_runs(tmp_path):
     env = dict(os.environ, PATH=f"{bindir}:{BIN}:{os.environ['PATH']}")
 
     def sandboxed(text: str) -> str:
-        return text.replace("/etc/netoken", f"{root}/etc/netoken").replace("/opt/netoken",
-                                                                             str(ROOT))
+        return text.replace("/etc/netoken", f"{root}/etc/netoken").replace(
+            "/opt/netoken", str(ROOT)
+        )
 
     lab = Lab()
     ns = lab.ns("doc")
@@ -281,13 +301,21 @@ def test_operations_doc_runs(tmp_path):
         cookie = this_netns().cookie
 
     def sh(script: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "bash", "-euo", "pipefail",
-                               "-c", script], cwd=work, env=env, capture_output=True,
-                              text=True, check=False, timeout=60)
+        return subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", "bash", "-euo", "pipefail", "-c", script],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
 
     try:
-        subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name",
-                        "eth0p"], check=True)
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"],
+            check=True,
+        )
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0p", "up"], check=True)
         ran = 0
@@ -304,12 +332,15 @@ def test_operations_doc_runs(tmp_path):
             r = sh(sandboxed(u.text))
             assert r.returncode == 0, (
                 f"docs/operations.md:{u.line} failed (exit {r.returncode}):\n{u.text}\n"
-                f"--- stdout\n{r.stdout}--- stderr\n{r.stderr}")
+                f"--- stdout\n{r.stdout}--- stderr\n{r.stderr}"
+            )
             ran += 1
         assert ran >= 15
     finally:
-        sh("netoken mark detach eth0 >/dev/null 2>&1 || true; "
-           "netoken guard detach eth0 >/dev/null 2>&1 || true")
+        sh(
+            "netoken mark detach eth0 >/dev/null 2>&1 || true; "
+            "netoken guard detach eth0 >/dev/null 2>&1 || true"
+        )
         lab.close()
         # State is per namespace: the sandbox's own, whatever the doc left.
         for top in (BPFFS, RUN_DIR):

@@ -80,10 +80,12 @@ def exporter_cmd(ns: str | None, *args: str) -> list[str]:
     return [sys.executable, "-c", DRIVER, ns or "", *args]
 
 
-def run_exporter(ns: str | None, *args: str, pre: tuple[str, ...] = ()
-                 ) -> subprocess.CompletedProcess:
-    return subprocess.run([*pre, *exporter_cmd(ns, *args)], capture_output=True, text=True,
-                          timeout=30, check=False)
+def run_exporter(
+    ns: str | None, *args: str, pre: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*pre, *exporter_cmd(ns, *args)], capture_output=True, text=True, timeout=30, check=False
+    )
 
 
 @dataclass
@@ -97,8 +99,9 @@ class Running:
 def exporter_running(ns: str | None, *args: str) -> Iterator[Running]:
     """The exporter serving in NS until the block ends; it must then exit 0
     on SIGTERM (what systemd and the kubelet send) without a traceback."""
-    proc = subprocess.Popen(exporter_cmd(ns, *args), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        exporter_cmd(ns, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     running = Running("")
     try:
         lines: list[str] = []
@@ -170,13 +173,18 @@ def by(s: Samples, name: str, label: str, **fixed: str) -> dict[str, float]:
 
 
 def stats(ns: str, ifname: str) -> dict[str, dict[str, int]]:
-    return {d["role"]: d["counters"]
-            for d in json.loads(ok("stats", ifname, "--json", ns=ns))}
+    return {d["role"]: d["counters"] for d in json.loads(ok("stats", ifname, "--json", ns=ns))}
 
 
 def forged_syn(dst: str, key: bytes, key_id: int) -> bytes:
-    opt = token.build_mac_option(key, key_id=key_id, epoch=token.epoch_now(30), daddr=dst,
-                                 dport=PORT, nonce=os.urandom(token.NONCE_LEN))
+    opt = token.build_mac_option(
+        key,
+        key_id=key_id,
+        epoch=token.epoch_now(30),
+        daddr=dst,
+        dport=PORT,
+        nonce=os.urandom(token.NONCE_LEN),
+    )
     return rebuild_with_option(syn(dst=dst, dport=PORT), opt)
 
 
@@ -202,9 +210,11 @@ def topo(tmp_path_factory) -> Iterator[Topology]:
             for _ in range(CONNECTIONS):
                 assert connect(t.client, t.server_ip, PORT).endswith(b"ok")
         with Program.from_pinned(str(pin_dir(t.server_if) / "guard" / "prog")) as prog:
-            for frame in (syn(dst=t.server_ip, dport=PORT),
-                          forged_syn(t.server_ip, OTHER_KEY, 1),
-                          forged_syn(t.server_ip, TEST_KEY, UNKNOWN_KEY_ID)):
+            for frame in (
+                syn(dst=t.server_ip, dport=PORT),
+                forged_syn(t.server_ip, OTHER_KEY, 1),
+                forged_syn(t.server_ip, TEST_KEY, UNKNOWN_KEY_ID),
+            ):
                 # a veth: the guard runs at TC (TC_ACT_SHOT)
                 assert prog.test_run(frame).retval == RETVALS["tc"]["drop"]
         yield t
@@ -222,11 +232,15 @@ def test_scrape_serves_every_family_with_the_values_of_netoken_stats(topo: Topol
     t = topo
     with exporter_running(t.client) as c, exporter_running(t.server) as s:
         assert c.url == "http://127.0.0.1:9917/metrics"  # the default, in each namespace
-        before = {"marker": stats(t.client, t.client_if)["marker"],
-                  "guard": stats(t.server, t.server_if)["guard"]}
+        before = {
+            "marker": stats(t.client, t.client_if)["marker"],
+            "guard": stats(t.server, t.server_if)["guard"],
+        }
         client_text, server_text = scrape(t.client, c.url), scrape(t.server, s.url)
-        after = {"marker": stats(t.client, t.client_if)["marker"],
-                 "guard": stats(t.server, t.server_if)["guard"]}
+        after = {
+            "marker": stats(t.client, t.client_if)["marker"],
+            "guard": stats(t.server, t.server_if)["guard"],
+        }
     cs, ss = samples(client_text), samples(server_text)
 
     want_types = {f.name: f.kind for f in exporter.FAMILIES}
@@ -252,13 +266,16 @@ def test_scrape_serves_every_family_with_the_values_of_netoken_stats(topo: Topol
     marked = packets["marked"]
     assert marked >= CONNECTIONS
     assert cs["netoken_syn_marked_total"] == {
-        (("interface", t.client_if),): marked + packets["marked_payload"]}
+        (("interface", t.client_if),): marked + packets["marked_payload"]
+    }
     actions = by(cs, "netoken_marker_actions_total", "action", interface=t.client_if)
     assert list(actions) == list(layout.MARK_ACTIONS)
     for action, value in actions.items():
         sandwich("marker", action, value)
-    lost = {(d["role"], d["result"]): v for d, v in
-            ((dict(k), v) for k, v in cs["netoken_events_total"].items())}
+    lost = {
+        (d["role"], d["result"]): v
+        for d, v in ((dict(k), v) for k, v in cs["netoken_events_total"].items())
+    }
     assert lost == {("marker", "lost"): after["marker"]["events_lost"]}
     assert cs["netoken_exporter_read_errors_total"] == {(): 0}
     assert cs["netoken_attached"] == {(("interface", t.client_if), ("role", "marker")): 1}
@@ -277,21 +294,31 @@ def test_scrape_serves_every_family_with_the_values_of_netoken_stats(topo: Topol
     assert verdicts["ok"] == marked
     assert (verdicts["missing"], verdicts["bad_tag"], verdicts["unknown_key"]) == (1, 1, 1)
     assert by(ss, "netoken_guard_actions_total", "action", interface=t.server_if) == {
-        "dropped": 3, "monitored": 0}
+        "dropped": 3,
+        "monitored": 0,
+    }
     assert ss["netoken_guard_replay_cache_errors_total"] == {(("interface", t.server_if),): 0}
-    events = {(d["role"], d["result"]): v for d, v in
-              ((dict(k), v) for k, v in ss["netoken_events_total"].items())}
+    events = {
+        (d["role"], d["result"]): v
+        for d, v in ((dict(k), v) for k, v in ss["netoken_events_total"].items())
+    }
     # every rejected SYN is accounted for: written, or suppressed (here:
     # nobody follows the events, so none is written), or lost
-    assert events == {("guard", "written"): 0, ("guard", "suppressed"): 3,
-                      ("guard", "lost"): 0}
-    keys = {(d["key_id"], d["result"]): v for d, v in
-            ((dict(k), v) for k, v in ss["netoken_guard_key_syns_total"].items())}
-    assert keys == {("1", "ok"): marked, ("1", "bad"): 1,
-                    (str(UNKNOWN_KEY_ID), "ok"): 0, (str(UNKNOWN_KEY_ID), "bad"): 1}
+    assert events == {("guard", "written"): 0, ("guard", "suppressed"): 3, ("guard", "lost"): 0}
+    keys = {
+        (d["key_id"], d["result"]): v
+        for d, v in ((dict(k), v) for k, v in ss["netoken_guard_key_syns_total"].items())
+    }
+    assert keys == {
+        ("1", "ok"): marked,
+        ("1", "bad"): 1,
+        (str(UNKNOWN_KEY_ID), "ok"): 0,
+        (str(UNKNOWN_KEY_ID), "bad"): 1,
+    }
     assert ss["netoken_attached"] == {(("interface", t.server_if), ("role", "guard")): 1}
-    assert not any(name.startswith("netoken_marker_") or name == "netoken_syn_marked_total"
-                   for name in ss)
+    assert not any(
+        name.startswith("netoken_marker_") or name == "netoken_syn_marked_total" for name in ss
+    )
 
     for s in (cs, ss):
         assert s["netoken_info"] == {(("version", __version__),): 1}
@@ -311,7 +338,8 @@ def test_every_name_in_the_grafana_metrics_file_is_served(topo: Topology):
             declared |= {n for n in families(text) if n.startswith("netoken_")}
             for name, by_labels in samples(text).items():
                 served.setdefault(name, set()).update(
-                    frozenset(k for k, _ in labels) for labels in by_labels)
+                    frozenset(k for k, _ in labels) for labels in by_labels
+                )
     # the agent serves its own families on top (tests/test_agent.py)
     agent = {f.name for f in exporter.AGENT_FAMILIES}
     assert sorted(declared | agent) == sorted(names) and not declared & agent
@@ -345,32 +373,43 @@ def test_port_in_use_is_one_line(topo: Topology):
         squatter.listen()
         r = run_exporter(t.client)
     line = one_line_error(r)
-    assert line == "netoken: cannot listen on 127.0.0.1:9917: address already in use " \
-                   "(another exporter?)"
+    assert (
+        line == "netoken: cannot listen on 127.0.0.1:9917: address already in use "
+        "(another exporter?)"
+    )
 
 
-@pytest.mark.parametrize("value,why", [
-    ("9917", "expected ADDR:PORT"),
-    (":9917", "expected ADDR:PORT"),
-    ("127.0.0.1:http", "port must be a number"),
-    ("127.0.0.1:70000", "port must be a number"),
-    ("::1:9917", "put an IPv6 address in brackets"),
-    ("[fe80::zz]:9917", "is not an IPv6 address"),
-    ("192.0.2.1:9917", "no such address on this host"),
-])
+@pytest.mark.parametrize(
+    "value,why",
+    [
+        ("9917", "expected ADDR:PORT"),
+        (":9917", "expected ADDR:PORT"),
+        ("127.0.0.1:http", "port must be a number"),
+        ("127.0.0.1:70000", "port must be a number"),
+        ("::1:9917", "put an IPv6 address in brackets"),
+        ("[fe80::zz]:9917", "is not an IPv6 address"),
+        ("192.0.2.1:9917", "no such address on this host"),
+    ],
+)
 def test_bad_listen_is_one_line(value, why):
     line = one_line_error(run_exporter(None, "--listen", value))
     assert why in line and value in line
 
 
-@pytest.mark.parametrize("argv,why", [
-    (["--interval", "5"], "--interval only applies to --textfile"),
-    (["--textfile", "/tmp/x.prom", "--interval", "0"], "--interval must be a positive"),
-    (["--textfile", "/tmp/x.prom", "--listen", "127.0.0.1:1"], "pick one"),
-    (["--textfile", "/nonexistent/dir/netoken.prom"], "cannot write /nonexistent/dir/netoken.prom"),
-    (["-i", "../nbc0"], "not an interface name"),
-    (["-i", "eth0", "an-interface-name-too-long"], "not an interface name"),
-])
+@pytest.mark.parametrize(
+    "argv,why",
+    [
+        (["--interval", "5"], "--interval only applies to --textfile"),
+        (["--textfile", "/tmp/x.prom", "--interval", "0"], "--interval must be a positive"),
+        (["--textfile", "/tmp/x.prom", "--listen", "127.0.0.1:1"], "pick one"),
+        (
+            ["--textfile", "/nonexistent/dir/netoken.prom"],
+            "cannot write /nonexistent/dir/netoken.prom",
+        ),
+        (["-i", "../nbc0"], "not an interface name"),
+        (["-i", "eth0", "an-interface-name-too-long"], "not an interface name"),
+    ],
+)
 def test_bad_flag_combinations_are_one_line(argv, why):
     assert why in one_line_error(run_exporter(None, *argv))
 
@@ -389,11 +428,13 @@ def test_textfile_is_written_once_atomically_and_parses(topo: Topology, tmp_path
     path = tmp_path / "netoken.prom"
     before = stats(t.client, t.client_if)["marker"]
     # as under a systemd unit with UMask=0077
-    r = run_exporter(t.client, "--textfile", str(path), pre=("sh", "-c", 'umask 077; exec "$@"', "sh"))
+    r = run_exporter(
+        t.client, "--textfile", str(path), pre=("sh", "-c", 'umask 077; exec "$@"', "sh")
+    )
     after = stats(t.client, t.client_if)["marker"]
     assert (r.returncode, r.stderr) == (0, "")
     assert os.listdir(tmp_path) == ["netoken.prom"]  # no temporary file left behind
-    assert os.stat(path).st_mode & 0o777 == 0o644     # node_exporter may not run as root
+    assert os.stat(path).st_mode & 0o777 == 0o644  # node_exporter may not run as root
     text = path.read_text()
     s = samples(text)
     assert {k for k in families(text)} == {f.name for f in exporter.FAMILIES}  # no process_*
@@ -405,8 +446,11 @@ def test_textfile_is_written_once_atomically_and_parses(topo: Topology, tmp_path
 def test_textfile_interval_keeps_replacing_the_file(topo: Topology, tmp_path):
     t = topo
     path = tmp_path / "netoken.prom"
-    proc = subprocess.Popen(exporter_cmd(t.client, "--textfile", str(path), "--interval", "0.1"),
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        exporter_cmd(t.client, "--textfile", str(path), "--interval", "0.1"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "rewriting" in proc.stderr.readline()
 
@@ -414,8 +458,9 @@ def test_textfile_interval_keeps_replacing_the_file(topo: Topology, tmp_path):
             # Every read is a whole exposition: the file is only ever renamed in.
             text = path.read_text()
             assert text.rstrip().endswith(f'netoken_info{{version="{__version__}"}} 1.0')
-            return by(samples(text), "netoken_marker_packets_total", "reason")["marked"], \
-                os.stat(path).st_ino
+            return by(samples(text), "netoken_marker_packets_total", "reason")["marked"], os.stat(
+                path
+            ).st_ino
 
         start, inode = marked()
         with Program.from_pinned(str(pin_dir(t.client_if) / "marker" / "prog")) as prog:

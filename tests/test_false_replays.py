@@ -26,7 +26,7 @@ from .conftest import make_config
 from .pkt import LINUX_SYN_OPTS, parse, syn
 
 N = 1_000_000
-WINDOW = 86_400            # one epoch for the whole run
+WINDOW = 86_400  # one epoch for the whole run
 DST, NAT = "198.51.100.10", "192.0.2.1"
 XDP_PASS = 2
 THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -88,21 +88,24 @@ def clients_behind_nat(m: Marker, g: Guard, seed: int, n: int) -> tuple[int, byt
 def test_a_million_fresh_tokens_to_one_service_are_never_replays(progs):
     m, g = progs
     left = WINDOW - time.time() % WINDOW
-    if left < 600:     # do not straddle the daily epoch boundary
+    if left < 600:  # do not straddle the daily epoch boundary
         time.sleep(left + 1)
     g0 = g.stats()
     t0 = time.monotonic()
     # One thread per CPU (test_run releases the GIL); the replay cache and
     # the counters are shared, as they are between a NIC's queues.
     with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(lambda i: clients_behind_nat(m, g, i, N // THREADS),
-                                range(THREADS)))
+        results = list(
+            pool.map(lambda i: clients_behind_nat(m, g, i, N // THREADS), range(THREADS))
+        )
     elapsed = time.monotonic() - t0
     g1 = g.stats()
     d = {k: g1[k] - g0[k] for k in g1}
     rejected = sum(r for r, _ in results)
-    print(f"\n{N:,} fresh tokens to {DST}:443 in one epoch: ok {d['ok']:,}, "
-          f"replay {d['replay']}, other rejections {rejected - d['replay']} ({elapsed:.1f} s)")
+    print(
+        f"\n{N:,} fresh tokens to {DST}:443 in one epoch: ok {d['ok']:,}, "
+        f"replay {d['replay']}, other rejections {rejected - d['replay']} ({elapsed:.1f} s)"
+    )
     assert m.stats()["marked"] == N
     assert (d["ok"], d["replay"], rejected) == (N, 0, 0)
     # That the cache does catch a token it holds, and when a direct-mapped

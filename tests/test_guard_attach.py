@@ -38,7 +38,7 @@ def test_attach_picks_native_on_veth_and_detach_removes_it(veth, guard):
         a = guard.attach(ifname)
         assert (a.mode, a.prog_id) == ("native", guard.prog.id)
         assert attached(ifname) == a
-        assert guard.attach(ifname) == a          # again: nothing to do
+        assert guard.attach(ifname) == a  # again: nothing to do
         assert detach(ifname) is True
         assert attached(ifname) is None
         assert detach(ifname) is False
@@ -89,7 +89,11 @@ def test_foreign_xdp_program_is_never_replaced_or_removed(veth, guard):
                 with pytest.raises(GuardError) as e:
                     guard.attach(ifname)
                 msg = str(e.value)
-                assert "\n" not in msg and "netoken_empty_x" in msg and "not installed by netoken" in msg
+                assert (
+                    "\n" not in msg
+                    and "netoken_empty_x" in msg
+                    and "not installed by netoken" in msg
+                )
                 with pytest.raises(GuardError):
                     detach(ifname)
                 assert attached(ifname) is None

@@ -57,7 +57,8 @@ from .verdicts import (
 # Outcomes; guard.retval() says what each hook's program returns for them.
 DROP, PASS = "drop", "pass"
 
-GUARD = """
+GUARD = (
+    """
 [[policy]]
 name = "web"
 destinations = ["198.51.100.0/24", "2001:db8:100::/64", "203.0.113.0/24"]
@@ -68,7 +69,9 @@ name = "legacy"
 destinations = ["198.51.100.200/32"]
 mode = "static"
 token = "0x1122334455667788"
-""" + GUARD_SECTION
+"""
+    + GUARD_SECTION
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +129,9 @@ def test_marker_output_verifies(guard, marker, optlen):
 
 @pytest.mark.parametrize("dst,vlans", [(V4, 1), (V4, 2), (V6, 0), (V6, 2)])
 def test_marker_output_verifies_v6_and_vlan(guard, marker, dst, vlans):
-    out = marker.prog.test_run(syn(dst=dst, dport=7050, vlans=vlans,
-                                   options=options_of_len(20))).data_out
+    out = marker.prog.test_run(
+        syn(dst=dst, dport=7050, vlans=vlans, options=options_of_len(20))
+    ).data_out
     assert_verdict(guard, out, "ok")
 
 
@@ -168,8 +172,12 @@ def test_ipv6_extension_headers_do_not_bypass(guard):
     # A Hop-by-Hop header in front of the TCP header must not walk a SYN
     # past the guard: the headers are skipped and the SYN still verified.
     for ext in (IPv6ExtHdrHopByHop(), IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()):
-        bare = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst=V6) / ext
-                     / TCP(sport=40000, dport=443, flags="S"))
+        bare = bytes(
+            Ether(src=SRC_MAC, dst=DST_MAC)
+            / IPv6(src="2001:db8:1::1", dst=V6)
+            / ext
+            / TCP(sport=40000, dport=443, flags="S")
+        )
         assert_verdict(guard, bare, "missing")
         # ... and the same SYN with a token behind the headers is accepted
         token_syn = rebuild_with_option(bare, mac_option(V6, 443, src="2001:db8:1::1"))
@@ -270,15 +278,18 @@ def test_replay_of_the_same_syn(guard):
 
 def test_saddr_bound_key(guard):
     opt = mac_option(key=KEY2, key_id=2, src="192.0.2.50", bind=token.BIND_SADDR)
-    assert_verdict(guard, with_options(opt, src="192.0.2.51"), "bad_tag")   # NAT rewrote it
+    assert_verdict(guard, with_options(opt, src="192.0.2.51"), "bad_tag")  # NAT rewrote it
     assert_verdict(guard, with_options(opt, src="192.0.2.50"), "ok")
     opt6 = mac_option(dst=V6, key=KEY2, key_id=2, src="2001:db8:1::50", bind=token.BIND_SADDR)
     assert_verdict(guard, with_options(opt6, dst=V6, src="2001:db8:1::50"), "ok")
 
 
 def test_sport_bound_key(tmp_path, hook):
-    cfg = write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]"),
-                       keys={1: (TEST_KEY, ("saddr", "sport"))})
+    cfg = write_config(
+        tmp_path,
+        GUARD.replace("keys = [1, 2]", "keys = [1]"),
+        keys={1: (TEST_KEY, ("saddr", "sport"))},
+    )
     with Guard.load(hook=hook) as g:
         g.configure(cfg)
         opt = mac_option(src="192.0.2.9", sport=5555, bind=token.BIND_SADDR | token.BIND_SPORT)
@@ -310,7 +321,9 @@ def test_global_override(tmp_path, hook):
 
 def test_config_action_monitor_with_drop_entry(tmp_path, hook):
     body = GUARD.replace('action = "drop"\nskew', 'action = "monitor"\nskew')
-    body = body.replace('tokens = ["0x1122334455667788"]', 'tokens = ["0x1122334455667788"]\naction = "drop"')
+    body = body.replace(
+        'tokens = ["0x1122334455667788"]', 'tokens = ["0x1122334455667788"]\naction = "drop"'
+    )
     cfg = write_config(tmp_path, body)
     with Guard.load(hook=hook) as g:
         g.configure(cfg)
@@ -339,8 +352,20 @@ def test_config_action_monitor_with_drop_entry(tmp_path, hook):
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / ARP(pdst=V4)), "not_ipv4_or_6"),
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst=V6, nh=50) / (b"\0" * 40)), "not_tcp"),
     ],
-    ids=["syn-ack", "ack-1000", "rst", "v6-syn-ack", "v4-unprotected", "port-unprotected",
-         "v6-unprotected", "udp", "icmp", "udp6", "arp", "v6-esp"],
+    ids=[
+        "syn-ack",
+        "ack-1000",
+        "rst",
+        "v6-syn-ack",
+        "v4-unprotected",
+        "port-unprotected",
+        "v6-unprotected",
+        "udp",
+        "icmp",
+        "udp6",
+        "arp",
+        "v6-esp",
+    ],
 )
 def test_non_targets_pass(guard, data, reason):
     assert_verdict(guard, data, reason, PASS)
@@ -353,12 +378,12 @@ def test_truncated_frames_never_break_the_guard(guard):
         try:
             ret, counted = run(guard, full[:cut])
         except OSError:
-            continue   # test_run refuses an IP ethertype without an IP header
-        if cut < p.l3 + 20:     # no IPv4 header: the kernel drops it
+            continue  # test_run refuses an IP ethertype without an IP header
+        if cut < p.l3 + 20:  # no IPv4 header: the kernel drops it
             assert ret == guard.retval(PASS) and "bad_header_passed" in counted, cut
-        elif cut < p.l4 + 20:   # TCP header cut short, to a protected address
+        elif cut < p.l4 + 20:  # TCP header cut short, to a protected address
             assert ret == guard.retval(DROP) and "bad_header" in counted, cut
-        else:   # a SYN to a protected port with its options cut off
+        else:  # a SYN to a protected port with its options cut off
             assert ret == guard.retval(DROP) and "malformed" in counted, cut
 
 
@@ -385,22 +410,35 @@ def v4_frag(dst=V4, proto=6, **kw) -> bytes:
     [
         frame(IP(src="192.0.2.1", dst=V4, flags="MF") / TCP(dport=443, flags="S")),
         v4_frag(frag=100),
-        v4_frag(frag=3),                   # the last piece of a SYN: offset, no MF
+        v4_frag(frag=3),  # the last piece of a SYN: offset, no MF
         v4_frag(flags="MF"),
-        v4_frag(dst="198.51.100.99", frag=2),     # same entry, another address in it
+        v4_frag(dst="198.51.100.99", frag=2),  # same entry, another address in it
         frame(IP(src="192.0.2.1", dst=V4, flags="MF") / TCP(dport=22, flags="S")),
         v6_frag(),
         v6_frag(offset=3, m=0),
-        v6_frag(m=0),                      # atomic fragment: the kernel takes it whole
-        v6_frag(nh=60),                    # Destination Options, then maybe TCP
+        v6_frag(m=0),  # atomic fragment: the kernel takes it whole
+        v6_frag(nh=60),  # Destination Options, then maybe TCP
         v6_frag(nh=51),
         v6_frag(before=IPv6ExtHdrHopByHop()),
         v6_frag(before=IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()),
         v6_frag(dst="2001:db8:100::1234"),
     ],
-    ids=["v4-first", "v4-later", "v4-last", "v4-mf-raw", "v4-other-addr", "v4-other-port",
-         "v6-first", "v6-last", "v6-atomic", "v6-then-dstopts", "v6-then-ah", "v6-after-hbh",
-         "v6-after-hbh-do", "v6-other-addr"],
+    ids=[
+        "v4-first",
+        "v4-later",
+        "v4-last",
+        "v4-mf-raw",
+        "v4-other-addr",
+        "v4-other-port",
+        "v6-first",
+        "v6-last",
+        "v6-atomic",
+        "v6-then-dstopts",
+        "v6-then-ah",
+        "v6-after-hbh",
+        "v6-after-hbh-do",
+        "v6-other-addr",
+    ],
 )
 def test_tcp_fragments_to_protected_addresses_are_dropped(guard, data):
     # Any port: a fragment may not show one, and the SYN it completes could
@@ -417,13 +455,23 @@ def test_tcp_fragments_to_protected_addresses_are_dropped(guard, data):
         v4_frag(proto=50, flags="MF"),
         v6_frag(nh=17),
         v6_frag(nh=58, offset=4, m=0),
-        v6_frag(nh=50),                    # ESP: IPsec's to check, as unfragmented
+        v6_frag(nh=50),  # ESP: IPsec's to check, as unfragmented
         v4_frag(dst="192.0.2.99", frag=1),
         frame(IP(src="192.0.2.1", dst="192.0.2.99", flags="MF") / TCP(dport=443, flags="S")),
         v6_frag(dst="2001:db8:200::1"),
     ],
-    ids=["v4-udp", "v4-udp-later", "v4-icmp", "v4-esp", "v6-udp", "v6-icmp6", "v6-esp",
-         "v4-unprotected", "v4-unprotected-syn", "v6-unprotected"],
+    ids=[
+        "v4-udp",
+        "v4-udp-later",
+        "v4-icmp",
+        "v4-esp",
+        "v6-udp",
+        "v6-icmp6",
+        "v6-esp",
+        "v4-unprotected",
+        "v4-unprotected-syn",
+        "v6-unprotected",
+    ],
 )
 def test_other_fragments_pass(guard, data):
     assert_verdict(guard, data, "fragment_passed", PASS)
@@ -436,7 +484,9 @@ def test_fragment_to_monitored_address_is_counted_and_passed(guard):
 
 def test_fragments_pass_setting_and_mode_override(tmp_path, hook):
     with Guard.load(hook=hook) as g:
-        g.configure(write_config(tmp_path, GUARD.replace("skew = 1", 'skew = 1\nfragments = "pass"')))
+        g.configure(
+            write_config(tmp_path, GUARD.replace("skew = 1", 'skew = 1\nfragments = "pass"'))
+        )
         for data in (v4_frag(frag=1), v6_frag(), v4_frag(dst=MON, frag=1)):
             assert_verdict(g, data, "fragment_passed", PASS)
         # the other fail-closed verdicts do not depend on it
@@ -516,8 +566,9 @@ def test_every_chain_within_the_walk_is_verified(guard, depth):
 @pytest.mark.parametrize("depth", [1, 2, 8, layout.MAX_IP6_EXT])
 def test_marker_output_behind_extension_headers_verifies(guard, marker, depth):
     # One walk for both programs: what the marker marks, the guard reaches.
-    out = marker.prog.test_run(v6_syn(ext=ext_chain(depth, seed=depth),
-                                      options=LINUX_SYN_OPTS)).data_out
+    out = marker.prog.test_run(
+        v6_syn(ext=ext_chain(depth, seed=depth), options=LINUX_SYN_OPTS)
+    ).data_out
     assert len(token.find_options(parse(out).options)) == 1
     assert_verdict(guard, out, "ok")
 
@@ -529,8 +580,9 @@ def test_chains_past_the_walk_fail_closed(guard):
         assert_verdict(guard, token_syn, "ipv6_ext", DROP)
         # any port of a protected address, SYN or not: the guard cannot see
         assert_verdict(guard, v6_syn(ext=ext_chain(depth), dport=22), "ipv6_ext", DROP)
-        assert_verdict(guard, v6_syn(dst="2001:db8:200::1", ext=ext_chain(depth)),
-                       "ipv6_ext_passed", PASS)
+        assert_verdict(
+            guard, v6_syn(dst="2001:db8:200::1", ext=ext_chain(depth)), "ipv6_ext_passed", PASS
+        )
 
 
 def test_syn_behind_ah_is_verified(guard):
@@ -563,7 +615,7 @@ def test_truncated_chains_fail_closed(guard):
     hbh = bytearray(v6_syn(ext=IPv6ExtHdrHopByHop()))
     hbh[14 + 40 + 1] = 200
     assert_verdict(guard, bytes(hbh), "bad_header", DROP)
-    assert_verdict(guard, v6_frag()[:14 + 40 + 4], "bad_header", DROP)
+    assert_verdict(guard, v6_frag()[: 14 + 40 + 4], "bad_header", DROP)
 
 
 def test_truncated_tcp_header_fails_closed_for_protected_addresses(guard):
@@ -576,12 +628,12 @@ def test_truncated_tcp_header_fails_closed_for_protected_addresses(guard):
             assert_verdict(guard, full[:cut], want, retval)
     for dst in ("192.0.2.99", "2001:db8:200::1"):
         full = syn(dst=dst)
-        assert_verdict(guard, full[:parse(full).l4 + 10], "bad_header_passed", PASS)
+        assert_verdict(guard, full[: parse(full).l4 + 10], "bad_header_passed", PASS)
 
 
 def test_bad_ipv4_header_passes_for_the_kernel_to_drop(guard):
     bad = bytearray(syn())
-    bad[14] = 0x44   # IHL 4
+    bad[14] = 0x44  # IHL 4
     assert_verdict(guard, bytes(bad), "bad_header_passed", PASS)
 
 
@@ -605,7 +657,7 @@ def test_forged_tags_never_pass(guard):
     n = rounds(100_000)
     e = steady_epoch()
     template = bytearray(with_options(mac_option(epoch=e)))
-    off = parse(bytes(template)).l4 + 20 + 6   # nonce, then tag
+    off = parse(bytes(template)).l4 + 20 + 6  # nonce, then tag
     rng = random.Random(0x6E74)
     before = guard.stats()
     t0 = time.monotonic()
@@ -614,7 +666,7 @@ def test_forged_tags_never_pass(guard):
         # The epoch is stamped per frame: on a slow (emulated) kernel the loop
         # outlasts the skew, and every frame must fail on its tag, not go stale.
         template[off - 1] = token.epoch_now(WINDOW) & 0xFF
-        template[off:off + 10] = rng.randbytes(10)
+        template[off : off + 10] = rng.randbytes(10)
         if guard.prog.test_run(bytes(template)).retval != guard.retval(DROP):
             passed += 1
     elapsed = time.monotonic() - t0
@@ -652,13 +704,17 @@ def test_removed_key_makes_its_tokens_unknown_key(tmp_path, hook):
         assert verdict(g, with_options(mac_option(key=KEY3, key_id=3))) == "ok"
         g.configure(write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]")))
         assert verdict(g, with_options(mac_option(key=KEY3, key_id=3))) == "unknown_key"
-        assert verdict(g, with_options(mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR))) \
+        assert (
+            verdict(g, with_options(mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR)))
             == "unknown_key"
+        )
         # and gone from [[key]] entirely
         keys = {1: (TEST_KEY, ())}
         g.configure(write_config(tmp_path, GUARD.replace("keys = [1, 2]", "keys = [1]"), keys))
-        assert verdict(g, with_options(mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR))) \
+        assert (
+            verdict(g, with_options(mac_option(key=KEY2, key_id=2, bind=token.BIND_SADDR)))
             == "unknown_key"
+        )
         assert verdict(g, marked()) == "ok"
 
 
@@ -678,8 +734,9 @@ def test_a_new_config_is_seen_at_once_by_a_destination_looked_up_before(tmp_path
     (tmp_path / "on").mkdir()
     (tmp_path / "off").mkdir()
     on = write_config(tmp_path / "on", GUARD)
-    off = write_config(tmp_path / "off",
-                       GUARD.replace('ports = [443, "7000-7100"]', 'ports = ["7000-7100"]'))
+    off = write_config(
+        tmp_path / "off", GUARD.replace('ports = [443, "7000-7100"]', 'ports = ["7000-7100"]')
+    )
     with Guard.load(hook=hook) as g:
         g.configure(on)
         assert verdict(g, syn()) == "missing"
@@ -698,9 +755,9 @@ def test_key_stats(tmp_path, hook):
         verdict(g, marked())
         pkt = marked()
         verdict(g, pkt)
-        verdict(g, pkt)                                                  # replay
-        verdict(g, with_options(mac_option(key=KEY3, key_id=3)))        # unknown_key
-        verdict(g, syn())                                                # missing: no key id
+        verdict(g, pkt)  # replay
+        verdict(g, with_options(mac_option(key=KEY3, key_id=3)))  # unknown_key
+        verdict(g, syn())  # missing: no key id
         assert g.key_stats() == {1: {"ok": 2, "bad": 1}, 3: {"ok": 0, "bad": 1}}
 
 
@@ -712,8 +769,10 @@ def test_event_describes_the_dropped_syn(tmp_path, hook):
         opt = bytearray(mac_option(epoch=e, src="192.0.2.77", sport=41000, dport=7001))
         opt[12] ^= 0xFF
         with g.events(events.append) as rb:
-            assert verdict(g, with_options(bytes(opt), src="192.0.2.77", sport=41000,
-                                           dport=7001)) == "bad_tag"
+            assert (
+                verdict(g, with_options(bytes(opt), src="192.0.2.77", sport=41000, dport=7001))
+                == "bad_tag"
+            )
             verdict(g, syn(dst=MON, dport=80))
             assert rb.consume() == 2
         bad, mon = events
@@ -722,8 +781,13 @@ def test_event_describes_the_dropped_syn(tmp_path, hook):
         assert (bad.saddr, bad.daddr, bad.sport, bad.dport) == ("192.0.2.77", V4, 41000, 7001)
         assert (bad.mode, bad.key_id, bad.epoch) == ("mac", 1, e)
         assert bad.nonce == tok.nonce and bad.tag == tok.tag
-        assert (mon.verdict, mon.action, mon.protect, mon.mode, mon.key_id) == \
-            ("missing", "monitor", 1, "", None)
+        assert (mon.verdict, mon.action, mon.protect, mon.mode, mon.key_id) == (
+            "missing",
+            "monitor",
+            1,
+            "",
+            None,
+        )
 
 
 def test_events_are_rate_limited_and_accounted(tmp_path, hook):
@@ -764,8 +828,16 @@ def test_guard_agrees_with_the_reference_on_mutated_options(guard):
     # what entry 0 accepts, as the reference takes it
     keys = {1: (TEST_KEY, WINDOW, 0), 2: (KEY2, WINDOW, token.BIND_SADDR)}
     e = steady_epoch()
-    pieces = [b"\x01", b"\x00", b"\x02\x04\x05\xb4", b"\x04\x02", b"\x03\x03\x07",
-              b"\x08\x0a" + bytes(8), b"\xfd\x04\x6e\x74", b"\xfd\x06\x12\x34\x00\x00"]
+    pieces = [
+        b"\x01",
+        b"\x00",
+        b"\x02\x04\x05\xb4",
+        b"\x04\x02",
+        b"\x03\x03\x07",
+        b"\x08\x0a" + bytes(8),
+        b"\xfd\x04\x6e\x74",
+        b"\xfd\x06\x12\x34\x00\x00",
+    ]
     seen: dict[str, int] = {}
     for _ in range(rounds(3000)):
         if rng.random() < 0.1:
@@ -773,8 +845,14 @@ def test_guard_agrees_with_the_reference_on_mutated_options(guard):
         else:
             kid = rng.choice((1, 1, 1, 2, 3))
             key = {1: TEST_KEY, 2: KEY2, 3: KEY3}[kid]
-            opt = bytearray(mac_option(epoch=e + rng.choice((0, 0, 0, 1, -1, 2, -3)), key=key,
-                                       key_id=kid, bind=keys.get(kid, (0, 0, 0))[2]))
+            opt = bytearray(
+                mac_option(
+                    epoch=e + rng.choice((0, 0, 0, 1, -1, 2, -3)),
+                    key=key,
+                    key_id=kid,
+                    bind=keys.get(kid, (0, 0, 0))[2],
+                )
+            )
         if rng.random() < 0.2:
             opt[rng.randrange(len(opt))] ^= 1 << rng.randrange(8)
         parts = [rng.choice(pieces) for _ in range(rng.randrange(4))]
@@ -786,8 +864,16 @@ def test_guard_agrees_with_the_reference_on_mutated_options(guard):
             continue
         pkt = with_options(raw)
         p = parse(pkt)
-        want = token.verdict(p.options, keys, daddr=p.daddr, dport=p.dport, saddr=p.saddr,
-                             sport=p.sport, skew=1, static_tokens={STATIC})
+        want = token.verdict(
+            p.options,
+            keys,
+            daddr=p.daddr,
+            dport=p.dport,
+            saddr=p.saddr,
+            sport=p.sport,
+            skew=1,
+            static_tokens={STATIC},
+        )
         got = verdict(guard, pkt)
         assert got == want, (raw.hex(), got, want)
         seen[want] = seen.get(want, 0) + 1

@@ -71,9 +71,27 @@ def flood(ns: str, seconds: float):
     """hping3 spoofed-source SYN flood; yields a dict filled with 'sent' at exit."""
     result: dict[str, int] = {}
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, "timeout", "-s", "INT", str(seconds), "hping3", "--flood",
-         "--rand-source", "-S", "-p", str(PORT), SERVER],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "timeout",
+            "-s",
+            "INT",
+            str(seconds),
+            "hping3",
+            "--flood",
+            "--rand-source",
+            "-S",
+            "-p",
+            str(PORT),
+            SERVER,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         yield result
     finally:
@@ -160,7 +178,9 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, hook, xdp_mo
     # Without the guard the flood reaches TCP: the SYN queue overflows into
     # cookies and SYN-ACKs go out to the spoofed sources.
     assert without["sent"] > 10_000
-    assert without["tcp"]["TcpExt.SyncookiesSent"] > 0 or without["tcp"]["TcpExt.ListenOverflows"] > 0
+    assert (
+        without["tcp"]["TcpExt.SyncookiesSent"] > 0 or without["tcp"]["TcpExt.ListenOverflows"] > 0
+    )
     assert without["link"]["tx_packets"] > 10 * LEGIT_CONNECTIONS
 
     # With it: every client connection succeeds ...
@@ -170,8 +190,11 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, hook, xdp_mo
     # the SYNs without a token, and passed the clients' ...
     seen = sum(gd[k] for k in layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)
     link = with_guard["link"]
-    received, dropped = ((link["rx_queue_0_xdp_packets"], link["rx_queue_0_xdp_drops"])
-                         if hook == "xdp" else (link["rx_packets"], link["tc_drops"]))
+    received, dropped = (
+        (link["rx_queue_0_xdp_packets"], link["rx_queue_0_xdp_drops"])
+        if hook == "xdp"
+        else (link["rx_packets"], link["tc_drops"])
+    )
     assert seen == received
     assert gd["missing"] > 10_000
     assert gd["dropped"] == gd["missing"] == dropped
@@ -181,11 +204,13 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, hook, xdp_mo
     assert tcp["Tcp.PassiveOpens"] == gd["ok"]
     assert tcp["TcpExt.SyncookiesSent"] == 0
     assert tcp["TcpExt.ListenOverflows"] == 0 and tcp["TcpExt.ListenDrops"] == 0
-    print(f"\nflood figures, guard at {hook}: offered {with_guard['sent']} SYNs "
-          f"in {FLOOD_SECONDS}s "
-          f"({with_guard['sent'] / FLOOD_SECONDS:.0f}/s), guard dropped {gd['missing']}, "
-          f"clients {ok}/{total}; without guard: syncookies "
-          f"{without['tcp']['TcpExt.SyncookiesSent']}, server tx {without['link']['tx_packets']}")
+    print(
+        f"\nflood figures, guard at {hook}: offered {with_guard['sent']} SYNs "
+        f"in {FLOOD_SECONDS}s "
+        f"({with_guard['sent'] / FLOOD_SECONDS:.0f}/s), guard dropped {gd['missing']}, "
+        f"clients {ok}/{total}; without guard: syncookies "
+        f"{without['tcp']['TcpExt.SyncookiesSent']}, server tx {without['link']['tx_packets']}"
+    )
 
 
 NAT_RULES = """
@@ -205,7 +230,9 @@ table inet nt_clamp {{
 
 
 def nat_config(tmp_path, bind=()):
-    return make_config(tmp_path, """
+    return make_config(
+        tmp_path,
+        """
 [[policy]]
 name = "svc"
 destinations = ["198.18.3.0/24"]
@@ -218,7 +245,9 @@ action = "drop"
 destinations = ["198.18.3.0/24"]
 ports = [8080]
 keys = [1]
-""", bind=bind)
+""",
+        bind=bind,
+    )
 
 
 @pytest.mark.parametrize("bind,verdict", [((), "ok"), (("saddr",), "bad_tag")])
@@ -229,8 +258,13 @@ def test_marks_survive_nat_and_mss_clamping_unless_bound_to_saddr(lab, tmp_path,
 
     t = build_topology(lab, router=True)
     rules = NAT_RULES.format(out=t.router_out)
-    subprocess.run(["ip", "netns", "exec", t.router, "nft", "-f", "-"], input=rules, text=True,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["ip", "netns", "exec", t.router, "nft", "-f", "-"],
+        input=rules,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     cfg = nat_config(tmp_path, bind)
     with server(t.server, PORT), Marker.load() as marker, Guard.load() as guard:
         with netns(t.client):

@@ -32,7 +32,7 @@ from .e2e import capture, counters, server, syns, verify_syn
 from .pkt import LINUX_SYN_OPTS, ext_chain, ipv6_fragments
 from .test_cli import PORT, forget, ok, write_config
 
-N = 20   # spoofed SYNs per case
+N = 20  # spoofed SYNs per case
 
 
 def body(t: Topology, fragments: str | None = None) -> str:
@@ -110,8 +110,12 @@ SENTINEL = {"Icmp.InEchos": 1, "Icmp6InEchos": 1}
 def snmp(ns: str) -> dict[str, int]:
     """/proc/net/snmp and netstat (e2e.counters) plus /proc/net/snmp6."""
     c = counters(ns)
-    out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp6"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for line in out.splitlines():
         name, value = line.split()
         c[name] = int(value)
@@ -137,15 +141,15 @@ def spoofed_v6(t: Topology, i: int) -> str:
 
 def syn4(t: Topology, i: int) -> IP:
     return IP(src=spoofed_v4(t, i), dst=t.server_ip, id=0x4000 + i) / TCP(
-        sport=20000 + i, dport=PORT, flags="S", seq=1000 + i, options=LINUX_SYN_OPTS)
+        sport=20000 + i, dport=PORT, flags="S", seq=1000 + i, options=LINUX_SYN_OPTS
+    )
 
 
 def syn6(t: Topology, i: int, ext=None) -> IPv6:
     head = IPv6(src=spoofed_v6(t, i), dst=t.server_ip6)
     if ext is not None:
         head = head / ext
-    return head / TCP(sport=20000 + i, dport=PORT, flags="S", seq=1000 + i,
-                      options=LINUX_SYN_OPTS)
+    return head / TCP(sport=20000 + i, dport=PORT, flags="S", seq=1000 + i, options=LINUX_SYN_OPTS)
 
 
 def fragmented_syns(lab2: Lab2) -> dict[str, list[bytes]]:
@@ -154,8 +158,11 @@ def fragmented_syns(lab2: Lab2) -> dict[str, list[bytes]]:
     pieces Linux reassembles (the first must hold the fixed TCP header)."""
     t = lab2.t
     v4 = [lab2.frame(f) for i in range(N) for f in fragment(syn4(t, i), fragsize=16)]
-    v6 = [lab2.frame(f) for i in range(N)
-          for f in ipv6_fragments(syn6(t, i), first=24, size=8, ident=0x6000 + i)]
+    v6 = [
+        lab2.frame(f)
+        for i in range(N)
+        for f in ipv6_fragments(syn6(t, i), first=24, size=8, ident=0x6000 + i)
+    ]
     return {"v4": v4, "v6": v6}
 
 
@@ -175,8 +182,10 @@ def test_fragmented_spoofed_syns_never_reach_tcp(lab2: Lab2):
         assert "fragments pass" in ok("status", t.server_if, ns=t.server)
         passing = {fam: lab2.reached(f) for fam, f in frames.items()}
         s2 = lab2.stats()
-    print(f"\nfragmented spoofed SYNs reaching TCP (of {N}): no guard {without}, "
-          f"fragments=drop {dropping}, fragments=pass {passing}")
+    print(
+        f"\nfragmented spoofed SYNs reaching TCP (of {N}): no guard {without}, "
+        f"fragments=drop {dropping}, fragments=pass {passing}"
+    )
     assert without == {"v4": N, "v6": N}
     assert dropping == {"v4": 0, "v6": 0}
     assert passing == {"v4": N, "v6": N}
@@ -195,8 +204,23 @@ def hping3_fragments(lab2: Lab2, n: int) -> int:
     --rand-source: the kernel drops martian sources before TCP, guard or not.)"""
     t = lab2.t
     before = snmp(t.server)["Tcp.InSegs"]
-    run("hping3", "-q", "-S", "-f", "-c", str(n), "-i", "u2000", "-a", spoofed_v4(t, 77),
-        "-p", str(PORT), t.server_ip, ns=t.client, check=False)
+    run(
+        "hping3",
+        "-q",
+        "-S",
+        "-f",
+        "-c",
+        str(n),
+        "-i",
+        "u2000",
+        "-a",
+        spoofed_v4(t, 77),
+        "-p",
+        str(PORT),
+        t.server_ip,
+        ns=t.client,
+        check=False,
+    )
     lab2.send([])
     return snmp(t.server)["Tcp.InSegs"] - before
 
@@ -219,20 +243,42 @@ def test_non_tcp_fragments_pass_a_dropping_guard(lab2: Lab2):
     t = lab2.t
     lab2.guard(lab2.cfg())
     big = b"x" * 600
-    echo4 = [lab2.frame(f) for i in range(N)
-             for f in fragment(IP(src=t.client_ip, dst=t.server_ip, id=0x7000 + i)
-                               / ICMP(id=i, seq=1) / big, fragsize=256)]
-    udp4 = [lab2.frame(f) for i in range(N)
-            for f in fragment(IP(src=t.client_ip, dst=t.server_ip, id=0x7100 + i)
-                              / UDP(sport=5000, dport=PORT) / big, fragsize=256)]
-    echo6 = [lab2.frame(f) for i in range(N)
-             for f in ipv6_fragments(IPv6(src=t.client_ip6, dst=t.server_ip6)
-                                     / ICMPv6EchoRequest(id=i, seq=1, data=big),
-                                     first=256, size=256, ident=0x7200 + i)]
-    udp6 = [lab2.frame(f) for i in range(N)
-            for f in ipv6_fragments(IPv6(src=t.client_ip6, dst=t.server_ip6)
-                                    / UDP(sport=5000, dport=PORT) / big,
-                                    first=256, size=256, ident=0x7300 + i)]
+    echo4 = [
+        lab2.frame(f)
+        for i in range(N)
+        for f in fragment(
+            IP(src=t.client_ip, dst=t.server_ip, id=0x7000 + i) / ICMP(id=i, seq=1) / big,
+            fragsize=256,
+        )
+    ]
+    udp4 = [
+        lab2.frame(f)
+        for i in range(N)
+        for f in fragment(
+            IP(src=t.client_ip, dst=t.server_ip, id=0x7100 + i) / UDP(sport=5000, dport=PORT) / big,
+            fragsize=256,
+        )
+    ]
+    echo6 = [
+        lab2.frame(f)
+        for i in range(N)
+        for f in ipv6_fragments(
+            IPv6(src=t.client_ip6, dst=t.server_ip6) / ICMPv6EchoRequest(id=i, seq=1, data=big),
+            first=256,
+            size=256,
+            ident=0x7200 + i,
+        )
+    ]
+    udp6 = [
+        lab2.frame(f)
+        for i in range(N)
+        for f in ipv6_fragments(
+            IPv6(src=t.client_ip6, dst=t.server_ip6) / UDP(sport=5000, dport=PORT) / big,
+            first=256,
+            size=256,
+            ident=0x7300 + i,
+        )
+    ]
     s0 = lab2.stats()
     got = {
         "icmp4": lab2.reached(echo4, "Icmp.InEchos"),
@@ -253,16 +299,17 @@ DEPTHS = (1, 4, 5, 8, layout.MAX_IP6_EXT, layout.MAX_IP6_EXT + 1, 40)
 
 def test_spoofed_syns_behind_long_extension_chains_never_reach_tcp(lab2: Lab2):
     t = lab2.t
-    frames = {d: [lab2.frame(syn6(t, i, ext_chain(d, seed=i))) for i in range(N)]
-              for d in DEPTHS}
+    frames = {d: [lab2.frame(syn6(t, i, ext_chain(d, seed=i))) for i in range(N)] for d in DEPTHS}
     with server(t.server, PORT, socket.AF_INET6):
         without = {d: lab2.reached(f) for d, f in frames.items()}
         lab2.guard(lab2.cfg())
         s0 = lab2.stats()
         guarded = {d: lab2.reached(f) for d, f in frames.items()}
         s1 = lab2.stats()
-    print(f"\nspoofed IPv6 SYNs reaching TCP per extension-header depth (of {N}): "
-          f"no guard {without}, guard {guarded}")
+    print(
+        f"\nspoofed IPv6 SYNs reaching TCP per extension-header depth (of {N}): "
+        f"no guard {without}, guard {guarded}"
+    )
     # The kernel walks every chain to TCP ...
     assert without == dict.fromkeys(DEPTHS, N)
     # ... and none of them gets past the guard, whatever the depth.
@@ -277,13 +324,15 @@ def test_spoofed_syns_behind_long_extension_chains_never_reach_tcp(lab2: Lab2):
 # Sticky options for a client socket (RFC 3542): the client's kernel itself
 # emits the headers on every segment of the connection.
 # Bytes 0-1 (next header, length) are the kernel's to fill in.
-PADN6 = b"\x01\x04\x00\x00\x00\x00"          # PadN: 8-byte header with no options
-SKIP8 = b"\x1e\x06" + b"\0" * 6                 # unknown option, "skip if unknown"
+PADN6 = b"\x01\x04\x00\x00\x00\x00"  # PadN: 8-byte header with no options
+SKIP8 = b"\x1e\x06" + b"\0" * 6  # unknown option, "skip if unknown"
 STICKY = {
     "dstopts": [(socket.IPV6_DSTOPTS, b"\x00\x00" + PADN6)],
     "hopopts": [(socket.IPV6_HOPOPTS, b"\x00\x00" + PADN6)],
-    "hopopts+dstopts": [(socket.IPV6_HOPOPTS, b"\x00\x00" + PADN6),
-                        (socket.IPV6_DSTOPTS, b"\x00\x01" + PADN6 + SKIP8)],
+    "hopopts+dstopts": [
+        (socket.IPV6_HOPOPTS, b"\x00\x00" + PADN6),
+        (socket.IPV6_DSTOPTS, b"\x00\x01" + PADN6 + SKIP8),
+    ],
 }
 FIRST_EXT = {"dstopts": 60, "hopopts": 0, "hopopts+dstopts": 0}
 
@@ -313,11 +362,15 @@ def test_marked_syns_behind_extension_headers_pass(lab2: Lab2, tmp_path: Path, s
     s0 = lab2.stats()
     # libpcap's filter language cannot reach TCP behind extension headers:
     # capture what starts with one, and pick the SYNs out afterwards.
-    with server(t.server, PORT, socket.AF_INET6) as srv, \
-            capture(t.server, t.server_if, tmp_path / "ext.pcap",
-                    f"ip6 and ip6[6] == {FIRST_EXT[sticky]}") as pcap:
-        done = sum(connect_with(t.client, t.server_ip6, STICKY[sticky]).endswith(b"ok")
-                   for _ in range(n))
+    with (
+        server(t.server, PORT, socket.AF_INET6) as srv,
+        capture(
+            t.server, t.server_if, tmp_path / "ext.pcap", f"ip6 and ip6[6] == {FIRST_EXT[sticky]}"
+        ) as pcap,
+    ):
+        done = sum(
+            connect_with(t.client, t.server_ip6, STICKY[sticky]).endswith(b"ok") for _ in range(n)
+        )
     s1 = lab2.stats()
     assert done == n and srv.accepted == n
     seen = syns(pcap)

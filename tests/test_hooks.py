@@ -31,8 +31,10 @@ def egress(g: G, ns: str, dev: str) -> list[dict]:
 
 
 def qdisc_kinds(ns: str, dev: str) -> list[str]:
-    return [q["kind"] for q in json.loads(run("tc", "-j", "qdisc", "show", "dev", dev,
-                                              ns=ns).stdout or "[]")]
+    return [
+        q["kind"]
+        for q in json.loads(run("tc", "-j", "qdisc", "show", "dev", dev, ns=ns).stdout or "[]")
+    ]
 
 
 def test_auto_picks_tc_on_a_veth_and_a_forced_hook_is_sticky(g: G):
@@ -48,7 +50,10 @@ def test_auto_picks_tc_on_a_veth_and_a_forced_hook_is_sticky(g: G):
     tc_prog = res["prog_id"]
     res = g.attach(cfg, "--hook", "xdp")
     assert (res["hook"], res["hook_switched"], res["replaced_prog_id"]) == (
-        "xdp", "tc->xdp", tc_prog)
+        "xdp",
+        "tc->xdp",
+        tc_prog,
+    )
     assert g.xdp()["prog"]["id"] == res["prog_id"] and OURS not in g.tc_ingress()
     # forced is sticky: a plain attach keeps XDP, --hook auto decides again
     res = g.attach(cfg)
@@ -60,8 +65,20 @@ def test_auto_picks_tc_on_a_veth_and_a_forced_hook_is_sticky(g: G):
     res = g.attach(cfg, "--xdp-mode", "generic")
     assert (res["hook"], res["xdp_mode"]) == ("xdp", "generic")
     before = g.status()["prog"]["id"]
-    line = one_line_error(netoken("guard", "attach", t.server_if, "-c", str(cfg), "--hook", "tc",
-                                  "--xdp-mode", "native", ns=t.server))
+    line = one_line_error(
+        netoken(
+            "guard",
+            "attach",
+            t.server_if,
+            "-c",
+            str(cfg),
+            "--hook",
+            "tc",
+            "--xdp-mode",
+            "native",
+            ns=t.server,
+        )
+    )
     assert line == "netoken: --xdp-mode applies to the XDP hook, not to --hook tc"
     assert g.status()["prog"]["id"] == before == g.running()
 
@@ -101,8 +118,10 @@ def test_switching_hooks_keeps_the_replay_cache_and_drops_no_connection(g: G):
     assert c["ok"] >= made and c["dropped"] == c["replay"]
     others = [v for v in BAD_VERDICTS if v != "replay"]
     assert {v: c[v] for v in others} == dict.fromkeys(others, 0)
-    print(f"\nhook switches tc->xdp->tc->xdp under a connection loop: {made} connections, "
-          f"{len(failures)} failed, {c['replay'] - 2} SYNs seen by both hooks and retransmitted")
+    print(
+        f"\nhook switches tc->xdp->tc->xdp under a connection loop: {made} connections, "
+        f"{len(failures)} failed, {c['replay'] - 2} SYNs seen by both hooks and retransmitted"
+    )
 
 
 def test_tc_guard_shares_clsact_with_the_marker_and_foreign_filters(g: G):
@@ -112,12 +131,30 @@ def test_tc_guard_shares_clsact_with_the_marker_and_foreign_filters(g: G):
     t = g.t
     ns, dev = t.server, t.server_if
     run("tc", "qdisc", "add", "dev", dev, "clsact", ns=ns)
-    run("tc", "filter", "add", "dev", dev, "ingress", "prio", "49152", "bpf", "da", "obj",
-        str(EMPTY_OBJ), "sec", "tc", ns=ns)
+    run(
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        dev,
+        "ingress",
+        "prio",
+        "49152",
+        "bpf",
+        "da",
+        "obj",
+        str(EMPTY_OBJ),
+        "sec",
+        "tc",
+        ns=ns,
+    )
     foreign = {k: v for k, v in g.tc_ingress().items() if k != OURS}
-    both = write_config(g.dir, {1: TEST_KEY}, config(f"{t.server_ip}/32",
-                                                     guard_dest=f"{t.server_ip}/32"),
-                        name="both.toml")
+    both = write_config(
+        g.dir,
+        {1: TEST_KEY},
+        config(f"{t.server_ip}/32", guard_dest=f"{t.server_ip}/32"),
+        name="both.toml",
+    )
     res = g.attach(both)
     assert (res["hook"], res["tc"]["created_clsact"]) == ("tc", False)
     mark = json.loads(g.srv("mark", "attach", dev, "-c", str(both), "--json"))
@@ -131,8 +168,9 @@ def test_tc_guard_shares_clsact_with_the_marker_and_foreign_filters(g: G):
     assert second["replaced_prog_id"] == res["prog_id"]
     assert g.tc_ingress() == {**foreign, OURS: second["prog_id"]}
     assert [f["options"]["prog"]["id"] for f in egress(g, ns, dev)] == [mark["prog_id"]]
-    (c,) = [d["counters"] for d in json.loads(g.srv("stats", dev, "--json"))
-            if d["role"] == "guard"]
+    (c,) = [
+        d["counters"] for d in json.loads(g.srv("stats", dev, "--json")) if d["role"] == "guard"
+    ]
     assert c["ok"] == 3 and c["missing"] >= 1
     out = g.srv("guard", "detach", dev)
     assert "tc ingress, clsact qdisc kept" in out
@@ -147,8 +185,10 @@ def test_the_clsact_qdisc_goes_with_the_last_netoken_filter(g: G, first):
     t = g.t
     ns, dev = t.server, t.server_if
     cfg = write_config(g.dir, {1: TEST_KEY}, config(f"{t.server_ip}/32"), name="both.toml")
-    verbs = {"guard": ("guard", "attach", dev, "-c", str(cfg)),
-             "marker": ("mark", "attach", dev, "-c", str(cfg))}
+    verbs = {
+        "guard": ("guard", "attach", dev, "-c", str(cfg)),
+        "marker": ("mark", "attach", dev, "-c", str(cfg)),
+    }
     gone = {"guard": ("guard", "detach", dev), "marker": ("mark", "detach", dev)}
     second = "marker" if first == "guard" else "guard"
     g.srv(*verbs[first])
@@ -162,8 +202,21 @@ def test_the_clsact_qdisc_goes_with_the_last_netoken_filter(g: G, first):
 def _iperf(ns: str, addr: str, seconds: int = 2) -> float:
     """Gbit/s the receiver saw (retried while the server starts)."""
     for _ in range(20):
-        r = run("iperf3", "-c", addr, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J",
-                ns=ns, check=False, timeout=seconds + 30)
+        r = run(
+            "iperf3",
+            "-c",
+            addr,
+            "-p",
+            str(IPERF_PORT),
+            "-t",
+            str(seconds),
+            "-O",
+            "1",
+            "-J",
+            ns=ns,
+            check=False,
+            timeout=seconds + 30,
+        )
         try:
             d = json.loads(r.stdout)
         except ValueError:
@@ -190,12 +243,18 @@ def test_iperf3_over_a_veth_with_the_guard_attached_by_auto(g: G):
     auto picks TC: XDP on a veth switches off its peer's TSO."""
     assert shutil.which("iperf3"), "iperf3 is required (apt-get install iperf3)"
     t = g.t
-    cfg = write_config(g.dir, {1: TEST_KEY}, config(f"{t.server_ip}/32").replace(
-        f"ports = [{PORT}]", f"ports = [{PORT}, {IPERF_PORT}]"), name="iperf.toml")
+    cfg = write_config(
+        g.dir,
+        {1: TEST_KEY},
+        config(f"{t.server_ip}/32").replace(f"ports = [{PORT}]", f"ports = [{PORT}, {IPERF_PORT}]"),
+        name="iperf.toml",
+    )
     g.mark(cfg)
-    srv = subprocess.Popen(["ip", "netns", "exec", t.server, "iperf3", "-s", "-p",
-                            str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", t.server, "iperf3", "-s", "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         gbps = {"none": _iperf(t.client, t.server_ip)}
         res = g.attach(cfg, "--hook", "auto")
@@ -210,5 +269,7 @@ def test_iperf3_over_a_veth_with_the_guard_attached_by_auto(g: G):
     c = g.stats()["counters"]
     # two runs, each with a control and a data connection, all marked
     assert c["ok"] >= 4 and c["dropped"] == 0
-    print("\niperf3 over veth, 1 stream: " + ", ".join(
-        f"{k} {v:.2f} Gbit/s ({v / gbps['none']:.2f}x)" for k, v in gbps.items()))
+    print(
+        "\niperf3 over veth, 1 stream: "
+        + ", ".join(f"{k} {v:.2f} Gbit/s ({v / gbps['none']:.2f}x)" for k, v in gbps.items())
+    )

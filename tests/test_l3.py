@@ -105,12 +105,16 @@ def test_ethernet_marker_marks_nothing_on_an_l3_packet(tmp_path):
     assert out == strip(syn()) and counted == {"not_ipv4_or_6": 1}
 
 
-@pytest.mark.parametrize("packet,reason", [
-    (bytes(40), "not_ipv4_or_6"),
-    (b"\x55" + strip(syn())[1:], "not_ipv4_or_6"),
-    (strip(syn(flags="SA")), "not_syn"),
-    (strip(syn(dst="203.0.113.5")), "no_policy"),
-], ids=["zeros", "version-5", "syn-ack", "no-policy"])
+@pytest.mark.parametrize(
+    "packet,reason",
+    [
+        (bytes(40), "not_ipv4_or_6"),
+        (b"\x55" + strip(syn())[1:], "not_ipv4_or_6"),
+        (strip(syn(flags="SA")), "not_syn"),
+        (strip(syn(dst="203.0.113.5")), "no_policy"),
+    ],
+    ids=["zeros", "version-5", "syn-ack", "no-policy"],
+)
 def test_l3_marker_leaves_other_packets_alone(marker_l3, packet, reason):
     out, counted = mark(marker_l3, packet)
     assert out == packet and counted == {reason: 1}
@@ -145,8 +149,9 @@ def test_l3_guard_verdicts(guard_l3):
     assert_l3_verdict(guard_l3, strip(syn(dst=V6, options=LINUX_SYN_OPTS)), "missing")
     opt = bytearray(mac_option())
     opt[15] ^= 1
-    assert_l3_verdict(guard_l3, strip(rebuild_with_option(syn(options=LINUX_SYN_OPTS),
-                                                          bytes(opt))), "bad_tag")
+    assert_l3_verdict(
+        guard_l3, strip(rebuild_with_option(syn(options=LINUX_SYN_OPTS), bytes(opt))), "bad_tag"
+    )
     assert_l3_verdict(guard_l3, strip(syn(dst=MON, dport=22)), "missing", "pass")  # monitor
     assert_l3_verdict(guard_l3, strip(syn(dst="192.0.2.99")), "unprotected")
     assert_l3_verdict(guard_l3, strip(syn(flags="SA")), "not_syn")
@@ -161,8 +166,7 @@ def test_l3_guard_truncated_packets(guard_l3):
     l4 = (full[0] & 0x0F) * 4
     for cut in range(14, len(full)):
         got = verdict(guard_l3, full[:cut])
-        want = ("bad_header_passed" if cut < 20 else "bad_header" if cut < l4 + 20
-                else "malformed")
+        want = "bad_header_passed" if cut < 20 else "bad_header" if cut < l4 + 20 else "malformed"
         assert got == want, cut
 
 
@@ -231,8 +235,10 @@ def test_marker_on_tun_marks_real_connects(lab, tmp_path):
         (d,) = json.loads(ok("stats", name, "--json", ns=ns))
         c = d["counters"]
         assert c["marked"] == len(seen) == 10 and c["not_ipv4_or_6"] == 0
-        print(f"\nTUN marker: {len(seen)}/10 SYNs of real connect()s read from the TUN fd "
-              f"carried a verifying token")
+        print(
+            f"\nTUN marker: {len(seen)}/10 SYNs of real connect()s read from the TUN fd "
+            f"carried a verifying token"
+        )
     finally:
         tun.close()
         forget(name)
@@ -258,12 +264,22 @@ def test_guard_at_tc_ingress_on_tun(lab, tmp_path):
         with server(ns, PORT), server(ns, PORT, socket.AF_INET6):
             marked_ports, unmarked_ports = set(), set()
             for i in range(n):
-                src, dst = (("198.18.42.2", "198.18.42.1") if i % 2 else
-                            ("fd6e:7400:42::2", "fd6e:7400:42::1"))
+                src, dst = (
+                    ("198.18.42.2", "198.18.42.1")
+                    if i % 2
+                    else ("fd6e:7400:42::2", "fd6e:7400:42::1")
+                )
                 good, bad = 41000 + i, 42000 + i
-                opt = token.build_mac_option(TEST_KEY, key_id=1, epoch=token.epoch_now(30),
-                                             daddr=dst, dport=PORT, saddr=src, sport=good,
-                                             nonce=os.urandom(token.NONCE_LEN))
+                opt = token.build_mac_option(
+                    TEST_KEY,
+                    key_id=1,
+                    epoch=token.epoch_now(30),
+                    daddr=dst,
+                    dport=PORT,
+                    saddr=src,
+                    sport=good,
+                    nonce=os.urandom(token.NONCE_LEN),
+                )
                 tun.write(spoofable_syn(src, dst, good, opt))
                 tun.write(spoofable_syn(src, dst, bad, None))
                 marked_ports.add(good)
@@ -279,9 +295,11 @@ def test_guard_at_tc_ingress_on_tun(lab, tmp_path):
         c = d["counters"]
         assert (c["ok"], c["missing"], c["dropped"]) == (n, n, n)
         assert "tc       ingress" in ok("status", name, ns=ns)
-        print(f"\nTUN guard at tc ingress: {len(answered & marked_ports)}/{n} marked SYNs "
-              f"answered, {len(answered & unmarked_ports)}/{n} unmarked SYNs answered "
-              f"(dropped {c['dropped']})")
+        print(
+            f"\nTUN guard at tc ingress: {len(answered & marked_ports)}/{n} marked SYNs "
+            f"answered, {len(answered & unmarked_ports)}/{n} unmarked SYNs answered "
+            f"(dropped {c['dropped']})"
+        )
         ok("guard", "detach", name, ns=ns)
         assert not pin_dir(name).exists()
     finally:
@@ -350,8 +368,10 @@ def test_unsupported_link_type_is_one_line_at_attach(lab, tmp_path):
         cfg = tun_config(tmp_path, "198.18.44", "fd6e:7400:44")
         for verb in ("mark", "guard"):
             line = one_line_error(netoken(verb, "attach", name, "-c", str(cfg), ns=ns))
-            assert line == (f"netoken: {name} (tun) has link type 512, neither Ethernet nor IP "
-                            f"without a link-layer header: netoken cannot parse its packets")
+            assert line == (
+                f"netoken: {name} (tun) has link type 512, neither Ethernet nor IP "
+                f"without a link-layer header: netoken cannot parse its packets"
+            )
             assert not pin_dir(name).exists()
     finally:
         tun.close()

@@ -376,7 +376,7 @@ def test_test_runner_reuses_its_buffers(obj) -> None:
     with pytest.raises(ValueError, match="256-byte test runner"):
         run(bytes(257))
     with pytest.raises(lb.BPFError) as ei:
-        run(b"")   # test_run wants at least an Ethernet header
+        run(b"")  # test_run wants at least an Ethernet header
     assert ei.value.errno == 22  # EINVAL
 
 

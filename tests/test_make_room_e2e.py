@@ -32,11 +32,13 @@ from .syn_layouts import option_list
 PORT = 8080
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 TFO_CONNECTIONS = 8
-BULK = 200_000          # bytes the server sends back on each connection
+BULK = 200_000  # bytes the server sends back on each connection
 
 
 def config(tmp_path, server_ip: str, make_room: bool):
-    return make_config(tmp_path, f"""
+    return make_config(
+        tmp_path,
+        f"""
 [option]
 make_room = {str(make_room).lower()}
 
@@ -52,7 +54,8 @@ action = "drop"
 destinations = ["{server_ip}/32"]
 ports = [{PORT}]
 keys = [1]
-""")
+""",
+    )
 
 
 @contextmanager
@@ -77,8 +80,14 @@ class Server:
     with SIZE bytes and, with HALF_CLOSE, its FIN; keeps the connection until
     the client closes it."""
 
-    def __init__(self, ns: str, proto: int = 0, fastopen: bool = False, size: int = BULK,
-                 half_close: bool = True):
+    def __init__(
+        self,
+        ns: str,
+        proto: int = 0,
+        fastopen: bool = False,
+        size: int = BULK,
+        half_close: bool = True,
+    ):
         with netns(ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -169,9 +178,12 @@ def tcp_options(s: socket.socket) -> dict[str, object]:
     window scale nibbles, tcpi_snd_mss)."""
     info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     opts, wscale = info[5], info[6]
-    return {"ts": bool(opts & TCPI_OPT_TIMESTAMPS), "sack": bool(opts & TCPI_OPT_SACK),
-            "wscale": (wscale & 0xF, wscale >> 4) if opts & TCPI_OPT_WSCALE else None,
-            "mss": int.from_bytes(info[16:20], "little")}
+    return {
+        "ts": bool(opts & TCPI_OPT_TIMESTAMPS),
+        "sack": bool(opts & TCPI_OPT_SACK),
+        "wscale": (wscale & 0xF, wscale >> 4) if opts & TCPI_OPT_WSCALE else None,
+        "mss": int.from_bytes(info[16:20], "little"),
+    }
 
 
 def tfo_run(lab, tmp_path, make_room: bool, pcap=None) -> dict:
@@ -184,22 +196,32 @@ def tfo_run(lab, tmp_path, make_room: bool, pcap=None) -> dict:
     with ExitStack() as stack:
         m, g = stack.enter_context(marker_and_guard(t, cfg))
         srv = stack.enter_context(serving(t.server, fastopen=True))
-        cap = stack.enter_context(capture(t.server, t.server_if, pcap, f"tcp port {PORT}")) \
-            if pcap else None
+        cap = (
+            stack.enter_context(capture(t.server, t.server_if, pcap, f"tcp port {PORT}"))
+            if pcap
+            else None
+        )
         c0, s0, csum0 = counters(t.client), counters(t.server), tcp_in_csum_errors(t.server)
         times = []
         for i in range(TFO_CONNECTIONS):
-            times.append(tfo_connection(t.client, t.server_ip,
-                                        lambda s: negotiated.append(tcp_options(s))))
+            times.append(
+                tfo_connection(t.client, t.server_ip, lambda s: negotiated.append(tcp_options(s)))
+            )
         if cap:
             wait_captured(cap, TFO_CONNECTIONS * 6)
         c1, s1 = counters(t.client), counters(t.server)
         mstats, gstats = m.stats(), g.stats()
         requests = list(srv.requests)
     return {
-        "times": times, "client": delta(c0, c1), "server": delta(s0, s1), "marker": mstats,
-        "guard": gstats, "csum_errors": tcp_in_csum_errors(t.server) - csum0, "negotiated": negotiated,
-        "requests": requests, "server_ip": t.server_ip,
+        "times": times,
+        "client": delta(c0, c1),
+        "server": delta(s0, s1),
+        "marker": mstats,
+        "guard": gstats,
+        "csum_errors": tcp_in_csum_errors(t.server) - csum0,
+        "negotiated": negotiated,
+        "requests": requests,
+        "server_ip": t.server_ip,
     }
 
 
@@ -212,14 +234,16 @@ def test_tcp_fast_open_through_marker_and_dropping_guard(lab, tmp_path):
     after = tfo_run(lab, tmp_path, make_room=True, pcap=pcap)
     lab.close()
     before = tfo_run(lab, tmp_path, make_room=False)
-    print(f"\nTFO connection times, make_room off (ms): {_ms(before['times'])}"
-          f"\n  SYN retransmits {before['client']['TcpExt.TCPSynRetrans']}, "
-          f"TFO accepted {before['server']['TcpExt.TCPFastOpenPassive']}, "
-          f"guard missing {before['guard']['missing']}"
-          f"\nTFO connection times, make_room on (ms): {_ms(after['times'])}"
-          f"\n  SYN retransmits {after['client']['TcpExt.TCPSynRetrans']}, "
-          f"TFO accepted {after['server']['TcpExt.TCPFastOpenPassive']}, "
-          f"room_from_ts {after['marker']['room_from_ts']}")
+    print(
+        f"\nTFO connection times, make_room off (ms): {_ms(before['times'])}"
+        f"\n  SYN retransmits {before['client']['TcpExt.TCPSynRetrans']}, "
+        f"TFO accepted {before['server']['TcpExt.TCPFastOpenPassive']}, "
+        f"guard missing {before['guard']['missing']}"
+        f"\nTFO connection times, make_room on (ms): {_ms(after['times'])}"
+        f"\n  SYN retransmits {after['client']['TcpExt.TCPSynRetrans']}, "
+        f"TFO accepted {after['server']['TcpExt.TCPFastOpenPassive']}, "
+        f"room_from_ts {after['marker']['room_from_ts']}"
+    )
 
     # Every connection completes without a SYN retransmit; the first fetched
     # the cookie, every later one carried it and its data, and the server
@@ -286,7 +310,7 @@ def test_connection_after_make_room_runs_without_timestamps(lab, tmp_path):
         rest = [x for x in flow if x is not syn and x is not synack]
         data = [x for x in rest if parse(x).payload]
         assert len(data) >= 2
-        if i == 0:   # cookie request: 24 bytes of options, room to spare
+        if i == 0:  # cookie request: 24 bytes of options, room to spare
             assert 8 in _kinds(synack) and all(8 in _kinds(x) for x in rest)
             continue
         assert 8 not in _kinds(syn)
@@ -298,8 +322,9 @@ def test_connection_after_make_room_runs_without_timestamps(lab, tmp_path):
         assert any(parse(x).saddr == socket.inet_aton(server) for x in data)
     # The server offered the same MSS, SACK-permitted and window scale to all
     # (the first SYN-ACK also has timestamps and hands out the cookie).
-    offers = {tuple(o for o in option_list(parse(x).options) if o[0] not in (8, 34))
-              for x in synacks}
+    offers = {
+        tuple(o for o in option_list(parse(x).options) if o[0] not in (8, 34)) for x in synacks
+    }
     assert len(offers) == 1, offers
     # The client's kernel agrees: the cookie-request connection negotiated
     # timestamps, the others everything but it; SACK and window scaling the
@@ -312,6 +337,7 @@ def test_connection_after_make_room_runs_without_timestamps(lab, tmp_path):
 
 # ------------------------------------------------------------------- MPTCP
 
+
 def mptcp_run(lab, tmp_path, make_room: bool, wait: float = 10.0) -> dict:
     t = build_topology(lab)
     extra = "198.18.1.3"
@@ -322,8 +348,10 @@ def mptcp_run(lab, tmp_path, make_room: bool, wait: float = 10.0) -> dict:
     cfg = config(tmp_path, t.server_ip, make_room)
     # No FIN from the server until the client is done: MPTCP refuses to
     # open subflows on a connection that is already closing.
-    with marker_and_guard(t, cfg) as (m, g), \
-            serving(t.server, proto=socket.IPPROTO_MPTCP, size=10_000, half_close=False):
+    with (
+        marker_and_guard(t, cfg) as (m, g),
+        serving(t.server, proto=socket.IPPROTO_MPTCP, size=10_000, half_close=False),
+    ):
         s0 = counters(t.server)
         with netns(t.client):
             c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
@@ -334,26 +362,35 @@ def mptcp_run(lab, tmp_path, make_room: bool, wait: float = 10.0) -> dict:
             # The in-kernel path manager opens the second subflow once the
             # connection is established; wait for the server to accept it.
             end = time.monotonic() + wait
-            while (time.monotonic() < end
-                   and counters(t.server)["MPTcpExt.MPJoinAckRx"] == s0["MPTcpExt.MPJoinAckRx"]):
+            while (
+                time.monotonic() < end
+                and counters(t.server)["MPTcpExt.MPJoinAckRx"] == s0["MPTcpExt.MPJoinAckRx"]
+            ):
                 time.sleep(0.05)
             got = receive_all(c, 10_000)
         s1 = counters(t.server)
         mstats, gstats = m.stats(), g.stats()
     d = delta(s0, s1)
-    return {"joined": d["MPTcpExt.MPJoinAckRx"], "join_syns": d["MPTcpExt.MPJoinSynRx"],
-            "marker": mstats, "guard": gstats, "got": got,
-            "capable": d["MPTcpExt.MPCapableSYNRX"]}
+    return {
+        "joined": d["MPTcpExt.MPJoinAckRx"],
+        "join_syns": d["MPTcpExt.MPJoinSynRx"],
+        "marker": mstats,
+        "guard": gstats,
+        "got": got,
+        "capable": d["MPTcpExt.MPCapableSYNRX"],
+    }
 
 
 def test_mptcp_second_subflow_joins_through_dropping_guard(lab, tmp_path):
     after = mptcp_run(lab, tmp_path, make_room=True)
     lab.close()
     before = mptcp_run(lab, tmp_path, make_room=False, wait=3.0)
-    print(f"\nMPTCP joined subflows: make_room off {before['joined']} "
-          f"(guard missing {before['guard']['missing']}, marker no_room "
-          f"{before['marker']['no_room']}); make_room on {after['joined']} "
-          f"(room_from_ts {after['marker']['room_from_ts']})")
+    print(
+        f"\nMPTCP joined subflows: make_room off {before['joined']} "
+        f"(guard missing {before['guard']['missing']}, marker no_room "
+        f"{before['marker']['no_room']}); make_room on {after['joined']} "
+        f"(room_from_ts {after['marker']['room_from_ts']})"
+    )
     assert after["capable"] == 1 and after["got"] == 10_000
     assert after["joined"] == 1 and after["join_syns"] == 1
     assert after["marker"]["room_from_ts"] == 1 and after["marker"]["no_room"] == 0
@@ -374,8 +411,10 @@ def test_mptcp_join_syn_layout_is_the_one_tested_byte_for_byte(lab, tmp_path):
         run("ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2", ns=ns)
     run("ip", "mptcp", "endpoint", "add", extra, "dev", t.client_if, "subflow", ns=t.client)
     pcap = tmp_path / "join.pcap"
-    with serving(t.server, proto=socket.IPPROTO_MPTCP, size=1000, half_close=False), \
-            capture(t.client, t.client_if, pcap, f"tcp port {PORT} and tcp[tcpflags] == tcp-syn"):
+    with (
+        serving(t.server, proto=socket.IPPROTO_MPTCP, size=1000, half_close=False),
+        capture(t.client, t.client_if, pcap, f"tcp port {PORT} and tcp[tcpflags] == tcp-syn"),
+    ):
         with netns(t.client):
             c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)
         with c:

@@ -144,8 +144,9 @@ def test_syn_without_room_even_without_timestamps_passes_unmarked(marker, option
     assert_untouched(marker, syn_with_options(options), "no_room")
 
 
-@pytest.mark.parametrize("layout", [x for x in LAYOUTS if x.expect == "make_room"],
-                         ids=lambda x: x.name)
+@pytest.mark.parametrize(
+    "layout", [x for x in LAYOUTS if x.expect == "make_room"], ids=lambda x: x.name
+)
 @pytest.mark.parametrize("where", ["v4", "v6", "v4-vlan", "v6-2vlans"])
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100, 1000, 1400])
 def test_make_room_byte_for_byte(marker, layout, where, size):
@@ -220,22 +221,32 @@ def test_vlan_tagged_syn(marker, vlans):
     assert_marked(marker, syn(dst="2001:db8:100::5", vlans=vlans))
 
 
-@pytest.mark.parametrize("ext", [IPv6ExtHdrHopByHop(), IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt(),
-                                 IPv6ExtHdrRouting()], ids=["hbh", "hbh-do", "routing"])
+@pytest.mark.parametrize(
+    "ext",
+    [IPv6ExtHdrHopByHop(), IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting()],
+    ids=["hbh", "hbh-do", "routing"],
+)
 def test_ipv6_syn_behind_extension_headers_is_marked(marker, ext):
     # The guard skips these headers to reach TCP: a SYN behind them that the
     # marker left alone would be dropped as `missing`.
-    before = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst="2001:db8:100::5")
-                   / ext / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
+    before = bytes(
+        Ether(src=SRC_MAC, dst=DST_MAC)
+        / IPv6(src="2001:db8:1::1", dst="2001:db8:100::5")
+        / ext
+        / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20))
+    )
     assert parse(before).l4 > parse(before).l3 + 40
     assert_marked(marker, before)
 
 
 @pytest.mark.parametrize("depth", [1, 4, 5, 8, layout.MAX_IP6_EXT])
 def test_ipv6_syn_behind_chains_within_the_walk_is_marked(marker, depth):
-    before = bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src="2001:db8:1::1", dst="2001:db8:100::5")
-                   / ext_chain(depth, seed=depth)
-                   / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20)))
+    before = bytes(
+        Ether(src=SRC_MAC, dst=DST_MAC)
+        / IPv6(src="2001:db8:1::1", dst="2001:db8:100::5")
+        / ext_chain(depth, seed=depth)
+        / TCP(sport=40000, dport=443, flags="S", options=options_of_len(20))
+    )
     assert_marked(marker, before)
 
 
@@ -286,21 +297,60 @@ def test_most_specific_prefix_then_port(marker):
         (syn(dst="203.0.113.9"), "no_policy"),
         (syn(dport=22), "no_policy"),
         (syn(dst="2001:db8:200::1"), "no_policy"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst="198.51.100.7") / UDP(dport=443)), "not_tcp"),
+        (
+            bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst="198.51.100.7") / UDP(dport=443)),
+            "not_tcp",
+        ),
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst="198.51.100.7") / ICMP()), "not_tcp"),
         (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / ARP(pdst="198.51.100.7")), "not_ipv4_or_6"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst="198.51.100.7", flags="MF")
-               / TCP(dport=443, flags="S")), "fragment"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IP(dst="198.51.100.7", frag=100, proto=6)
-               / (b"\0" * 40)), "fragment"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst="2001:db8:100::1")
-               / IPv6ExtHdrFragment() / TCP(dport=443, flags="S")), "fragment"),
-        (bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst="2001:db8:100::1", nh=51)
-               / (b"\0" * 40)), "ipv6_ext"),
+        (
+            bytes(
+                Ether(src=SRC_MAC, dst=DST_MAC)
+                / IP(dst="198.51.100.7", flags="MF")
+                / TCP(dport=443, flags="S")
+            ),
+            "fragment",
+        ),
+        (
+            bytes(
+                Ether(src=SRC_MAC, dst=DST_MAC)
+                / IP(dst="198.51.100.7", frag=100, proto=6)
+                / (b"\0" * 40)
+            ),
+            "fragment",
+        ),
+        (
+            bytes(
+                Ether(src=SRC_MAC, dst=DST_MAC)
+                / IPv6(dst="2001:db8:100::1")
+                / IPv6ExtHdrFragment()
+                / TCP(dport=443, flags="S")
+            ),
+            "fragment",
+        ),
+        (
+            bytes(
+                Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(dst="2001:db8:100::1", nh=51) / (b"\0" * 40)
+            ),
+            "ipv6_ext",
+        ),
     ],
-    ids=["syn-ack", "ack-1000", "rst", "fin", "v4-no-policy", "port-no-policy", "v6-no-policy",
-         "udp", "icmp", "arp", "v4-first-fragment", "v4-later-fragment", "v6-fragment",
-         "v6-ah"],
+    ids=[
+        "syn-ack",
+        "ack-1000",
+        "rst",
+        "fin",
+        "v4-no-policy",
+        "port-no-policy",
+        "v6-no-policy",
+        "udp",
+        "icmp",
+        "arp",
+        "v4-first-fragment",
+        "v4-later-fragment",
+        "v6-fragment",
+        "v6-ah",
+    ],
 )
 def test_non_targets_pass_byte_identical(marker, data, reason):
     assert_untouched(marker, data, reason)
@@ -338,7 +388,7 @@ def test_malformed_options_pass_untouched(marker):
     p = parse(good)
     for opts in (b"\x02\x00\x05\xb4", b"\x02\x30\x05\xb4", b"\x01\x01\x01\x08"):
         bad = bytearray(good)
-        bad[p.l4 + 20:p.l4 + 24] = opts
+        bad[p.l4 + 20 : p.l4 + 24] = opts
         assert_untouched(marker, bytes(bad), "malformed")
 
 
@@ -358,8 +408,10 @@ def test_trailing_padding_is_dropped_not_shifted(marker):
 
 
 def test_every_syn_carries_a_fresh_nonce(marker):
-    nonces = {token.decode(token.find_options(parse(run(marker, syn())).options)[0]).nonce
-              for _ in range(50)}
+    nonces = {
+        token.decode(token.find_options(parse(run(marker, syn())).options)[0]).nonce
+        for _ in range(50)
+    }
     assert len(nonces) == 50
 
 
@@ -425,10 +477,13 @@ def test_a_checksum_that_is_also_a_seed_is_left_to_the_kernel(marker):
     data = bytearray(syn())
     p = parse(bytes(data))
     pseudo = _fold(inet_sum(p.saddr + p.daddr + struct.pack("!HH", 6, len(p.tcp))))
-    struct.pack_into("!H", data, p.l4 + 16, pseudo)       # the field reads as a seed...
+    struct.pack_into("!H", data, p.l4 + 16, pseudo)  # the field reads as a seed...
     struct.pack_into("!H", data, p.l4 + 18, 0)
-    rest = _fold(inet_sum(p.saddr + p.daddr + struct.pack("!HH", 6, len(p.tcp)) +
-                          bytes(data[p.l4:p.ip_end])))
+    rest = _fold(
+        inet_sum(
+            p.saddr + p.daddr + struct.pack("!HH", 6, len(p.tcp)) + bytes(data[p.l4 : p.ip_end])
+        )
+    )
     struct.pack_into("!H", data, p.l4 + 18, 0xFFFF - rest)  # ...and the segment verifies
     assert _check_error(bytes(data)) == 0xFFFF
     after = assert_marked(marker, bytes(data))
@@ -459,7 +514,7 @@ def test_events_are_written_only_while_a_reader_listens(tmp_path):
         run(m, syn())
         events: list[MarkEvent] = []
         with m.events(events.append) as rb:
-            assert rb.consume() == 0      # nothing was queued while nobody listened
+            assert rb.consume() == 0  # nothing was queued while nobody listened
             run(m, syn())
             assert rb.consume() == 1
             # A reader that stopped: its deadline passed, the marker writes
@@ -467,8 +522,9 @@ def test_events_are_written_only_while_a_reader_listens(tmp_path):
             listen = m.prog.map("nt_listen")
             assert listen is not None
             with listen:
-                listen.update((0).to_bytes(4, "little"),
-                              (time.monotonic_ns() - 10**9).to_bytes(8, "little"))
+                listen.update(
+                    (0).to_bytes(4, "little"), (time.monotonic_ns() - 10**9).to_bytes(8, "little")
+                )
                 run(m, syn())
                 assert listen.lookup((0).to_bytes(4, "little")) == bytes(8)
             assert rb.consume() == 0

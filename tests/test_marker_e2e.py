@@ -68,8 +68,11 @@ def connections(ns: str, addr: str, n: int) -> None:
 def test_marked_connections_over_veth(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["198.18.1.0/24"]))
-    with server(t.server, PORT) as srv, marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "v4.pcap", SYN_ONLY) as pcap:
+    with (
+        server(t.server, PORT) as srv,
+        marker_on(t.client, t.client_if, cfg) as m,
+        capture(t.server, t.server_if, tmp_path / "v4.pcap", SYN_ONLY) as pcap,
+    ):
         connections(t.client, t.server_ip, 20)
         assert curl(t.client, t.server_ip, PORT) == "ok"
         stats = m.stats()
@@ -84,8 +87,11 @@ def test_marked_connections_over_veth(lab, tmp_path):
 def test_marked_connections_over_ipv6(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["fd6e:7400:1::/64"]))
-    with server(t.server, PORT, socket.AF_INET6), marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "v6.pcap", SYN_ONLY) as pcap:
+    with (
+        server(t.server, PORT, socket.AF_INET6),
+        marker_on(t.client, t.client_if, cfg) as m,
+        capture(t.server, t.server_if, tmp_path / "v6.pcap", SYN_ONLY) as pcap,
+    ):
         connections(t.client, t.server_ip6, 10)
         assert curl(t.client, t.server_ip6, PORT) == "ok"
         assert m.stats()["marked"] == 11
@@ -97,8 +103,11 @@ def test_marked_connections_over_ipv6(lab, tmp_path):
 def test_unselected_port_is_not_marked(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["198.18.1.0/24"], ports=[9999]))
-    with server(t.server, PORT), marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "n.pcap", SYN_ONLY) as pcap:
+    with (
+        server(t.server, PORT),
+        marker_on(t.client, t.client_if, cfg) as m,
+        capture(t.server, t.server_if, tmp_path / "n.pcap", SYN_ONLY) as pcap,
+    ):
         connections(t.client, t.server_ip, 3)
         assert m.stats()["no_policy"] == 3
         wait_captured(pcap, 3)
@@ -124,8 +133,11 @@ def test_offloaded_checksum_is_right_when_a_router_computes_it(lab, tmp_path, fa
     cfg = make_config(tmp_path, policy(["fd6e:7400:3::/64" if v6 else "198.18.3.0/24"]))
     errors_before = tcp_in_csum_errors(t.server)
     fam = socket.AF_INET6 if v6 else socket.AF_INET
-    with server(t.server, PORT, fam), marker_on(t.client, t.client_if, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "r.pcap", SYN_ONLY) as pcap:
+    with (
+        server(t.server, PORT, fam),
+        marker_on(t.client, t.client_if, cfg) as m,
+        capture(t.server, t.server_if, tmp_path / "r.pcap", SYN_ONLY) as pcap,
+    ):
         connections(t.client, dst, 20)
         assert m.stats()["marked"] == 20
         wait_captured(pcap, 20)
@@ -154,8 +166,11 @@ def test_full_checksum_skb_marked_on_a_router(lab, tmp_path):
     run("ethtool", "-K", t.client_if, "tx", "off", ns=t.client)
     cfg = make_config(tmp_path, policy(["198.18.3.0/24"]))
     before = tcp_in_csum_errors(t.server)
-    with server(t.server, PORT), marker_on(t.router, t.router_out, cfg) as m, \
-            capture(t.server, t.server_if, tmp_path / "f.pcap", SYN_ONLY) as pcap:
+    with (
+        server(t.server, PORT),
+        marker_on(t.router, t.router_out, cfg) as m,
+        capture(t.server, t.server_if, tmp_path / "f.pcap", SYN_ONLY) as pcap,
+    ):
         connections(t.client, t.server_ip, 20)
         assert m.stats()["marked"] == 20
         wait_captured(pcap, 20)
@@ -168,7 +183,10 @@ def test_tc_filter_is_visible_to_tc(lab, tmp_path):
     t = build_topology(lab)
     cfg = make_config(tmp_path, policy(["198.18.1.0/24"]))
     with marker_on(t.client, t.client_if, cfg) as m:
-        out = subprocess.run(["ip", "netns", "exec", t.client, "tc", "filter", "show", "dev",
-                              t.client_if, "egress"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["ip", "netns", "exec", t.client, "tc", "filter", "show", "dev", t.client_if, "egress"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "netoken_mark" in out and f"id {m.prog.id}" in out

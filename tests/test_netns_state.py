@@ -76,8 +76,9 @@ def xdp_prog(ns: str, dev: str) -> int | None:
 def guard_prog(ns: str, dev: str) -> int | None:
     """The program at the guard's place on DEV: XDP, or netoken's filter at
     TC ingress (where `--hook auto` puts it on these veths)."""
-    for f in json.loads(run("tc", "-j", "filter", "show", "dev", dev, "ingress", ns=ns,
-                            check=False).stdout or "[]"):
+    for f in json.loads(
+        run("tc", "-j", "filter", "show", "dev", dev, "ingress", ns=ns, check=False).stdout or "[]"
+    ):
         o = f.get("options", {})
         if f.get("pref") == 1 and o.get("handle") == "0x6e74":
             return o["prog"]["id"]
@@ -85,8 +86,13 @@ def guard_prog(ns: str, dev: str) -> int | None:
 
 
 def egress_filters(ns: str, dev: str) -> list[dict]:
-    return [f for f in json.loads(run("tc", "-j", "filter", "show", "dev", dev, "egress",
-                                      ns=ns).stdout or "[]") if "options" in f]
+    return [
+        f
+        for f in json.loads(
+            run("tc", "-j", "filter", "show", "dev", dev, "egress", ns=ns).stdout or "[]"
+        )
+        if "options" in f
+    ]
 
 
 @dataclass
@@ -167,8 +173,9 @@ def test_two_namespaces_with_the_same_names_are_managed_independently(nodes):
     for n, g, m in ((a, ga, ma), (b, gb, mb)):
         items = n.json("status")
         assert sorted((d["ifname"], d["role"], d["prog"]["id"], d["state"]) for d in items) == [
-            ("eth0", "guard", g["prog_id"], "attached"), ("eth1", "marker", m["prog_id"],
-                                                         "attached")]
+            ("eth0", "guard", g["prog_id"], "attached"),
+            ("eth1", "marker", m["prog_id"], "attached"),
+        ]
         assert {d["netns"]["cookie"] for d in items} == {n.cookie}
         assert {d["netns"]["name"] for d in items} == {n.ns}
         (d,) = n.json("status", "eth0")
@@ -184,12 +191,21 @@ def test_two_namespaces_with_the_same_names_are_managed_independently(nodes):
 
     # --all-netns: both, each under its ip netns name.
     every = a.json("status", "--all-netns")
-    mine = {(d["netns"]["name"], d["ifname"], d["role"], d["prog"]["id"]) for d in every
-            if d["netns"] and d["netns"]["cookie"] in (a.cookie, b.cookie)}
-    assert mine == {(a.ns, "eth0", "guard", ga["prog_id"]), (a.ns, "eth1", "marker", ma["prog_id"]),
-                    (b.ns, "eth0", "guard", gb["prog_id"]), (b.ns, "eth1", "marker", mb["prog_id"])}
+    mine = {
+        (d["netns"]["name"], d["ifname"], d["role"], d["prog"]["id"])
+        for d in every
+        if d["netns"] and d["netns"]["cookie"] in (a.cookie, b.cookie)
+    }
+    assert mine == {
+        (a.ns, "eth0", "guard", ga["prog_id"]),
+        (a.ns, "eth1", "marker", ma["prog_id"]),
+        (b.ns, "eth0", "guard", gb["prog_id"]),
+        (b.ns, "eth1", "marker", mb["prog_id"]),
+    }
     human = a.ok("status", "--all-netns")
-    assert f"network namespace {a.ns} (net:[" in human and f"network namespace {b.ns} (net:[" in human
+    assert (
+        f"network namespace {a.ns} (net:[" in human and f"network namespace {b.ns} (net:[" in human
+    )
 
     # Detaching everything in B leaves A running, and removes B's directories.
     b.ok("guard", "detach", "eth0")
@@ -225,10 +241,16 @@ def test_rename_while_attached(node):
 
     # status shows both under their names now, and where they were attached
     items = {d["role"]: d for d in n.json("status")}
-    assert (items["marker"]["ifname"], items["marker"]["attached_as"], items["marker"]["state"]) == (
-        "eth9", "eth1", "attached")
+    assert (
+        items["marker"]["ifname"],
+        items["marker"]["attached_as"],
+        items["marker"]["state"],
+    ) == ("eth9", "eth1", "attached")
     assert (items["guard"]["ifname"], items["guard"]["attached_as"], items["guard"]["state"]) == (
-        "eth8", "eth0", "attached")
+        "eth8",
+        "eth0",
+        "attached",
+    )
     assert "eth9 (ifindex " in n.ok("status") and "attached as eth1)" in n.ok("status")
     # the old name still finds it, and says what it is called now
     r = n.cli("status", "eth1")
@@ -241,13 +263,17 @@ def test_rename_while_attached(node):
 
     # detach by the old name: found by ifindex, named by its name now
     out = n.ok("mark", "detach", "eth1")
-    assert out.startswith(f"marker detached from eth9 (attached as eth1, ifindex {m['ifindex']}): "
-                          f"removed prog {m['prog_id']}, clsact removed")
+    assert out.startswith(
+        f"marker detached from eth9 (attached as eth1, ifindex {m['ifindex']}): "
+        f"removed prog {m['prog_id']}, clsact removed"
+    )
     assert "gone" not in out
     assert egress_filters(n.ns, "eth9") == [] and "clsact" not in qdiscs(n.ns, "eth9")
     out = n.ok("guard", "detach", "eth0")
-    assert out.startswith(f"guard detached from eth8 (attached as eth0, ifindex {g['ifindex']}): "
-                          f"removed prog {g['prog_id']}")
+    assert out.startswith(
+        f"guard detached from eth8 (attached as eth0, ifindex {g['ifindex']}): "
+        f"removed prog {g['prog_id']}"
+    )
     assert guard_prog(n.ns, "eth8") is None
     assert not n.pins.exists() and not n.run.exists()
     assert "nothing attached" in n.ok("status")
@@ -296,8 +322,10 @@ def test_programs_that_lost_their_pins_are_found_and_removable(node):
         assert (d["state"], d["ghost"], d["prog"]["id"]) == ("ghost", True, res["prog_id"])
         assert d["remove"] == f"netoken {verb} detach {d['ifname']}"
     human = n.ok("status")
-    assert f"ghost  prog {m['prog_id']}" in human and "remove it with: netoken mark detach eth1" \
-        in human
+    assert (
+        f"ghost  prog {m['prog_id']}" in human
+        and "remove it with: netoken mark detach eth1" in human
+    )
     assert [d["state"] for d in n.json("status", "eth0")] == ["ghost"]
     # What it says to run removes them.
     n.ok("mark", "detach", "eth1")
@@ -309,8 +337,7 @@ def test_programs_that_lost_their_pins_are_found_and_removable(node):
 def test_a_foreign_xdp_program_is_not_a_ghost(node):
     n, _ = node
     empty = Path(__file__).resolve().parents[1] / "netoken" / "bpf" / "empty.bpf.o"
-    run("ip", "link", "set", "dev", "eth0", "xdpgeneric", "obj", str(empty), "sec", "xdp",
-        ns=n.ns)
+    run("ip", "link", "set", "dev", "eth0", "xdpgeneric", "obj", str(empty), "sec", "xdp", ns=n.ns)
     assert n.json("status") == []
 
 
@@ -339,15 +366,30 @@ def test_fingerprints_show_what_the_kernel_holds_and_never_the_key(node, tmp_pat
     new = {k["fingerprint"] for d in n.json("status") for k in d["keys"]}
     assert new == {token.key_fingerprint(other)} and new != {fp}
     # The exporter carries it too.
-    text = subprocess.run([sys.executable, "-m", "netoken", "-n", n.ns, "exporter", "--textfile",
-                           str(tmp_path / "m.prom")], capture_output=True, text=True, check=False)
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "netoken",
+            "-n",
+            n.ns,
+            "exporter",
+            "--textfile",
+            str(tmp_path / "m.prom"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert text.returncode == 0, text.stderr
     prom = (tmp_path / "m.prom").read_text()
     for role, dev in (("guard", "eth0"), ("marker", "eth1")):
         assert re.search(
             rf'netoken_key_info{{(?=[^}}]*interface="{dev}")(?=[^}}]*role="{role}")'
             rf'(?=[^}}]*key_id="1")(?=[^}}]*fingerprint="{token.key_fingerprint(other)}")[^}}]*}}'
-            rf' 1\.0', prom), prom
+            rf" 1\.0",
+            prom,
+        ), prom
     outputs.append(prom)
     for out in outputs:
         assert TEST_KEY.hex() not in out and other.hex() not in out
@@ -389,10 +431,20 @@ def _old_state(ns: str, dev: str, role: str, cfg: nconfig.Config, meta: bool = T
     if meta:
         run_dir = RUN_DIR / dev
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (run_dir / f"{role}.json").write_text(json.dumps({
-            "version": 1, "role": role, "ifname": dev, "ifindex": idx, "netns": here,
-            "config": str(cfg.path), "attached_at": "2026-01-01T00:00:00Z",
-            "created_clsact": role == "marker"}))
+        (run_dir / f"{role}.json").write_text(
+            json.dumps(
+                {
+                    "version": 1,
+                    "role": role,
+                    "ifname": dev,
+                    "ifindex": idx,
+                    "netns": here,
+                    "config": str(cfg.path),
+                    "attached_at": "2026-01-01T00:00:00Z",
+                    "created_clsact": role == "marker",
+                }
+            )
+        )
     return prog_id
 
 
@@ -406,6 +458,7 @@ def test_state_of_the_old_layout_is_moved_on_first_use(lab: Lab, tmp_path: Path)
     ns = lab.ns("mg")
     other_ns = lab.ns("mo")
     from .conftest import uid
+
     devs = [uid("nmg") for _ in range(3)]
     foreign = uid("nmo")
     for d in devs:
@@ -413,8 +466,9 @@ def test_state_of_the_old_layout_is_moved_on_first_use(lab: Lab, tmp_path: Path)
         run("ip", "link", "set", d, "up", ns=ns)
     run("ip", "link", "add", foreign, "type", "veth", "peer", "name", f"{foreign}p", ns=other_ns)
     cfg = nconfig.load(write_config(tmp_path, {1: TEST_KEY}, CONFIG))
-    olds = [BPFFS / "netoken" / d for d in (*devs, foreign)] + [RUN_DIR / d for d in
-                                                                 (*devs, foreign)]
+    olds = [BPFFS / "netoken" / d for d in (*devs, foreign)] + [
+        RUN_DIR / d for d in (*devs, foreign)
+    ]
     me = Node(ns, cookie(ns))
     try:
         marker_id = _old_state(ns, devs[0], "marker", cfg)
@@ -425,8 +479,10 @@ def test_state_of_the_old_layout_is_moved_on_first_use(lab: Lab, tmp_path: Path)
         # The first command in NS moves NS's state, and only NS's.
         items = {d["ifname"]: d for d in me.json("status")}
         assert {k: (v["role"], v["prog"]["id"], v["state"]) for k, v in items.items()} == {
-            devs[0]: ("marker", marker_id, "attached"), devs[1]: ("guard", g1, "attached"),
-            devs[2]: ("guard", g2, "attached")}
+            devs[0]: ("marker", marker_id, "attached"),
+            devs[1]: ("guard", g1, "attached"),
+            devs[2]: ("guard", g2, "attached"),
+        }
         for d in devs:
             assert not (BPFFS / "netoken" / d).exists() and not (RUN_DIR / d).exists()
         assert (BPFFS / "netoken" / foreign / "marker" / "prog").exists()
@@ -443,8 +499,9 @@ def test_state_of_the_old_layout_is_moved_on_first_use(lab: Lab, tmp_path: Path)
         for dev, old_id in ((devs[2], g2), (devs[1], g1)):
             res = json.loads(me.ok("guard", "attach", dev, "-c", str(cfg.path), "--json"))
             assert res["replaced_prog_id"] == old_id and res["shared_by"] == 2
-            assert sorted(os.listdir(me.pins / f"if:{socket_index_in(ns, dev)}" / "guard")) == \
-                sorted(["prog", *nguard.OWN_MAPS])
+            assert sorted(
+                os.listdir(me.pins / f"if:{socket_index_in(ns, dev)}" / "guard")
+            ) == sorted(["prog", *nguard.OWN_MAPS])
         items = {d["ifname"]: d for d in me.json("status")}
         for d in devs[1:]:
             assert items[d]["memory"]["shared_by"] == 2 and items[d]["memory"]["shared"] > 0
@@ -491,7 +548,10 @@ def test_connections_still_flow_through_a_renamed_guard(lab: Lab, tmp_path: Path
     from .conftest import build_topology
 
     t = build_topology(lab)
-    cfg = write_config(tmp_path, {1: TEST_KEY}, f"""
+    cfg = write_config(
+        tmp_path,
+        {1: TEST_KEY},
+        f"""
 [[policy]]
 name = "svc"
 destinations = ["{t.server_ip}/32"]
@@ -503,7 +563,8 @@ key = 1
 destinations = ["{t.server_ip}/32"]
 ports = [{PORT}]
 keys = [1]
-""")
+""",
+    )
     s = Node(t.server, cookie(t.server))
     cl = Node(t.client, cookie(t.client))
     try:
@@ -518,8 +579,12 @@ keys = [1]
         # apply by either name reaches it
         s.ok("apply", t.server_if, "-c", str(cfg))
         s.ok("apply", new, "-c", str(cfg))
-        with Program.from_pinned(str(s.pins / f"if:{ifindex(s.ns, new)}" / "guard" / "prog")) \
-                as prog, Map.from_pinned(str(s.pins / "guard" / "nt_keys")):
+        with (
+            Program.from_pinned(
+                str(s.pins / f"if:{ifindex(s.ns, new)}" / "guard" / "prog")
+            ) as prog,
+            Map.from_pinned(str(s.pins / "guard" / "nt_keys")),
+        ):
             assert prog.id == guard_prog(s.ns, new)
     finally:
         s.forget()

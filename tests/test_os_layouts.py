@@ -23,13 +23,16 @@ from .verdicts import GUARD_SECTION, V4, V6, WINDOW, run, write_config
 TC_ACT_UNSPEC = 0xFFFFFFFF
 XDP_DROP, XDP_PASS = 1, 2
 
-CONFIG = """
+CONFIG = (
+    """
 [[policy]]
 name = "web"
 destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
 ports = [443]
 key = 1
-""" + GUARD_SECTION
+"""
+    + GUARD_SECTION
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,5 +89,9 @@ def test_real_os_syn_layouts(progs):
     assert got == want
     counts = {k: sum(1 for x in LAYOUTS if x.expect == k) for k in ("fits", "make_room", "no_room")}
     # tried 23, marked 21 (7 of them by making room), no room 2
-    assert (len(LAYOUTS), counts["fits"] + counts["make_room"], counts["make_room"],
-            counts["no_room"]) == (23, 21, 7, 2)
+    assert (
+        len(LAYOUTS),
+        counts["fits"] + counts["make_room"],
+        counts["make_room"],
+        counts["no_room"],
+    ) == (23, 21, 7, 2)

@@ -41,8 +41,9 @@ def _clean() -> None:
                 shutil.rmtree(top / f"net:{cookie}", ignore_errors=True)
         # The tour starts servers and monitors in the background; they would
         # keep the namespace (and its pins' programs) alive after `del`.
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
-                              check=False).stdout.split()
+        pids = subprocess.run(
+            ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False
+        ).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
@@ -70,8 +71,10 @@ def tour_blocks() -> list[tuple[str, str | None]]:
 
 
 # Lines whose shape, not value, is the contract: ids, tags, keys, times, counts.
-_VOLATILE = re.compile(r"\b(\d{4}-\d\d-\d\dT[\d:]+Z|\d\d:\d\d:\d\d\.\d+|[0-9a-f]{8,}|\d+)\b"
-                       r"|/tmp/\S+")
+_VOLATILE = re.compile(
+    r"\b(\d{4}-\d\d-\d\dT[\d:]+Z|\d\d:\d\d:\d\d\.\d+|[0-9a-f]{8,}|\d+)\b"
+    r"|/tmp/\S+"
+)
 
 
 def _shape(text: str) -> list[str]:
@@ -95,8 +98,15 @@ def _run_tour(tmp_path: Path) -> None:
     script = f"\necho -n {MARK}\n".join(b for b, _ in blocks)
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     try:
-        r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     finally:
         _clean()
     assert r.returncode == 0, f"README tour failed:\n{r.stdout}\n{r.stderr}"

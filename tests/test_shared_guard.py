@@ -117,8 +117,10 @@ def fleet(lab: Lab, tmp_path: Path) -> Iterator[Fleet]:
     for ns, side, host in ((c, "c", 1), (s, "s", 2)):
         batch = []
         for i in range(N):
-            batch += [f"addr add 198.18.{100 + i}.{host}/24 dev {side}{i}",
-                      f"link set {side}{i} up"]
+            batch += [
+                f"addr add 198.18.{100 + i}.{host}/24 dev {side}{i}",
+                f"link set {side}{i} up",
+            ]
         (tmp_path / f"addr-{side}").write_text("\n".join(batch) + "\n")
         run("ip", "-batch", str(tmp_path / f"addr-{side}"), ns=ns)
     with netns(s):
@@ -150,15 +152,19 @@ def netoken_map_ids(top: Path) -> dict[int, str]:
 
 
 def bpftool_memlock(ids: set[int]) -> dict[int, int]:
-    maps = json.loads(subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
-                                     text=True, check=True).stdout)
+    maps = json.loads(
+        subprocess.run(
+            ["bpftool", "map", "show", "-j"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     return {m["id"]: m["bytes_memlock"] for m in maps if m["id"] in ids}
 
 
 def fresh_syn(f: Fleet, i: int, key: bytes = TEST_KEY, key_id: int = 1) -> bytes:
     frame = syn(dst=f.ip(i), dport=PORT, src=f"198.18.{100 + i}.1", sport=40000)
-    opt = token.build_mac_option(key, key_id=key_id, epoch=token.epoch_now(WINDOW),
-                                 daddr=f.ip(i), dport=PORT)
+    opt = token.build_mac_option(
+        key, key_id=key_id, epoch=token.epoch_now(WINDOW), daddr=f.ip(i), dport=PORT
+    )
     return rebuild_with_option(frame, opt)
 
 
@@ -197,11 +203,13 @@ def test_fifty_guards_share_one_state(fleet: Fleet, capsys):
     total = sum(mem.values())
     budget = GOAL_200 * N // 200
     with capsys.disabled():
-        print(f"\n{N} guards: {total / MIB:.1f} MiB of maps ({replay / MIB:.1f} MiB replay "
-              f"cache of {SLOT_BYTES}-byte slots, {(sum(shared.values()) - replay) / MIB:.2f} "
-              f"MiB other shared, {per_iface / 1024:.1f} KiB per interface; goal scaled to "
-              f"{N}: {budget / MIB:.0f} MiB); attach: first {times[0] * 1e3:.0f} ms, "
-              f"last {times[-1] * 1e3:.0f} ms")
+        print(
+            f"\n{N} guards: {total / MIB:.1f} MiB of maps ({replay / MIB:.1f} MiB replay "
+            f"cache of {SLOT_BYTES}-byte slots, {(sum(shared.values()) - replay) / MIB:.2f} "
+            f"MiB other shared, {per_iface / 1024:.1f} KiB per interface; goal scaled to "
+            f"{N}: {budget / MIB:.0f} MiB); attach: first {times[0] * 1e3:.0f} ms, "
+            f"last {times[-1] * 1e3:.0f} ms"
+        )
     assert replay <= SLOT_BYTES * DEFAULT_REPLAY_CACHE * 1.01  # the slots, nothing per entry
     assert total <= budget
     # status says the same
@@ -209,7 +217,8 @@ def test_fifty_guards_share_one_state(fleet: Fleet, capsys):
     assert len(items) == N
     assert sum(d["memory"]["own"] for d in items) == sum(own.values())
     assert {(d["memory"]["shared"], d["memory"]["shared_by"]) for d in items} == {
-        (sum(shared.values()), N)}
+        (sum(shared.values()), N)
+    }
     assert "MiB shared guard state" in ok("status", ns=f.server).splitlines()[-1]
 
     # -- a token accepted on one interface is a replay on every other --------
@@ -253,12 +262,17 @@ def test_fifty_guards_share_one_state(fleet: Fleet, capsys):
     for i, lp in enumerate(loops):
         assert not lp.failures, lp.failures[:3]
         c = f.stats(i)
-        bad = {v: c[v] - before[i][v] for v in ("missing", "unknown_key", "stale", "bad_tag",
-                                                "replay", "dropped")}
+        bad = {
+            v: c[v] - before[i][v]
+            for v in ("missing", "unknown_key", "stale", "bad_tag", "replay", "dropped")
+        }
         assert bad == dict.fromkeys(bad, 0), (i, bad)
         assert c["ok"] - before[i]["ok"] >= lp.done
-    keys = {(k["id"], k["fingerprint"]) for d in json.loads(ok("status", "--json", ns=f.server))
-            for k in d["keys"]}
+    keys = {
+        (k["id"], k["fingerprint"])
+        for d in json.loads(ok("status", "--json", ns=f.server))
+        for k in d["keys"]
+    }
     assert keys == {(2, token.key_fingerprint(OTHER_KEY))}  # every guard runs the last config
 
     # -- detaching 49 keeps the last one's replay cache ----------------------

@@ -99,10 +99,29 @@ def vx(lab: Lab, tmp_path: Path) -> Iterator[Vx]:
     lab.addr(c, cu, f"{UNDERLAY[0]}/24")
     lab.addr(s, su, f"{UNDERLAY[1]}/24")
     cv, sv = uid("nvx"), uid("nvx")
-    for ns, dev, under, local, remote, addr in ((c, cv, cu, *UNDERLAY, OVERLAY[0]),
-                                                (s, sv, su, *UNDERLAY[::-1], OVERLAY[1])):
-        run("ip", "link", "add", dev, "type", "vxlan", "id", str(VNI), "dstport",
-            str(VXLAN_PORT), "local", local, "remote", remote, "dev", under, ns=ns)
+    for ns, dev, under, local, remote, addr in (
+        (c, cv, cu, *UNDERLAY, OVERLAY[0]),
+        (s, sv, su, *UNDERLAY[::-1], OVERLAY[1]),
+    ):
+        run(
+            "ip",
+            "link",
+            "add",
+            dev,
+            "type",
+            "vxlan",
+            "id",
+            str(VNI),
+            "dstport",
+            str(VXLAN_PORT),
+            "local",
+            local,
+            "remote",
+            remote,
+            "dev",
+            under,
+            ns=ns,
+        )
         lab.addr(ns, dev, f"{addr}/24")
         run("ip", "link", "set", dev, "up", ns=ns)
     # Neighbours resolved now: no SYN of the test waits on ARP.
@@ -128,17 +147,31 @@ def send_encapsulated_syns(vx: Vx, n: int) -> None:
     """N spoofed SYNs to the protected address and port, each inside
     UDP/VXLAN as the client's tunnel endpoint would send it, put on the
     client's underlay NIC (so they reach the server's underlay first)."""
-    outer = (Ether(src=mac(vx.client, vx.cu), dst=mac(vx.server, vx.su))
-             / IP(src=UNDERLAY[0], dst=UNDERLAY[1]))
+    outer = Ether(src=mac(vx.client, vx.cu), dst=mac(vx.server, vx.su)) / IP(
+        src=UNDERLAY[0], dst=UNDERLAY[1]
+    )
     inner_dst = mac(vx.server, vx.sv)
     frames = []
     for i in range(n):
-        inner = (Ether(src="02:00:00:00:00:99", dst=inner_dst)
-                 / IP(src=f"198.18.20.{100 + i}", dst=OVERLAY[1])
-                 / TCP(sport=random.randint(1024, 65535), dport=PORT, flags="S",
-                       seq=random.getrandbits(32), options=[("MSS", 1410)]))
-        frames.append(bytes(outer / UDP(sport=random.randint(49152, 65535), dport=VXLAN_PORT)
-                            / VXLAN(vni=VNI, flags=0x08) / inner))
+        inner = (
+            Ether(src="02:00:00:00:00:99", dst=inner_dst)
+            / IP(src=f"198.18.20.{100 + i}", dst=OVERLAY[1])
+            / TCP(
+                sport=random.randint(1024, 65535),
+                dport=PORT,
+                flags="S",
+                seq=random.getrandbits(32),
+                options=[("MSS", 1410)],
+            )
+        )
+        frames.append(
+            bytes(
+                outer
+                / UDP(sport=random.randint(49152, 65535), dport=VXLAN_PORT)
+                / VXLAN(vni=VNI, flags=0x08)
+                / inner
+            )
+        )
     with netns(vx.client):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     with s:
@@ -164,10 +197,12 @@ def test_vxlan_side_door_is_named_and_closed_by_guarding_the_tunnel(vx: Vx):
     res = json.loads(r.stdout)
     assert (res["hook"], res["xdp_mode"]) == ("tc", None)  # a veth: TC ingress
     assert [(d["ifname"], d["kind"], d["path"], d["message"]) for d in res["unguarded"]] == [
-        (vx.sv, "vxlan", "tunnel", tunnel_warning(vx.sv))]
+        (vx.sv, "vxlan", "tunnel", tunnel_warning(vx.sv))
+    ]
     text = vx.srv("status")
     assert text.rstrip().endswith(
-        f"not guarded (traffic enters this host past every guard):\n  {tunnel_warning(vx.sv)}")
+        f"not guarded (traffic enters this host past every guard):\n  {tunnel_warning(vx.sv)}"
+    )
     (item,) = vx.status()
     assert [d["ifname"] for d in item["unguarded"]] == [vx.sv]
     assert item["unguarded"][0]["ifindex"] == socket_ifindex(vx.server, vx.sv)
@@ -175,8 +210,11 @@ def test_vxlan_side_door_is_named_and_closed_by_guarding_the_tunnel(vx: Vx):
     ok("mark", "attach", vx.cv, "-c", str(vx.cfg), ns=vx.client)
     client_status = ok("status", ns=vx.client)
     assert "not guarded" not in client_status
-    assert [d.get("unguarded") for d in json.loads(ok("status", "--json", ns=vx.client))
-            if d["ifname"] == vx.cv] == [None]
+    assert [
+        d.get("unguarded")
+        for d in json.loads(ok("status", "--json", ns=vx.client))
+        if d["ifname"] == vx.cv
+    ] == [None]
 
     with server(vx.server, PORT) as srv:
         # The side door is real: spoofed SYNs inside the tunnel reach TCP.
@@ -212,9 +250,11 @@ def test_vxlan_side_door_is_named_and_closed_by_guarding_the_tunnel(vx: Vx):
         stats = vx.guard_stats(vx.sv)
         assert stats["ok"] == CONNECTIONS
         assert stats["missing"] - dropped == SPOOFED  # no legit SYN dropped or retried
-    print(f"\nVXLAN side door: {reached_nic_only}/{SPOOFED} spoofed SYNs reached TCP with the "
-          f"guard on the NIC only, {reached_both}/{SPOOFED} with it on NIC and tunnel; "
-          f"marked client: {done}/{CONNECTIONS} connections")
+    print(
+        f"\nVXLAN side door: {reached_nic_only}/{SPOOFED} spoofed SYNs reached TCP with the "
+        f"guard on the NIC only, {reached_both}/{SPOOFED} with it on NIC and tunnel; "
+        f"marked client: {done}/{CONNECTIONS} connections"
+    )
 
 
 def socket_ifindex(ns: str, dev: str) -> int:
@@ -224,10 +264,10 @@ def socket_ifindex(ns: str, dev: str) -> int:
 
 def test_vxlan_has_no_native_xdp_and_says_so(vx: Vx):
     vx.attach_guard(vx.su)
-    r = netoken("guard", "attach", vx.sv, "-c", str(vx.cfg), "--xdp-mode", "native",
-                ns=vx.server)
+    r = netoken("guard", "attach", vx.sv, "-c", str(vx.cfg), "--xdp-mode", "native", ns=vx.server)
     assert one_line_error(r) == (
-        f"netoken: {vx.sv}: the driver does not support native XDP; use generic mode")
+        f"netoken: {vx.sv}: the driver does not support native XDP; use generic mode"
+    )
     (item,) = vx.status()
     assert [d["ifname"] for d in item["unguarded"]] == [vx.sv]
 
@@ -255,8 +295,10 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
         assert r.returncode == 0, r.stderr
         local = "delivers traffic from a local program (VPN, tun/tap) into this host"
         assert r.stderr.splitlines() == [
-            (f"netoken: {pod_host} (veth) delivers traffic from another network namespace "
-            "into this host and has no guard: attach one"),
+            (
+                f"netoken: {pod_host} (veth) delivers traffic from another network namespace "
+                "into this host and has no guard: attach one"
+            ),
             f"netoken: {tun} (tun) {local} and has no guard: attach one",
             f"netoken: {tap} (tun) {local} and has no guard: attach one",
         ]
@@ -264,8 +306,11 @@ def test_which_devices_are_named(lab: Lab, tmp_path: Path):
         for dev, hook in ((tun, "tc"), (pod_host, "tc"), (tap, "xdp")):
             res = json.loads(ok("guard", "attach", dev, "-c", str(cfg), "--json", ns=s))
             assert res["hook"] == hook, dev
-        named = {tuple(d["ifname"] for d in item["unguarded"])
-                 for item in json.loads(ok("status", "--json", ns=s)) if item["ifname"] in mine}
+        named = {
+            tuple(d["ifname"] for d in item["unguarded"])
+            for item in json.loads(ok("status", "--json", ns=s))
+            if item["ifname"] in mine
+        }
         assert named == {()}
     finally:
         forget(nic, pod_host, tun, tap)
@@ -293,11 +338,13 @@ def test_fou_answers_are_parsed_as_the_kernel_writes_them():
         return (struct.pack("=HH", 4 + len(val), typ) + val).ljust((4 + len(val) + 3) & ~3, b"\0")
 
     def answer(port: int, ipproto: int, encap: int) -> bytes:
-        return (struct.pack("=BBxx", links.FOU_CMD_GET, 1)
-                + attr(links.FOU_ATTR_AF, bytes([socket.AF_INET]))
-                + attr(links.FOU_ATTR_PORT, struct.pack("!H", port))
-                + attr(links.FOU_ATTR_IPPROTO, bytes([ipproto]))
-                + attr(links.FOU_ATTR_TYPE, bytes([encap])))
+        return (
+            struct.pack("=BBxx", links.FOU_CMD_GET, 1)
+            + attr(links.FOU_ATTR_AF, bytes([socket.AF_INET]))
+            + attr(links.FOU_ATTR_PORT, struct.pack("!H", port))
+            + attr(links.FOU_ATTR_IPPROTO, bytes([ipproto]))
+            + attr(links.FOU_ATTR_TYPE, bytes([encap]))
+        )
 
     gue = links.parse_fou(answer(5555, 0, links.FOU_ENCAP_GUE))
     ipip = links.parse_fou(answer(5556, 4, links.FOU_ENCAP_DIRECT))
@@ -305,12 +352,14 @@ def test_fou_answers_are_parsed_as_the_kernel_writes_them():
     assert (gue.port, gue.gue, gue.to_stack) == (5555, True, True)
     assert (ipip.port, ipip.ipproto, ipip.to_stack) == (5556, 4, False)  # tunl0 is named
     assert tcp.to_stack
-    doors = links.side_doors({7}, devices=[links.Link(2, "eth0", None, 1, 0, frozenset({7}))],
-                             fou=[gue, ipip, tcp])
+    doors = links.side_doors(
+        {7}, devices=[links.Link(2, "eth0", None, 1, 0, frozenset({7}))], fou=[gue, ipip, tcp]
+    )
     assert [d.message for d in doors] == [
         f"udp/{p} ({k}) hands decapsulated packets straight to this host's stack, past every "
         f"device: no guard can run there; remove it (ip fou del port {p}) unless it is needed"
-        for p, k in ((5555, "gue"), (5557, "fou"))]
+        for p, k in ((5555, "gue"), (5557, "fou"))
+    ]
 
 
 def test_underlay_guard_changes_only_while_the_tunnel_has_none(vx: Vx):
@@ -319,11 +368,14 @@ def test_underlay_guard_changes_only_while_the_tunnel_has_none(vx: Vx):
     the underlay's guard at XDP say so in one line and change nothing;
     `apply` still updates it.  (At TC, the default on this veth underlay,
     the rule does not apply.)"""
+
     def upper_rule(doing: str) -> str:
-        return (f"netoken: {vx.su}: cannot {doing} the guard while {vx.sv} (on top of "
-                f"{vx.su}) has an XDP program, a kernel rule: detach the guard from {vx.sv} "
-                f"first, then attach it there again (`netoken apply` updates a guard's config "
-                f"without reattaching)")
+        return (
+            f"netoken: {vx.su}: cannot {doing} the guard while {vx.sv} (on top of "
+            f"{vx.su}) has an XDP program, a kernel rule: detach the guard from {vx.sv} "
+            f"first, then attach it there again (`netoken apply` updates a guard's config "
+            f"without reattaching)"
+        )
 
     vx.attach_guard(vx.sv)
     r = netoken("guard", "attach", vx.su, "-c", str(vx.cfg), "--hook", "xdp", ns=vx.server)
@@ -339,8 +391,10 @@ def test_underlay_guard_changes_only_while_the_tunnel_has_none(vx: Vx):
     assert one_line_error(r) == upper_rule("attach or replace")
     r = netoken("guard", "detach", vx.su, ns=vx.server)
     assert one_line_error(r) == upper_rule("detach")
-    assert [(d["ifname"], d["prog"]["id"] if d["ifname"] == vx.su else 0, d["state"])
-            for d in vx.status()] == [(vx.su, before, "attached"), (vx.sv, 0, "attached")]
+    assert [
+        (d["ifname"], d["prog"]["id"] if d["ifname"] == vx.su else 0, d["state"])
+        for d in vx.status()
+    ] == [(vx.su, before, "attached"), (vx.sv, 0, "attached")]
     vx.srv("apply", vx.su, "-c", str(vx.cfg))
     vx.srv("guard", "detach", vx.sv)
     vx.srv("guard", "detach", vx.su)

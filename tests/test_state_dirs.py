@@ -62,12 +62,22 @@ class Box:
     def _enter(self, net: bool) -> list[str]:
         # nsenter opens the namespace files before switching, so the
         # network namespace is found in the host's /run/netns.
-        return ["nsenter", "-t", str(self.proc.pid), "-m", f"--wd={REPO}",
-                *([f"--net=/run/netns/{self.ns}"] if net else [])]
+        return [
+            "nsenter",
+            "-t",
+            str(self.proc.pid),
+            "-m",
+            f"--wd={REPO}",
+            *([f"--net=/run/netns/{self.ns}"] if net else []),
+        ]
 
     def sh(self, script: str, nobody: bool = False) -> str:
-        r = subprocess.run([*self._enter(False), *(NOBODY if nobody else ()), "sh", "-ec",
-                            script], capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [*self._enter(False), *(NOBODY if nobody else ()), "sh", "-ec", script],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert r.returncode == 0, f"{script}: {r.stderr}"
         return r.stdout
 
@@ -75,8 +85,9 @@ class Box:
         cmd = [sys.executable, "-m", "netoken", *args]
         if umask is not None:
             cmd = ["sh", "-c", f'umask {umask:03o}; exec "$@"', "sh", *cmd]
-        return subprocess.run([*self._enter(True), *cmd], capture_output=True, text=True,
-                              timeout=60, check=False)
+        return subprocess.run(
+            [*self._enter(True), *cmd], capture_output=True, text=True, timeout=60, check=False
+        )
 
     def refused(self, *args: str) -> str:
         return one_line_error(self.netoken(*args)).removeprefix("netoken: ")
@@ -107,8 +118,7 @@ class Box:
         return f"{self.ns_dir}/if:{link['ifindex']}"
 
     def tc_filters(self, dev: str, hook: str = "egress") -> list:
-        out = run("tc", "-j", "filter", "show", "dev", dev, hook, ns=self.ns,
-                  check=False).stdout
+        out = run("tc", "-j", "filter", "show", "dev", dev, hook, ns=self.ns, check=False).stdout
         return json.loads(out or "[]")
 
 
@@ -117,10 +127,22 @@ def box(lab: Lab, tmp_path: Path) -> Iterator[Box]:
     ns = lab.ns("sd")
     a, b = lab.link(ns, ns)
     proc = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "--", "sh", "-ec",
-         ("mount -t bpf -o mode=1777 bpf /sys/fs/bpf; mount -t tmpfs -o mode=1777 tmpfs /run; "
-          "echo ready; exec sleep infinity")],
-        stdout=subprocess.PIPE, text=True)
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-ec",
+            (
+                "mount -t bpf -o mode=1777 bpf /sys/fs/bpf; mount -t tmpfs -o mode=1777 tmpfs /run; "
+                "echo ready; exec sleep infinity"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         cfg = write_config(tmp_path, {1: bytes(range(16))}, CONFIG)
@@ -134,10 +156,18 @@ def box(lab: Lab, tmp_path: Path) -> Iterator[Box]:
 
 def every_verb(box: Box, iface: str) -> list[tuple[str, ...]]:
     c = str(box.cfg)
-    return [("guard", "attach", iface, "-c", c), ("mark", "attach", iface, "-c", c),
-            ("status",), ("status", iface), ("stats",), ("monitor",), ("apply", iface, "-c", c),
-            ("guard", "detach", iface), ("mark", "detach", iface),
-            ("exporter", "--textfile", "/tmp/netoken-never-written.prom")]
+    return [
+        ("guard", "attach", iface, "-c", c),
+        ("mark", "attach", iface, "-c", c),
+        ("status",),
+        ("status", iface),
+        ("stats",),
+        ("monitor",),
+        ("apply", iface, "-c", c),
+        ("guard", "detach", iface),
+        ("mark", "detach", iface),
+        ("exporter", "--textfile", "/tmp/netoken-never-written.prom"),
+    ]
 
 
 def refused_by_every_verb(box: Box, iface: str, want: str) -> None:
@@ -168,8 +198,10 @@ def test_planted_directory_is_refused_by_every_verb(box: Box):
 
 def test_planted_symlink_is_refused(box: Box):
     box.sh(f"mkdir /sys/fs/bpf/mine; ln -s /sys/fs/bpf/mine {BPF}", nobody=True)
-    want = (f"{BPF} is a symbolic link (to /sys/fs/bpf/mine), not a directory: "
-            f"remove it (rm {BPF}) and retry")
+    want = (
+        f"{BPF} is a symbolic link (to /sys/fs/bpf/mine), not a directory: "
+        f"remove it (rm {BPF}) and retry"
+    )
     refused_by_every_verb(box, box.a, want)
     assert_nothing_attached(box, box.a)
     assert box.sh("ls -A /sys/fs/bpf/mine") == ""
@@ -183,7 +215,9 @@ def test_planted_run_directory_and_symlink_are_refused(box: Box):
 
     box.sh(f"rm -r {RUN}")
     box.sh(f"mkdir /run/mine; ln -s /run/mine {RUN}", nobody=True)
-    want = f"{RUN} is a symbolic link (to /run/mine), not a directory: remove it (rm {RUN}) and retry"
+    want = (
+        f"{RUN} is a symbolic link (to /run/mine), not a directory: remove it (rm {RUN}) and retry"
+    )
     assert box.refused("guard", "attach", box.a, "-c", str(box.cfg)) == want
     assert box.refused("status") == want
     assert_nothing_attached(box, box.a)
@@ -197,8 +231,11 @@ def test_plants_at_the_interface_level_are_refused(box: Box):
     box.ok("guard", "attach", box.a, "-c", str(box.cfg))
     ns_dirs = f"{BPF} {RUN} {BPF}/{box.ns_dir} {RUN}/{box.ns_dir}"
     box.sh(f"chmod 1777 {ns_dirs}")
-    box.sh(f"mkdir /sys/fs/bpf/mine; ln -s /sys/fs/bpf/mine {BPF}/{box.if_dir(box.b)}; "
-           f"mkdir {RUN}/{box.if_dir(box.b)}", nobody=True)
+    box.sh(
+        f"mkdir /sys/fs/bpf/mine; ln -s /sys/fs/bpf/mine {BPF}/{box.if_dir(box.b)}; "
+        f"mkdir {RUN}/{box.if_dir(box.b)}",
+        nobody=True,
+    )
     box.sh(f"chmod 0700 {ns_dirs}")
 
     link = f"{BPF}/{box.if_dir(box.b)}"
@@ -223,18 +260,22 @@ def test_group_or_other_writable_directories_are_refused(box: Box):
     box.ok("guard", "attach", box.a, "-c", str(box.cfg))
     role_dir = f"{BPF}/{box.if_dir(box.a)}/guard"
     box.sh(f"chmod 0770 {role_dir}")
-    assert box.refused("status") == (f"{role_dir} is writable by group (mode 0770): make it "
-                                     f"private (chmod 0700 {role_dir}) and retry")
+    assert box.refused("status") == (
+        f"{role_dir} is writable by group (mode 0770): make it "
+        f"private (chmod 0700 {role_dir}) and retry"
+    )
     box.sh(f"chmod 0700 {role_dir}; chmod 0757 {RUN}")
     assert box.refused("guard", "detach", box.a) == (
-        f"{RUN} is writable by others (mode 0757): make it private (chmod 0700 {RUN}) and retry")
+        f"{RUN} is writable by others (mode 0757): make it private (chmod 0700 {RUN}) and retry"
+    )
     box.sh(f"chmod 0700 {RUN}")
     # The bpffs itself may be shared, but only with the sticky bit, which
     # keeps others from renaming root's directory away and planting theirs.
     box.sh("chmod 0777 /sys/fs/bpf")
     assert box.refused("status") == (
         "/sys/fs/bpf is writable by group and others without the sticky bit (mode 0777), so "
-        "anyone could replace netoken's state there: chmod +t /sys/fs/bpf and retry")
+        "anyone could replace netoken's state there: chmod +t /sys/fs/bpf and retry"
+    )
     box.sh("chmod 1777 /sys/fs/bpf")
     box.ok("guard", "detach", box.a)
 
@@ -244,12 +285,24 @@ def test_clean_first_attach_creates_private_directories(box: Box):
     box.ok("guard", "attach", box.a, "-c", str(box.cfg), umask=0o277)
     box.ok("mark", "attach", box.b, "-c", str(box.cfg), umask=0o277)
     a, b, ns = box.if_dir(box.a), box.if_dir(box.b), box.ns_dir
-    for path in (BPF, f"{BPF}/{ns}", f"{BPF}/{a}", f"{BPF}/{a}/guard", f"{BPF}/{ns}/guard",
-                 f"{BPF}/{b}/marker", RUN, f"{RUN}/{ns}", f"{RUN}/{a}", f"{RUN}/{b}"):
+    for path in (
+        BPF,
+        f"{BPF}/{ns}",
+        f"{BPF}/{a}",
+        f"{BPF}/{a}/guard",
+        f"{BPF}/{ns}/guard",
+        f"{BPF}/{b}/marker",
+        RUN,
+        f"{RUN}/{ns}",
+        f"{RUN}/{a}",
+        f"{RUN}/{b}",
+    ):
         assert box.mode(path) == (0, 0o700), path
     status = json.loads(box.ok("status", "--json"))
     assert sorted((d["ifname"], d["role"], d["state"]) for d in status) == [
-        (box.a, "guard", "attached"), (box.b, "marker", "attached")]
+        (box.a, "guard", "attached"),
+        (box.b, "marker", "attached"),
+    ]
     assert box.tc_filters(box.a, "ingress") != [] and box.tc_filters(box.b) != []
     box.ok("guard", "detach", box.a)
     box.ok("mark", "detach", box.b)

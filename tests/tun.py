@@ -82,5 +82,5 @@ def tcp_flags(pkt: bytes) -> tuple[int, int, int] | None:
         return None
     if len(pkt) < l4 + 14:
         return None
-    sport, dport = struct.unpack("!HH", pkt[l4:l4 + 4])
+    sport, dport = struct.unpack("!HH", pkt[l4 : l4 + 4])
     return pkt[l4 + 13], sport, dport

@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # the decoder's unit tests use these helpers without libbpf
     from netoken.guard import Guard
 
 WINDOW = 30
-KEY2 = bytes(range(100, 116))   # bound to saddr
-KEY3 = bytes(range(200, 216))   # defined, accepted nowhere
+KEY2 = bytes(range(100, 116))  # bound to saddr
+KEY3 = bytes(range(200, 216))  # defined, accepted nowhere
 STATIC = 0x1122334455667788
 
 V4, V6, MON = "198.51.100.7", "2001:db8:100::7", "203.0.113.9"
@@ -47,8 +47,9 @@ action = "monitor"
 """
 
 
-def write_config(directory: Path, body: str,
-                 keys: dict[int, tuple[bytes, tuple[str, ...]]] | None = None) -> nconfig.Config:
+def write_config(
+    directory: Path, body: str, keys: dict[int, tuple[bytes, tuple[str, ...]]] | None = None
+) -> nconfig.Config:
     """BODY after [[key]] tables for KEYS, by default key 1 (TEST_KEY), key 2
     (KEY2, bound to saddr) and key 3 (KEY3), all with a WINDOW-second window."""
     keys = keys if keys is not None else {1: (TEST_KEY, ()), 2: (KEY2, ("saddr",)), 3: (KEY3, ())}
@@ -75,22 +76,62 @@ def src_of(dst: str) -> str:
     return "2001:db8:1::1" if ":" in dst else "192.0.2.1"
 
 
-def mac_option(dst=V4, dport=443, *, key=TEST_KEY, key_id=1, epoch=None, src=None,
-               sport=40000, bind=0, nonce=None) -> bytes:
+def mac_option(
+    dst=V4,
+    dport=443,
+    *,
+    key=TEST_KEY,
+    key_id=1,
+    epoch=None,
+    src=None,
+    sport=40000,
+    bind=0,
+    nonce=None,
+) -> bytes:
     """A reference mac option for a SYN from SRC (default: syn()'s source) to DST:DPORT."""
     epoch = steady_epoch() if epoch is None else epoch
-    return token.build_mac_option(key, key_id=key_id, epoch=epoch & 0xFFFFFFFF, daddr=dst,
-                                  dport=dport, saddr=src or src_of(dst), sport=sport, bind=bind,
-                                  nonce=nonce or os.urandom(token.NONCE_LEN))
+    return token.build_mac_option(
+        key,
+        key_id=key_id,
+        epoch=epoch & 0xFFFFFFFF,
+        daddr=dst,
+        dport=dport,
+        saddr=src or src_of(dst),
+        sport=sport,
+        bind=bind,
+        nonce=nonce or os.urandom(token.NONCE_LEN),
+    )
 
 
-def marked(dst=V4, dport=443, *, src=None, sport=40000, vlans=0, option=None, payload=b"",
-           before=LINUX_SYN_OPTS, ext=None, **kw) -> bytes:
+def marked(
+    dst=V4,
+    dport=443,
+    *,
+    src=None,
+    sport=40000,
+    vlans=0,
+    option=None,
+    payload=b"",
+    before=LINUX_SYN_OPTS,
+    ext=None,
+    **kw,
+) -> bytes:
     """A Linux-like SYN carrying OPTION (default: a fresh reference token)
     after the options BEFORE (IPv6: behind the extension headers EXT)."""
     opt = option if option is not None else mac_option(dst, dport, src=src, sport=sport, **kw)
-    return rebuild_with_option(syn(dst=dst, dport=dport, src=src, sport=sport, vlans=vlans,
-                                   options=before, payload=payload, ext=ext), opt)
+    return rebuild_with_option(
+        syn(
+            dst=dst,
+            dport=dport,
+            src=src,
+            sport=sport,
+            vlans=vlans,
+            options=before,
+            payload=payload,
+            ext=ext,
+        ),
+        opt,
+    )
 
 
 PACKET_REASONS = set(layout.GUARD_VERDICTS + layout.GUARD_PASS_REASONS)

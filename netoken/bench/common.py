@@ -57,9 +57,17 @@ def bench_config(directory: Path, body: str, window: int = 30) -> nconfig.Config
     return nconfig.load(path)
 
 
-def _frame(dst: str, flags: str = "S", payload: bytes = b"", dport: int = 443,
-           udp: bool = False, ip_len: int | None = None, cookie: bytes = b"",
-           ext: int = 0, fragment: bool = False) -> bytes:
+def _frame(
+    dst: str,
+    flags: str = "S",
+    payload: bytes = b"",
+    dport: int = 443,
+    udp: bool = False,
+    ip_len: int | None = None,
+    cookie: bytes = b"",
+    ext: int = 0,
+    fragment: bool = False,
+) -> bytes:
     """An Ethernet frame as Linux would send it; IP_LEN pads the payload to
     that IP total length; COOKIE makes the SYN a TCP Fast Open SYN.  IPv6:
     behind EXT 8-byte Destination Options headers; IPv4: FRAGMENT makes it a
@@ -77,9 +85,11 @@ def _frame(dst: str, flags: str = "S", payload: bytes = b"", dport: int = 443,
     if udp:
         l4 = UDP(sport=40000, dport=dport)
     else:
-        opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None),
-                ("WScale", 7)] if flags == "S" else [("NOP", None), ("NOP", None),
-                                                       ("Timestamp", (1, 1))]
+        opts = (
+            [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
+            if flags == "S"
+            else [("NOP", None), ("NOP", None), ("Timestamp", (1, 1))]
+        )
         if cookie:
             opts += [(34, cookie), ("NOP", None), ("NOP", None)]
         l4 = TCP(sport=40000, dport=dport, flags=flags, options=opts)

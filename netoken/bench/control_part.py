@@ -39,8 +39,11 @@ def _timed(cmd: list[str], reps: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
         if r.returncode:
             rc, err = r.returncode, (r.stderr.strip().splitlines() or [""])[-1]
-    d: dict[str, Any] = {"median_ms": _median(times) * 1e3, "max_ms": max(times) * 1e3,
-                         "reps": reps}
+    d: dict[str, Any] = {
+        "median_ms": _median(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "reps": reps,
+    }
     if rc:
         d["error"] = f"exit {rc}: {err}"
     return d
@@ -69,8 +72,10 @@ def _policy_set(n: int, per_policy: int, second: int) -> str:
         for i in range(per_policy):
             k = p * per_policy + i
             dests.append(f'"{10 + second}.{k // 256}.{k % 256}.0/24"')
-        out.append(f'[[policy]]\nname = "p{p}"\ndestinations = [{", ".join(dests)}]\n'
-                   f'ports = [443, "8000-8100"]\nkey = 1\n')
+        out.append(
+            f'[[policy]]\nname = "p{p}"\ndestinations = [{", ".join(dests)}]\n'
+            f'ports = [443, "8000-8100"]\nkey = 1\n'
+        )
     return "\n".join(out)
 
 
@@ -82,9 +87,12 @@ def control(quick: bool = False, progress: Progress = None) -> dict[str, Any]:
         lb = stack.enter_context(lab())
         ns, peer = lb.ns("cp"), lb.ns("cq")
         dev, _ = lb.link(ns, peer, "198.18.212.1/24", "198.18.212.2/24")
-        cfg = bench_config(tmp, '[[policy]]\nname = "p"\ndestinations = ["198.18.212.2/32"]\n'
-                                'key = 1\n\n[guard]\n[[guard.protect]]\n'
-                                'destinations = ["198.18.212.2/32"]\nkeys = [1]\n')
+        cfg = bench_config(
+            tmp,
+            '[[policy]]\nname = "p"\ndestinations = ["198.18.212.2/32"]\n'
+            "key = 1\n\n[guard]\n[[guard.protect]]\n"
+            'destinations = ["198.18.212.2/32"]\nkeys = [1]\n',
+        )
 
         _say(progress, "control: attach")
         out["attach"] = _guarded(lambda: _time_attach(ns, dev, cfg, reps))
@@ -99,30 +107,40 @@ def control(quick: bool = False, progress: Progress = None) -> dict[str, Any]:
         # The CLI's own state: pins under /sys/fs/bpf/netoken/, removed below.
         n = netoken_cmd()
         stack.callback(_detach_pinned, ns, dev)
-        r = subprocess.run([*n, "-n", ns, "mark", "attach", dev, "-c", str(cfg.path)],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [*n, "-n", ns, "mark", "attach", dev, "-c", str(cfg.path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if r.returncode:
             out["cli"] = {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
             out["cli_cold_start"] = {
                 "python -c pass": _timed([sys.executable, "-c", "pass"], reps),
-                "import netoken.marker": _timed([sys.executable, "-c", "import netoken.marker"],
-                                                reps)}
+                "import netoken.marker": _timed(
+                    [sys.executable, "-c", "import netoken.marker"], reps
+                ),
+            }
             return out
         _say(progress, "control: CLI latency from a cold process")
         out["cli"] = time_cli_verbs(ns, dev, 5 if quick else 10)
         out["cli"]["netoken mark attach (replace)"] = _timed(
-            [*n, "-n", ns, "mark", "attach", dev, "-c", str(cfg.path)], reps)
+            [*n, "-n", ns, "mark", "attach", dev, "-c", str(cfg.path)], reps
+        )
         big = tmp / "big"
         big.mkdir()
         big_cfg = bench_config(big, _policy_set(10_000, 100, 0))
         out["cli"]["netoken apply (10,000 prefixes)"] = _timed(
-            [*n, "-n", ns, "apply", dev, "-c", str(big_cfg.path)], 2 if quick else 3)
-        subprocess.run([*n, "-n", ns, "apply", dev, "-c", str(cfg.path)],
-                       capture_output=True, check=False)
+            [*n, "-n", ns, "apply", dev, "-c", str(big_cfg.path)], 2 if quick else 3
+        )
+        subprocess.run(
+            [*n, "-n", ns, "apply", dev, "-c", str(cfg.path)], capture_output=True, check=False
+        )
 
         _say(progress, "control: monitor")
-        out["monitor"] = _guarded(lambda: monitor_bench(ns, dev, 100_000 if quick else 1_000_000,
-                                                        quick, progress))
+        out["monitor"] = _guarded(
+            lambda: monitor_bench(ns, dev, 100_000 if quick else 1_000_000, quick, progress)
+        )
     return out
 
 
@@ -151,8 +169,12 @@ def _time_attach(ns: str, dev: str, cfg: nconfig.Config, reps: int) -> dict[str,
                 marker_mod.detach(dev)
             finally:
                 m.close()
-        for k, v in (("load", t1 - t0), ("configure", t2 - t1), ("attach", t3 - t2),
-                     ("total", t3 - t0)):
+        for k, v in (
+            ("load", t1 - t0),
+            ("configure", t2 - t1),
+            ("attach", t3 - t2),
+            ("total", t3 - t0),
+        ):
             phases[k].append(v * 1e3)
     return {k: _median(v) for k, v in phases.items()} | {"reps": reps, "unit": "ms"}
 
@@ -175,15 +197,23 @@ def _time_guard_attach(ns: str, dev: str, cfg: nconfig.Config, reps: int) -> dic
                 detach(dev)
             finally:
                 g.close()
-        for k, v in (("load", t1 - t0), ("configure", t2 - t1), ("attach", t3 - t2),
-                     ("total", t3 - t0)):
+        for k, v in (
+            ("load", t1 - t0),
+            ("configure", t2 - t1),
+            ("attach", t3 - t2),
+            ("total", t3 - t0),
+        ):
             phases[k].append(v * 1e3)
-    return ({k: _median(v) for k, v in phases.items()}
-            | {"reps": reps, "unit": "ms", "replay_cache": cfg.guard.replay_cache})
+    return {k: _median(v) for k, v in phases.items()} | {
+        "reps": reps,
+        "unit": "ms",
+        "replay_cache": cfg.guard.replay_cache,
+    }
 
 
-def guard_scale(tmp: Path, counts: tuple[int, ...] = (1, 10, 100),
-                slot_bytes: int = 8) -> dict[str, Any]:
+def guard_scale(
+    tmp: Path, counts: tuple[int, ...] = (1, 10, 100), slot_bytes: int = 8
+) -> dict[str, Any]:
     """The guard on more and more veths of one namespace, as `netoken guard
     attach` does it (attach_pinned, default replay cache): the time of each
     attach, and at each of COUNTS interfaces the kernel memory of netoken's
@@ -195,15 +225,20 @@ def guard_scale(tmp: Path, counts: tuple[int, ...] = (1, 10, 100),
 
     home = tmp / "scale"
     home.mkdir(exist_ok=True)
-    cfg = bench_config(home, '[guard]\n[[guard.protect]]\ndestinations = ["198.18.0.0/16"]\n'
-                             'keys = [1]\n')
+    cfg = bench_config(
+        home, '[guard]\n[[guard.protect]]\ndestinations = ["198.18.0.0/16"]\nkeys = [1]\n'
+    )
     assert cfg.guard is not None
     n = max(counts)
     with lab() as lb:
         ns = lb.ns("gs")
         batch = home / "links"
-        batch.write_text("".join(f"link add g{i} type veth peer name g{i}p\n"
-                                 f"link set g{i} up\nlink set g{i}p up\n" for i in range(n)))
+        batch.write_text(
+            "".join(
+                f"link add g{i} type veth peer name g{i}p\nlink set g{i} up\nlink set g{i}p up\n"
+                for i in range(n)
+            )
+        )
         subprocess.run(["ip", "-n", ns, "-batch", str(batch)], check=True, capture_output=True)
         with netns(ns):
             me = state.this_netns()
@@ -217,14 +252,22 @@ def guard_scale(tmp: Path, counts: tuple[int, ...] = (1, 10, 100),
                     times.append((time.perf_counter() - t) * 1e3)
                 if i + 1 in counts:
                     own, shared, replay = _scale_memory(top)
-                    points.append({
-                        "interfaces": i + 1, "attach_ms": times[-1],
-                        "attach_ms_median": _median(times),
-                        "shared_bytes": shared, "own_bytes": own,
-                        "per_interface_bytes": own / (i + 1), "total_bytes": own + shared,
-                        "replay_cache_bytes": replay,
-                        "total_with_slots_bytes": own + shared - replay
-                        + slot_bytes * cfg.guard.replay_cache})
+                    points.append(
+                        {
+                            "interfaces": i + 1,
+                            "attach_ms": times[-1],
+                            "attach_ms_median": _median(times),
+                            "shared_bytes": shared,
+                            "own_bytes": own,
+                            "per_interface_bytes": own / (i + 1),
+                            "total_bytes": own + shared,
+                            "replay_cache_bytes": replay,
+                            "total_with_slots_bytes": own
+                            + shared
+                            - replay
+                            + slot_bytes * cfg.guard.replay_cache,
+                        }
+                    )
         finally:
             for d in (top, state.RUN_DIR / me.dirname):
                 subprocess.run(["rm", "-rf", str(d)], check=False)
@@ -273,9 +316,15 @@ def _time_apply(tmp: Path) -> dict[str, Any]:
         entries = sum(1 for _ in m.maps["nt_dst_v4"])
     if entries != 10_000:
         raise BenchError(f"applied 10,000 prefixes, the LPM trie holds {entries}")
-    return {"prefixes": 10_000, "policies": 100, "unit": "ms",
-            "load_config": (t1 - t0) * 1e3, "apply_empty_to_10k": (t3 - t2) * 1e3,
-            "apply_same_10k": (t4 - t3) * 1e3, "apply_10k_replacing_10k": (t5 - t4) * 1e3}
+    return {
+        "prefixes": 10_000,
+        "policies": 100,
+        "unit": "ms",
+        "load_config": (t1 - t0) * 1e3,
+        "apply_empty_to_10k": (t3 - t2) * 1e3,
+        "apply_same_10k": (t4 - t3) * 1e3,
+        "apply_10k_replacing_10k": (t5 - t4) * 1e3,
+    }
 
 
 # -- monitor --------------------------------------------------------------
@@ -347,8 +396,9 @@ def _stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-def monitor_bench(ns: str, dev: str, events: int, quick: bool,
-                  progress: Progress) -> dict[str, Any]:
+def monitor_bench(
+    ns: str, dev: str, events: int, quick: bool, progress: Progress
+) -> dict[str, Any]:
     """`netoken monitor --json` (output to /dev/null) following the marker.
 
     1. Flat out: the producer outruns the monitor, the monitor exits after
@@ -377,15 +427,22 @@ def monitor_bench(ns: str, dev: str, events: int, quick: bool,
         elapsed = time.monotonic() - t0
         c1 = prod.stats()
         produced = c1["marked"] - c0["marked"]
-        flat = {"events": events, "seconds": round(elapsed, 2), "events_per_s": events / elapsed,
-                "produced": produced, "producer_per_s": produced / elapsed,
-                "lost": c1["events_lost"] - c0["events_lost"], "exit": mon.returncode,
-                "rss_kb_ready": ready[0] if ready else None,
-                "rss_kb_last": last[0] if last else None,
-                "rss_kb_peak": last[1] if last else None}
+        flat = {
+            "events": events,
+            "seconds": round(elapsed, 2),
+            "events_per_s": events / elapsed,
+            "produced": produced,
+            "producer_per_s": produced / elapsed,
+            "lost": c1["events_lost"] - c0["events_lost"],
+            "exit": mon.returncode,
+            "rss_kb_ready": ready[0] if ready else None,
+            "rss_kb_last": last[0] if last else None,
+            "rss_kb_peak": last[1] if last else None,
+        }
         _say(progress, f"control: monitor followed {flat['events_per_s']:,.0f} events/s flat out")
-        paced = _paced(prod, ns, dev, flat["events_per_s"], 1.0 if quick else 2.0,
-                       4 if quick else 8)
+        paced = _paced(
+            prod, ns, dev, flat["events_per_s"], 1.0 if quick else 2.0, 4 if quick else 8
+        )
     finally:
         if mon is not None:
             _stop(mon)
@@ -393,8 +450,9 @@ def monitor_bench(ns: str, dev: str, events: int, quick: bool,
     return {"flat_out": flat, "paced": paced}
 
 
-def _paced(prod: _Producer, ns: str, dev: str, capacity: float, seconds: float,
-           steps: int) -> dict[str, Any]:
+def _paced(
+    prod: _Producer, ns: str, dev: str, capacity: float, seconds: float, steps: int
+) -> dict[str, Any]:
     mon = _start_monitor(ns, dev, None)
     rows = []
     try:
@@ -412,9 +470,14 @@ def _paced(prod: _Producer, ns: str, dev: str, capacity: float, seconds: float,
             achieved = n / (time.monotonic() - t0)
             time.sleep(0.2)  # let the monitor catch up before counting losses
             c1 = prod.stats()
-            rows.append({"target_per_s": round(rate), "achieved_per_s": round(achieved),
-                         "events": c1["marked"] - c0["marked"],
-                         "lost": c1["events_lost"] - c0["events_lost"]})
+            rows.append(
+                {
+                    "target_per_s": round(rate),
+                    "achieved_per_s": round(achieved),
+                    "events": c1["marked"] - c0["marked"],
+                    "lost": c1["events_lost"] - c0["events_lost"],
+                }
+            )
             rate *= factor
     finally:
         mon.send_signal(signal.SIGINT)
@@ -429,6 +492,9 @@ def _paced(prod: _Producer, ns: str, dev: str, capacity: float, seconds: float,
         if r["lost"]:
             break
         ok.append(r["achieved_per_s"])
-    return {"steps": rows, "seconds_per_step": seconds,
-            "sustained_per_s": max(ok) if ok else None,
-            "lower_bound": len(ok) == len(rows)}
+    return {
+        "steps": rows,
+        "seconds_per_step": seconds,
+        "sustained_per_s": max(ok) if ok else None,
+        "lower_bound": len(ok) == len(rows),
+    }

@@ -32,12 +32,12 @@ class Contender:
     name: str
     prog: Program
     packet: bytes
-    repeat: int = 1           # >1 only for paths that never modify the packet
+    repeat: int = 1  # >1 only for paths that never modify the packet
     floor: str | None = None  # name of the contender this one is compared to
     # When set, sample i runs packets[i]: paths that change state per packet
     # (the guard's replay cache) are measured on first sight, not on repeats.
     packets: tuple[bytes, ...] = ()
-    ref: str | None = None    # the reference program (bpf/reference.bpf.c) it is held against
+    ref: str | None = None  # the reference program (bpf/reference.bpf.c) it is held against
     expect: str | None = None  # the counter reason this path must bump
     stats: Callable[[], dict[str, int]] | None = None  # counters EXPECT is read from
     before: Callable[[], None] | None = None  # untimed set-up before each sample
@@ -60,10 +60,13 @@ class Result:
     ratio_to_ref: float | None = None  # over floor / the reference's over floor
 
 
-def run_interleaved(contenders: list[Contender], samples: int,
-                    progress: Callable[[int], None] | None = None,
-                    after_round: Callable[[], None] | None = None,
-                    seed: int = 0) -> list[Result]:
+def run_interleaved(
+    contenders: list[Contender],
+    samples: int,
+    progress: Callable[[int], None] | None = None,
+    after_round: Callable[[], None] | None = None,
+    seed: int = 0,
+) -> list[Result]:
     """SAMPLES rounds; each round runs every contender once, in an order
     shuffled anew each round: what ran just before a program (and left the
     caches and branch predictors to it) differs from sample to sample, for
@@ -95,8 +98,20 @@ def run_interleaved(contenders: list[Contender], samples: int,
         if c.ref is not None:
             mine, ref = over(c.name), over(c.ref)
             ratio = mine / ref if mine is not None and ref else None
-        out.append(Result(c.name, med[c.name], _p99(times[c.name]), len(times[c.name]), c.floor,
-                          over(c.name), c.repeat, c.expect, c.ref, ratio))
+        out.append(
+            Result(
+                c.name,
+                med[c.name],
+                _p99(times[c.name]),
+                len(times[c.name]),
+                c.floor,
+                over(c.name),
+                c.repeat,
+                c.expect,
+                c.ref,
+                ratio,
+            )
+        )
     return out
 
 
@@ -153,12 +168,14 @@ class Listened:
     before: Callable[[], None]  # what the reader does before each sample
 
 
-def marker_contenders(marker_prog: Program, empty_tc: Program,
-                      stats: Callable[[], dict[str, int]] | None = None,
-                      listened: Listened | None = None,
-                      full_ring: Listened | None = None,
-                      refs: References | None = None,
-                      ) -> list[Contender]:
+def marker_contenders(
+    marker_prog: Program,
+    empty_tc: Program,
+    stats: Callable[[], dict[str, int]] | None = None,
+    listened: Listened | None = None,
+    full_ring: Listened | None = None,
+    refs: References | None = None,
+) -> list[Contender]:
     """The marker's paths at repeat=1, next to the empty TC program.
 
     MARKER_PROG has no reader, the state of every marker without a `netoken
@@ -172,54 +189,133 @@ def marker_contenders(marker_prog: Program, empty_tc: Program,
     ref = REF_APPEND if refs is not None else None
     out = [
         Contender(f, empty_tc, _frame(V4)),
-        Contender("marker: IPv4 SYN, mac", marker_prog, _frame(V4), floor=f, expect="marked",
-                  stats=stats, ref=ref),
-        Contender("marker: IPv4 SYN, static", marker_prog, _frame(V4_STATIC), floor=f,
-                  expect="marked", stats=stats, ref=ref),
-        Contender("marker: IPv6 SYN, mac", marker_prog, _frame(V6), floor=f, expect="marked",
-                  stats=stats),
+        Contender(
+            "marker: IPv4 SYN, mac",
+            marker_prog,
+            _frame(V4),
+            floor=f,
+            expect="marked",
+            stats=stats,
+            ref=ref,
+        ),
+        Contender(
+            "marker: IPv4 SYN, static",
+            marker_prog,
+            _frame(V4_STATIC),
+            floor=f,
+            expect="marked",
+            stats=stats,
+            ref=ref,
+        ),
+        Contender(
+            "marker: IPv6 SYN, mac", marker_prog, _frame(V6), floor=f, expect="marked", stats=stats
+        ),
         # 32 bytes of options: the token only fits without the timestamps
-        Contender("marker: TFO cookie SYN + 100 B, make room", marker_prog,
-                  _frame(V4, payload=b"x" * 100, cookie=bytes(8)), floor=f,
-                  expect="room_from_ts", stats=stats),
-        Contender("marker: SYN, no policy", marker_prog, _frame(V4_OTHER), floor=f,
-                  expect="no_policy", stats=stats),
-        Contender("marker: ACK, no payload", marker_prog, _frame(V4, "A"), floor=f,
-                  expect="not_syn", stats=stats),
-        Contender("marker: 1500-byte ACK", marker_prog, _frame(V4, "A", ip_len=1500), floor=f,
-                  expect="not_syn", stats=stats),
-        Contender("marker: UDP", marker_prog, _frame(V4, udp=True), floor=f, expect="not_tcp",
-                  stats=stats),
+        Contender(
+            "marker: TFO cookie SYN + 100 B, make room",
+            marker_prog,
+            _frame(V4, payload=b"x" * 100, cookie=bytes(8)),
+            floor=f,
+            expect="room_from_ts",
+            stats=stats,
+        ),
+        Contender(
+            "marker: SYN, no policy",
+            marker_prog,
+            _frame(V4_OTHER),
+            floor=f,
+            expect="no_policy",
+            stats=stats,
+        ),
+        Contender(
+            "marker: ACK, no payload",
+            marker_prog,
+            _frame(V4, "A"),
+            floor=f,
+            expect="not_syn",
+            stats=stats,
+        ),
+        Contender(
+            "marker: 1500-byte ACK",
+            marker_prog,
+            _frame(V4, "A", ip_len=1500),
+            floor=f,
+            expect="not_syn",
+            stats=stats,
+        ),
+        Contender(
+            "marker: UDP", marker_prog, _frame(V4, udp=True), floor=f, expect="not_tcp", stats=stats
+        ),
     ]
     if listened is not None:
-        out.insert(4, Contender("marker: IPv4 SYN, mac, event to a reader", listened.prog,
-                                _frame(V4), floor=f, expect="marked", stats=listened.stats,
-                                ref=ref))
-        out.insert(5, Contender("marker: IPv4 SYN, mac, event wakes the reader", listened.prog,
-                                _frame(V4), floor=f, expect="marked", stats=listened.stats,
-                                before=listened.before))
+        out.insert(
+            4,
+            Contender(
+                "marker: IPv4 SYN, mac, event to a reader",
+                listened.prog,
+                _frame(V4),
+                floor=f,
+                expect="marked",
+                stats=listened.stats,
+                ref=ref,
+            ),
+        )
+        out.insert(
+            5,
+            Contender(
+                "marker: IPv4 SYN, mac, event wakes the reader",
+                listened.prog,
+                _frame(V4),
+                floor=f,
+                expect="marked",
+                stats=listened.stats,
+                before=listened.before,
+            ),
+        )
     if full_ring is not None:
-        out.insert(4, Contender("marker: IPv4 SYN, mac, event ring full", full_ring.prog,
-                                _frame(V4), floor=f, expect="events_lost",
-                                stats=full_ring.stats, before=full_ring.before))
+        out.insert(
+            4,
+            Contender(
+                "marker: IPv4 SYN, mac, event ring full",
+                full_ring.prog,
+                _frame(V4),
+                floor=f,
+                expect="events_lost",
+                stats=full_ring.stats,
+                before=full_ring.before,
+            ),
+        )
     if refs is not None:
-        out.insert(1, Contender(REF_APPEND, refs.append, _frame(V4_STATIC), floor=f,
-                                expect="done", stats=refs.stats))
+        out.insert(
+            1,
+            Contender(
+                REF_APPEND, refs.append, _frame(V4_STATIC), floor=f, expect="done", stats=refs.stats
+            ),
+        )
     return out
 
 
-def marker_repeat_contenders(marker_prog: Program, empty_tc: Program,
-                             repeat: int = TC_REPEAT) -> list[Contender]:
+def marker_repeat_contenders(
+    marker_prog: Program, empty_tc: Program, repeat: int = TC_REPEAT
+) -> list[Contender]:
     """The marker's non-editing paths (everything but a marked SYN) at a large repeat."""
     f = "empty tc"
     return [
         Contender(f, empty_tc, _frame(V4), repeat),
-        Contender("marker: SYN, no policy", marker_prog, _frame(V4_OTHER), repeat, f,
-                  expect="no_policy"),
-        Contender("marker: ACK, no payload", marker_prog, _frame(V4, "A"), repeat, f,
-                  expect="not_syn"),
-        Contender("marker: 1500-byte ACK", marker_prog, _frame(V4, "A", ip_len=1500), repeat, f,
-                  expect="not_syn"),
+        Contender(
+            "marker: SYN, no policy", marker_prog, _frame(V4_OTHER), repeat, f, expect="no_policy"
+        ),
+        Contender(
+            "marker: ACK, no payload", marker_prog, _frame(V4, "A"), repeat, f, expect="not_syn"
+        ),
+        Contender(
+            "marker: 1500-byte ACK",
+            marker_prog,
+            _frame(V4, "A", ip_len=1500),
+            repeat,
+            f,
+            expect="not_syn",
+        ),
         Contender("marker: UDP", marker_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
     ]
 
@@ -228,9 +324,13 @@ def _marked(marker_prog: Program, frame: bytes) -> bytes:
     return marker_prog.test_run(frame).data_out
 
 
-def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Program,
-                     repeat: int = XDP_REPEAT,
-                     refs: References | None = None) -> list[Contender]:
+def guard_contenders(
+    guard_prog: Program,
+    empty_xdp: Program,
+    marker_prog: Program,
+    repeat: int = XDP_REPEAT,
+    refs: References | None = None,
+) -> list[Contender]:
     """The guard's paths at a large repeat, next to the empty XDP program.
 
     A valid mac token is accepted once; every further run of the same packet
@@ -242,37 +342,95 @@ def guard_contenders(guard_prog: Program, empty_xdp: Program, marker_prog: Progr
     bad = bytearray(_marked(marker_prog, _frame(V4)))
     bad[-1] ^= 0xFF  # the tag's last byte: the option is the TCP header's tail
     ref = REF_VERIFY if refs is not None else None
-    reference = [Contender(REF_VERIFY, refs.verify, valid, repeat, f, expect="done",
-                           stats=refs.stats)] if refs else []
+    reference = (
+        [Contender(REF_VERIFY, refs.verify, valid, repeat, f, expect="done", stats=refs.stats)]
+        if refs
+        else []
+    )
     return [
         Contender(f, empty_xdp, _frame(V4), repeat),
         *reference,
-        Contender("guard: valid SYN, seen before (replay)", guard_prog, valid, repeat, f,
-                  expect="replay", ref=ref),
-        Contender("guard: IPv6 valid SYN, seen before", guard_prog,
-                  _marked(marker_prog, _frame(V6)), repeat, f, expect="replay"),
-        Contender("guard: valid static-token SYN", guard_prog,
-                  _marked(marker_prog, _frame(V4_STATIC)), repeat, f, expect="ok"),
-        Contender("guard: SYN without token", guard_prog, _frame(V4), repeat, f,
-                  expect="missing"),
-        Contender("guard: SYN with bad tag (forged)", guard_prog, bytes(bad), repeat, f,
-                  expect="bad_tag", ref=ref),
-        Contender("guard: ACK to protected port", guard_prog, _frame(V4, "A"), repeat, f,
-                  expect="not_syn"),
-        Contender("guard: SYN, unprotected destination", guard_prog, _frame(V4_OTHER), repeat,
-                  f, expect="unprotected"),
+        Contender(
+            "guard: valid SYN, seen before (replay)",
+            guard_prog,
+            valid,
+            repeat,
+            f,
+            expect="replay",
+            ref=ref,
+        ),
+        Contender(
+            "guard: IPv6 valid SYN, seen before",
+            guard_prog,
+            _marked(marker_prog, _frame(V6)),
+            repeat,
+            f,
+            expect="replay",
+        ),
+        Contender(
+            "guard: valid static-token SYN",
+            guard_prog,
+            _marked(marker_prog, _frame(V4_STATIC)),
+            repeat,
+            f,
+            expect="ok",
+        ),
+        Contender("guard: SYN without token", guard_prog, _frame(V4), repeat, f, expect="missing"),
+        Contender(
+            "guard: SYN with bad tag (forged)",
+            guard_prog,
+            bytes(bad),
+            repeat,
+            f,
+            expect="bad_tag",
+            ref=ref,
+        ),
+        Contender(
+            "guard: ACK to protected port", guard_prog, _frame(V4, "A"), repeat, f, expect="not_syn"
+        ),
+        Contender(
+            "guard: SYN, unprotected destination",
+            guard_prog,
+            _frame(V4_OTHER),
+            repeat,
+            f,
+            expect="unprotected",
+        ),
         Contender("guard: UDP", guard_prog, _frame(V4, udp=True), repeat, f, expect="not_tcp"),
-        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT} extension headers", guard_prog,
-                  _frame(V6, ext=MAX_IP6_EXT), repeat, f, expect="missing"),
-        Contender(f"guard: IPv6 SYN behind {MAX_IP6_EXT + 1} (fails closed)", guard_prog,
-                  _frame(V6, ext=MAX_IP6_EXT + 1), repeat, f, expect="ipv6_ext"),
-        Contender("guard: TCP fragment to protected address", guard_prog,
-                  _frame(V4, fragment=True), repeat, f, expect="fragment"),
+        Contender(
+            f"guard: IPv6 SYN behind {MAX_IP6_EXT} extension headers",
+            guard_prog,
+            _frame(V6, ext=MAX_IP6_EXT),
+            repeat,
+            f,
+            expect="missing",
+        ),
+        Contender(
+            f"guard: IPv6 SYN behind {MAX_IP6_EXT + 1} (fails closed)",
+            guard_prog,
+            _frame(V6, ext=MAX_IP6_EXT + 1),
+            repeat,
+            f,
+            expect="ipv6_ext",
+        ),
+        Contender(
+            "guard: TCP fragment to protected address",
+            guard_prog,
+            _frame(V4, fragment=True),
+            repeat,
+            f,
+            expect="fragment",
+        ),
     ]
 
 
-def at_tc(contenders: list[Contender], guard_xdp: Program, guard_tc: Program,
-          empty_xdp: Program, empty_tc: Program) -> list[Contender]:
+def at_tc(
+    contenders: list[Contender],
+    guard_xdp: Program,
+    guard_tc: Program,
+    empty_xdp: Program,
+    empty_tc: Program,
+) -> list[Contender]:
     """CONTENDERS (the XDP guard's) with the TC ingress guard in its place,
     next to the empty TC program: the same packets and paths at the other
     hook.  The reference verifier is an XDP program and stays out."""
@@ -281,15 +439,17 @@ def at_tc(contenders: list[Contender], guard_xdp: Program, guard_tc: Program,
         if c.prog is empty_xdp:
             out.append(replace(c, name="empty tc", prog=empty_tc))
         elif c.prog is guard_xdp:
-            out.append(replace(c, name=f"tc {c.name}", prog=guard_tc, floor="empty tc",
-                               ref=None))
+            out.append(replace(c, name=f"tc {c.name}", prog=guard_tc, floor="empty tc", ref=None))
     return out
 
 
-def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
-                                 marker_prog: Program, n: int,
-                                 refs: References | None = None,
-                                 ) -> tuple[list[Contender], int]:
+def guard_first_sight_contenders(
+    guard_prog: Program,
+    empty_xdp: Program,
+    marker_prog: Program,
+    n: int,
+    refs: References | None = None,
+) -> tuple[list[Contender], int]:
     """Valid SYNs the guard has never seen, one run each (each is accepted
     and inserted into the replay cache), next to the empty XDP program and
     to a missing-token SYN at the same repeat=1; and how many marked SYNs
@@ -310,16 +470,34 @@ def guard_first_sight_contenders(guard_prog: Program, empty_xdp: Program,
         seen.add(pkt)
         fresh.append(pkt)
     ref = REF_VERIFY if refs is not None else None
-    reference = [Contender(REF_VERIFY, refs.verify, fresh[0], floor=f,
-                           packets=tuple(fresh[1:]), expect="done", stats=refs.stats)
-                 ] if refs else []
+    reference = (
+        [
+            Contender(
+                REF_VERIFY,
+                refs.verify,
+                fresh[0],
+                floor=f,
+                packets=tuple(fresh[1:]),
+                expect="done",
+                stats=refs.stats,
+            )
+        ]
+        if refs
+        else []
+    )
     return [
         Contender(f, empty_xdp, _frame(V4)),
         *reference,
-        Contender("guard: valid SYN, first sight", guard_prog, fresh[0], floor=f,
-                  packets=tuple(fresh[1:]), expect="ok", ref=ref),
-        Contender("guard: SYN without token", guard_prog, _frame(V4), floor=f,
-                  expect="missing"),
+        Contender(
+            "guard: valid SYN, first sight",
+            guard_prog,
+            fresh[0],
+            floor=f,
+            packets=tuple(fresh[1:]),
+            expect="ok",
+            ref=ref,
+        ),
+        Contender("guard: SYN without token", guard_prog, _frame(V4), floor=f, expect="missing"),
     ], repeats
 
 
@@ -373,8 +551,11 @@ def _xdp_parking(progs: list[Program]) -> Iterator[bool]:
                 _ip("link", "add", a, "type", "veth", "peer", "name", b, ns=ns)
             with netns(ns):
                 for dev, prog in zip(devs, progs):
-                    xdp_attach(socket.if_nametoindex(dev), prog,
-                               XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                    xdp_attach(
+                        socket.if_nametoindex(dev),
+                        prog,
+                        XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST,
+                    )
             parked = True
     except (OSError, BenchError):
         parked = False
@@ -416,28 +597,31 @@ def _references(stack: ExitStack, cfg: Any) -> References:
     ref.load()
     zero = (0).to_bytes(4, "little")
     ref.map("nt_ref_key").update(zero, key_value(cfg.keys[1]))
-    ref.map("nt_ref_clock").update(zero, realtime_minus_tai_ns().to_bytes(8, "little",
-                                                                          signed=True))
+    ref.map("nt_ref_clock").update(zero, realtime_minus_tai_ns().to_bytes(8, "little", signed=True))
     assert layout.MAC_OPT_LEN == 16  # the reference takes the option as the header's tail
     counters = ref.map("nt_ref_stats")
 
     def stats() -> dict[str, int]:
-        return {name: sum(int.from_bytes(v, "little")
-                          for v in counters.lookup_percpu(i.to_bytes(4, "little")) or [])
-                for i, name in enumerate(("done", "passed"))}
+        return {
+            name: sum(
+                int.from_bytes(v, "little")
+                for v in counters.lookup_percpu(i.to_bytes(4, "little")) or []
+            )
+            for i, name in enumerate(("done", "passed"))
+        }
 
-    return References(ref.program("netoken_ref_append"), ref.program("netoken_ref_verify"),
-                      stats)
+    return References(ref.program("netoken_ref_append"), ref.program("netoken_ref_verify"), stats)
 
 
-def datapath(quick: bool = False, samples: int | None = None,
-             progress: Progress = None) -> dict[str, Any]:
+def datapath(
+    quick: bool = False, samples: int | None = None, progress: Progress = None
+) -> dict[str, Any]:
     """The datapath micro-benchmarks; SAMPLES overrides every group's sample count."""
     from ..guard import Guard
     from ..marker import Marker
 
-    n1 = samples or (3000 if quick else 20000)   # repeat=1 groups
-    nr = samples or (300 if quick else 3000)     # large-repeat groups
+    n1 = samples or (3000 if quick else 20000)  # repeat=1 groups
+    nr = samples or (300 if quick else 3000)  # large-repeat groups
     groups: list[dict[str, Any]] = []
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="netoken-bench-")))
@@ -452,8 +636,9 @@ def datapath(quick: bool = False, samples: int | None = None,
         guard = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache))
         guard.configure(cfg)
         # The TC ingress build of the same source, on the same maps.
-        guard_tc = stack.enter_context(Guard.load(replay_cache=cfg.guard.replay_cache,
-                                                  reuse=guard.maps, hook="tc"))
+        guard_tc = stack.enter_context(
+            Guard.load(replay_cache=cfg.guard.replay_cache, reuse=guard.maps, hook="tc")
+        )
         # The marker and the guard have no reader, as on a node where no
         # `netoken monitor` runs.  Two more markers have one: events are read
         # (and thrown away) only where a contender says so, since how full
@@ -471,21 +656,40 @@ def datapath(quick: bool = False, samples: int | None = None,
         nx = nr if parked else min(nr, 50)
         cpu = stack.enter_context(_pinned_to_one_cpu())
 
-        def group(title: str, contenders: list[Contender], n: int,
-                  stats: Callable[[], dict[str, int]]) -> None:
+        def group(
+            title: str, contenders: list[Contender], n: int, stats: Callable[[], dict[str, int]]
+        ) -> None:
             _check_paths(contenders, stats)
             _say(progress, f"datapath: {title} ({n} rounds x {len(contenders)})")
             rows = run_interleaved(contenders, n)
-            groups.append({"title": title, "samples": n, "repeat": contenders[-1].repeat,
-                           "rows": [asdict(r) for r in rows]})
+            groups.append(
+                {
+                    "title": title,
+                    "samples": n,
+                    "repeat": contenders[-1].repeat,
+                    "rows": [asdict(r) for r in rows],
+                }
+            )
 
-        group("marker (TC egress), one run per sample",
-              marker_contenders(marker.prog, empty_tc, marker.stats,
-                                Listened(listened.prog, listened.stats, ring.consume),
-                                Listened(full.prog, full.stats, full_ring.beat), refs),
-              n1, marker.stats)
-        group(f"marker, paths that leave the packet alone, {TC_REPEAT} runs per sample",
-              marker_repeat_contenders(marker.prog, empty_tc), nr, marker.stats)
+        group(
+            "marker (TC egress), one run per sample",
+            marker_contenders(
+                marker.prog,
+                empty_tc,
+                marker.stats,
+                Listened(listened.prog, listened.stats, ring.consume),
+                Listened(full.prog, full.stats, full_ring.beat),
+                refs,
+            ),
+            n1,
+            marker.stats,
+        )
+        group(
+            f"marker, paths that leave the packet alone, {TC_REPEAT} runs per sample",
+            marker_repeat_contenders(marker.prog, empty_tc),
+            nr,
+            marker.stats,
+        )
 
         gc = guard_contenders(guard.prog, empty_xdp, marker.prog, refs=refs)
         for c in gc:
@@ -494,10 +698,13 @@ def datapath(quick: bool = False, samples: int | None = None,
         # Rejected SYNs take the path of a node without a reader: no event
         # (counted as suppressed).
         group(f"guard (XDP), {XDP_REPEAT} runs per sample", gc, nx, guard.stats)
-        group(f"guard (TC ingress), {XDP_REPEAT} runs per sample",
-              at_tc(gc, guard.prog, guard_tc.prog, empty_xdp, empty_tc), nr, guard.stats)
-        first, repeats = guard_first_sight_contenders(guard.prog, empty_xdp, marker.prog, n1,
-                                                      refs)
+        group(
+            f"guard (TC ingress), {XDP_REPEAT} runs per sample",
+            at_tc(gc, guard.prog, guard_tc.prog, empty_xdp, empty_tc),
+            nr,
+            guard.stats,
+        )
+        first, repeats = guard_first_sight_contenders(guard.prog, empty_xdp, marker.prog, n1, refs)
         before = guard.stats()
         group("guard, valid SYNs on first sight, one run per sample", first, n1, guard.stats)
         after = guard.stats()
@@ -505,5 +712,10 @@ def datapath(quick: bool = False, samples: int | None = None,
         # mean the first-sight samples were not first sight.
         if after["ok"] - before["ok"] != n1 + 1 or after["replay"] != before["replay"]:
             raise BenchError("first-sight SYNs were not all accepted on first sight")
-    return {"groups": groups, "cpu": cpu, "xdp_parked": parked,
-            "replay_cache": cfg.guard.replay_cache, "first_sight_repeated_tokens": repeats}
+    return {
+        "groups": groups,
+        "cpu": cpu,
+        "xdp_parked": parked,
+        "replay_cache": cfg.guard.replay_cache,
+        "first_sight_repeated_tokens": repeats,
+    }

@@ -87,9 +87,20 @@ class Clients:
     """Connection workers in a namespace, one process each, kept between bursts."""
 
     def __init__(self, lb: Lab, ns: str, addr: str, n: int) -> None:
-        self.procs = [lb.spawn(ns, sys.executable, "-c", _CRR_WORKER, addr, str(PORT),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                      for _ in range(n)]
+        self.procs = [
+            lb.spawn(
+                ns,
+                sys.executable,
+                "-c",
+                _CRR_WORKER,
+                addr,
+                str(PORT),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(n)
+        ]
         for p in self.procs:
             if _readline(p, 15) != "ready":
                 raise BenchError("a connection worker did not start")
@@ -114,9 +125,13 @@ class Clients:
             fail += d["fail"]
             runs.append(d)
         one = runs[0] if len(runs) == 1 else {}
-        return {"cps": ok / seconds, "ok": ok, "failed": fail,
-                "connect_us_median": one.get("connect_us_median"),
-                "connect_us_p99": one.get("connect_us_p99")}
+        return {
+            "cps": ok / seconds,
+            "ok": ok,
+            "failed": fail,
+            "connect_us_median": one.get("connect_us_median"),
+            "connect_us_p99": one.get("connect_us_p99"),
+        }
 
     def burst(self, seconds: float, rate: float = 0.0) -> dict[str, Any]:
         self.start(seconds, rate)
@@ -160,7 +175,7 @@ while True:
 
 PORT = 8080
 IPERF_PORT = 5201
-NET_CS, NET_AS = "198.18.210", "198.18.211"   # client-server and attacker-server links
+NET_CS, NET_AS = "198.18.210", "198.18.211"  # client-server and attacker-server links
 SERVER_C, SERVER_A = f"{NET_CS}.2", f"{NET_AS}.2"
 
 E2E_CONFIG = f"""
@@ -195,8 +210,15 @@ CONFIGS: dict[str, tuple[bool, str | None]] = {
 # The order within a round (rotated every round): the repeated baseline sits
 # as far from "none" as the other configurations do, so its ratio carries the
 # same drift.
-ROUND_CYCLE = ("none", "marker", "marker + empty xdp", "marker + guard", "none, again",
-               "marker + empty tc", "marker + tc guard")
+ROUND_CYCLE = (
+    "none",
+    "marker",
+    "marker + empty xdp",
+    "marker + guard",
+    "none, again",
+    "marker + empty tc",
+    "marker + tc guard",
+)
 # The flood runs with the marker on, for the legitimate client.
 FLOOD_CONFIGS: dict[str, tuple[bool, str | None]] = {
     "no XDP": (True, None),
@@ -210,10 +232,10 @@ FLOOD_CONFIGS: dict[str, tuple[bool, str | None]] = {
 class E2E:
     """The lab for the end-to-end figures, and its switchable configurations.
 
-        client ──veth── server ──veth── attacker
-        marker on the client's egress; guard (or an empty program of its
-        type, the floor) on both of the server's interfaces, at native XDP
-        or at TC ingress (the hook `--hook auto` picks on a veth).
+    client ──veth── server ──veth── attacker
+    marker on the client's egress; guard (or an empty program of its
+    type, the floor) on both of the server's interfaces, at native XDP
+    or at TC ingress (the hook `--hook auto` picks on a veth).
     """
 
     def __init__(self, stack: ExitStack, tmp: Path) -> None:
@@ -222,17 +244,17 @@ class E2E:
 
         self.lab = stack.enter_context(lab())
         self.cl, self.sv, self.at = self.lab.ns("cl"), self.lab.ns("sv"), self.lab.ns("at")
-        self.cl_if, self.sv_c = self.lab.link(self.cl, self.sv, f"{NET_CS}.1/24",
-                                              f"{SERVER_C}/24")
-        self.at_if, self.sv_a = self.lab.link(self.at, self.sv, f"{NET_AS}.1/24",
-                                              f"{SERVER_A}/24")
+        self.cl_if, self.sv_c = self.lab.link(self.cl, self.sv, f"{NET_CS}.1/24", f"{SERVER_C}/24")
+        self.at_if, self.sv_a = self.lab.link(self.at, self.sv, f"{NET_AS}.1/24", f"{SERVER_A}/24")
         # SYN-ACKs to spoofed sources really leave (backscatter is part of
         # what a flood costs the server) and die in the attacker namespace.
         _ip("route", "add", "default", "via", f"{NET_AS}.1", ns=self.sv)
         for src in (self.cl, self.at):
-            subprocess.run(_in_ns(src, "ping", "-c", "1", "-W", "2",
-                                  SERVER_C if src == self.cl else SERVER_A),
-                           capture_output=True, check=False)
+            subprocess.run(
+                _in_ns(src, "ping", "-c", "1", "-W", "2", SERVER_C if src == self.cl else SERVER_A),
+                capture_output=True,
+                check=False,
+            )
         self.cfg = bench_config(tmp, E2E_CONFIG)
         assert self.cfg.guard is not None
         self.marker = stack.enter_context(Marker.load())
@@ -240,8 +262,9 @@ class E2E:
         self.guard = stack.enter_context(Guard.load(replay_cache=self.cfg.guard.replay_cache))
         self.guard.configure(self.cfg)
         # The TC ingress build, on the same maps: one config, one set of counters.
-        self.guard_tc = stack.enter_context(Guard.load(replay_cache=self.cfg.guard.replay_cache,
-                                                       reuse=self.guard.maps, hook="tc"))
+        self.guard_tc = stack.enter_context(
+            Guard.load(replay_cache=self.cfg.guard.replay_cache, reuse=self.guard.maps, hook="tc")
+        )
         empty = stack.enter_context(BpfObject.open(object_path("empty")))
         empty.load()
         self.empty_xdp = empty.program("netoken_empty_xdp")
@@ -266,8 +289,9 @@ class E2E:
                 if what == "guard":
                     self.guard.attach(dev, "native")
                 elif what == "empty":
-                    xdp_attach(idx, self.empty_xdp,
-                               XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                    xdp_attach(
+                        idx, self.empty_xdp, XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST
+                    )
                 elif what == "guard tc":
                     self.guard_tc.attach(dev)
                 elif what == "empty tc":
@@ -289,8 +313,7 @@ class E2E:
             # An empty clsact qdisc still costs every packet a classify call:
             # the baseline has none.
             with contextlib.suppress(OSError):
-                tc_hook_destroy(socket.if_nametoindex(self.cl_if),
-                                BPF_TC_INGRESS | BPF_TC_EGRESS)
+                tc_hook_destroy(socket.if_nametoindex(self.cl_if), BPF_TC_INGRESS | BPF_TC_EGRESS)
 
     def use(self, marker: bool, server: str | None) -> None:
         """Marker on the client or not; on the server's ingress: None,
@@ -312,8 +335,15 @@ class E2E:
             p.wait()
         self.servers = []
         for _ in range(n):
-            p = self.lab.spawn(self.sv, sys.executable, "-c", _CRR_SERVER, str(PORT),
-                               stdout=subprocess.PIPE, text=True)
+            p = self.lab.spawn(
+                self.sv,
+                sys.executable,
+                "-c",
+                _CRR_SERVER,
+                str(PORT),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             if _readline(p, 15) != "ready":
                 raise BenchError("the benchmark's TCP server did not start")
             self.servers.append(p)
@@ -329,10 +359,13 @@ def _paired(per_round: dict[str, list[float]], base: str = "none") -> dict[str, 
     out: dict[str, Any] = {}
     for cfg, xs in per_round.items():
         ratios = [x / b for x, b in zip(xs, per_round[base]) if b]
-        out[cfg] = {"rounds": xs, "median": _median(xs),
-                    "ratio": _median(ratios) if ratios else None,
-                    "ratio_min": min(ratios) if ratios else None,
-                    "ratio_max": max(ratios) if ratios else None}
+        out[cfg] = {
+            "rounds": xs,
+            "median": _median(xs),
+            "ratio": _median(ratios) if ratios else None,
+            "ratio_min": min(ratios) if ratios else None,
+            "ratio_max": max(ratios) if ratios else None,
+        }
     return out
 
 
@@ -356,13 +389,17 @@ def e2e_connections(e: E2E, rounds: int, seconds: float, progress: Progress) -> 
     from .. import layout
 
     _say(progress, "e2e: connections/s, marker + guard with BPF run-time stats")
-    return {"workers": workers, "seconds": seconds, "rounds": rounds, "configs": out,
-            "marker_marked": m1["marked"] - m0["marked"],
-            "guard_verdicts": {k: g1[k] - g0[k] for k in layout.GUARD_VERDICTS
-                               if g1[k] != g0[k]},
-            "guard_rejected": g1["dropped"] - g0["dropped"],
-            "in_situ": _in_situ(e, clients, max(1.0, seconds * 2), "guard"),
-            "in_situ_tc": _in_situ(e, clients, max(1.0, seconds * 2), "guard tc")}
+    return {
+        "workers": workers,
+        "seconds": seconds,
+        "rounds": rounds,
+        "configs": out,
+        "marker_marked": m1["marked"] - m0["marked"],
+        "guard_verdicts": {k: g1[k] - g0[k] for k in layout.GUARD_VERDICTS if g1[k] != g0[k]},
+        "guard_rejected": g1["dropped"] - g0["dropped"],
+        "in_situ": _in_situ(e, clients, max(1.0, seconds * 2), "guard"),
+        "in_situ_tc": _in_situ(e, clients, max(1.0, seconds * 2), "guard tc"),
+    }
 
 
 def _in_situ(e: E2E, clients: Clients, seconds: float, server: str) -> dict[str, Any]:
@@ -380,17 +417,26 @@ def _in_situ(e: E2E, clients: Clients, seconds: float, server: str) -> dict[str,
     for n, b in before.items():
         runs = after[n].run_cnt - b.run_cnt
         ns = after[n].run_time_ns - b.run_time_ns
-        out[n] = {"runs_per_connection": runs / res["ok"] if res["ok"] else None,
-                  "ns_per_run": ns / runs if runs else None,
-                  "ns_per_connection": ns / res["ok"] if res["ok"] else None}
+        out[n] = {
+            "runs_per_connection": runs / res["ok"] if res["ok"] else None,
+            "ns_per_run": ns / runs if runs else None,
+            "ns_per_connection": ns / res["ok"] if res["ok"] else None,
+        }
     return out
 
 
 def e2e_iperf(e: E2E, rounds: int, seconds: int, progress: Progress) -> dict[str, Any]:
     if shutil.which("iperf3") is None:
         return {"error": "iperf3 is not installed"}
-    e.lab.spawn(e.sv, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
+    e.lab.spawn(
+        e.sv,
+        "iperf3",
+        "-s",
+        "-p",
+        str(IPERF_PORT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # iperf3 runs OMIT seconds of warm-up (slow start, GRO settling) before
     # the SECONDS it reports.
     omit = 1
@@ -408,21 +454,45 @@ def e2e_iperf(e: E2E, rounds: int, seconds: int, progress: Progress) -> dict[str
         gbps = _iperf_once(e, seconds, omit)
         r1 = e.marker.prog.run_stats()
     runs, ns = r1.run_cnt - r0.run_cnt, r1.run_time_ns - r0.run_time_ns
-    in_situ = {"gbps": gbps, "runs_per_s": runs / (seconds + omit),
-               "ns_per_run": ns / runs if runs else None,
-               "cpu_share": ns / 1e9 / (seconds + omit)}
-    return {"seconds": seconds, "warmup_seconds": omit, "rounds": rounds, "streams": 1,
-            "configs": _paired(per), "marker_in_situ": in_situ}
+    in_situ = {
+        "gbps": gbps,
+        "runs_per_s": runs / (seconds + omit),
+        "ns_per_run": ns / runs if runs else None,
+        "cpu_share": ns / 1e9 / (seconds + omit),
+    }
+    return {
+        "seconds": seconds,
+        "warmup_seconds": omit,
+        "rounds": rounds,
+        "streams": 1,
+        "configs": _paired(per),
+        "marker_in_situ": in_situ,
+    }
 
 
 def _iperf_once(e: E2E, seconds: int, omit: int) -> float:
     """Gbit/s the receiver saw; retried while the server is still starting."""
     err = ""
     for _ in range(20):
-        r = subprocess.run(_in_ns(e.cl, "iperf3", "-c", SERVER_C, "-p", str(IPERF_PORT),
-                                  "-t", str(seconds), "-O", str(omit), "-J"),
-                           capture_output=True, text=True, check=False,
-                           timeout=seconds + omit + 30)
+        r = subprocess.run(
+            _in_ns(
+                e.cl,
+                "iperf3",
+                "-c",
+                SERVER_C,
+                "-p",
+                str(IPERF_PORT),
+                "-t",
+                str(seconds),
+                "-O",
+                str(omit),
+                "-J",
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=seconds + omit + 30,
+        )
         try:
             d = json.loads(r.stdout)
         except ValueError:
@@ -448,13 +518,21 @@ def _cpu_ticks() -> dict[str, int]:
 
 def _link(ns: str, dev: str) -> dict[str, int]:
     d = json.loads(_ip("-s", "-j", "link", "show", dev, ns=ns).stdout)[0]["stats64"]
-    return {"rx_packets": d["rx"]["packets"], "rx_dropped": d["rx"]["dropped"],
-            "tx_packets": d["tx"]["packets"], "tx_dropped": d["tx"]["dropped"]}
+    return {
+        "rx_packets": d["rx"]["packets"],
+        "rx_dropped": d["rx"]["dropped"],
+        "tx_packets": d["tx"]["packets"],
+        "tx_dropped": d["tx"]["dropped"],
+    }
 
 
 def _snmp(ns: str) -> dict[str, int]:
-    out = subprocess.run(_in_ns(ns, "cat", "/proc/net/snmp", "/proc/net/netstat"),
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        _in_ns(ns, "cat", "/proc/net/snmp", "/proc/net/netstat"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = out.splitlines()
     res: dict[str, int] = {}
     for head, vals in zip(lines[::2], lines[1::2]):
@@ -467,19 +545,47 @@ def _snmp(ns: str) -> dict[str, int]:
 def _flood_cmd(e: E2E, tool: str, seconds: float, cfg_file: Path) -> list[str]:
     """The command line after `ip netns exec ATTACKER` (Lab.spawn adds it)."""
     if tool == "hping3":
-        return ["timeout", "-s", "INT", "-k", "3", f"{seconds}", "hping3", "--flood",
-                "--rand-source", "-S", "-p", str(PORT), SERVER_A]
+        return [
+            "timeout",
+            "-s",
+            "INT",
+            "-k",
+            "3",
+            f"{seconds}",
+            "hping3",
+            "--flood",
+            "--rand-source",
+            "-S",
+            "-p",
+            str(PORT),
+            SERVER_A,
+        ]
     mac = json.loads(_ip("-j", "link", "show", e.sv_a, ns=e.sv).stdout)[0]["address"]
     # Random source address, port and sequence number per packet; trafgen
     # recomputes the IP and TCP checksums of fields that change.
     cfg_file.write_text(
         f"{{ eth(da={mac}, type=0x0800), ipv4(saddr=drnd(), daddr={SERVER_A}, ttl=64), "
-        f"tcp(sport=drnd(), dport={PORT}, syn, seq=drnd()) }}\n")
+        f"tcp(sport=drnd(), dport={PORT}, syn, seq=drnd()) }}\n"
+    )
     # One worker on the qdisc path: once a native-XDP veth pushes back,
     # trafgen's TX-ring path fails with EAGAIN and leaves its other workers
     # spinning.
-    return ["timeout", "-s", "INT", "-k", "3", f"{seconds}", "trafgen", "-o", e.at_if, "-c",
-            str(cfg_file), "--qdisc-path", "--cpus", "1"]
+    return [
+        "timeout",
+        "-s",
+        "INT",
+        "-k",
+        "3",
+        f"{seconds}",
+        "trafgen",
+        "-o",
+        e.at_if,
+        "-c",
+        str(cfg_file),
+        "--qdisc-path",
+        "--cpus",
+        "1",
+    ]
 
 
 def _flood_sent(tool: str, out: str) -> int | None:
@@ -488,8 +594,9 @@ def _flood_sent(tool: str, out: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def e2e_flood(e: E2E, seconds: float, tools: Sequence[str], tmp: Path,
-              progress: Progress) -> dict[str, Any]:
+def e2e_flood(
+    e: E2E, seconds: float, tools: Sequence[str], tmp: Path, progress: Progress
+) -> dict[str, Any]:
     """Spoofed SYN floods from the attacker namespace at the server's port.
 
     The flood tools send as fast as they can; "offered" is what they
@@ -511,22 +618,31 @@ def e2e_flood(e: E2E, seconds: float, tools: Sequence[str], tmp: Path,
             # Half-open requests of the previous flood die with their listener.
             e.start_servers(len(e.servers) or 1)
             legit = Clients(e.lab, e.cl, SERVER_C, 1)
-            row = _guarded(_flood_once, e, tool, cfg, seconds, tmp / "syn.trafgen", hz, ncpu,
-                           legit)
+            row = _guarded(_flood_once, e, tool, cfg, seconds, tmp / "syn.trafgen", hz, ncpu, legit)
             legit.close()
             rows.append({"tool": tool, "config": cfg, **row})
-    best = max((r for r in rows if "error" not in r), key=lambda r: r["offered_pps"],
-               default=None)
-    return {"seconds": seconds, "rows": rows,
-            "max_offered_pps": best["offered_pps"] if best else None,
-            "max_tool": best["tool"] if best else None}
+    best = max((r for r in rows if "error" not in r), key=lambda r: r["offered_pps"], default=None)
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "max_offered_pps": best["offered_pps"] if best else None,
+        "max_tool": best["tool"] if best else None,
+    }
 
 
 LEGIT_RATE = 200  # connections per second during a flood
 
 
-def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz: int,
-                ncpu: int, legit_clients: Clients) -> dict[str, Any]:
+def _flood_once(
+    e: E2E,
+    tool: str,
+    cfg: str,
+    seconds: float,
+    cfg_file: Path,
+    hz: int,
+    ncpu: int,
+    legit_clients: Clients,
+) -> dict[str, Any]:
     cmd = _flood_cmd(e, tool, seconds, cfg_file)
     snmp0, link0, peer0 = _snmp(e.sv), _link(e.sv, e.sv_a), _link(e.at, e.at_if)
     g0 = e.guard.stats()
@@ -535,8 +651,7 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     with run_time_stats():
         r0, m0 = guard_prog.run_stats(), e.marker.prog.run_stats()
         cpu0, t0 = _cpu_ticks(), time.monotonic()
-        flood = e.lab.spawn(e.at, *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+        flood = e.lab.spawn(e.at, *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # A marked client at a modest, fixed rate meanwhile, over the middle
         # of the flood: does it still get in, and how long does connect() take?
         legit_s = max(0.5, seconds - 1.0)
@@ -557,8 +672,7 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     sent = _flood_sent(tool, out)
     counted_by = tool
     if sent is None:
-        sent = (peer1["tx_packets"] - peer0["tx_packets"]
-                + peer1["tx_dropped"] - peer0["tx_dropped"])
+        sent = peer1["tx_packets"] - peer0["tx_packets"] + peer1["tx_dropped"] - peer0["tx_dropped"]
         counted_by = "interface"
     rx = link1["rx_packets"] - link0["rx_packets"]
     dcpu = {k: (cpu1[k] - cpu0[k]) / hz / elapsed for k in _CPU_FIELDS}
@@ -566,13 +680,25 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     runs = r1.run_cnt - r0.run_cnt
     marker_runs = m1.run_cnt - m0.run_cnt
     drops_per_s = gd["dropped"] / elapsed if guarded else None
-    tcp = {k: snmp1.get(k, 0) - snmp0.get(k, 0) for k in
-           ("TcpExt.SyncookiesSent", "TcpExt.ListenOverflows", "TcpExt.ListenDrops",
-            "Tcp.InSegs", "Tcp.PassiveOpens")}
+    tcp = {
+        k: snmp1.get(k, 0) - snmp0.get(k, 0)
+        for k in (
+            "TcpExt.SyncookiesSent",
+            "TcpExt.ListenOverflows",
+            "TcpExt.ListenDrops",
+            "Tcp.InSegs",
+            "Tcp.PassiveOpens",
+        )
+    }
     return {
-        "tool": tool, "config": cfg, "seconds": round(elapsed, 2),
-        "sent": sent, "offered_pps": sent / seconds, "counted_by": counted_by,
-        "received": rx, "received_pps": rx / elapsed,
+        "tool": tool,
+        "config": cfg,
+        "seconds": round(elapsed, 2),
+        "sent": sent,
+        "offered_pps": sent / seconds,
+        "counted_by": counted_by,
+        "received": rx,
+        "received_pps": rx / elapsed,
         "sender_dropped": peer1["tx_dropped"] - peer0["tx_dropped"],
         "server_tx_packets": link1["tx_packets"] - link0["tx_packets"],
         "guard_ok": gd["ok"] if guarded else None,
@@ -581,19 +707,22 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
         # comes in on the other link and is counted in guard_ok).
         "guard_drop_fraction": gd["dropped"] / rx if guarded and rx else None,
         "guard_ns_per_packet": (r1.run_time_ns - r0.run_time_ns) / runs
-        if runs and guarded else None,
+        if runs and guarded
+        else None,
         # Flood capacity: SYNs the guard drops per second of one CPU's
         # softirq time (the whole receive path, not the program alone), and
         # that time per dropped SYN.
         "guard_drops_per_s": drops_per_s,
         "guard_drops_per_cpu_s": drops_per_s / dcpu["softirq"]
-        if drops_per_s and dcpu["softirq"] else None,
+        if drops_per_s and dcpu["softirq"]
+        else None,
         "softirq_ns_per_drop": dcpu["softirq"] * 1e9 / drops_per_s if drops_per_s else None,
         # The legitimate client's marker meanwhile (its SYNs and the rest of
         # its packets), from the kernel's run-time stats.
         "marker_runs": marker_runs,
         "marker_ns_per_run": (m1.run_time_ns - m0.run_time_ns) / marker_runs
-        if marker_runs else None,
+        if marker_runs
+        else None,
         "cpu": {k: round(v, 3) for k, v in dcpu.items()},
         "cpus": ncpu,
         "softirq_ns_per_received": dcpu["softirq"] * 1e9 / (rx / elapsed) if rx else None,
@@ -602,8 +731,11 @@ def _flood_once(e: E2E, tool: str, cfg: str, seconds: float, cfg_file: Path, hz:
     }
 
 
-def e2e(quick: bool = False, progress: Progress = None,
-        parts: Sequence[str] = ("connections", "iperf3", "flood")) -> dict[str, Any]:
+def e2e(
+    quick: bool = False,
+    progress: Progress = None,
+    parts: Sequence[str] = ("connections", "iperf3", "flood"),
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="netoken-bench-")))
@@ -611,11 +743,15 @@ def e2e(quick: bool = False, progress: Progress = None,
         e = E2E(stack, tmp)
         e.start_servers(max(1, len(os.sched_getaffinity(0))))
         for part, fn in (
-            ("connections", lambda: e2e_connections(e, 4 if quick else 20, 0.3 if quick else 0.5,
-                                                    progress)),
+            (
+                "connections",
+                lambda: e2e_connections(e, 4 if quick else 20, 0.3 if quick else 0.5, progress),
+            ),
             ("iperf3", lambda: e2e_iperf(e, 1 if quick else 5, 1 if quick else 2, progress)),
-            ("flood", lambda: e2e_flood(e, 1.5 if quick else 3.0, ("hping3", "trafgen"), tmp,
-                                        progress)),
+            (
+                "flood",
+                lambda: e2e_flood(e, 1.5 if quick else 3.0, ("hping3", "trafgen"), tmp, progress),
+            ),
         ):
             if part in parts:
                 out[part] = _guarded(fn)

@@ -23,15 +23,19 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"kernel": platform.release(), "cpu": model, "cpus": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg(), "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "kernel": platform.release(),
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
-
-
-def run_all(quick: bool = False, progress: Progress = None,
-            parts: Sequence[str] = PARTS) -> dict[str, Any]:
+def run_all(
+    quick: bool = False, progress: Progress = None, parts: Sequence[str] = PARTS
+) -> dict[str, Any]:
     """Every benchmark; a part that fails reports {"error": ...} in its place."""
     if os.geteuid() != 0:
         raise BenchError("netoken bench needs root (it loads BPF and builds namespaces)")

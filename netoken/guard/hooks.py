@@ -153,8 +153,10 @@ def detach(ifname: str) -> bool:
 
 
 def no_xdp_on_l3(ifname: str) -> str:
-    return (f"{ifname} is an L3 device (packets start at the IP header), which the XDP guard "
-            f"cannot parse; use --hook tc (what --hook auto picks there)")
+    return (
+        f"{ifname} is an L3 device (packets start at the IP header), which the XDP guard "
+        f"cannot parse; use --hook tc (what --hook auto picks there)"
+    )
 
 
 def choose_hook(ifname: str, requested: HookRequest, dev: links.Link) -> tuple[Hook, str]:
@@ -191,6 +193,7 @@ def restore_xdp(idx: int, new_id: int, prev: tuple[int, str] | None) -> None:
         if prev_prog is not None and prev is not None:
             xdp_attach(idx, prev_prog, MODE_FLAGS[prev[1]] | XDP_FLAGS_UPDATE_IF_NOEXIST)
 
+
 # The kernel keeps a device's XDP program fixed while a device stacked on it
 # (a vxlan using it as underlay, a VLAN, its bond) has one: "Cannot attach
 # when an upper device already has a program", as EEXIST, also for detach.
@@ -202,14 +205,18 @@ def _upper_problem(ifname: str, idx: int, e: BPFError, doing: str) -> str | None
         return None
     names = ", ".join(d.ifname for d in links.uppers(idx, links.links()) if d.xdp_prog_ids)
     names = names or "a device on top of it"
-    return (f"{ifname}: cannot {doing} the guard while {names} (on top of {ifname}) has an XDP "
-            f"program, a kernel rule: detach the guard from {names} first, then attach it there "
-            f"again (`netoken apply` updates a guard's config without reattaching)")
+    return (
+        f"{ifname}: cannot {doing} the guard while {names} (on top of {ifname}) has an XDP "
+        f"program, a kernel rule: detach the guard from {names} first, then attach it there "
+        f"again (`netoken apply` updates a guard's config without reattaching)"
+    )
 
 
 def detach_problem(ifname: str, idx: int, e: BPFError) -> str:
-    return (_upper_problem(ifname, idx, e, "detach")
-            or f"{ifname}: cannot detach the netoken guard: {e.strerror}")
+    return (
+        _upper_problem(ifname, idx, e, "detach")
+        or f"{ifname}: cannot detach the netoken guard: {e.strerror}"
+    )
 
 
 def attach_problem(ifname: str, idx: int, mode: XdpMode | None, e: BPFError) -> str:

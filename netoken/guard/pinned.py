@@ -93,8 +93,7 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
 
 def _snapshot(maps: Mapping[str, Map]) -> dict[str, dict[bytes, bytes]]:
     return {
-        name: {k: v for k, v in maps[name].items() if isinstance(v, bytes)}
-        for name in CONFIG_MAPS
+        name: {k: v for k, v in maps[name].items() if isinstance(v, bytes)} for name in CONFIG_MAPS
     }
 
 
@@ -130,11 +129,15 @@ def _copy_replay(src: Map, dst: Map, done: set[int]) -> int:
         for entry in memoryview(values).cast("Q"):  # the slots, u64 in host order
             if not entry or entry in done:
                 continue
-            dst.update(u32(layout.replay_index(entry, dst.max_entries)),
-                       entry.to_bytes(8, sys.byteorder), BPF_ANY)
+            dst.update(
+                u32(layout.replay_index(entry, dst.max_entries)),
+                entry.to_bytes(8, sys.byteorder),
+                BPF_ANY,
+            )
             done.add(entry)
             copied += 1
     return copied
+
 
 Mode = Literal["drop", "monitor", "config"]
 
@@ -242,8 +245,9 @@ def attach_pinned(
         # What the new program shares: the namespace's maps; a guard
         # pinned before maps were shared brings its own if there are
         # none yet (they become the namespace's).  Its counters stay.
-        base = shared or ({n: old.maps[n] for n in SHARED_MAPS if n in old.maps}
-                          if old is not None else {})
+        base = shared or (
+            {n: old.maps[n] for n in SHARED_MAPS if n in old.maps} if old is not None else {}
+        )
         reuse = dict(base)
         if old is not None:
             reuse.update({n: old.maps[n] for n in OWN_MAPS})
@@ -254,7 +258,8 @@ def attach_pinned(
                 notes.append(
                     f"replay_cache {cache}: the replay cache is shared by the "
                     f"{len(others) + 1} guards of this network namespace and keeps its "
-                    f"{live.max_entries} entries (detach them all, then attach, to resize)")
+                    f"{live.max_entries} entries (detach them all, then attach, to resize)"
+                )
                 cache = live.max_entries
             else:
                 del reuse["nt_replay"]
@@ -284,8 +289,11 @@ def attach_pinned(
         new.pin(st)
         # The program a switch removes, opened now: the moment both
         # hooks run (see the notes above) should be as short as can be.
-        oldp = t.closing.enter_context(Program.from_id(prev_xdp[0])) \
-            if switch_from == "xdp" and prev_xdp else None
+        oldp = (
+            t.closing.enter_context(Program.from_id(prev_xdp[0]))
+            if switch_from == "xdp" and prev_xdp
+            else None
+        )
         if chosen == "xdp":
 
             def unattach() -> None:
@@ -317,12 +325,22 @@ def attach_pinned(
                 clsact = tc.destroy_clsact_if_empty(ifname, idx)
         if source is not None and copied is not None:
             copied += _copy_replay(source, new.maps["nt_replay"], done)
-        t.commit({"xdp_mode": xdp_mode, "hook": chosen, "hook_requested": requested,
-                  "hook_reason": why, "link": t.framing, "created_clsact": created_clsact}, {})
+        t.commit(
+            {
+                "xdp_mode": xdp_mode,
+                "hook": chosen,
+                "hook_requested": requested,
+                "hook_reason": why,
+                "link": t.framing,
+                "created_clsact": created_clsact,
+            },
+            {},
+        )
         _write_shared_meta(st, cfg, override)
         entries = new.replay_cache
-        resized = live is not None and live.id != new.maps["nt_replay"].id \
-            and live.max_entries != entries
+        resized = (
+            live is not None and live.id != new.maps["nt_replay"].id and live.max_entries != entries
+        )
     # The guard this one took the place of: at the same hook, else the one
     # it switched from.
     prev_same = prev_tc if chosen == "tc" else prev_xdp[0] if prev_xdp else None
@@ -333,8 +351,14 @@ def attach_pinned(
         hook_reason=why,
         link=t.framing,
         xdp_mode=att.mode,
-        tc={"hook": "ingress", "handle": tc.HANDLE, "priority": tc.PRIORITY,
-            "created_clsact": created_clsact} if chosen == "tc" else None,
+        tc={
+            "hook": "ingress",
+            "handle": tc.HANDLE,
+            "priority": tc.PRIORITY,
+            "created_clsact": created_clsact,
+        }
+        if chosen == "tc"
+        else None,
         replaced_prog_id=prev_same if prev_same is not None else prev_other,
         hook_switched=f"{switch_from}->{chosen}" if switch_from else None,
         clsact=clsact,
@@ -359,13 +383,15 @@ def attach_pinned(
 
 def _write_shared_meta(st: RoleState, cfg: Config, override: str | None) -> None:
     """The namespace's guard config, described once for every guard."""
-    state.SharedState(st.netns, ROLE_NAME, st.root).write_meta({
-        "version": state.META_VERSION,
-        "role": ROLE_NAME,
-        "netns": st.netns.as_meta(),
-        "action_override": override,
-        **_config_meta(cfg),
-    })
+    state.SharedState(st.netns, ROLE_NAME, st.root).write_meta(
+        {
+            "version": state.META_VERSION,
+            "role": ROLE_NAME,
+            "netns": st.netns.as_meta(),
+            "action_override": override,
+            **_config_meta(cfg),
+        }
+    )
 
 
 def apply(ifname: str, cfg: Config) -> dict[str, Any]:
@@ -376,8 +402,9 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
     with state.locked():
         st = Guard.state_of(ifname)
         if not st.exists():
-            raise GuardError(f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` "
-                             f"first)")
+            raise GuardError(
+                f"no guard on {ifname} (run `netoken guard attach {ifname} -c FILE` first)"
+            )
         others = [o for o in Guard.siblings(st) if o.exists()]
         configured: set[int] = set()
         shared_done = False
@@ -409,8 +436,11 @@ def apply(ifname: str, cfg: Config) -> dict[str, Any]:
                     _write_shared_meta(gst, cfg, kept)
     notes = []
     if replay_slots(cfg.guard.replay_cache) != cache:
-        how = (f"detach the namespace's {len(others) + 1} guards and attach them again" if others
-               else f"`netoken guard attach {st.ifname}`")
+        how = (
+            f"detach the namespace's {len(others) + 1} guards and attach them again"
+            if others
+            else f"`netoken guard attach {st.ifname}`"
+        )
         notes.append(
             f"replay_cache {cfg.guard.replay_cache} takes effect at the next {how}; "
             f"the live cache keeps {cache} entries"
@@ -507,9 +537,7 @@ def detach_pinned(ifname: str) -> dict[str, Any]:
                         try:
                             xdp_detach(idx, MODE_FLAGS[cur[1]], old_prog_fd=prog)
                         except BPFError as e:
-                            raise GuardError(
-                                detach_problem(name, idx, e)
-                            ) from None
+                            raise GuardError(detach_problem(name, idx, e)) from None
                     removed = {"id": cur[0], "hook": "xdp", "mode": cur[1]}
         others = Guard.siblings(r.st)
         if not others:
@@ -536,9 +564,7 @@ def _pinned() -> list[tuple[RoleState, int]]:
     for st in state.all_states():
         if st.role == ROLE_NAME and state.in_this_netns(st):
             # Detached meanwhile: then it guards nothing.
-            with contextlib.suppress(OSError), Program.from_pinned(
-                st.pin(PROG_PIN)
-            ) as p:
+            with contextlib.suppress(OSError), Program.from_pinned(st.pin(PROG_PIN)) as p:
                 out.append((st, p.id))
     return out
 

@@ -67,8 +67,11 @@ REPLAY_PIN_NEW = "nt_replay_new"
 
 # The object for each (hook, link layer); there is no XDP object for L3
 # devices: auto picks TC there.
-OBJECTS = {("xdp", "ethernet"): "guard", ("tc", "ethernet"): "guard_tc",
-           ("tc", "l3"): "guard_tc_l3"}
+OBJECTS = {
+    ("xdp", "ethernet"): "guard",
+    ("tc", "ethernet"): "guard_tc",
+    ("tc", "l3"): "guard_tc_l3",
+}
 
 # What the program returns for a packet it lets through or drops (TC:
 # TC_ACT_UNSPEC, as the u32 BPF_PROG_TEST_RUN reports, and TC_ACT_SHOT).
@@ -113,10 +116,9 @@ class GuardEvent(SynEvent):
             epoch=e.epoch if mac and e.verdict not in _NO_EPOCH else None,
         )
 
+
 # Verdicts reached before the epoch is reconstructed.
-_NO_EPOCH = frozenset(
-    layout.GUARD_REASON[v] for v in ("missing", "malformed", "unknown_key")
-)
+_NO_EPOCH = frozenset(layout.GUARD_REASON[v] for v in ("missing", "malformed", "unknown_key"))
 
 
 class Guard(PinnedProgram):
@@ -165,10 +167,13 @@ class Guard(PinnedProgram):
         load: configure() cannot change it."""
         name = OBJECTS.get((hook, framing))
         if name is None:
-            raise GuardError(f"no guard for hook {hook!r} on {framing!r} devices "
-                             f"(there are: {', '.join(f'{h}/{f}' for h, f in OBJECTS)})")
-        g = cls._load_object(reuse, max_entries={"nt_replay": replay_slots(replay_cache)},
-                             object_name=name)
+            raise GuardError(
+                f"no guard for hook {hook!r} on {framing!r} devices "
+                f"(there are: {', '.join(f'{h}/{f}' for h, f in OBJECTS)})"
+            )
+        g = cls._load_object(
+            reuse, max_entries={"nt_replay": replay_slots(replay_cache)}, object_name=name
+        )
         g.framing = framing
         return g
 
@@ -200,7 +205,9 @@ class Guard(PinnedProgram):
         if not 0 <= event_rate <= layout.MAX_EVENT_RATE:
             raise GuardError(f"event rate {event_rate} is out of range 0..{layout.MAX_EVENT_RATE}")
         if not 0 <= event_burst <= layout.MAX_EVENT_RATE:
-            raise GuardError(f"event burst {event_burst} is out of range 0..{layout.MAX_EVENT_RATE}")
+            raise GuardError(
+                f"event burst {event_burst} is out of range 0..{layout.MAX_EVENT_RATE}"
+            )
         # A new generation: its low bit picks the half written now, and the
         # program's destination cache forgets what it looked up before.
         old = self._config().generation
@@ -254,8 +261,9 @@ class Guard(PinnedProgram):
             except BPFError as e:
                 if created:
                     tc.destroy_clsact_if_empty(ifname, idx)
-                raise GuardError(f"{ifname}: cannot attach the guard at tc ingress: "
-                                 f"{e.strerror}") from None
+                raise GuardError(
+                    f"{ifname}: cannot attach the guard at tc ingress: {e.strerror}"
+                ) from None
             return TcAttachment(idx, filt.prog_id, created)
         if mode is not None and mode not in MODE_FLAGS:
             raise GuardError(f"XDP mode must be 'native' or 'generic', got {mode!r}")

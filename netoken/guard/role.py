@@ -27,7 +27,9 @@ def _protect_ids_from_lpm(paths: list[str], base: int) -> list[int]:
                 raw = m.lookup(k)
                 if raw:
                     r = layout.NtPortRules.from_bytes(raw)
-                    ids.update(r.rules[j].policy - base for j in range(min(r.count, layout.MAX_PORT_RULES)))
+                    ids.update(
+                        r.rules[j].policy - base for j in range(min(r.count, layout.MAX_PORT_RULES))
+                    )
     return sorted(i for i in ids if 0 <= i < PROTECT_HALF)
 
 
@@ -46,8 +48,10 @@ class GuardRole(ProgramRole):
     def check_apply(self, cfg: Config) -> None:
         if cfg.guard is None:
             raise ConfigError(
-                cfg.path, None, "no [guard] section, but a guard is attached here; add one, "
-                "or stop guarding first with `netoken guard detach IFACE`"
+                cfg.path,
+                None,
+                "no [guard] section, but a guard is attached here; add one, "
+                "or stop guarding first with `netoken guard detach IFACE`",
             )
         check(cfg)
 
@@ -68,9 +72,14 @@ class GuardRole(ProgramRole):
             return own
         return {**(Guard.shared_state(st).read_meta() or {}), **own}
 
-    def attachment(self, idx: int | None, meta: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
-        why = {"selected": "auto" if meta.get("hook_requested", "auto") == "auto" else "forced",
-               "reason": meta.get("hook_reason"), "link": meta.get("link", "ethernet")}
+    def attachment(
+        self, idx: int | None, meta: dict[str, Any]
+    ) -> tuple[int | None, dict[str, Any]]:
+        why = {
+            "selected": "auto" if meta.get("hook_requested", "auto") == "auto" else "forced",
+            "reason": meta.get("hook_reason"),
+            "link": meta.get("link", "ethernet"),
+        }
         hook = meta.get("hook")
         if hook is None and idx is not None:
             # No metadata to say (a ghost, or a guard from before hooks):
@@ -98,12 +107,17 @@ class GuardRole(ProgramRole):
     def status_details(self, st: RoleState, meta: dict[str, Any], d: dict[str, Any]) -> None:
         cfgv = self.pinned_config(st)
         d["option"] = {"kind": cfgv.kind, "exid": cfgv.exid}
-        override = layout.GUARD_ACTIONS[cfgv.action] if cfgv.action < len(layout.GUARD_ACTIONS) else "drop"
+        override = (
+            layout.GUARD_ACTIONS[cfgv.action] if cfgv.action < len(layout.GUARD_ACTIONS) else "drop"
+        )
         d["action"] = None  # filled in below, from the entries
         d["action_override"] = override if override != "entry" else None
         d["skew"] = cfgv.skew
-        d["fragments"] = layout.GUARD_FRAGMENTS_MODES[cfgv.fragments] \
-            if cfgv.fragments < len(layout.GUARD_FRAGMENTS_MODES) else "drop"
+        d["fragments"] = (
+            layout.GUARD_FRAGMENTS_MODES[cfgv.fragments]
+            if cfgv.fragments < len(layout.GUARD_FRAGMENTS_MODES)
+            else "drop"
+        )
         with Map.from_pinned(self.map_path(st, "nt_replay")) as m:
             d["replay_cache"] = {"entries": m.max_entries}
         d["events"] = {"rate": cfgv.event_rate, "burst": cfgv.event_burst, "per": "cpu"}
@@ -114,8 +128,13 @@ class GuardRole(ProgramRole):
         # nt_protect; only destinations and ports come from the metadata.
         base = (cfgv.generation & 1) * PROTECT_HALF
         described = meta.get("guard", {}).get("protect")
-        ids = range(len(described)) if described is not None else _protect_ids_from_lpm(
-            [self.map_path(st, n) for n in ("nt_dst_v4", "nt_dst_v6")], base)
+        ids = (
+            range(len(described))
+            if described is not None
+            else _protect_ids_from_lpm(
+                [self.map_path(st, n) for n in ("nt_dst_v4", "nt_dst_v6")], base
+            )
+        )
         tokens: dict[int, int] = {}
         with Map.from_pinned(self.map_path(st, "nt_static")) as m:
             for k in list(m.keys()):
@@ -127,17 +146,23 @@ class GuardRole(ProgramRole):
                 raw = m.lookup(u32(base + i))
                 p = layout.NtProtect.from_bytes(raw) if raw else layout.NtProtect()
                 act = d["action_override"] or (
-                    "monitor" if p.action == layout.GUARD_ACTION["monitor"] else "drop")
+                    "monitor" if p.action == layout.GUARD_ACTION["monitor"] else "drop"
+                )
                 info = described[i] if described is not None else {}
-                protect.append({
-                    "id": i + 1,  # as config errors name it: guard.protect #N
-                    "destinations": info.get("destinations"),
-                    "ports": info.get("ports"),
-                    "keys": [kid for kid in range(layout.MAX_KEYS)
-                             if (p.keys[kid // 64] >> (kid % 64)) & 1],
-                    "tokens": tokens.get(i, 0),
-                    "action": act,
-                })
+                protect.append(
+                    {
+                        "id": i + 1,  # as config errors name it: guard.protect #N
+                        "destinations": info.get("destinations"),
+                        "ports": info.get("ports"),
+                        "keys": [
+                            kid
+                            for kid in range(layout.MAX_KEYS)
+                            if (p.keys[kid // 64] >> (kid % 64)) & 1
+                        ],
+                        "tokens": tokens.get(i, 0),
+                        "action": act,
+                    }
+                )
         d["protect"] = protect
         d["config_action"] = meta.get("guard", {}).get("action")
         actions = {p["action"] for p in protect}
@@ -173,5 +198,6 @@ class GuardRole(ProgramRole):
             return d
 
         return fields
+
 
 ROLE = GuardRole()

@@ -311,8 +311,17 @@ _proto("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
 _proto("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, c_uint64)
 _proto("bpf_map_delete_elem", c_int, c_int, c_void_p)
 _proto("bpf_map_get_next_key", c_int, c_int, c_void_p, c_void_p)
-_proto("bpf_map_lookup_batch", c_int, c_int, c_void_p, c_void_p, c_void_p,
-                           c_void_p, POINTER(c_uint32), c_void_p)
+_proto(
+    "bpf_map_lookup_batch",
+    c_int,
+    c_int,
+    c_void_p,
+    c_void_p,
+    c_void_p,
+    c_void_p,
+    POINTER(c_uint32),
+    c_void_p,
+)
 _proto("bpf_obj_pin", c_int, c_int, c_char_p)
 _proto("bpf_obj_get", c_int, c_char_p)
 _proto("bpf_map_get_fd_by_id", c_int, c_uint32)

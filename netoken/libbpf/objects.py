@@ -95,7 +95,15 @@ def probe_helper(prog_type: int, helper_id: int) -> bool:
     """Whether this kernel lets programs of PROG_TYPE call BPF helper
     HELPER_ID (libbpf loads a two-instruction program and reads the verifier's
     answer), so that features are found, not inferred from version strings."""
-    return bool(call(f"probe BPF helper #{helper_id}", lib.libbpf_probe_bpf_helper, prog_type, helper_id, None))
+    return bool(
+        call(
+            f"probe BPF helper #{helper_id}",
+            lib.libbpf_probe_bpf_helper,
+            prog_type,
+            helper_id,
+            None,
+        )
+    )
 
 
 BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
@@ -153,14 +161,20 @@ def _decode_name(raw: bytes | None) -> str:
     return (raw or b"").decode()
 
 
-def _attr(from_ptr: Callable[[int], object], field: str,
-          convert: Callable[[Any], object] = lambda v: v, doc: str = "") -> property:
+def _attr(
+    from_ptr: Callable[[int], object],
+    field: str,
+    convert: Callable[[Any], object] = lambda v: v,
+    doc: str = "",
+) -> property:
     """An attribute libbpf knows for a borrowed object (``from_ptr``) and the
     kernel's info struct knows (``field``) for an fd opened on its own."""
+
     def get(self: _KernelObject) -> object:
         if self._ptr is not None:
             return convert(from_ptr(self._ptr))
         return convert(getattr(self._loaded_info(), field))
+
     return property(get, doc=doc)
 
 
@@ -194,9 +208,16 @@ class _KernelObject(Closing):
     _fd_by_id: ClassVar[Callable[[int], int]]
     _ptr_fd: ClassVar[Callable[[int], int]]
 
-    def __init_subclass__(cls, *, kind: str, noun: str, info: type[Structure],
-                          fd_by_id: Callable[[int], int], ptr_fd: Callable[[int], int],
-                          **kw: Any) -> None:
+    def __init_subclass__(
+        cls,
+        *,
+        kind: str,
+        noun: str,
+        info: type[Structure],
+        fd_by_id: Callable[[int], int],
+        ptr_fd: Callable[[int], int],
+        **kw: Any,
+    ) -> None:
         """KIND as in the fd's anon-inode name ("map", "prog"), NOUN for
         messages, the kernel's INFO struct, and libbpf's FD_BY_ID (the fd of
         an id) and PTR_FD (the fd of an object's map or program)."""
@@ -301,9 +322,14 @@ class _KernelObject(Closing):
         self._ptr = None
 
 
-
-class Map(_KernelObject, kind="map", noun="map", info=bpf_map_info,
-          fd_by_id=lib.bpf_map_get_fd_by_id, ptr_fd=lib.bpf_map__fd):
+class Map(
+    _KernelObject,
+    kind="map",
+    noun="map",
+    info=bpf_map_info,
+    fd_by_id=lib.bpf_map_get_fd_by_id,
+    ptr_fd=lib.bpf_map__fd,
+):
     """A BPF map, either borrowed from a :class:`BpfObject` or owning its fd.
 
     Keys and values are raw bytes (any bytes-like object, e.g. a ctypes
@@ -313,8 +339,11 @@ class Map(_KernelObject, kind="map", noun="map", info=bpf_map_info,
     name = _attr(lib.bpf_map__name, "name", _decode_name)
     type = _attr(lib.bpf_map__type, "type", doc="enum bpf_map_type.")
     key_size = _attr(lib.bpf_map__key_size, "key_size")
-    value_size = _attr(lib.bpf_map__value_size, "value_size",
-                       doc="Size of one value (for per-CPU maps: of one CPU's value).")
+    value_size = _attr(
+        lib.bpf_map__value_size,
+        "value_size",
+        doc="Size of one value (for per-CPU maps: of one CPU's value).",
+    )
     max_entries = _attr(lib.bpf_map__max_entries, "max_entries")
 
     @property
@@ -414,13 +443,14 @@ class Map(_KernelObject, kind="map", noun="map", info=bpf_map_info,
         first = True
         while True:
             count = c_uint32(chunk)
-            ret = lib.bpf_map_lookup_batch(self.fd, None if first else pos_in, pos_out, keys, vals,
-                                    ctypes.byref(count), None)
+            ret = lib.bpf_map_lookup_batch(
+                self.fd, None if first else pos_in, pos_out, keys, vals, ctypes.byref(count), None
+            )
             if ret < 0 and ret != -_errno.ENOENT:
                 raise BPFError(-ret, f"batch lookup in {self._label()}")
             n = count.value
             if n:
-                yield keys.raw[:n * ks], vals.raw[:n * vs], n
+                yield keys.raw[: n * ks], vals.raw[: n * vs], n
             if ret == -_errno.ENOENT:  # that was the last batch
                 return
             ctypes.memmove(pos_in, pos_out, ks)
@@ -482,8 +512,14 @@ class TestRun(NamedTuple):
 TestRun.__test__ = False  # type: ignore[attr-defined]  # not a pytest class
 
 
-class Program(_KernelObject, kind="prog", noun="program", info=bpf_prog_info,
-              fd_by_id=lib.bpf_prog_get_fd_by_id, ptr_fd=lib.bpf_program__fd):
+class Program(
+    _KernelObject,
+    kind="prog",
+    noun="program",
+    info=bpf_prog_info,
+    fd_by_id=lib.bpf_prog_get_fd_by_id,
+    ptr_fd=lib.bpf_program__fd,
+):
     """A loaded BPF program, borrowed from a :class:`BpfObject` or owning its fd."""
 
     # Full name for object programs; kernel names are cut to 15 chars.
@@ -663,7 +699,6 @@ class BpfObject(Closing):
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             lib.bpf_object__close(ptr)
-
 
     def _wrap(self, kind: type[K], ptr: int) -> K:
         """The one wrapper of this object's map or program at PTR."""

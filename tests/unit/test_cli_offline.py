@@ -28,12 +28,19 @@ sys.exit(main(sys.argv[1:]))
 
 def netoken(*argv: str, libbpf: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "netoken"] if libbpf else [sys.executable, "-c", NO_LIBBPF]
-    return subprocess.run([*cmd, *argv], check=False, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([*cmd, *argv], check=False, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["decode", "--help"], ["key", "--help"],
-                                  ["config", "check", "--help"], ["status", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["decode", "--help"],
+        ["key", "--help"],
+        ["config", "check", "--help"],
+        ["status", "--help"],
+    ],
+)
 def test_help_without_libbpf(argv):
     r = netoken(*argv, libbpf=False)
     assert r.returncode == 0, r.stderr
@@ -44,7 +51,8 @@ def test_kernel_verb_without_libbpf_is_one_line(tmp_path):
     r = netoken("mark", "attach", "lo", "-c", _config(tmp_path, ""), libbpf=False)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        "netoken: libbpf.so.1 not found: install the libbpf1 package (apt-get install libbpf1)"]
+        "netoken: libbpf.so.1 not found: install the libbpf1 package (apt-get install libbpf1)"
+    ]
 
 
 def _config(tmp_path, body: str) -> str:
@@ -57,17 +65,25 @@ def _config(tmp_path, body: str) -> str:
 
 
 def test_config_check_valid_without_libbpf(tmp_path):
-    cfg = _config(tmp_path, '[[policy]]\nname = "p"\ndestinations = ["198.18.0.0/15"]\n'
-                            'key = 1\n[guard]\n[[guard.protect]]\n'
-                            'destinations = ["198.18.0.2/32"]\nkeys = [1]\n')
+    cfg = _config(
+        tmp_path,
+        '[[policy]]\nname = "p"\ndestinations = ["198.18.0.0/15"]\n'
+        "key = 1\n[guard]\n[[guard.protect]]\n"
+        'destinations = ["198.18.0.2/32"]\nkeys = [1]\n',
+    )
     r = netoken("config", "check", cfg, libbpf=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{cfg}: valid: key id 1, 1 policy, 1 protect entry\n"
     r = netoken("--json", "config", "check", cfg, libbpf=False)
-    assert json.loads(r.stdout) == {"file": cfg, "valid": True, "keys": [1],
-                                    "policies": 1, "protect": 1,
-                                    "schedule": {"in_use": {"p": 1}, "next_switch": None},
-                                    "agent": None}
+    assert json.loads(r.stdout) == {
+        "file": cfg,
+        "valid": True,
+        "keys": [1],
+        "policies": 1,
+        "protect": 1,
+        "schedule": {"in_use": {"p": 1}, "next_switch": None},
+        "agent": None,
+    }
 
 
 def test_config_check_shows_the_key_schedule_and_the_agent(tmp_path):
@@ -75,20 +91,28 @@ def test_config_check_shows_the_key_schedule_and_the_agent(tmp_path):
     key2 = tmp_path / "2.key"
     key2.write_text(TEST_KEY.hex() + "\n")
     key2.chmod(0o400)
-    cfg = _config(tmp_path, f'[[key]]\nid = 2\nfile = "{key2}"\n'
-                            'mark_from = 2999-01-01T00:00:00+02:00\n'
-                            '[[policy]]\nname = "p"\ndestinations = ["198.18.0.0/15"]\n'
-                            'keys = [1, 2]\n[agent]\nmark = ["eth0", "lxc*"]\n')
+    cfg = _config(
+        tmp_path,
+        f'[[key]]\nid = 2\nfile = "{key2}"\n'
+        "mark_from = 2999-01-01T00:00:00+02:00\n"
+        '[[policy]]\nname = "p"\ndestinations = ["198.18.0.0/15"]\n'
+        'keys = [1, 2]\n[agent]\nmark = ["eth0", "lxc*"]\n',
+    )
     r = netoken("config", "check", cfg, libbpf=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1:] == [
         "  keys in use now: p key 1",
-        ("  schedule next switch 2998-12-31T22:00:00Z: p -> key 2 (performed by `netoken "
-         "agent`; without it, run `netoken apply` then)"),
-        "  agent: marker on eth0 lxc*, guard on nothing, metrics off"]
+        (
+            "  schedule next switch 2998-12-31T22:00:00Z: p -> key 2 (performed by `netoken "
+            "agent`; without it, run `netoken apply` then)"
+        ),
+        "  agent: marker on eth0 lxc*, guard on nothing, metrics off",
+    ]
     d = json.loads(netoken("--json", "config", "check", cfg, libbpf=False).stdout)
-    assert d["schedule"] == {"in_use": {"p": 1}, "next_switch": {
-        "at": "2998-12-31T22:00:00Z", "policies": {"p": 2}}}
+    assert d["schedule"] == {
+        "in_use": {"p": 1},
+        "next_switch": {"at": "2998-12-31T22:00:00Z", "policies": {"p": 2}},
+    }
     assert d["agent"] == {"mark": ["eth0", "lxc*"], "guard": [], "metrics": None}
 
 

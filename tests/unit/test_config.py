@@ -532,9 +532,7 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
     ),
     (
         "dup-policy-name",
-        pol(MAC)
-        + '[[policy]]\nname = "game"\n'
-        + 'destinations = ["10.9.0.0/24"]\nkey = 1\n',
+        pol(MAC) + '[[policy]]\nname = "game"\n' + 'destinations = ["10.9.0.0/24"]\nkey = 1\n',
         'policy "game"',
         "duplicate policy name (policies #1 and #2)",
         None,
@@ -973,41 +971,109 @@ BAD: list[tuple[str, str, str, str, Setup | None]] = [
         "key and keys are alternatives",
         None,
     ),
-    ("policy-keys-empty", pol('destinations = ["10.0.0.0/24"]\nkeys = []\n'),
-     'policy "game"', "keys must not be empty", None),
-    ("policy-keys-undefined", pol('destinations = ["10.0.0.0/24"]\nkeys = [1, 7]\n'),
-     'policy "game"', "keys refers to key 7, which is not defined", None),
-    ("policy-keys-string", pol('destinations = ["10.0.0.0/24"]\nkeys = ["1"]\n'),
-     'policy "game"', 'keys must hold integer key ids, got string "1"', None),
-    ("policy-keys-static", pol(STATIC + 'token = 1\nkeys = [1]\n'),
-     'policy "game"', 'keys is only for mode = "mac"', None),
-    ("policy-keys-none-started",
-     KEY.replace("\n", "\nmark_from = 2999-01-01T00:00:00Z\n", 1) + '[[policy]]\nname = "game"\n'
-     + MAC, 'policy "game"',
-     "none of its keys is in use yet (key 1 starts first, at 2999-01-01T00:00:00Z)", None),
-    ("mark-from-local", KEY + "mark_from = 2026-01-01T00:00:00\n", "key 1",
-     "mark_from 2026-01-01T00:00:00 has no UTC offset", None),
-    ("mark-from-local-string", KEY + 'mark_from = "2026-01-01 00:00"\n', "key 1",
-     "has no UTC offset", None),
-    ("mark-from-date", KEY + "mark_from = 2026-01-01\n", "key 1",
-     "mark_from must be a date-time with a UTC offset (e.g. 2026-12-02T00:00:00Z), got datetime",
-     None),
-    ("mark-from-garbage", KEY + 'mark_from = "tomorrow"\n', "key 1",
-     'mark_from "tomorrow" is not an RFC 3339 date-time', None),
-    ("mark-from-int", KEY + "mark_from = 1700000000\n", "key 1",
-     "got integer 1700000000", None),
+    (
+        "policy-keys-empty",
+        pol('destinations = ["10.0.0.0/24"]\nkeys = []\n'),
+        'policy "game"',
+        "keys must not be empty",
+        None,
+    ),
+    (
+        "policy-keys-undefined",
+        pol('destinations = ["10.0.0.0/24"]\nkeys = [1, 7]\n'),
+        'policy "game"',
+        "keys refers to key 7, which is not defined",
+        None,
+    ),
+    (
+        "policy-keys-string",
+        pol('destinations = ["10.0.0.0/24"]\nkeys = ["1"]\n'),
+        'policy "game"',
+        'keys must hold integer key ids, got string "1"',
+        None,
+    ),
+    (
+        "policy-keys-static",
+        pol(STATIC + "token = 1\nkeys = [1]\n"),
+        'policy "game"',
+        'keys is only for mode = "mac"',
+        None,
+    ),
+    (
+        "policy-keys-none-started",
+        KEY.replace("\n", "\nmark_from = 2999-01-01T00:00:00Z\n", 1)
+        + '[[policy]]\nname = "game"\n'
+        + MAC,
+        'policy "game"',
+        "none of its keys is in use yet (key 1 starts first, at 2999-01-01T00:00:00Z)",
+        None,
+    ),
+    (
+        "mark-from-local",
+        KEY + "mark_from = 2026-01-01T00:00:00\n",
+        "key 1",
+        "mark_from 2026-01-01T00:00:00 has no UTC offset",
+        None,
+    ),
+    (
+        "mark-from-local-string",
+        KEY + 'mark_from = "2026-01-01 00:00"\n',
+        "key 1",
+        "has no UTC offset",
+        None,
+    ),
+    (
+        "mark-from-date",
+        KEY + "mark_from = 2026-01-01\n",
+        "key 1",
+        "mark_from must be a date-time with a UTC offset (e.g. 2026-12-02T00:00:00Z), got datetime",
+        None,
+    ),
+    (
+        "mark-from-garbage",
+        KEY + 'mark_from = "tomorrow"\n',
+        "key 1",
+        'mark_from "tomorrow" is not an RFC 3339 date-time',
+        None,
+    ),
+    ("mark-from-int", KEY + "mark_from = 1700000000\n", "key 1", "got integer 1700000000", None),
     ("agent-unknown", "[agent]\nmarks = []\n", "[agent]", '(did you mean "mark"?)', None),
     ("agent-not-list", '[agent]\nmark = "eth0"\n', "[agent]", "mark must be an array", None),
-    ("agent-int", "[agent]\nguard = [1]\n", "[agent]",
-     "guard must hold interface names or patterns, got integer 1", None),
-    ("agent-slash", '[agent]\nmark = ["a/b"]\n', "[agent]",
-     'mark: "a/b" is not an interface name or pattern', None),
-    ("agent-guard-without-guard", '[agent]\nguard = ["eth*"]\n', "[agent]",
-     "guard names interfaces but there is no [guard] section", None),
-    ("agent-metrics-port", '[agent]\nmetrics = "127.0.0.1"\n', "[agent]",
-     "metrics: '127.0.0.1': expected ADDR:PORT", None),
-    ("agent-metrics-int", "[agent]\nmetrics = 9917\n", "[agent]",
-     'metrics must be a string "ADDR:PORT"', None),
+    (
+        "agent-int",
+        "[agent]\nguard = [1]\n",
+        "[agent]",
+        "guard must hold interface names or patterns, got integer 1",
+        None,
+    ),
+    (
+        "agent-slash",
+        '[agent]\nmark = ["a/b"]\n',
+        "[agent]",
+        'mark: "a/b" is not an interface name or pattern',
+        None,
+    ),
+    (
+        "agent-guard-without-guard",
+        '[agent]\nguard = ["eth*"]\n',
+        "[agent]",
+        "guard names interfaces but there is no [guard] section",
+        None,
+    ),
+    (
+        "agent-metrics-port",
+        '[agent]\nmetrics = "127.0.0.1"\n',
+        "[agent]",
+        "metrics: '127.0.0.1': expected ADDR:PORT",
+        None,
+    ),
+    (
+        "agent-metrics-int",
+        "[agent]\nmetrics = 9917\n",
+        "[agent]",
+        'metrics must be a string "ADDR:PORT"',
+        None,
+    ),
 ]
 
 
@@ -1183,8 +1249,7 @@ def test_port_range_strings(lo: int, hi: int) -> None:
 def test_token_roundtrip(token: int, as_hex: bool) -> None:
     shown = f'"{token:#x}"' if as_hex else f'"{token}"'
     text = (
-        '[[policy]]\nname = "s"\ndestinations = ["10.0.0.0/8"]\n'
-        f'mode = "static"\ntoken = {shown}\n'
+        f'[[policy]]\nname = "s"\ndestinations = ["10.0.0.0/8"]\nmode = "static"\ntoken = {shown}\n'
     )
     assert parse(text).policies[0].token == token
 
@@ -1239,9 +1304,15 @@ metrics = "[::1]:9917"
 def test_key_schedule(tmp_path: Path, keydir: Path) -> None:
     import datetime as dt
 
-    cfg = load_text(tmp_path, SCHEDULE.format(
-        k1=keydir / "1.key", k2=keydir / "2.key",
-        t2="2020-01-01T01:00:00+01:00", t3="2999-06-01T12:00:00Z"))
+    cfg = load_text(
+        tmp_path,
+        SCHEDULE.format(
+            k1=keydir / "1.key",
+            k2=keydir / "2.key",
+            t2="2020-01-01T01:00:00+01:00",
+            t3="2999-06-01T12:00:00Z",
+        ),
+    )
     k2, k3 = cfg.keys[2], cfg.keys[3]
     assert k2.mark_from == dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     assert str(k2.mark_from.tzinfo) == "UTC"

@@ -40,12 +40,15 @@ from ..verdicts import (
 
 ELSEWHERE = "192.0.2.200"
 
-CONFIG = """
+CONFIG = (
+    """
 [[policy]]
 name = "web"
 destinations = ["198.51.100.0/24", "2001:db8:100::/64"]
 key = 1
-""" + GUARD_SECTION
+"""
+    + GUARD_SECTION
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,14 @@ def cfg(tmp_path_factory) -> nconfig.Config:
     return write_config(tmp_path_factory.mktemp("decode"), CONFIG)
 
 
-def write_frames(path: Path, frames: list[bytes], *, linktype: int = 1, endian: str = "<",
-                 times: list[float] | None = None) -> Path:
+def write_frames(
+    path: Path,
+    frames: list[bytes],
+    *,
+    linktype: int = 1,
+    endian: str = "<",
+    times: list[float] | None = None,
+) -> Path:
     """A classic pcap written here, for link types and byte orders scapy does not pick."""
     now = time.time()
     with open(path, "wb") as f:
@@ -84,9 +93,9 @@ def sample_frames(epoch: int) -> tuple[list[bytes], list[bytes | None]]:
         marked(option=opt4),
         marked(V6, 7050, vlans=2, option=opt6),
         marked(option=static),
-        syn(options=LINUX_SYN_OPTS),                                   # no token
-        syn(flags="SA", options=LINUX_SYN_OPTS),                       # not listed
-        syn(flags="R"),                                                # not listed
+        syn(options=LINUX_SYN_OPTS),  # no token
+        syn(flags="SA", options=LINUX_SYN_OPTS),  # not listed
+        syn(flags="R"),  # not listed
         marked(sport=40001, option=opt_tfo, payload=b"GET / HTTP/1.1\r\n\r\n"),
     ]
     return frames, [opt4, opt6, static, None, opt_tfo]
@@ -94,14 +103,24 @@ def sample_frames(epoch: int) -> tuple[list[bytes], list[bytes | None]]:
 
 def expected_fields(raw: bytes, opt: bytes | None) -> dict:
     p = parse(raw)
-    want = {"family": p.family, "sport": p.sport, "dport": p.dport, "mode": None,
-            "key_id": None, "epoch_low": None, "nonce": None, "tag": None, "token": None}
+    want = {
+        "family": p.family,
+        "sport": p.sport,
+        "dport": p.dport,
+        "mode": None,
+        "key_id": None,
+        "epoch_low": None,
+        "nonce": None,
+        "tag": None,
+        "token": None,
+    }
     if opt is not None:
         tok = token.decode(opt)
         want.update(kind=tok.kind, exid=tok.exid, mode=tok.mode)
         if tok.mode == "mac":
-            want.update(key_id=tok.key_id, epoch_low=tok.epoch_low, nonce=tok.nonce.hex(),
-                        tag=tok.tag.hex())
+            want.update(
+                key_id=tok.key_id, epoch_low=tok.epoch_low, nonce=tok.nonce.hex(), tag=tok.tag.hex()
+            )
         else:
             want["token"] = f"0x{tok.token:016x}"
     return want
@@ -119,8 +138,8 @@ def _editcap(fmt: str):
     def write(path: Path, frames: list[bytes]) -> None:
         src = path.with_suffix(".src.pcap")
         _scapy_pcap(src, frames)
-        subprocess.run(["editcap", "-F", fmt, str(src), str(path)], check=True,
-                       capture_output=True)
+        subprocess.run(["editcap", "-F", fmt, str(src), str(path)], check=True, capture_output=True)
+
     return write
 
 
@@ -164,8 +183,12 @@ def test_without_guard_section_every_key_and_policy_token_verifies(tmp_path):
     )
     cfg = write_config(tmp_path, body)
     e = steady_epoch()
-    frames = [marked(ELSEWHERE, 22, epoch=e), marked(key=KEY3, key_id=3, epoch=e),
-              marked(option=token.encode_static(253, 0x6E74, STATIC)), syn()]
+    frames = [
+        marked(ELSEWHERE, 22, epoch=e),
+        marked(key=KEY3, key_id=3, epoch=e),
+        marked(option=token.encode_static(253, 0x6E74, STATIC)),
+        syn(),
+    ]
     got = decode_capture(write_frames(tmp_path / "c.pcap", frames), cfg)
     assert [r["verdict"] for r in got] == ["ok", "ok", "ok", "missing"]
     assert all(r["action"] is None and r["protect"] is None for r in got)
@@ -184,12 +207,15 @@ def test_the_epoch_is_judged_at_capture_time(tmp_path, cfg):
 def test_other_kind_and_exid_follow_the_config(tmp_path):
     cfg = write_config(tmp_path, CONFIG + "\n[option]\nkind = 254\nexid = 0x1234\n")
     e = steady_epoch()
-    ours = token.build_mac_option(TEST_KEY, key_id=1, epoch=e, daddr=V4, dport=443, kind=254,
-                                  exid=0x1234)
+    ours = token.build_mac_option(
+        TEST_KEY, key_id=1, epoch=e, daddr=V4, dport=443, kind=254, exid=0x1234
+    )
     path = write_frames(tmp_path / "c.pcap", [marked(option=ours), marked(epoch=e)])
     got = decode_capture(path, cfg)
     assert [(r["kind"], r["exid"], r["verdict"]) for r in got] == [
-        (254, 0x1234, "ok"), (None, None, "missing")]
+        (254, 0x1234, "ok"),
+        (None, None, "missing"),
+    ]
 
 
 # ---------------------------------------------------------------- link types
@@ -249,7 +275,7 @@ def frame_bounds(path: Path) -> list[tuple[int, int]]:
     data = path.read_bytes()
     off, out = 24, []
     while off < len(data):
-        caplen = struct.unpack("<I", data[off + 8:off + 12])[0]
+        caplen = struct.unpack("<I", data[off + 8 : off + 12])[0]
         out.append((off, off + 16 + caplen))
         off += 16 + caplen
     return out
@@ -270,8 +296,11 @@ def test_truncated_pcap_keeps_what_was_read(tmp_path, cfg, where, capsys):
     assert "cut short after 2 complete packet(s)" in str(ei.value)
     assert "packet 3" in str(ei.value)
 
-    rc = decode.run(argparse.Namespace(pcap=str(path), config=str(cfg.path), json=False,
-                                       pretty=False, now=False))
+    rc = decode.run(
+        argparse.Namespace(
+            pcap=str(path), config=str(cfg.path), json=False, pretty=False, now=False
+        )
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     assert len(out.splitlines()) == 5  # header, two SYNs, summary, keys and action source
@@ -291,9 +320,9 @@ def test_truncated_pcapng(tmp_path):
     # a cut exactly between blocks is just a shorter capture
     ends, off = [], 0
     while off < len(data):
-        off += struct.unpack("<I", data[off + 4:off + 8])[0]
+        off += struct.unpack("<I", data[off + 4 : off + 8])[0]
         ends.append(off)
-    path.write_bytes(data[:ends[-2]])
+    path.write_bytes(data[: ends[-2]])
     assert len(decode_capture(path)) == 2
 
 
@@ -305,27 +334,33 @@ def test_cut_on_a_record_boundary_is_not_an_error(tmp_path):
     assert len(decode_capture(path)) == 2
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "empty file, not a capture"),
-    (b"hello world\n", "not a pcap or pcapng file (starts with 68 65 6c 6c)"),
-    (b"\x1f\x8b\x08\x00rest", "gzip-compressed; gunzip it first"),
-    (b"\xd4\xc3\xb2\xa1\x02\x00", "pcap file header cut short"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty file, not a capture"),
+        (b"hello world\n", "not a pcap or pcapng file (starts with 68 65 6c 6c)"),
+        (b"\x1f\x8b\x08\x00rest", "gzip-compressed; gunzip it first"),
+        (b"\xd4\xc3\xb2\xa1\x02\x00", "pcap file header cut short"),
+    ],
+)
 def test_not_a_capture(tmp_path, content, message, capsys):
     path = tmp_path / "x.pcap"
     path.write_bytes(content)
     with pytest.raises(CaptureError) as ei:
         decode_capture(path)
     assert str(ei.value) == f"{path}: {message}" or str(ei.value).startswith(f"{path}: {message}")
-    rc = decode.run(argparse.Namespace(pcap=str(path), config=None, json=True, pretty=False,
-                                       now=False))
+    rc = decode.run(
+        argparse.Namespace(pcap=str(path), config=None, json=True, pretty=False, now=False)
+    )
     out, err = capsys.readouterr()
     assert rc == 1 and out == "" and err.count("\n") == 1
 
 
 def test_missing_file_and_bad_config_are_one_line(tmp_path, capsys):
     assert decode.run(argparse.Namespace(pcap=str(tmp_path / "nope.pcap"), config=None)) == 1
-    assert capsys.readouterr().err == f"netoken: {tmp_path / 'nope.pcap'}: No such file or directory\n"
+    assert (
+        capsys.readouterr().err == f"netoken: {tmp_path / 'nope.pcap'}: No such file or directory\n"
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("[guard]\nskew = 99\n")
     path = write_frames(tmp_path / "c.pcap", [syn()])
@@ -344,7 +379,7 @@ def test_options_cut_by_the_snapshot_length(tmp_path, cfg):
 def test_broken_tcp_header_is_malformed(tmp_path, cfg):
     raw = bytearray(marked(epoch=steady_epoch()))
     p = parse(bytes(raw))
-    raw[p.l4 + 12] = (4 << 4)  # data offset 16 bytes: below the fixed header
+    raw[p.l4 + 12] = 4 << 4  # data offset 16 bytes: below the fixed header
     (rec,) = decode_capture(write_frames(tmp_path / "c.pcap", [bytes(raw)]), cfg)
     assert rec["verdict"] == "malformed" and "data offset" in rec["problem"]
 
@@ -354,12 +389,18 @@ def test_broken_tcp_header_is_malformed(tmp_path, cfg):
 
 def test_table_columns_line_up_and_json_matches(tmp_path, cfg, capsys):
     e = steady_epoch()
-    path = write_frames(tmp_path / "c.pcap", [
-        marked(epoch=e), marked(V6, 7000, epoch=e), syn(),
-        marked(option=token.encode_static(253, 0x6E74, STATIC)),
-    ])
-    args = argparse.Namespace(pcap=str(path), config=str(cfg.path), json=False, pretty=False,
-                              now=False)
+    path = write_frames(
+        tmp_path / "c.pcap",
+        [
+            marked(epoch=e),
+            marked(V6, 7000, epoch=e),
+            syn(),
+            marked(option=token.encode_static(253, 0x6E74, STATIC)),
+        ],
+    )
+    args = argparse.Namespace(
+        pcap=str(path), config=str(cfg.path), json=False, pretty=False, now=False
+    )
     assert decode.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
     header, rows, summary, source = lines[0], lines[1:-2], lines[-2], lines[-1]
@@ -367,7 +408,7 @@ def test_table_columns_line_up_and_json_matches(tmp_path, cfg, capsys):
     for col in ("SOURCE", "DESTINATION", "MODE", "VERDICT", "ACTION"):
         at = header.index(col)
         assert all(r[at - 1] == " " and r[at] != " " for r in rows), col
-    assert [r[header.index("VERDICT"):].split()[0] for r in rows] == ["ok", "ok", "missing", "ok"]
+    assert [r[header.index("VERDICT") :].split()[0] for r in rows] == ["ok", "ok", "missing", "ok"]
     assert summary == "4 SYN(s) in 4 packet(s): ok 3, missing 1"
     # where the verdicts' keys and actions come from, without a key byte
     assert source.startswith(f"keys in {cfg.path}: 1 fp {token.key_fingerprint(TEST_KEY)}")
@@ -396,9 +437,11 @@ def test_add_arguments_fits_a_parser_that_has_json_already():
 
 def test_python_m_entry_point(tmp_path):
     path = write_frames(tmp_path / "c.pcap", [syn()])
-    r = subprocess.run([sys.executable, "-m", "netoken.decode", str(path), "--json"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "netoken.decode", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert [x["dst"] for x in json.loads(r.stdout)] == [V4]
-
-

@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def btf_types(obj: Path) -> dict[str, dict]:
-    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(obj)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     types = json.loads(out)["types"]
     by_id = {t["id"]: t for t in types}
     named = {}
@@ -45,11 +49,26 @@ def anchor_btf(tmp_path_factory) -> dict[str, dict]:
     decls = [f"struct {name} anchor_{name};" for name in layout.STRUCTS]
     decls += [f"enum {name} anchor_{name};" for name in layout.ENUMS]
     src.write_text('#include "netoken.h"\n' + "\n".join(decls) + "\n")
-    arch = subprocess.run(["uname", "-m"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    arch = subprocess.run(
+        ["uname", "-m"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     obj = d / "anchor.o"
-    subprocess.run([clang, "-g", "-O2", "-target", "bpf", f"-I/usr/include/{arch}-linux-gnu",
-                    f"-I{ROOT / 'bpf'}", "-c", str(src), "-o", str(obj)], check=True)
+    subprocess.run(
+        [
+            clang,
+            "-g",
+            "-O2",
+            "-target",
+            "bpf",
+            f"-I/usr/include/{arch}-linux-gnu",
+            f"-I{ROOT / 'bpf'}",
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+        ],
+        check=True,
+    )
     return btf_types(obj)
 
 
@@ -62,7 +81,9 @@ def production_objects() -> list[Path]:
 def assert_struct_matches(btf: dict, name: str) -> None:
     py = layout.STRUCTS[name]
     t = btf[name]
-    assert t["size"] == ctypes.sizeof(py), f"struct {name}: C {t['size']} vs Python {ctypes.sizeof(py)}"
+    assert t["size"] == ctypes.sizeof(py), (
+        f"struct {name}: C {t['size']} vs Python {ctypes.sizeof(py)}"
+    )
     c_fields = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]
     py_fields = [(f[0], getattr(py, f[0]).offset) for f in py._fields_]
     assert c_fields == py_fields, f"struct {name} fields differ"
@@ -109,10 +130,24 @@ def test_constants_match_the_header():
     # #defines are not in BTF: read them as the compiler does, from the text.
     text = (ROOT / "bpf" / "netoken.h").read_text()
     defines = dict(re.findall(r"^#define NT_([A-Z0-9_]+)\s+(\d+)\b", text, re.MULTILINE))
-    names = ("MAC_OPT_LEN", "STATIC_OPT_LEN", "TAG_LEN", "NONCE_LEN", "MODE_MAC",
-             "MODE_STATIC", "BIND_SADDR", "BIND_SPORT", "MAX_KEYS", "MAX_PORT_RULES",
-             "MAX_POLICIES", "MAX_PROTECT", "MAX_STATIC", "MAX_EVENT_RATE", "KEY_STAT_OK",
-             "KEY_STAT_BAD")
+    names = (
+        "MAC_OPT_LEN",
+        "STATIC_OPT_LEN",
+        "TAG_LEN",
+        "NONCE_LEN",
+        "MODE_MAC",
+        "MODE_STATIC",
+        "BIND_SADDR",
+        "BIND_SPORT",
+        "MAX_KEYS",
+        "MAX_PORT_RULES",
+        "MAX_POLICIES",
+        "MAX_PROTECT",
+        "MAX_STATIC",
+        "MAX_EVENT_RATE",
+        "KEY_STAT_OK",
+        "KEY_STAT_BAD",
+    )
     for name in names:
         assert int(defines[name]) == getattr(layout, name), name
 

@@ -17,9 +17,23 @@ LEAVES = [c for c in COMMANDS[1:] if not c.verbs]
 
 def test_the_walk_finds_every_verb_of_the_cli():
     names = {" ".join(c.path) for c in LEAVES}
-    assert {"mark attach", "mark detach", "guard attach", "guard detach", "status", "apply",
-            "stats", "monitor", "key generate", "config check", "decode", "exporter",
-            "agent", "demo", "bench"} <= names
+    assert {
+        "mark attach",
+        "mark detach",
+        "guard attach",
+        "guard detach",
+        "status",
+        "apply",
+        "stats",
+        "monitor",
+        "key generate",
+        "config check",
+        "decode",
+        "exporter",
+        "agent",
+        "demo",
+        "bench",
+    } <= names
 
 
 def test_the_man_page_has_every_command_and_option():
@@ -33,8 +47,12 @@ def test_the_man_page_has_every_command_and_option():
 def test_the_man_page_renders_without_warnings(tmp_path: Path):
     page = tmp_path / "netoken.1"
     page.write_text(manual.man())
-    r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0 and not r.stderr, r.stderr
 
 
@@ -54,10 +72,13 @@ def complete(tmp_path_factory):
     assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
 
     def run(*words: str) -> list[str]:
-        script = (f"source {path}; COMP_WORDS=(netoken {' '.join(map(repr, words))}); "
-                  f"COMP_CWORD={len(words)}; _netoken; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
-        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                             check=True).stdout
+        script = (
+            f"source {path}; COMP_WORDS=(netoken {' '.join(map(repr, words))}); "
+            f"COMP_CWORD={len(words)}; _netoken; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        )
+        out = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, check=True
+        ).stdout
         return out.split()
 
     return run

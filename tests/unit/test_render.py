@@ -45,16 +45,20 @@ def test_every_role_counter_lands_in_its_family():
     got = scrape()
     packets = got["netoken_marker_packets"]  # the parser drops _total
     assert {s.labels["reason"] for s in packets} == set(layout.MARK_PACKET_REASONS)
-    assert sum(s.value for s in packets) == sum(MARKER_COUNTERS[r]
-                                                 for r in layout.MARK_PACKET_REASONS)
-    assert value(got["netoken_syn_marked"]) == (MARKER_COUNTERS["marked"]
-                                                 + MARKER_COUNTERS["marked_payload"])
+    assert sum(s.value for s in packets) == sum(
+        MARKER_COUNTERS[r] for r in layout.MARK_PACKET_REASONS
+    )
+    assert value(got["netoken_syn_marked"]) == (
+        MARKER_COUNTERS["marked"] + MARKER_COUNTERS["marked_payload"]
+    )
     verdicts = got["netoken_guard_syn_verdicts"]
     assert [s.labels["verdict"] for s in verdicts] == list(layout.GUARD_VERDICTS)
     assert value(got["netoken_guard_actions"], action="dropped") == GUARD_COUNTERS["dropped"]
     assert value(got["netoken_guard_key_syns"], key_id="7", result="bad") == 9
-    assert value(got["netoken_events"], interface="eth1", result="suppressed") == \
-        GUARD_COUNTERS["events_suppressed"]
+    assert (
+        value(got["netoken_events"], interface="eth1", result="suppressed")
+        == GUARD_COUNTERS["events_suppressed"]
+    )
 
 
 def test_only_declared_families_are_rendered_with_their_type():
@@ -65,17 +69,37 @@ def test_only_declared_families_are_rendered_with_their_type():
 
 # ---------------------------------------------------------------- present.py
 
-ATTACH_TC = {"type": "tc", "qdisc": "clsact", "hook": "egress", "handle": 0x6E74,
-             "priority": 1, "mode": "direct-action"}
+ATTACH_TC = {
+    "type": "tc",
+    "qdisc": "clsact",
+    "hook": "egress",
+    "handle": 0x6E74,
+    "priority": 1,
+    "mode": "direct-action",
+}
 MARKER = {
-    "ifname": "eth0", "ifindex": 2, "role": "marker", "state": "attached",
-    "prog": {"id": 42, "tag": "abcd", "name": "netoken_mark"}, "attach": ATTACH_TC,
-    "pinned": "/sys/fs/bpf/netoken/net:1/if:2/marker", "memory": {"own": 3 << 20},
-    "config": "/etc/netoken/netoken.toml", "applied_at": "2025-01-01T00:00:00Z",
+    "ifname": "eth0",
+    "ifindex": 2,
+    "role": "marker",
+    "state": "attached",
+    "prog": {"id": 42, "tag": "abcd", "name": "netoken_mark"},
+    "attach": ATTACH_TC,
+    "pinned": "/sys/fs/bpf/netoken/net:1/if:2/marker",
+    "memory": {"own": 3 << 20},
+    "config": "/etc/netoken/netoken.toml",
+    "applied_at": "2025-01-01T00:00:00Z",
     "option": {"kind": 253, "exid": 0x6E74, "make_room": True},
     "keys": [{"id": 1, "window": 30, "bind": ["saddr"], "fingerprint": "0123abcd"}],
-    "policies": [{"name": "web", "mode": "mac", "key": 1, "keys": [1, 2], "ports": [443],
-                  "destinations": ["198.51.100.0/24"]}],
+    "policies": [
+        {
+            "name": "web",
+            "mode": "mac",
+            "key": 1,
+            "keys": [1, 2],
+            "ports": [443],
+            "destinations": ["198.51.100.0/24"],
+        }
+    ],
     "schedule": {},
 }
 
@@ -96,10 +120,18 @@ def test_a_marker_status_reads_as_before():
 
 def test_stats_flatten_the_guards_key_counters():
     item = {"ifname": "eth1", "role": "guard", "counters": {"ok": 3}, "keys": KEYS}
-    assert present.counters(item) == {"ok": 3, "key1_ok": 5, "key1_bad": 2, "key7_ok": 0,
-                                      "key7_bad": 9}
-    assert present.stats([item])[:3] == ["eth1  guard", f"  {'ok':<17} {3:>14}",
-                                         f"  {'key1_ok':<17} {5:>14}"]
+    assert present.counters(item) == {
+        "ok": 3,
+        "key1_ok": 5,
+        "key1_bad": 2,
+        "key7_ok": 0,
+        "key7_bad": 9,
+    }
+    assert present.stats([item])[:3] == [
+        "eth1  guard",
+        f"  {'ok':<17} {3:>14}",
+        f"  {'key1_ok':<17} {5:>14}",
+    ]
 
 
 def test_an_event_of_an_unknown_role_is_its_json():

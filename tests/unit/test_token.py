@@ -149,9 +149,7 @@ def test_epoch_now_rejects_nonpositive_window() -> None:
         (0x00, 0xFFFFFFFF, 0x0),  # u32 wrap forwards
     ],
 )
-def test_expand_epoch_picks_the_closest_epoch(
-    low8: int, current: int, expected: int
-) -> None:
+def test_expand_epoch_picks_the_closest_epoch(low8: int, current: int, expected: int) -> None:
     assert nt.expand_epoch(low8, current) == expected
 
 
@@ -159,9 +157,7 @@ def test_expand_epoch_picks_the_closest_epoch(
     current=st.integers(min_value=0, max_value=2**32 - 1),
     delta=st.integers(min_value=-128, max_value=127),
 )
-def test_expand_epoch_recovers_any_epoch_within_half_a_wrap(
-    current: int, delta: int
-) -> None:
+def test_expand_epoch_recovers_any_epoch_within_half_a_wrap(current: int, delta: int) -> None:
     epoch = (current + delta) % 2**32
     assert nt.expand_epoch(epoch & 0xFF, current) == epoch
 
@@ -203,9 +199,7 @@ def test_mac_message_accepts_packed_and_object_addresses() -> None:
 
 
 def test_mac_message_sport_only_bind_appends_just_the_port() -> None:
-    msg = nt.mac_message(
-        1, 2, 3, NONCE, DADDR, 4, saddr=SADDR, sport=5, bind=nt.BIND_SPORT
-    )
+    msg = nt.mac_message(1, 2, 3, NONCE, DADDR, 4, saddr=SADDR, sport=5, bind=nt.BIND_SPORT)
     assert msg == nt.mac_message(1, 2, 3, NONCE, DADDR, 4) + b"\x00\x05"
 
 
@@ -334,9 +328,7 @@ def test_tag_depends_on_every_always_bound_field() -> None:
 
 
 def test_encode_mac_layout() -> None:
-    opt = nt.encode_mac(
-        253, 0x6E74, 7, 0x12345678, NONCE, bytes.fromhex("a1a2a3a4")
-    )
+    opt = nt.encode_mac(253, 0x6E74, 7, 0x12345678, NONCE, bytes.fromhex("a1a2a3a4"))
     assert opt == bytes.fromhex("fd106e740778deadbeefcafea1a2a3a4")
     assert len(opt) == nt.MAC_LEN
 
@@ -395,10 +387,7 @@ def test_mac_option_round_trips(
         token=None,
         raw=raw,
     )
-    assert (
-        nt.encode_mac(tok.kind, tok.exid, tok.key_id, tok.epoch_low, tok.nonce, tok.tag)
-        == raw
-    )
+    assert nt.encode_mac(tok.kind, tok.exid, tok.key_id, tok.epoch_low, tok.nonce, tok.tag) == raw
 
 
 @given(kind=kinds, exid=exids, token=st.integers(min_value=0, max_value=2**64 - 1))
@@ -522,9 +511,7 @@ def test_find_options_locates_ours_anywhere_in_the_list(
 
 
 def test_verify_accepts_a_fresh_token() -> None:
-    ok, epoch = nt.verify(
-        mac_opt(), KEY, daddr=DADDR, dport=DPORT, window=WINDOW, now=NOW
-    )
+    ok, epoch = nt.verify(mac_opt(), KEY, daddr=DADDR, dport=DPORT, window=WINDOW, now=NOW)
     assert (ok, epoch) == (True, EPOCH)
 
 
@@ -563,9 +550,7 @@ def test_verify_reconstructs_the_epoch_across_the_8_bit_wrap() -> None:
     guard_now = (marker_epoch + 1) * WINDOW + 1.0  # guard is already in ...0x100
     opt = mac_opt(marker_epoch)
     assert opt[5] == 0xFF
-    ok, epoch = nt.verify(
-        opt, KEY, daddr=DADDR, dport=DPORT, window=WINDOW, now=guard_now
-    )
+    ok, epoch = nt.verify(opt, KEY, daddr=DADDR, dport=DPORT, window=WINDOW, now=guard_now)
     assert (ok, epoch) == (True, marker_epoch)
 
 
@@ -624,9 +609,7 @@ def test_verify_ipv6() -> None:
 
 def test_verify_refuses_static_and_malformed_options() -> None:
     with pytest.raises(nt.MalformedOption):
-        nt.verify(
-            nt.encode_static(253, nt.DEFAULT_EXID, 1), KEY, daddr=DADDR, dport=DPORT
-        )
+        nt.verify(nt.encode_static(253, nt.DEFAULT_EXID, 1), KEY, daddr=DADDR, dport=DPORT)
     with pytest.raises(nt.MalformedOption):
         nt.verify(mac_opt()[:14], KEY, daddr=DADDR, dport=DPORT)
 
