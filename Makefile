@@ -91,9 +91,13 @@ demo: build
 bench: build
 	$(VENV)/bin/netoken bench -o bench/latest.json > bench/latest.txt; rc=$$?; cat bench/latest.txt; exit $$rc
 
-# ruff for style and likely bugs, mypy for types (settings in pyproject.toml).
+# ruff for likely bugs and the one format, mypy for types (settings in
+# pyproject.toml).  `ruff format netoken tests scripts/test-kernels` fixes
+# what the format check finds.
+LINTED := netoken tests scripts/test-kernels
 lint: deps
-	$(VENV)/bin/ruff check netoken tests scripts/test-kernels
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 
 clean:
