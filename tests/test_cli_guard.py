@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,11 +165,14 @@ BOTH_HOOKS = pytest.mark.parametrize("g", ["xdp", "tc"], indirect=True)
 XDP_ONLY = pytest.mark.parametrize("g", ["xdp"], indirect=True)
 
 
-def follow(ns: str, *args: str) -> subprocess.Popen:
-    """`netoken monitor` in the background, once it follows the ring buffers."""
+def follow(ns: str, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen:
+    """`netoken monitor` in the background, once it follows the ring buffers.
+    Give a file as `stdout` when more than a pipe's 64 KiB may be printed
+    before the test reads: a monitor blocked in write() and then stopped by
+    SIGINT shows fewer events than the ring held."""
     mon = subprocess.Popen(
         [sys.executable, "-m", "netoken", "-n", ns, "monitor", *args],
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -388,30 +392,33 @@ def test_human_monitor_shows_guard_columns(g: G):
     assert line.endswith("#1")
 
 
-def test_monitor_reports_suppressed_events(g: G):
+def test_monitor_reports_suppressed_events(g: G, tmp_path: Path):
     t = g.t
     g.attach(g.cfg("g.toml"))
-    mon = follow(t.server, t.server_if, "--json")
-    try:
-        # 1000 unmarked SYNs through the pinned program at once: the token
-        # bucket (burst 200 per CPU) lets only the first ones become events.
-        frame = syn(dst=t.server_ip, dport=PORT, src=t.client_ip)
-        with Program.from_pinned(str(pin_dir(t.server_if) / "guard" / "prog")) as prog:
-            drop = g.retval("drop")
-            for _ in range(1000):
-                assert prog.test_run(frame).retval == drop
-        time.sleep(1.5)  # the monitor reads the counters every second
-        mon.send_signal(signal.SIGINT)
-        out, err = mon.communicate(timeout=10)
-    finally:
-        mon.kill()
+    log = tmp_path / "monitor.json"
+    with log.open("w") as f:
+        mon = follow(t.server, t.server_if, "--json", stdout=f)
+        try:
+            # 1000 unmarked SYNs through the pinned program at once: the token
+            # bucket (burst 200 per CPU) lets only the first ones become events.
+            frame = syn(dst=t.server_ip, dport=PORT, src=t.client_ip)
+            with Program.from_pinned(str(pin_dir(t.server_if) / "guard" / "prog")) as prog:
+                drop = g.retval("drop")
+                for _ in range(1000):
+                    assert prog.test_run(frame).retval == drop
+            time.sleep(1.5)  # the monitor reads the counters every second
+            mon.send_signal(signal.SIGINT)
+            _, err = mon.communicate(timeout=10)
+        finally:
+            mon.kill()
+    out = log.read_text()
     assert mon.returncode == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     events = [r for r in records if "verdict" in r]
     suppressed = sum(r.get("suppressed", 0) for r in records)
     c = g.stats()["counters"]
     assert suppressed > 0 and suppressed == c["events_suppressed"]
-    assert len(events) + suppressed == c["dropped"] == 1000
+    assert len(events) + suppressed == c["dropped"] == 1000, err
     assert f"{len(events)} event(s) shown, 0 lost while following, {suppressed} suppressed" in err
 
 
