@@ -27,7 +27,7 @@ from netoken import layout, token
 from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
 
-from .conftest import TEST_KEY, Lab, Topology, build_topology, run, uid
+from .conftest import TEST_KEY, Lab, Topology, build_topology, patience, run, uid
 from .e2e import ConnectionLoop, connect, server
 from .pkt import rebuild_with_option, syn
 from .test_cli import (
@@ -212,7 +212,7 @@ action = "monitor"
         mon = follow(t.server, t.server_if, "--json", "--count", "1")
         try:
             assert refused(t)
-            out, err = mon.communicate(timeout=10)
+            out, err = mon.communicate(timeout=patience(10))
         finally:
             mon.kill()
     assert mon.returncode == 0, err
@@ -247,7 +247,7 @@ def test_human_monitor_shows_guard_columns(g: G):
         mon = follow(t.server, "--count", "1")
         try:
             assert refused(t)
-            out, _ = mon.communicate(timeout=10)
+            out, _ = mon.communicate(timeout=patience(10))
         finally:
             mon.kill()
     header, line = out.splitlines()
@@ -271,7 +271,7 @@ def test_monitor_reports_suppressed_events(g: G):
                 assert prog.test_run(frame).retval == XDP_DROP
         time.sleep(1.5)  # the monitor reads the counters every second
         mon.send_signal(signal.SIGINT)
-        out, err = mon.communicate(timeout=10)
+        out, err = mon.communicate(timeout=patience(10))
     finally:
         mon.kill()
     assert mon.returncode == 0, err
