@@ -40,6 +40,14 @@ def rounds(n: int) -> int:
     return max(1, round(n * float(os.environ.get("NETOKEN_TEST_ROUNDS", "1"))))
 
 
+def patience(seconds: float) -> float:
+    """How long to wait for something that takes SECONDS at most on real
+    hardware: NETOKEN_TEST_PATIENCE times that.  make test-kernels sets it
+    under emulation, where every process start costs seconds; a deadline,
+    never a performance bound."""
+    return seconds * float(os.environ.get("NETOKEN_TEST_PATIENCE", "1"))
+
+
 def uid(prefix: str) -> str:
     """A name unique to this run and call, short enough for an interface (15)."""
     return f"{prefix}{os.getpid() % 100000:05d}{next(_ids):03d}"[:15]

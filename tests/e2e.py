@@ -17,6 +17,7 @@ from scapy.utils import rdpcap
 from netoken import token
 from netoken.netns import netns
 
+from .conftest import patience
 from .pkt import parse
 
 RESPONSE = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -104,7 +105,7 @@ class ConnectionLoop:
             try:
                 # A dropped SYN would come back as a retransmission after a
                 # second, not as a failure: the guard's counters show those.
-                connect(self.ns, self.addr, self.port, timeout=3)
+                connect(self.ns, self.addr, self.port, timeout=patience(3))
                 with self._lock:
                     self.done += 1
             except OSError as e:
@@ -113,7 +114,7 @@ class ConnectionLoop:
     def wait_for(self, n: int, limit: float, stop_at_failure: bool = False) -> None:
         """Wait until N connections succeeded; fail if LIMIT seconds pass
         first (or, with STOP_AT_FAILURE, once one failed)."""
-        deadline = time.monotonic() + limit
+        deadline = time.monotonic() + patience(limit)
         while (
             self.done < n
             and time.monotonic() < deadline
@@ -215,14 +216,14 @@ def pcap_records(path: Path) -> int:
 
 def wait_captured(path: Path, n: int, limit: float = 10.0) -> None:
     """Wait until the capture holds N packets (or LIMIT seconds passed)."""
-    deadline = time.monotonic() + limit
+    deadline = time.monotonic() + patience(limit)
     while pcap_records(path) < n and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 def _wait_until_quiet(path: Path, quiet: float = 0.4, limit: float = 5.0) -> None:
     """Return once the capture file has stopped growing for QUIET seconds."""
-    end = time.monotonic() + limit
+    end = time.monotonic() + patience(limit)
     last, since = -1, time.monotonic()
     while time.monotonic() < end:
         size = path.stat().st_size if path.exists() else 0
@@ -235,6 +236,11 @@ def _wait_until_quiet(path: Path, quiet: float = 0.4, limit: float = 5.0) -> Non
 
 def syns(path: Path) -> list[bytes]:
     """Raw frames of every SYN (not SYN-ACK) in a capture."""
+    return [raw for _, raw in syns_at(path)]
+
+
+def syns_at(path: Path) -> list[tuple[float, bytes]]:
+    """(capture time, raw frame) of every SYN (not SYN-ACK) in a capture."""
     out = []
     for pkt in rdpcap(str(path)):
         raw = bytes(pkt)
@@ -243,7 +249,7 @@ def syns(path: Path) -> list[bytes]:
             continue
         flags = raw[p.l4 + 13]
         if flags & 0x02 and not flags & 0x10:
-            out.append(raw)
+            out.append((float(pkt.time), raw))
     return out
 
 

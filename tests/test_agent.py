@@ -32,7 +32,7 @@ from netoken.datapath import realtime_minus_tai_ns, u32
 from netoken.libbpf import Map
 from netoken.netns import netns
 
-from .conftest import TEST_KEY, Lab, build_topology, run, uid
+from .conftest import TEST_KEY, Lab, build_topology, patience, run, uid
 from .e2e import ConnectionLoop, server
 from .test_cli import OTHER_KEY, PORT, forget, ok, pin_dir
 
@@ -96,7 +96,7 @@ class AgentProc:
 
     def wait_for(self, msg: str, limit: float = 60, after: int = 0, **fields: str) -> dict:
         """The first log line from index AFTER with MSG and FIELDS."""
-        deadline = time.monotonic() + limit
+        deadline = time.monotonic() + patience(limit)
         while True:
             for line in self.lines()[after:]:
                 if line.get("msg") == msg and all(line.get(k) == v for k, v in fields.items()):
@@ -110,7 +110,7 @@ class AgentProc:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
+        return self.proc.wait(timeout=patience(20))
 
     def kill(self) -> None:
         if self.proc.poll() is None:

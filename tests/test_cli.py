@@ -30,8 +30,8 @@ from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
 from netoken.state import BPFFS, IFACE_PREFIX, NETNS_PREFIX, RUN_DIR
 
-from .conftest import TEST_KEY, Lab, Topology, build_topology, run, write_key
-from .e2e import SYN_ONLY, ConnectionLoop, capture, connect, server, syns, wait_captured
+from .conftest import TEST_KEY, Lab, Topology, build_topology, patience, run, write_key
+from .e2e import SYN_ONLY, ConnectionLoop, capture, connect, server, syns_at, wait_captured
 from .pkt import parse, syn
 
 PORT = 8080
@@ -47,7 +47,7 @@ def netoken(
         [*pre, sys.executable, "-m", "netoken", *netns, *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=patience(timeout),
         check=False,
     )
 
@@ -195,10 +195,11 @@ def steady_load(
     before: int = 30,
     after: int = 30,
     workers: int = 4,
-) -> tuple[list[bytes], int]:
+) -> tuple[list[tuple[float, bytes]], int]:
     """Connect in loops from WORKERS threads, run DURING once BEFORE
     connections succeeded, stop AFTER more; returns (every SYN the server
-    saw, connections made).  Several loops make the change race many SYNs."""
+    saw, with its capture time; connections made).  Several loops make the
+    change race many SYNs."""
     with server(s.t.server, PORT), capture(s.t.server, s.t.server_if, path, SYN_ONLY):
         with ConnectionLoop(s.t.client, s.t.server_ip, PORT, workers) as loop:
             loop.wait_for(before, 10)
@@ -206,7 +207,7 @@ def steady_load(
             loop.wait_for(loop.done + after, 10)
         wait_captured(path, loop.done)
     assert not loop.failures, loop.failures[:3]
-    return syns(path), loop.done
+    return syns_at(path), loop.done
 
 
 def token_of(raw: bytes) -> token.Token | None:
@@ -214,10 +215,12 @@ def token_of(raw: bytes) -> token.Token | None:
     return token.decode(opts[0]) if len(opts) == 1 else None
 
 
-def verifies(raw: bytes, key: bytes) -> bool:
+def verifies(raw: bytes, key: bytes, at: float) -> bool:
+    """RAW's token verifies under KEY at AT, the time it was captured (a slow
+    run checks it later than the epoch window)."""
     p = parse(raw)
     (opt,) = token.find_options(p.options)
-    good, _ = token.verify(opt, key, daddr=p.daddr, dport=p.dport)
+    good, _ = token.verify(opt, key, daddr=p.daddr, dport=p.dport, now=at)
     return good
 
 
@@ -313,7 +316,7 @@ def test_attach_status_stats_monitor_detach(setup: Setup):
         with server(t.server, PORT):
             for _ in range(3):
                 assert connect(t.client, t.server_ip, PORT).endswith(b"ok")
-        out, err = mon.communicate(timeout=10)
+        out, err = mon.communicate(timeout=patience(10))
     finally:
         mon.kill()
     assert mon.returncode == 0, err
@@ -359,7 +362,7 @@ def test_human_monitor_has_aligned_columns(setup: Setup):
         with server(t.server, PORT):
             for _ in range(2):
                 connect(t.client, t.server_ip, PORT)
-        out, _ = mon.communicate(timeout=10)
+        out, _ = mon.communicate(timeout=patience(10))
     finally:
         mon.kill()
     header, *lines = out.splitlines()
@@ -394,7 +397,7 @@ def test_monitor_reports_lost_events(setup: Setup):
         mon.send_signal(signal.SIGCONT)
         time.sleep(1.5)  # the monitor checks the lost counter every second
         mon.send_signal(signal.SIGINT)
-        _, err = mon.communicate(timeout=10)
+        _, err = mon.communicate(timeout=patience(10))
     finally:
         mon.kill()
     assert mon.returncode == 0, err
@@ -421,7 +424,7 @@ def test_stats_watch_piped_prints_lines_and_ctrl_c_exits_0(setup: Setup):
         connect(t.client, t.server_ip, PORT)
     time.sleep(0.5)
     proc.send_signal(2)
-    out, err = proc.communicate(timeout=10)
+    out, err = proc.communicate(timeout=patience(10))
     assert proc.returncode == 0, err
     lines = [first, *out.splitlines()]
     assert len(lines) >= 3
@@ -504,9 +507,9 @@ def test_attach_twice_replaces_atomically_and_counters_persist(setup: Setup, tmp
     assert second["prog_id"] != first["prog_id"]
     assert s.status()["prog"]["id"] == second["prog_id"]
     assert len(captured) >= made
-    unmarked = [raw for raw in captured if token_of(raw) is None]
+    unmarked = [raw for _, raw in captured if token_of(raw) is None]
     assert not unmarked, f"{len(unmarked)} of {len(captured)} SYNs unmarked during re-attach"
-    assert all(verifies(raw, TEST_KEY) for raw in captured)
+    assert all(verifies(raw, TEST_KEY, at) for at, raw in captured)
     assert s.counters()["marked"] >= 3 + len(captured)  # counters carried over
     # still exactly one netoken filter, the clsact still counts as ours
     assert len([f for f in filters(t.client, t.client_if, "egress") if "options" in f]) == 1
@@ -527,18 +530,18 @@ def test_apply_switches_tokens_with_zero_unmarked_syns(setup: Setup, tmp_path):
     )
     assert "applied" in applied[0]
     assert len(captured) >= made
-    tokens = [token_of(raw) for raw in captured]
+    tokens = [token_of(raw) for _, raw in captured]
     assert None not in tokens, (
         f"{tokens.count(None)} of {len(captured)} SYNs unmarked; "
         f"marker counters {s.counters()}; unmarked: "
-        f"{[r.hex() for r, tk in zip(captured, tokens) if tk is None]}"
+        f"{[r.hex() for (_, r), tk in zip(captured, tokens) if tk is None]}"
     )
-    by_key: dict[int, list[bytes]] = {1: [], 2: []}
-    for raw, tok in zip(captured, tokens, strict=True):
-        by_key[tok.key_id].append(raw)
+    by_key: dict[int, list[tuple[float, bytes]]] = {1: [], 2: []}
+    for seen, tok in zip(captured, tokens, strict=True):
+        by_key[tok.key_id].append(seen)
     assert by_key[1] and by_key[2], {k: len(v) for k, v in by_key.items()}
-    assert all(verifies(raw, TEST_KEY) for raw in by_key[1])
-    assert all(verifies(raw, OTHER_KEY) for raw in by_key[2])
+    assert all(verifies(raw, TEST_KEY, at) for at, raw in by_key[1])
+    assert all(verifies(raw, OTHER_KEY, at) for at, raw in by_key[2])
     d = s.status()
     assert [k["id"] for k in d["keys"]] == [2]  # key 1 is gone from the live map
     assert d["config"] == str(new)

@@ -31,7 +31,7 @@ from netoken import tc as nt_tc
 from netoken.libbpf import BPFError, Map, Program
 from netoken.netns import netns
 
-from .conftest import TEST_KEY, Lab, Topology, build_topology, run, uid
+from .conftest import TEST_KEY, Lab, Topology, build_topology, patience, run, uid
 from .e2e import ConnectionLoop, connect, server
 from .pkt import rebuild_with_option, syn
 from .test_cli import (
@@ -323,7 +323,7 @@ action = "monitor"
         mon = follow(t.server, t.server_if, "--json", "--count", "1")
         try:
             assert refused(t)
-            out, err = mon.communicate(timeout=10)
+            out, err = mon.communicate(timeout=patience(10))
         finally:
             mon.kill()
     assert mon.returncode == 0, err
@@ -372,7 +372,7 @@ def test_human_monitor_shows_guard_columns(g: G):
         mon = follow(t.server, "--count", "1")
         try:
             assert refused(t)
-            out, _ = mon.communicate(timeout=10)
+            out, _ = mon.communicate(timeout=patience(10))
         finally:
             mon.kill()
     header, line = out.splitlines()
@@ -408,7 +408,7 @@ def test_monitor_reports_suppressed_events(g: G, tmp_path: Path):
                     assert prog.test_run(frame).retval == drop
             time.sleep(1.5)  # the monitor reads the counters every second
             mon.send_signal(signal.SIGINT)
-            _, err = mon.communicate(timeout=10)
+            _, err = mon.communicate(timeout=patience(10))
         finally:
             mon.kill()
     out = log.read_text()

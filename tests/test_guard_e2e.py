@@ -23,7 +23,7 @@ from netoken.guard import Guard
 from netoken.marker import Marker
 from netoken.netns import netns
 
-from .conftest import Lab, make_config, run
+from .conftest import Lab, make_config, patience, run
 from .e2e import connect, counters, link_stats, server
 
 PORT = 8080
@@ -31,6 +31,10 @@ SERVER, CLIENT, ATTACKER, GW = "198.18.5.2", "198.18.5.1", "198.18.5.66", "198.1
 # make test-kernels shortens the floods under emulation (scripts/test-kernels).
 FLOOD_SECONDS = float(os.environ.get("NETOKEN_FLOOD_SECONDS", "4"))
 LEGIT_CONNECTIONS = 200
+# The server's listen backlog.  What makes a flood is more spoofed SYNs than
+# it holds, not a rate: hping3 sends ~100 times that in FLOOD_SECONDS here,
+# ~6-30 times under make test-kernels' emulation, depending on the load.
+BACKLOG = 128
 
 CONFIG = f"""
 [[policy]]
@@ -103,7 +107,7 @@ def flood(ns: str, seconds: float):
 
 def legit_connections(ns: str, n: int, deadline_s: float) -> tuple[int, int]:
     ok = 0
-    end = time.monotonic() + deadline_s
+    end = time.monotonic() + patience(deadline_s)
     for _ in range(n):
         try:
             ok += connect(ns, SERVER, PORT, timeout=10).endswith(b"ok")
@@ -147,7 +151,7 @@ def run_flood_round(hosts, guard: Guard | None = None) -> dict:
     # A fresh listener per round: half-open requests of an earlier flood
     # belong to the old one and cannot spill cookies into this round.
     with server(srv_ns, PORT) as srv, flood(hosts["attacker"], FLOOD_SECONDS) as sent:
-        srv.sock.listen(128)
+        srv.sock.listen(BACKLOG)
         time.sleep(0.5)  # let the flood reach full rate first
         results["legit"] = legit_connections(hosts["client"], LEGIT_CONNECTIONS, FLOOD_SECONDS * 3)
     after_tcp = counters(srv_ns)
@@ -176,12 +180,13 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, hook, xdp_mo
     gd = with_guard["guard"]
 
     # Without the guard the flood reaches TCP: the SYN queue overflows into
-    # cookies and SYN-ACKs go out to the spoofed sources.
-    assert without["sent"] > 10_000
+    # cookies and SYN-ACKs go out to the spoofed sources (the server sends
+    # the clients the same either way).
+    assert without["sent"] > BACKLOG
     assert (
         without["tcp"]["TcpExt.SyncookiesSent"] > 0 or without["tcp"]["TcpExt.ListenOverflows"] > 0
     )
-    assert without["link"]["tx_packets"] > 10 * LEGIT_CONNECTIONS
+    assert without["link"]["tx_packets"] > with_guard["link"]["tx_packets"] + BACKLOG
 
     # With it: every client connection succeeds ...
     ok, total = with_guard["legit"]
@@ -196,7 +201,7 @@ def test_flood_dies_at_the_guard_and_clients_connect(lab, tmp_path, hook, xdp_mo
         else (link["rx_packets"], link["tc_drops"])
     )
     assert seen == received
-    assert gd["missing"] > 10_000
+    assert gd["missing"] > BACKLOG
     assert gd["dropped"] == gd["missing"] == dropped
     assert gd["ok"] >= LEGIT_CONNECTIONS
     # ... and nothing but the clients reached TCP.
