@@ -14,6 +14,7 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -878,3 +879,46 @@ def test_guard_agrees_with_the_reference_on_mutated_options(guard):
         assert got == want, (raw.hex(), got, want)
         seen[want] = seen.get(want, 0) + 1
     assert set(seen) == set(token.VERDICTS), seen
+
+
+def test_guard_agrees_with_the_reference_around_the_linux_syn_layout(guard):
+    """The guard reads Linux's own SYN options (MSS, SACK permitted,
+    timestamps, NOP, window scale) with three masked loads instead of the
+    walk: every bit of that prefix and of what follows it, flipped, must get
+    the verdict the reference gives, whichever way the guard took."""
+    rng = random.Random(2)
+    keys = {1: (TEST_KEY, WINDOW, 0)}
+    e = steady_epoch()
+    prefix = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(range(1, 9)) + b"\x01\x03\x03\x07"
+    assert len(prefix) == 20
+    static = token.encode_static(253, 0x6E74, STATIC)
+    # Each a function: a mac token is accepted once, then it is a replay.
+    tails: list[Callable[[], bytes]] = [
+        lambda: b"",
+        lambda: mac_option(epoch=e),
+        lambda: static,
+        lambda: b"\x01" * 4 + mac_option(epoch=e),
+        lambda: mac_option(epoch=e)[:8],
+        lambda: static + b"\x01\x01\x01\x01",
+        lambda: b"\x00" + mac_option(epoch=e)[1:],
+        lambda: static[:1] + b"\x14" + static[2:] + bytes(8),
+        lambda: b"\x02\x04\x05\xb4",
+    ]
+    seen: dict[str, int] = {}
+    cases: list[tuple[bytes, int | None]] = [(prefix + t(), None) for t in tails]
+    for _ in range(rounds(1500)):
+        raw = bytearray(prefix + rng.choice(tails)())
+        bit = rng.randrange(len(raw) * 8)
+        raw[bit // 8] ^= 1 << (bit % 8)
+        cases.append((bytes(raw), bit))
+    for raw, bit in cases:
+        if len(raw) > 40:
+            continue
+        pkt = with_options(raw)
+        p = parse(pkt)
+        want = token.verdict(
+            p.options, keys, daddr=p.daddr, dport=p.dport, skew=1, static_tokens={STATIC}
+        )
+        assert verdict(guard, pkt) == want, (raw.hex(), bit, want)
+        seen[want] = seen.get(want, 0) + 1
+    assert {"ok", "missing", "malformed", "bad_tag"} <= set(seen), seen
