@@ -126,7 +126,9 @@ def test_guard_scale_reports_memory_and_attach_time_per_count(tmp_path):
     # one shared set, whatever the number of interfaces; the rest per interface
     assert one["shared_bytes"] == three["shared_bytes"] > 0
     assert three["own_bytes"] == 3 * one["own_bytes"] > 0
-    assert one["total_with_slots_bytes"] < one["total_bytes"]
+    # the replay cache is shared: 8 bytes a slot, whatever the number of guards
+    assert one["replay_cache_bytes"] == three["replay_cache_bytes"] >= 8 * res["replay_cache"]
+    assert one["replay_cache_bytes"] < one["shared_bytes"]
     text = bench.format_table({"control": {"guard_scale": res}})
     assert "guards in one network namespace" in text and "per interface" in text
     assert _our_namespaces() == []

@@ -67,11 +67,13 @@ def _frame(
     cookie: bytes = b"",
     ext: int = 0,
     fragment: bool = False,
+    windows: bool = False,
 ) -> bytes:
     """An Ethernet frame as Linux would send it; IP_LEN pads the payload to
     that IP total length; COOKIE makes the SYN a TCP Fast Open SYN.  IPv6:
     behind EXT 8-byte Destination Options headers; IPv4: FRAGMENT makes it a
-    first fragment (MF set)."""
+    first fragment (MF set).  WINDOWS: a SYN with Windows' option layout
+    (MSS, NOP, WS, NOP, NOP, SACK permitted) in place of Linux's."""
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
     from scapy.layers.l2 import Ether
@@ -90,6 +92,15 @@ def _frame(
             if flags == "S"
             else [("NOP", None), ("NOP", None), ("Timestamp", (1, 1))]
         )
+        if windows:
+            opts = [
+                ("MSS", 1460),
+                ("NOP", None),
+                ("WScale", 8),
+                ("NOP", None),
+                ("NOP", None),
+                ("SAckOK", b""),
+            ]
         if cookie:
             opts += [(34, cookie), ("NOP", None), ("NOP", None)]
         l4 = TCP(sport=40000, dport=dport, flags=flags, options=opts)

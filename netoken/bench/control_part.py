@@ -211,15 +211,12 @@ def _time_guard_attach(ns: str, dev: str, cfg: nconfig.Config, reps: int) -> dic
     }
 
 
-def guard_scale(
-    tmp: Path, counts: tuple[int, ...] = (1, 10, 100), slot_bytes: int = 8
-) -> dict[str, Any]:
+def guard_scale(tmp: Path, counts: tuple[int, ...] = (1, 10, 100)) -> dict[str, Any]:
     """The guard on more and more veths of one namespace, as `netoken guard
     attach` does it (attach_pinned, default replay cache): the time of each
     attach, and at each of COUNTS interfaces the kernel memory of netoken's
-    maps (memlock, as `bpftool map show`): shared by the namespace, and per
-    interface.  Also the total with a replay cache of SLOT_BYTES-byte slots
-    in place of the LRU hash, the per-SYN-cost issue's plan."""
+    maps (memlock, as `bpftool map show`): shared by the namespace (the
+    replay cache's part of it apart), and per interface."""
     from .. import guard as guard_mod
     from .. import state
 
@@ -262,16 +259,12 @@ def guard_scale(
                             "per_interface_bytes": own / (i + 1),
                             "total_bytes": own + shared,
                             "replay_cache_bytes": replay,
-                            "total_with_slots_bytes": own
-                            + shared
-                            - replay
-                            + slot_bytes * cfg.guard.replay_cache,
                         }
                     )
         finally:
             for d in (top, state.RUN_DIR / me.dirname):
                 subprocess.run(["rm", "-rf", str(d)], check=False)
-    return {"replay_cache": cfg.guard.replay_cache, "slot_bytes": slot_bytes, "points": points}
+    return {"replay_cache": cfg.guard.replay_cache, "points": points}
 
 
 def _scale_memory(top: Path) -> tuple[int, int, int]:

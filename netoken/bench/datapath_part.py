@@ -341,6 +341,8 @@ def guard_contenders(
     valid = _marked(marker_prog, _frame(V4))
     bad = bytearray(_marked(marker_prog, _frame(V4)))
     bad[-1] ^= 0xFF  # the tag's last byte: the option is the TCP header's tail
+    bad_windows = bytearray(_marked(marker_prog, _frame(V4, windows=True)))
+    bad_windows[-1] ^= 0xFF
     ref = REF_VERIFY if refs is not None else None
     reference = (
         [Contender(REF_VERIFY, refs.verify, valid, repeat, f, expect="done", stats=refs.stats)]
@@ -380,6 +382,17 @@ def guard_contenders(
             "guard: SYN with bad tag (forged)",
             guard_prog,
             bytes(bad),
+            repeat,
+            f,
+            expect="bad_tag",
+            ref=ref,
+        ),
+        # Linux's layout is read in three loads (bpf/guard.bpf.c:
+        # nt_linux_syn); every other takes the option walk.
+        Contender(
+            "guard: SYN with bad tag, Windows options",
+            guard_prog,
+            bytes(bad_windows),
             repeat,
             f,
             expect="bad_tag",

@@ -198,7 +198,7 @@ def _control_lines(d: dict[str, Any]) -> list[str]:
     if gs and "error" not in gs:
         out.append(
             f"  guards in one network namespace (replay cache {gs['replay_cache']:,} "
-            f"entries, LRU hash; memory = memlock of netoken's maps)"
+            f"slots of 8 bytes, shared; memory = memlock of netoken's maps)"
         )
         rows = [
             [
@@ -208,7 +208,7 @@ def _control_lines(d: dict[str, Any]) -> list[str]:
                 _mib(p["shared_bytes"]),
                 f"{p['per_interface_bytes'] / 1024:.1f} KiB",
                 _mib(p["total_bytes"]),
-                _mib(p["total_with_slots_bytes"]),
+                _mib(p["replay_cache_bytes"]),
             ]
             for p in gs["points"]
         ]
@@ -222,7 +222,7 @@ def _control_lines(d: dict[str, Any]) -> list[str]:
                     "shared",
                     "per interface",
                     "total",
-                    f"with {gs['slot_bytes']}-byte slots",
+                    "of it replay cache",
                 ],
                 rows,
                 [True] * 7,
