@@ -7,6 +7,7 @@ import fcntl
 import os
 import select
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,16 @@ from .conftest import Lab, run
 TUNSETIFF = 0x400454CA
 TUNSETLINK = 0x400454CD
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+TUN_DEV = "/dev/net/tun"
+
+
+def tun_device() -> str:
+    """TUN_DEV, with the tun module loaded first where nothing has loaded it:
+    a booted guest's devtmpfs (make test-kernels) has the node only once the
+    module is in, and opening a missing node loads nothing."""
+    if not os.path.exists(TUN_DEV):
+        subprocess.run(["modprobe", "tun"], check=True, capture_output=True)
+    return TUN_DEV
 
 
 class Tun:
@@ -28,7 +39,7 @@ class Tun:
     def __init__(self, lab: Lab, ns: str, name: str, link_type: int | None = None) -> None:
         self.ns, self.name = ns, name
         with netns(ns):
-            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(tun_device(), os.O_RDWR | os.O_CLOEXEC)
             ifr = struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
             if link_type is not None:  # only while the device is down
