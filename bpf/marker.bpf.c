@@ -756,64 +756,14 @@ static __always_inline int mark(struct __sk_buff *skb)
 	return reason;
 }
 
-/*
- * Whether the packet is, plainly, TCP but no SYN: IPv4 without options or
- * fragmentation, or IPv6 without extension headers, right behind the link
- * layer, with a sound TCP header.  Nearly every packet a host sends, told
- * apart without a call; what nt_parse() would count differently (VLANs,
- * fragments, anything malformed) is left to it.
- */
-static __always_inline int nt_plainly_not_syn(struct __sk_buff *skb)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct tcphdr *tcph;
-	__u8 *l3 = data;
-
-#ifndef NT_L3
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > data_end)
-		return 0;
-	l3 = (__u8 *)(eth + 1);
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-#else
-	if ((void *)(l3 + 1) > data_end)
-		return 0;
-	if (*l3 >> 4 == 4) {
-#endif
-		struct iphdr *iph = (struct iphdr *)l3;
-
-		if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl != 5 ||
-		    bpf_ntohs(iph->tot_len) < sizeof(*iph) || ipv4_is_fragment(iph) ||
-		    iph->protocol != IPPROTO_TCP)
-			return 0;
-		tcph = (struct tcphdr *)(iph + 1);
-#ifndef NT_L3
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-#else
-	} else if (*l3 >> 4 == 6) {
-#endif
-		struct ipv6hdr *ip6h = (struct ipv6hdr *)l3;
-
-		if ((void *)(ip6h + 1) > data_end || ip6h->version != 6 || !ip6h->payload_len ||
-		    ip6h->nexthdr != IPPROTO_TCP)
-			return 0;
-		tcph = (struct tcphdr *)(ip6h + 1);
-	} else {
-		return 0;
-	}
-	if ((void *)(tcph + 1) > data_end || tcph->doff < 5)
-		return 0;
-	return !tcph->syn || tcph->ack;
-}
-
 /* TC_ACT_UNSPEC: netoken edits but never decides.  Filters after ours on the
  * same hook still run, and with none left the packet simply goes out. */
 SEC("tc")
 int netoken_mark(struct __sk_buff *skb)
 {
-	count(nt_plainly_not_syn(skb) ? NT_MARK_NOT_SYN : mark(skb));
+	count(nt_plainly_not_syn((void *)(long)skb->data, (void *)(long)skb->data_end)
+		      ? NT_MARK_NOT_SYN
+		      : mark(skb));
 	return TC_ACT_UNSPEC;
 }
 

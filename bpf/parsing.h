@@ -263,6 +263,59 @@ static __always_inline int ipv4_is_fragment(const struct iphdr *iph)
 }
 
 /*
+ * Whether the packet is, plainly, TCP but no SYN: IPv4 without options or
+ * fragmentation, or IPv6 without extension headers, right behind the link
+ * layer, with a sound fixed TCP header.  Nearly every packet a host sends
+ * or receives, told apart in a few loads, where marker and guard would
+ * parse the same way to the same verdict; what the full parse would count
+ * differently (VLANs, fragments, anything malformed) is left to it.  The
+ * TCP options need not be in [DATA, DATA_END): a data segment whose options
+ * end past the linear part of an skb is still not a SYN, and costs no pull.
+ */
+static __always_inline int nt_plainly_not_syn(void *data, void *data_end)
+{
+	struct tcphdr *tcph;
+	__u8 *l3 = data;
+
+#ifndef NT_L3
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	l3 = (__u8 *)(eth + 1);
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+#else
+	if ((void *)(l3 + 1) > data_end)
+		return 0;
+	if (*l3 >> 4 == 4) {
+#endif
+		struct iphdr *iph = (struct iphdr *)l3;
+
+		if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl != 5 ||
+		    bpf_ntohs(iph->tot_len) < sizeof(*iph) || ipv4_is_fragment(iph) ||
+		    iph->protocol != IPPROTO_TCP)
+			return 0;
+		tcph = (struct tcphdr *)(iph + 1);
+#ifndef NT_L3
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+#else
+	} else if (*l3 >> 4 == 6) {
+#endif
+		struct ipv6hdr *ip6h = (struct ipv6hdr *)l3;
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->version != 6 || !ip6h->payload_len ||
+		    ip6h->nexthdr != IPPROTO_TCP)
+			return 0;
+		tcph = (struct tcphdr *)(ip6h + 1);
+	} else {
+		return 0;
+	}
+	if ((void *)(tcph + 1) > data_end || tcph->doff < 5)
+		return 0;
+	return !tcph->syn || tcph->ack;
+}
+
+/*
  * The options of Linux's own SYN (timestamps, SACK and window scaling on,
  * its defaults): MSS, SACK permitted, timestamps, NOP, window scale, in
  * NT_LINUX_SYN_OPTS bytes.  Whether the NT_LINUX_SYN_OPTS bytes at O (the
