@@ -369,6 +369,14 @@ static __always_inline int nt_find_option(NT_CTX *ctx, __u64 opt_off, __u32 optl
 		return -NT_GUARD_MALFORMED;
 	opts = o = data + opt_off;
 	fast = nt_linux_syn(opts, data_end, optlen, want);
+	if (fast == NT_LINUX_SYN_OPTS) {
+		/* The offset as the walk returns it, a distance the verifier
+		 * does not know: what follows is verified once for both. */
+		o += NT_LINUX_SYN_OPTS;
+		NT_BARRIER_VAR(o);
+		at = o - opts;
+		return (int)(at & 63);
+	}
 	if (fast != NT_UNDECIDED)
 		return fast;
 	/* Offsets as distances of two packet pointers, from the first: the

@@ -270,9 +270,6 @@ static __always_inline int nt_scan_options(struct nt_scratch *s, __u32 optlen)
 	if (!s || optlen > NT_MAX_TCP_OPTS)
 		return -1;
 	opts = s->hdr + NT_HDR_OPTS;
-	/* Linux's own SYN: its five options need no walk. */
-	if (optlen >= NT_LINUX_SYN_OPTS && nt_linux_syn_prefix(opts))
-		off = NT_LINUX_SYN_OPTS;
 	/* Every step moves on by at least a byte: optlen steps at most. */
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < NT_MAX_TCP_OPTS; i++) {

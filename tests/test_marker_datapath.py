@@ -549,9 +549,9 @@ def _framing(opts: bytes) -> int:
 
 
 def test_options_around_the_linux_syn_layout(marker):
-    """Linux's own SYN options are recognised by three masked loads and not
-    walked: with every bit of them and of what follows flipped, the marker
-    still marks exactly the SYNs whose option list is sound."""
+    """Linux's own SYN options (which the guard recognises by three masked
+    loads) with every bit of them and of what follows flipped: the marker
+    marks exactly the SYNs whose option list is sound."""
     rng = random.Random(3)
     prefix = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(range(1, 9)) + b"\x01\x03\x03\x07"
     tails = [b"", b"\x01" * 4, b"\x00\x05\x06\x07", b"\x02\x00\x05\xb4", b"\x22\x05\x01\x02"]
