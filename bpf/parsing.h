@@ -315,23 +315,4 @@ static __always_inline int nt_plainly_not_syn(void *data, void *data_end)
 	return !tcph->syn || tcph->ack;
 }
 
-/*
- * The options of Linux's own SYN (timestamps, SACK and window scaling on,
- * its defaults): MSS, SACK permitted, timestamps, NOP, window scale, in
- * NT_LINUX_SYN_OPTS bytes.  Whether the NT_LINUX_SYN_OPTS bytes at O (the
- * caller has made sure they are there) are those five options: three masked
- * loads prove them well formed and none of them anybody's experimental
- * option, so the guard goes on after them instead of walking them (five
- * steps of the walk).  The marker walks them: there the saving did not
- * show and the verifier's work grew by half (bench/README.md).
- */
-#define NT_LINUX_SYN_OPTS 20
-
-static __always_inline int nt_linux_syn_prefix(const __u8 *o)
-{
-	/* Little-endian loads: 02 04 . . | 04 02 08 0a | . x 8 | 01 03 03 . */
-	return (*(const __u32 *)o & 0xffff) == 0x0402 && *(const __u32 *)(o + 4) == 0x0a080204 &&
-	       (*(const __u32 *)(o + 16) & 0xffffff) == 0x030301;
-}
-
 #endif /* NETOKEN_PARSING_H */

@@ -173,6 +173,9 @@ LINUX_SYN_OPTS = [
     ("WScale", 7),
 ]  # 20 bytes, what Linux sends
 
+# The same layout as raw option bytes (timestamps 0x01020304, 0x05060708).
+LINUX_SYN_OPTS_RAW = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(range(1, 9)) + b"\x01\x03\x03\x07"
+
 
 def _skip_opt(n: int) -> HBHOptUnknown:
     return HBHOptUnknown(otype=0x1E, optdata=b"\0" * n)

@@ -31,6 +31,7 @@ from .conftest import TEST_KEY, rounds
 from .pkt import (
     DST_MAC,
     LINUX_SYN_OPTS,
+    LINUX_SYN_OPTS_RAW,
     SRC_MAC,
     ext_chain,
     options_of_len,
@@ -892,7 +893,7 @@ def test_guard_agrees_with_the_reference_around_the_linux_syn_layout(guard):
     rng = random.Random(2)
     keys = {1: (TEST_KEY, WINDOW, 0)}
     e = steady_epoch()
-    prefix = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(range(1, 9)) + b"\x01\x03\x03\x07"
+    prefix = LINUX_SYN_OPTS_RAW
     assert len(prefix) == 20
     static = token.encode_static(253, 0x6E74, STATIC)
     # Each a function: a mac token is accepted once, then it is a replay.

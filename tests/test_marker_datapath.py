@@ -30,6 +30,7 @@ from netoken.marker import Marker, MarkEvent
 from .conftest import TEST_KEY, make_config, rounds
 from .pkt import (
     DST_MAC,
+    LINUX_SYN_OPTS_RAW,
     SRC_MAC,
     expected_marked,
     ext_chain,
@@ -533,19 +534,13 @@ def test_events_are_written_only_while_a_reader_listens(tmp_path):
         assert m.stats()["marked"] == 3
 
 
-def _framing(opts: bytes) -> int:
-    """Where the option list ends (an EOL's offset, or its length), -1 if broken."""
-    off = 0
-    while off < len(opts):
-        if opts[off] == 0:
-            return off
-        if opts[off] == 1:
-            off += 1
-            continue
-        if off + 1 >= len(opts) or opts[off + 1] < 2 or off + opts[off + 1] > len(opts):
-            return -1
-        off += opts[off + 1]
-    return len(opts)
+def _well_framed(opts: bytes) -> bool:
+    """Whether a receiver can walk OPTS (the reference's walk, token.find_options)."""
+    try:
+        token.find_options(opts)
+    except token.MalformedOption:
+        return False
+    return True
 
 
 def test_options_around_the_linux_syn_layout(marker):
@@ -553,7 +548,7 @@ def test_options_around_the_linux_syn_layout(marker):
     loads) with every bit of them and of what follows flipped: the marker
     marks exactly the SYNs whose option list is sound."""
     rng = random.Random(3)
-    prefix = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(range(1, 9)) + b"\x01\x03\x03\x07"
+    prefix = LINUX_SYN_OPTS_RAW
     tails = [b"", b"\x01" * 4, b"\x00\x05\x06\x07", b"\x02\x00\x05\xb4", b"\x22\x05\x01\x02"]
     cases = [prefix + t for t in tails]
     for _ in range(rounds(300)):
@@ -564,7 +559,7 @@ def test_options_around_the_linux_syn_layout(marker):
     for raw in cases:
         before = syn_with_options(raw)
         assert parse(before).options == raw
-        if _framing(raw) < 0:
+        if not _well_framed(raw):
             assert_untouched(marker, before, "malformed")
         else:
             assert_marked(marker, before)
