@@ -722,7 +722,17 @@ def test_missing_interface_is_one_line(setup: Setup):
 
 
 def test_not_root_is_one_line(setup: Setup):
-    pre = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    # nobody, with only CAP_DAC_READ_SEARCH (ambient, so it survives the
+    # exec): enough to import netoken from a checkout under a root-only
+    # directory (a clone in `mktemp -d`), nothing that loads or attaches.
+    pre = (
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all,+dac_read_search",
+        "--ambient-caps=-all,+dac_read_search",
+    )
     r = netoken("mark", "attach", setup.t.client_if, "-c", str(setup.cfg), pre=pre)
     assert "not running as root" in one_line_error(r)
     r = netoken("status", pre=pre)
