@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -225,27 +226,38 @@ def _connect(ns: str, addr: str, timeout: float) -> bool:
             return False
 
 
+def syn_flood_argv(dst: str, port: int, seconds: float) -> list[str]:
+    """hping3's spoofed-source SYN flood at DST:PORT for SECONDS: the one the
+    demo, the bench and the tests run.  SIGINT makes hping3 print how many it
+    sent (see hping3_sent); -k kills it should a blocked send ignore that."""
+    return [
+        "timeout",
+        "-s",
+        "INT",
+        "-k",
+        "3",
+        f"{seconds}",
+        "hping3",
+        "--flood",
+        "--rand-source",
+        "-S",
+        "-p",
+        str(port),
+        dst,
+    ]
+
+
+def hping3_sent(output: str) -> int | None:
+    """How many packets hping3 says it sent, from its closing statistics."""
+    m = re.search(r"(\d+) packets transmitted", output)
+    return int(m.group(1)) if m else None
+
+
 def _flood(ns: str, seconds: float) -> subprocess.Popen | None:
-    """A spoofed-source SYN flood with hping3, if it is installed."""
+    """The flood from NS, if hping3 is installed."""
     try:
         return subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "timeout",
-                "-s",
-                "INT",
-                str(seconds),
-                "hping3",
-                "--flood",
-                "--rand-source",
-                "-S",
-                "-p",
-                str(PORT),
-                SERVER_IP_AT,
-            ],
+            ["ip", "netns", "exec", ns, *syn_flood_argv(SERVER_IP_AT, PORT, seconds)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -288,6 +288,14 @@ def counters(ns: str) -> dict[str, int]:
     return result
 
 
+def syn_retransmits(ns: str) -> int:
+    """SYNs NS's TCP sent again for want of a SYN-ACK in time (1 s, then
+    doubling).  A test that counts SYNs adds them to its connections: an
+    emulated kernel on a loaded host can stall that long, and TCP then rightly
+    sends the SYN again, which the marker marks with a fresh token."""
+    return counters(ns)["TcpExt.TCPSynRetrans"]
+
+
 def tcp_in_csum_errors(ns: str) -> int:
     return counters(ns)["Tcp.InCsumErrors"]
 

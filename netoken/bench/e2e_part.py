@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..datapath import object_path
+from ..demo import hping3_sent, syn_flood_argv
 from ..libbpf import (
     BPF_TC_EGRESS,
     BPF_TC_INGRESS,
@@ -545,21 +546,7 @@ def _snmp(ns: str) -> dict[str, int]:
 def _flood_cmd(e: E2E, tool: str, seconds: float, cfg_file: Path) -> list[str]:
     """The command line after `ip netns exec ATTACKER` (Lab.spawn adds it)."""
     if tool == "hping3":
-        return [
-            "timeout",
-            "-s",
-            "INT",
-            "-k",
-            "3",
-            f"{seconds}",
-            "hping3",
-            "--flood",
-            "--rand-source",
-            "-S",
-            "-p",
-            str(PORT),
-            SERVER_A,
-        ]
+        return syn_flood_argv(SERVER_A, PORT, seconds)
     mac = json.loads(_ip("-j", "link", "show", e.sv_a, ns=e.sv).stdout)[0]["address"]
     # Random source address, port and sequence number per packet; trafgen
     # recomputes the IP and TCP checksums of fields that change.
@@ -589,8 +576,9 @@ def _flood_cmd(e: E2E, tool: str, seconds: float, cfg_file: Path) -> list[str]:
 
 
 def _flood_sent(tool: str, out: str) -> int | None:
-    pat = r"(\d+) packets transmitted" if tool == "hping3" else r"(\d+) packets outgoing"
-    m = re.search(pat, out)
+    if tool == "hping3":
+        return hping3_sent(out)
+    m = re.search(r"(\d+) packets outgoing", out)
     return int(m.group(1)) if m else None
 
 
