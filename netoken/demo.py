@@ -226,25 +226,19 @@ def _connect(ns: str, addr: str, timeout: float) -> bool:
             return False
 
 
+def interrupted_after(seconds: float, cmd: list[str]) -> list[str]:
+    """CMD stopped by SIGINT after SECONDS, as ^C would: flood tools print
+    how many packets they sent only then; -k kills one whose blocked send
+    ignores it."""
+    return ["timeout", "-s", "INT", "-k", "3", f"{seconds}", *cmd]
+
+
 def syn_flood_argv(dst: str, port: int, seconds: float) -> list[str]:
     """hping3's spoofed-source SYN flood at DST:PORT for SECONDS: the one the
-    demo, the bench and the tests run.  SIGINT makes hping3 print how many it
-    sent (see hping3_sent); -k kills it should a blocked send ignore that."""
-    return [
-        "timeout",
-        "-s",
-        "INT",
-        "-k",
-        "3",
-        f"{seconds}",
-        "hping3",
-        "--flood",
-        "--rand-source",
-        "-S",
-        "-p",
-        str(port),
-        dst,
-    ]
+    demo, the bench and the tests run (hping3_sent reads its count)."""
+    return interrupted_after(
+        seconds, ["hping3", "--flood", "--rand-source", "-S", "-p", str(port), dst]
+    )
 
 
 def hping3_sent(output: str) -> int | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..datapath import object_path
-from ..demo import hping3_sent, syn_flood_argv
+from ..demo import hping3_sent, interrupted_after, syn_flood_argv
 from ..libbpf import (
     BPF_TC_EGRESS,
     BPF_TC_INGRESS,
@@ -557,22 +557,9 @@ def _flood_cmd(e: E2E, tool: str, seconds: float, cfg_file: Path) -> list[str]:
     # One worker on the qdisc path: once a native-XDP veth pushes back,
     # trafgen's TX-ring path fails with EAGAIN and leaves its other workers
     # spinning.
-    return [
-        "timeout",
-        "-s",
-        "INT",
-        "-k",
-        "3",
-        f"{seconds}",
-        "trafgen",
-        "-o",
-        e.at_if,
-        "-c",
-        str(cfg_file),
-        "--qdisc-path",
-        "--cpus",
-        "1",
-    ]
+    return interrupted_after(
+        seconds, ["trafgen", "-o", e.at_if, "-c", str(cfg_file), "--qdisc-path", "--cpus", "1"]
+    )
 
 
 def _flood_sent(tool: str, out: str) -> int | None:
